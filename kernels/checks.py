@@ -1,0 +1,101 @@
+"""Input checks shared by every public op.
+
+Every check raises before any kernel launches, with a message that names the argument, says what it got (shape,
+dtype, device or value) and what was expected. Wrong types raise ``TypeError``, wrong values ``ValueError``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def describe(tensor: torch.Tensor) -> str:
+    """``shape [2, 3], dtype torch.float16, device cpu`` for error messages."""
+    return f"shape {list(tensor.shape)}, dtype {tensor.dtype}, device {tensor.device}"
+
+
+def check_tensor(value: object, name: str) -> torch.Tensor:
+    """Require a ``torch.Tensor``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(value: object, name: str, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    """Require a floating-point tensor of one of ``dtypes``."""
+    tensor = check_tensor(value, name)
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have a floating-point dtype ({allowed}); got {describe(tensor)}")
+    return tensor
+
+
+def check_min_rank(tensor: torch.Tensor, name: str, rank: int, meaning: str) -> None:
+    """Require at least ``rank`` dimensions; ``meaning`` names the layout (e.g. ``[batch, ...]``)."""
+    if tensor.dim() < rank:
+        raise ValueError(f"{name} must have at least {rank} dimension(s) {meaning}; got {describe(tensor)}")
+
+
+def check_same_shape(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str) -> None:
+    """Require ``other`` to have the shape of ``reference``."""
+    if other.shape != reference.shape:
+        raise ValueError(
+            f"{other_name} must have the shape of {reference_name} {list(reference.shape)}; got {describe(other)}"
+        )
+
+
+def check_same_dtype(reference: torch.Tensor, reference_name: str, other: torch.Tensor, other_name: str) -> None:
+    """Require ``other`` to have the dtype of ``reference``."""
+    if other.dtype != reference.dtype:
+        raise TypeError(
+            f"{other_name} must have the dtype of {reference_name} ({reference.dtype}); got {describe(other)}"
+        )
+
+
+def check_same_device(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> torch.device:
+    """Require every tensor on one device and return it; the message lists every tensor's device."""
+    named = [(name, t) for name, t in named_tensors if t is not None]
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in named)
+        raise ValueError(f"all tensors must be on one device; got {listing}")
+    return named[0][1].device
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """Require ``value`` to be one of the string ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Require a Python bool (a tensor or a number here is almost always a misplaced argument)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_real(value: object, name: str, *, low: float | None = None, high: float | None = None,
+               low_inclusive: bool = True) -> float:
+    """Require a finite Python number in ``[low, high]`` (or ``(low, high]`` when ``low_inclusive`` is False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    too_low = low is not None and (number < low or (not low_inclusive and number == low))
+    too_high = high is not None and number > high
+    if number != number or too_low or too_high or number in (float("inf"), float("-inf")):
+        left = "[" if low_inclusive else "("
+        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"{name}={value!r} is out of range; expected a finite number in {interval}")
+    return number
+
+
+def check_int(value: object, name: str) -> int:
+    """Require a Python integer (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return value

@@ -1,0 +1,150 @@
+"""Launch helpers shared by the Triton launchers: block sizes, grids, and strided per-sample layouts.
+
+Most generative-model hot paths are "per sample": an elementwise map over a tensor ``[batch, *rest]`` whose
+coefficients depend on the sample (a timestep, a noise level), sometimes with a reduction over ``rest`` (a KL term,
+a log-determinant). :func:`per_sample_layout` describes how to walk several same-shaped tensors that way without
+copying them, whatever their strides: kernels get one batch stride and up to ``MAX_INNER_DIMS`` (size, stride)
+pairs per tensor, and a constexpr fast path when every tensor's inner part is one contiguous run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import torch
+import triton
+
+MAX_INNER_DIMS = 4
+# Largest grid size along CUDA's y and z axes.
+MAX_GRID_YZ = 65535
+# Elements one program of a memory-bound elementwise kernel handles: large enough to amortize the per-program
+# work (coefficient gathers, index math), small enough to fill 132 SMs from a few million elements on.
+ELEMENTWISE_MAX_BLOCK = 4096
+
+
+def elementwise_block(numel: int, max_block: int = ELEMENTWISE_MAX_BLOCK) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for an elementwise kernel over runs of ``numel`` elements: a power of two that
+    covers ``numel`` (at least 16, at most ``max_block``) and enough warps for about 16 elements per thread."""
+    block = max(16, min(max_block, triton.next_power_of_2(max(numel, 1))))
+    num_warps = max(1, min(8, block // 512))
+    return block, num_warps
+
+
+def elementwise_block_configs(max_block: int = ELEMENTWISE_MAX_BLOCK) -> list[tuple[int, int]]:
+    """Every ``(BLOCK, num_warps)`` that :func:`elementwise_block` can return."""
+    return sorted({elementwise_block(2**k, max_block) for k in range(max_block.bit_length())})
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileVariant:
+    """One way a launcher launches a kernel, for compiling it ahead of time without a GPU.
+
+    ``pointer_types`` maps ``*_ptr`` argument names to Triton pointer types (``"*fp16"``); the key ``"*"`` gives
+    the default. ``scalar_types`` maps other runtime arguments to ``"i32"``/``"i64"``/``"fp32"`` (default
+    ``"i64"``). ``constexprs`` gives every ``tl.constexpr`` argument.
+    """
+
+    kernel: object
+    pointer_types: dict
+    constexprs: dict
+    num_warps: int
+    scalar_types: dict = dataclasses.field(default_factory=dict)
+
+    def signature(self) -> dict[str, str]:
+        """The ``{argument: type}`` signature ``triton.compiler.ASTSource`` takes."""
+        types = {}
+        for name in self.kernel.arg_names:
+            if name in self.constexprs:
+                types[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                types[name] = self.pointer_types.get(name, self.pointer_types["*"])
+            else:
+                types[name] = self.scalar_types.get(name, "i64")
+        return types
+
+
+def batch_chunks(batch: int, limit: int = MAX_GRID_YZ) -> Iterator[tuple[int, int]]:
+    """Split ``batch`` into ``(start, count)`` chunks that fit a grid axis limited to ``limit`` programs."""
+    for start in range(0, batch, limit):
+        yield start, min(limit, batch - start)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerSampleLayout:
+    """How a kernel walks same-shaped tensors ``[batch, *rest]`` sample by sample.
+
+    ``inner_sizes`` has ``MAX_INNER_DIMS`` entries, outermost first and padded with leading 1s; the inner index
+    ``i`` in ``[0, inner_numel)`` unravels over them. ``strides[k]`` is ``(batch_stride, *inner_strides)`` of the
+    k-th tensor, in elements. When ``inner_contiguous`` is true every tensor's element ``i`` of sample ``b`` sits
+    at ``b * batch_stride + i`` and kernels skip the unravel.
+    """
+
+    batch: int
+    inner_numel: int
+    inner_sizes: tuple[int, ...]
+    strides: tuple[tuple[int, ...], ...]
+    inner_contiguous: bool
+
+
+def _collapse_inner_dims(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+    """Order the non-batch dims of ``shape`` by the first tensor's strides (outermost first) and merge neighbours
+    that every tensor walks as one contiguous run. Returns ``[(size, [stride per tensor]), ...]``."""
+    dims = [d for d in range(1, len(shape)) if shape[d] != 1]
+    # A stable sort keeps the logical order among dims the first tensor does not distinguish (e.g. broadcasts).
+    dims.sort(key=lambda d: -abs(strides[0][d]))
+    collapsed: list[tuple[int, list[int]]] = []
+    for d in dims:
+        size, tensor_strides = shape[d], [s[d] for s in strides]
+        if collapsed:
+            outer_size, outer_strides = collapsed[-1]
+            if all(o == t * size for o, t in zip(outer_strides, tensor_strides)):
+                collapsed[-1] = (outer_size * size, tensor_strides)
+                continue
+        collapsed.append((size, tensor_strides))
+    return collapsed
+
+
+def per_sample_layout(tensors: Sequence[torch.Tensor]) -> tuple[PerSampleLayout, list[torch.Tensor]]:
+    """Describe how to walk ``tensors`` (same shape, batch first) sample by sample.
+
+    The first tensor fixes the walking order: pass the output first so its writes are the coalesced ones.
+    Returns the layout and the tensors to launch with. They are the given tensors, except in the one case a
+    layout cannot express: more than ``MAX_INNER_DIMS`` inner dims that no reordering merges (a rank > 5 tensor
+    with scattered strides). Then inputs after the first are copied into the first tensor's layout, which is
+    dense, so the copies merge into one run.
+    """
+    shape = list(tensors[0].shape)
+    batch = shape[0]
+    inner_numel = 1
+    for size in shape[1:]:
+        inner_numel *= size
+    strides = [list(t.stride()) for t in tensors]
+    collapsed = _collapse_inner_dims(shape, strides)
+    if len(collapsed) > MAX_INNER_DIMS:
+        first = tensors[0]
+        if not _is_dense(first):
+            raise ValueError(f"cannot walk a first tensor of shape {list(first.shape)} and strides {first.stride()}")
+        tensors = [first] + [torch.empty_like(first).copy_(t) for t in tensors[1:]]
+        strides = [list(t.stride()) for t in tensors]
+        collapsed = _collapse_inner_dims(shape, strides)
+    padding = MAX_INNER_DIMS - len(collapsed)
+    inner_sizes = tuple([1] * padding + [size for size, _ in collapsed])
+    per_tensor = []
+    for k, tensor_strides in enumerate(strides):
+        inner = [0] * padding + [dim_strides[k] for _, dim_strides in collapsed]
+        per_tensor.append(tuple([tensor_strides[0] if batch > 1 else 0] + inner))
+    inner_contiguous = len(collapsed) <= 1 and all(s[-1] == 1 for s in per_tensor)
+    layout = PerSampleLayout(batch, inner_numel, inner_sizes, tuple(per_tensor), inner_contiguous)
+    return layout, list(tensors)
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` covers its storage span without gaps or overlap (any dim order)."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -1,0 +1,58 @@
+"""Small ``@triton.jit`` building blocks shared by the kernels.
+
+Everything here runs both compiled on the GPU and in Triton's CPU interpreter: plain ``tl`` arithmetic only, no
+libdevice or inline assembly, fp32 math.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def unravel_inner(index, size1, size2, size3):
+    """Coordinates ``(c0, c1, c2, c3)`` of the int64 ``index`` in a row-major ``[size0, size1, size2, size3]`` block
+    (``size0`` is implied by the range of ``index``)."""
+    c3 = index % size3
+    rest = index // size3
+    c2 = rest % size2
+    rest = rest // size2
+    c1 = rest % size1
+    c0 = rest // size1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def strided_offset(c0, c1, c2, c3, stride0, stride1, stride2, stride3):
+    """Element offset of coordinates ``(c0..c3)`` in a tensor with those strides (int64 math)."""
+    return c0 * stride0 + c1 * stride1 + c2 * stride2 + c3 * stride3
+
+
+@triton.jit
+def sample_offsets(batch_index, inner_index, batch_stride, stride0, stride1, stride2, stride3,
+                   size1, size2, size3, INNER_CONTIGUOUS: tl.constexpr):
+    """Offsets of elements ``inner_index`` (int64 block) of sample ``batch_index`` in one tensor of a
+    :class:`genkernels.kernels.launch.PerSampleLayout`."""
+    base = batch_index.to(tl.int64) * batch_stride
+    if INNER_CONTIGUOUS:
+        return base + inner_index
+    c0, c1, c2, c3 = unravel_inner(inner_index, size1, size2, size3)
+    return base + strided_offset(c0, c1, c2, c3, stride0, stride1, stride2, stride3)
+
+
+@triton.jit
+def philox_normal_block(seed, batch_index, first_index, BLOCK: tl.constexpr):
+    """Standard normal draws for elements ``first_index .. first_index + BLOCK - 1`` of sample ``batch_index``.
+
+    Element ``i`` of sample ``b`` always gets the same draw for a given ``seed`` (whatever the block size or
+    grid): Philox-4x32-10 is keyed by ``seed`` with counter ``(i // 4 as two 32-bit words, b, 0)``, and its four
+    outputs become four normals by Box-Muller, one per element ``4 * (i // 4) + k``. ``first_index`` must be a
+    multiple of 4 (it is a multiple of ``BLOCK``).
+    """
+    group = first_index // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    group_lo = (group & 0xFFFFFFFF).to(tl.uint32)
+    group_hi = (group >> 32).to(tl.uint32)
+    sample_word = tl.zeros_like(group_lo) + batch_index.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, group_lo, group_hi, sample_word, tl.zeros_like(group_lo))
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    # interleave(interleave(n0, n2), interleave(n1, n3)) = [n0[0], n1[0], n2[0], n3[0], n0[1], ...]
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))

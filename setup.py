@@ -1,0 +1,18 @@
+"""Installs the ``genkernels`` distribution.
+
+The repository keeps its three packages at the top level (``kernels/``, ``models/``, ``bench/``); they are mapped
+into the ``genkernels`` namespace here so that the plain names never collide with other installed packages.
+"""
+from setuptools import setup
+
+PACKAGE_DIRS = {
+    "genkernels.kernels": "kernels",
+    "genkernels.models": "models",
+    "genkernels.bench": "bench",
+}
+
+setup(
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    package_data={"genkernels.bench": ["results/*.json", "results/*.md"]},
+)

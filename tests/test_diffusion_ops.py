@@ -1,0 +1,424 @@
+"""Fused diffusion denoise step (kernels/diffusion.py) against fp64 references and diffusers' schedulers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from reference_checks import DTYPES, PER_SAMPLE_LAYOUTS, assert_close_to_reference, random_tensor
+
+from genkernels.kernels import NoiseSchedule, ddim_step, ddpm_step
+from genkernels.kernels.diffusion import PREDICTION_TYPES, ddim_step_reference, ddpm_step_reference
+
+SCHEDULE = NoiseSchedule.linear()
+T = SCHEDULE.num_train_timesteps
+LAST = T - 1
+
+
+def _inputs(shape, dtype, device, seed=0):
+    model_output = random_tensor(shape, dtype, seed, device)
+    sample = random_tensor(shape, dtype, seed + 1, device)
+    noise = random_tensor(shape, dtype, seed + 2, device)
+    return model_output, sample, noise
+
+
+def _as_batch(timestep, batch):
+    if isinstance(timestep, int):
+        return torch.full((batch,), timestep, dtype=torch.int64)
+    return timestep.reshape(-1).expand(batch).to(torch.int64)
+
+
+def _check_ddpm(shape, dtype, device, timestep, prev_timestep=None, layout=None, **options):
+    model_output, sample, noise = _inputs(shape, dtype, device)
+    if layout is not None:
+        model_output, sample, noise = layout(model_output), layout(sample), layout(noise)
+    kernel = ddpm_step(model_output, timestep, sample, SCHEDULE, prev_timestep=prev_timestep, noise=noise,
+                       impl="triton", **options)
+    eager = ddpm_step(model_output, timestep, sample, SCHEDULE, prev_timestep=prev_timestep, noise=noise,
+                      impl="eager", **options)
+    batch = shape[0]
+    t = _as_batch(timestep, batch)
+    prev = t - 1 if prev_timestep is None else _as_batch(prev_timestep, batch)
+    reference = ddpm_step_reference(model_output.double(), t, sample.double(), SCHEDULE, prev, noise.double(),
+                                    **options)
+    assert kernel.stride() == torch.empty_like(sample).stride()
+    assert_close_to_reference(kernel, reference, eager)
+
+
+def _check_ddim(shape, dtype, device, timestep, prev_timestep, layout=None, eta=0.0, **options):
+    model_output, sample, noise = _inputs(shape, dtype, device)
+    if layout is not None:
+        model_output, sample, noise = layout(model_output), layout(sample), layout(noise)
+    kernel = ddim_step(model_output, timestep, sample, SCHEDULE, prev_timestep=prev_timestep, eta=eta,
+                       noise=noise, impl="triton", **options)
+    eager = ddim_step(model_output, timestep, sample, SCHEDULE, prev_timestep=prev_timestep, eta=eta, noise=noise,
+                      impl="eager", **options)
+    batch = shape[0]
+    reference = ddim_step_reference(model_output.double(), _as_batch(timestep, batch), sample.double(), SCHEDULE,
+                                    _as_batch(prev_timestep, batch), noise.double(), eta, **options)
+    assert_close_to_reference(kernel, reference, eager)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------------------------
+def test_linear_schedule_matches_closed_form():
+    schedule = NoiseSchedule.linear(10, beta_start=0.1, beta_end=0.5)
+    betas = np.linspace(0.1, 0.5, 10)
+    np.testing.assert_allclose(schedule.betas.numpy(), betas, rtol=1e-12)
+    np.testing.assert_allclose(schedule.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-12)
+    assert schedule.num_train_timesteps == 10
+
+
+def test_scaled_linear_schedule_matches_closed_form():
+    schedule = NoiseSchedule.scaled_linear(7)
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 7) ** 2
+    np.testing.assert_allclose(schedule.betas.numpy(), betas, rtol=1e-12)
+
+
+def test_cosine_schedule_matches_closed_form():
+    schedule = NoiseSchedule.cosine(50)
+
+    def alpha_bar(s):
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    # alphas_cumprod telescopes to alpha_bar(t + 1) / alpha_bar(0) wherever no beta was capped
+    capped = schedule.betas >= 0.999
+    expected = np.array([alpha_bar((t + 1) / 50) / alpha_bar(0) for t in range(50)])
+    np.testing.assert_allclose(schedule.alphas_cumprod.numpy()[~capped.numpy()], expected[~capped.numpy()],
+                               rtol=1e-10)
+    assert capped.any(), "the cosine schedule caps its last beta at 0.999"
+
+
+@pytest.mark.parametrize("name,factory,kwargs", [
+    ("linear", NoiseSchedule.linear, {}),
+    ("scaled_linear", NoiseSchedule.scaled_linear, {"beta_start": 0.00085, "beta_end": 0.012}),
+    ("squaredcos_cap_v2", NoiseSchedule.cosine, {}),
+])
+def test_schedules_match_diffusers(name, factory, kwargs):
+    theirs = DDPMScheduler(beta_schedule=name, **kwargs)
+    ours = factory()
+    torch.testing.assert_close(ours.betas, theirs.betas.double(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod.double(), rtol=1e-4, atol=1e-7)
+
+
+def test_schedule_to_device_and_kernel_table(device):
+    moved = SCHEDULE.to(device)
+    assert moved.betas.device.type == torch.device(device).type
+    table = moved.kernel_table(torch.device(device))
+    assert table.dtype == torch.float32 and table.shape == (2, T)
+    torch.testing.assert_close(table[1].double(), 1 - SCHEDULE.alphas_cumprod.to(device), rtol=1e-6, atol=0)
+    assert moved.kernel_table(torch.device(device)) is table, "the per-device table is cached"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The math, against diffusers (independent implementation), in fp64 with the same table
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("timestep", [LAST, 500, 1, 0])
+def test_ddpm_reference_matches_diffusers(prediction_type, variance_type, timestep):
+    theirs = DDPMScheduler(prediction_type=prediction_type, variance_type=variance_type, clip_sample=True)
+    theirs.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    model_output, sample, _ = _inputs((2, 3, 4, 4), torch.float64, "cpu")
+    expected = theirs.step(model_output, timestep, sample, generator=torch.Generator().manual_seed(5)).prev_sample
+    noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ours = ddpm_step_reference(model_output, _as_batch(timestep, 2), sample, SCHEDULE, _as_batch(timestep - 1, 2),
+                               noise, prediction_type, variance_type, True, 1.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize("eta", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+def test_ddim_reference_matches_diffusers(prediction_type, set_alpha_to_one, eta, use_clipped_model_output):
+    theirs = DDIMScheduler(prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one, clip_sample=True,
+                           clip_sample_range=1.5)
+    theirs.set_timesteps(20)
+    theirs.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    theirs.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one \
+        else SCHEDULE.alphas_cumprod[0].clone()
+    model_output, sample, _ = _inputs((2, 3, 4, 4), torch.float64, "cpu", seed=3)
+    for timestep in (950, 500, 0):  # 0 steps to prev_timestep -50: the final step
+        expected = theirs.step(model_output, timestep, sample, eta=eta,
+                               use_clipped_model_output=use_clipped_model_output,
+                               generator=torch.Generator().manual_seed(7)).prev_sample
+        noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        ours = ddim_step_reference(model_output, _as_batch(timestep, 2), sample, SCHEDULE,
+                                   _as_batch(timestep - 50, 2), noise, eta, prediction_type, True, 1.5,
+                                   set_alpha_to_one, use_clipped_model_output)
+        torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_ddpm_reference_spot_value_by_hand():
+    # epsilon prediction, t = 1 -> 0 of a 2-step schedule, computed from the paper's formulas by hand
+    schedule = NoiseSchedule(torch.tensor([0.1, 0.2], dtype=torch.float64))
+    a0, a1 = 0.9, 0.9 * 0.8
+    x, eps, z = 0.7, -0.3, 0.5
+    x0 = (x - math.sqrt(1 - a1) * eps) / math.sqrt(a1)
+    mean = math.sqrt(a0) * 0.2 / (1 - a1) * x0 + math.sqrt(0.8) * (1 - a0) / (1 - a1) * x
+    sigma = math.sqrt((1 - a0) / (1 - a1) * 0.2)
+    out = ddpm_step_reference(torch.tensor([[eps]], dtype=torch.float64), torch.tensor([1]),
+                              torch.tensor([[x]], dtype=torch.float64), schedule, torch.tensor([0]),
+                              torch.tensor([[z]], dtype=torch.float64))
+    assert out.item() == pytest.approx(mean + sigma * z, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel vs fp64 reference
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_ddpm_step_options(dtype, prediction_type, variance_type, clip_sample, device):
+    timesteps = torch.tensor([0, 1, 500, LAST], device=device)
+    _check_ddpm((4, 3, 5, 7), dtype, device, timesteps, prediction_type=prediction_type,
+                variance_type=variance_type, clip_sample=clip_sample, clip_sample_range=0.8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", PER_SAMPLE_LAYOUTS, ids=lambda layout: layout.name)
+def test_ddpm_step_layouts(dtype, layout, device):
+    _check_ddpm(layout.shape, dtype, device, 700, prev_timestep=650, layout=layout, prediction_type="v_prediction")
+
+
+@pytest.mark.parametrize("timestep,prev_timestep", [(LAST, None), (0, None), (1, -1), (999, 0)])
+def test_ddpm_step_int_timesteps(timestep, prev_timestep, device):
+    _check_ddpm((2, 33), torch.float32, device, timestep, prev_timestep=prev_timestep, clip_sample=True)
+
+
+def test_ddpm_step_scalar_tensor_timestep(device):
+    _check_ddpm((3, 40), torch.float32, device, torch.tensor(321, device=device))
+    _check_ddpm((3, 40), torch.float32, device, torch.tensor([321], device=device),
+                prev_timestep=torch.tensor([300, 200, -1], device=device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_options(dtype, prediction_type, eta, device):
+    timesteps = torch.tensor([0, 20, 480, LAST], device=device)
+    _check_ddim((4, 2, 9, 5), dtype, device, timesteps, timesteps - 20, eta=eta, prediction_type=prediction_type,
+                clip_sample=True, clip_sample_range=1.2)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [True, False])
+@pytest.mark.parametrize("use_clipped_model_output", [True, False])
+def test_ddim_step_final_alpha_and_clipped_output(set_alpha_to_one, use_clipped_model_output, device):
+    _check_ddim((3, 50), torch.float32, device, torch.tensor([0, 5, 10], device=device), -1, eta=0.3,
+                prediction_type="sample", clip_sample=True, set_alpha_to_one=set_alpha_to_one,
+                use_clipped_model_output=use_clipped_model_output)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", PER_SAMPLE_LAYOUTS, ids=lambda layout: layout.name)
+def test_ddim_step_layouts(dtype, layout, device):
+    _check_ddim(layout.shape, dtype, device, 600, 550, layout=layout, eta=0.8)
+
+
+def test_inputs_inside_larger_buffers_are_read_only_in_bounds(device):
+    # Views into NaN-filled buffers: any read outside a view would turn the result into NaN.
+    def embedded(values):
+        buffer = torch.full((values.shape[0] + 2, 2 * values.shape[1] + 3), float("nan"), device=device)
+        view = buffer[1:-1, 3::2]
+        view.copy_(values)
+        return view
+
+    model_output, sample, noise = _inputs((5, 77), torch.float32, device)
+    out = ddpm_step(embedded(model_output), 400, embedded(sample), SCHEDULE, noise=embedded(noise), impl="triton")
+    expected = ddpm_step(model_output, 400, sample, SCHEDULE, noise=noise, impl="eager")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_batch_returns_empty(device):
+    sample = torch.empty(0, 3, 4, device=device)
+    for impl in ("triton", "eager"):
+        out = ddpm_step(torch.empty_like(sample), 10, sample, SCHEDULE, impl=impl)
+        assert out.shape == sample.shape and out.dtype == sample.dtype
+        out = ddim_step(torch.empty_like(sample), 10, sample, SCHEDULE, prev_timestep=5, eta=1.0, impl=impl)
+        assert out.shape == sample.shape
+
+
+def test_schedule_table_moves_to_the_sample_device_once(device):
+    schedule = NoiseSchedule.cosine(100)  # tables on the CPU; samples may live elsewhere
+    model_output, sample, noise = _inputs((2, 10), torch.float32, device)
+    ddpm_step(model_output, 50, sample, schedule, noise=noise, impl="triton")
+    assert torch.device(device) in schedule._kernel_tables
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-kernel Philox noise
+# ---------------------------------------------------------------------------------------------------------------
+def _kernel_noise(sample, timestep, generator):
+    """The noise the kernel drew, recovered as (step with in-kernel noise - step without noise) / sigma."""
+    model_output = torch.zeros_like(sample)
+    noisy = ddpm_step(model_output, timestep, sample, SCHEDULE, generator=generator, variance_type="fixed_large",
+                      impl="triton")
+    clean = ddpm_step(model_output, timestep, sample, SCHEDULE, noise=torch.zeros_like(sample),
+                      variance_type="fixed_large", impl="triton")
+    sigma = SCHEDULE.betas[timestep].sqrt().item()
+    return (noisy.double() - clean.double()) / sigma
+
+
+def test_in_kernel_noise_is_standard_normal(device):
+    sample = torch.zeros(4, 3, 64, 64, device=device)
+    z = _kernel_noise(sample, 800, torch.Generator(device).manual_seed(1234)).flatten()
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.std().item() - 1) < 5 * math.sqrt(0.5 / n)
+    # tails of a standard normal: P(|z| > 2) = 0.0455, P(|z| > 3) = 0.0027
+    assert abs((z.abs() > 2).double().mean().item() - 0.0455) < 0.006
+    assert abs((z.abs() > 3).double().mean().item() - 0.0027) < 0.0015
+    # neighbouring elements (which share a Philox call) are uncorrelated
+    pairs = z.reshape(-1, 4)
+    for a, b in ((0, 1), (0, 2), (1, 3)):
+        assert abs(torch.corrcoef(torch.stack([pairs[:, a], pairs[:, b]]))[0, 1].item()) < 0.03
+
+
+def test_in_kernel_noise_is_reproducible_and_seeded(device):
+    sample = torch.zeros(3, 1000, device=device)
+    first = _kernel_noise(sample, 300, torch.Generator(device).manual_seed(7))
+    again = _kernel_noise(sample, 300, torch.Generator(device).manual_seed(7))
+    other = _kernel_noise(sample, 300, torch.Generator(device).manual_seed(8))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert (first - other).abs().mean() > 0.5
+    # samples of the batch get different draws
+    assert (first[0] - first[1]).abs().mean() > 0.5
+
+
+def test_in_kernel_noise_does_not_depend_on_input_strides(device):
+    values = torch.zeros(3, 8, 20, device=device)
+    contiguous = _kernel_noise(values, 300, torch.Generator(device).manual_seed(3))
+    strided_input = torch.zeros(3, 16, 20, device=device)[:, ::2]
+    strided = _kernel_noise(strided_input, 300, torch.Generator(device).manual_seed(3))
+    torch.testing.assert_close(contiguous, strided, rtol=0, atol=0)
+
+
+def test_no_noise_at_timestep_zero(device):
+    model_output, sample, noise = _inputs((2, 64), torch.float32, device)
+    with_noise = ddpm_step(model_output, 0, sample, SCHEDULE, noise=noise, impl="triton")
+    drawn = ddpm_step(model_output, 0, sample, SCHEDULE, generator=torch.Generator(device).manual_seed(0),
+                      impl="triton")
+    without = ddpm_step(model_output, 0, sample, SCHEDULE, noise=torch.zeros_like(noise), impl="triton")
+    torch.testing.assert_close(with_noise, without, rtol=0, atol=0)
+    torch.testing.assert_close(drawn, without, rtol=0, atol=0)
+
+
+def test_ddim_eta_zero_is_deterministic_without_noise(device):
+    model_output, sample, _ = _inputs((2, 64), torch.float32, device)
+    first = ddim_step(model_output, 500, sample, SCHEDULE, prev_timestep=480, impl="triton")
+    second = ddim_step(model_output, 500, sample, SCHEDULE, prev_timestep=480, impl="triton")
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one test per rejection, each naming the argument
+# ---------------------------------------------------------------------------------------------------------------
+def _good(device, dtype=torch.float32):
+    model_output, sample, noise = _inputs((2, 3, 4), dtype, device)
+    return model_output, sample, noise
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_rejects_shape_mismatch(impl, device):
+    model_output, sample, noise = _good(device)
+    with pytest.raises(ValueError, match="model_output"):
+        ddpm_step(model_output[:, :2], 5, sample, SCHEDULE, impl=impl)
+    with pytest.raises(ValueError, match="noise"):
+        ddpm_step(model_output, 5, sample, SCHEDULE, noise=noise[:1], impl=impl)
+
+
+def test_rejects_timestep_out_of_range(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(ValueError, match=r"timestep=1000"):
+        ddpm_step(model_output, T, sample, SCHEDULE)
+    with pytest.raises(ValueError, match=r"timestep=-1"):
+        ddpm_step(model_output, -1, sample, SCHEDULE)
+    with pytest.raises(ValueError, match="timestep must lie in"):
+        ddpm_step(model_output, torch.tensor([3, T]), sample.cpu(), SCHEDULE)
+    with pytest.raises(ValueError, match="prev_timestep=1000"):
+        ddim_step(model_output, 5, sample, SCHEDULE, prev_timestep=T)
+
+
+def test_rejects_timestep_tensor_of_wrong_length(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(ValueError, match=r"timestep must be a scalar or have shape \[batch\] = \[2\]"):
+        ddpm_step(model_output, torch.tensor([1, 2, 3], device=device), sample, SCHEDULE)
+
+
+def test_rejects_float_timestep_tensor(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(TypeError, match="timestep must be an int or an integer tensor"):
+        ddpm_step(model_output, torch.tensor([1.0, 2.0], device=device), sample, SCHEDULE)
+    with pytest.raises(TypeError, match="timestep must be an int"):
+        ddpm_step(model_output, 3.0, sample, SCHEDULE)
+
+
+def test_rejects_unknown_prediction_type(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(ValueError, match="prediction_type='x0'.*'epsilon'"):
+        ddpm_step(model_output, 5, sample, SCHEDULE, prediction_type="x0")
+    with pytest.raises(ValueError, match="prediction_type"):
+        ddim_step(model_output, 5, sample, SCHEDULE, prev_timestep=1, prediction_type="eps")
+
+
+def test_rejects_unknown_variance_type(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(ValueError, match="variance_type='learned'"):
+        ddpm_step(model_output, 5, sample, SCHEDULE, variance_type="learned")
+
+
+def test_rejects_non_float_dtypes(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(TypeError, match="sample must have a floating-point dtype.*torch.int64"):
+        ddpm_step(model_output, 5, sample.long(), SCHEDULE)
+    with pytest.raises(TypeError, match="model_output must have a floating-point dtype"):
+        ddpm_step(model_output.int(), 5, sample, SCHEDULE)
+    with pytest.raises(TypeError, match="model_output must have the dtype of sample"):
+        ddpm_step(model_output.half(), 5, sample, SCHEDULE)
+
+
+def test_rejects_tensors_on_different_devices(device):
+    model_output, sample, noise = _good(device)
+    with pytest.raises(ValueError, match="one device.*noise on meta"):
+        ddpm_step(model_output, 5, sample, SCHEDULE, noise=noise.to("meta"))
+    with pytest.raises(ValueError, match="timestep must be on the device of sample"):
+        ddpm_step(model_output, torch.tensor([1, 2], device="meta"), sample, SCHEDULE)
+
+
+def test_rejects_bad_eta_and_clip_range(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(ValueError, match="eta=-0.1"):
+        ddim_step(model_output, 5, sample, SCHEDULE, prev_timestep=1, eta=-0.1)
+    with pytest.raises(ValueError, match="eta=1.5"):
+        ddim_step(model_output, 5, sample, SCHEDULE, prev_timestep=1, eta=1.5)
+    with pytest.raises(ValueError, match="clip_sample_range=0"):
+        ddpm_step(model_output, 5, sample, SCHEDULE, clip_sample=True, clip_sample_range=0)
+
+
+def test_rejects_bad_schedule_and_generator(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(TypeError, match="schedule must be a NoiseSchedule"):
+        ddpm_step(model_output, 5, sample, SCHEDULE.betas)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        ddpm_step(model_output, 5, sample, SCHEDULE, generator=0)
+    with pytest.raises(TypeError, match="clip_sample must be a bool"):
+        ddpm_step(model_output, 5, sample, SCHEDULE, clip_sample=1)
+
+
+def test_rejects_bad_betas():
+    with pytest.raises(ValueError, match="betas must lie in"):
+        NoiseSchedule(torch.tensor([0.1, 0.0]))
+    with pytest.raises(ValueError, match="betas must be a non-empty 1-D tensor"):
+        NoiseSchedule(torch.ones(2, 2) * 0.1)
+    with pytest.raises(ValueError, match="num_train_timesteps must be >= 1"):
+        NoiseSchedule.linear(0)
+
+
+def test_rejects_unknown_impl(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(ValueError, match="impl='cuda'.*auto, triton, eager"):
+        ddpm_step(model_output, 5, sample, SCHEDULE, impl="cuda")
