@@ -9,6 +9,7 @@ PACKAGE_DIRS = {
     "genkernels.kernels": "kernels",
     "genkernels.models": "models",
     "genkernels.bench": "bench",
+    "genkernels.bench.cases": "bench/cases",
 }
 
 setup(
