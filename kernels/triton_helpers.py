@@ -56,3 +56,25 @@ def philox_normal_block(seed, batch_index, first_index, BLOCK: tl.constexpr):
     n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
     # interleave(interleave(n0, n2), interleave(n1, n3)) = [n0[0], n1[0], n2[0], n3[0], n0[1], ...]
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+
+
+@triton.jit
+def sigmoid(x):
+    """Logistic function of fp32 ``x``, overflow-free for any magnitude: ``1 / (1 + exp(-x))`` for ``x >= 0`` and
+    ``exp(x) / (1 + exp(x))`` below."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def tanh(x):
+    """Hyperbolic tangent of fp32 ``x`` (``tl.tanh`` and libdevice do not run in the interpreter):
+    ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``, signed, and its Taylor series below ``|x| = 0.1``, where
+    ``1 - e`` would cancel (the series' first omitted term is below 1e-9 relative there)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    magnitude = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
+    magnitude = tl.where(a < 0.1, series, magnitude)
+    return tl.where(x >= 0, magnitude, -magnitude)

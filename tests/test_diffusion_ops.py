@@ -422,3 +422,70 @@ def test_rejects_unknown_impl(device):
     model_output, sample, _ = _good(device)
     with pytest.raises(ValueError, match="impl='cuda'.*auto, triton, eager"):
         ddpm_step(model_output, 5, sample, SCHEDULE, impl="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Indexing past 2**31 elements, and GPU-only checks at real sizes
+# ---------------------------------------------------------------------------------------------------------------
+def test_offsets_past_2_31_elements_are_computed_in_int64(device):
+    # Views into one 8 GiB buffer (pages are only committed where written) whose last elements lie past 2**31:
+    # int32 offsets would wrap around and read or write the wrong place.
+    big = torch.empty(2**31 + 4096, dtype=torch.float32, device=device)
+    batch_strided = [big.as_strided((3, 16), (2**30 + 8, 1), offset) for offset in (0, 32, 64)]
+    inner_strided = [big.as_strided((2, 3), (1, 2**30 + 5), offset) for offset in (100, 200, 300)]
+    for model_output, sample, noise in (batch_strided, inner_strided):
+        for view, seed in ((model_output, 0), (sample, 1), (noise, 2)):
+            view.copy_(random_tensor(view.shape, torch.float32, seed, device))
+        values = [t.clone() for t in (model_output, sample, noise)]
+        kernel = ddpm_step(model_output, 900, sample, SCHEDULE, noise=noise, impl="triton")
+        expected = ddpm_step(values[0], 900, values[1], SCHEDULE, noise=values[2], impl="eager")
+        torch.testing.assert_close(kernel, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_shapes_on_gpu(dtype):
+    shape = (64, 16, 256, 256)  # 64M elements
+    _check_ddpm(shape, dtype, "cuda", torch.arange(64, device="cuda") * 15, prediction_type="v_prediction",
+                clip_sample=True)
+    _check_ddim(shape, dtype, "cuda", 800, 780, eta=0.3)
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements_on_gpu():
+    shape = (2, 2**30 + 3)  # 2**31 + 6 elements per tensor
+    model_output, sample = (torch.randn(shape, device="cuda") for _ in range(2))
+    kernel = ddim_step(model_output, 400, sample, SCHEDULE, prev_timestep=380, impl="triton")
+    tail = slice(2**30 - 5, None)
+    expected = ddim_step(model_output[:, tail], 400, sample[:, tail], SCHEDULE, prev_timestep=380, impl="eager")
+    torch.testing.assert_close(kernel[:, tail], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_sampling_loop_is_captured_in_a_cuda_graph():
+    """No host synchronization inside the step: a whole DDPM loop with per-sample timesteps and in-kernel noise
+    replays from a CUDA graph, and each replay draws fresh noise."""
+    sample = torch.randn(4, 3, 32, 32, device="cuda")
+    timesteps = [torch.full((4,), t, device="cuda") for t in range(999, 989, -1)]
+    SCHEDULE.kernel_table(torch.device("cuda"))  # created outside the capture
+    static = sample.clone()
+
+    def loop():
+        x = static
+        for t in timesteps:
+            x = ddpm_step(torch.tanh(x), t, x, SCHEDULE, impl="triton")
+        return x
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loop()  # warm-up: compile the kernel outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = loop()
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert torch.isfinite(first).all()
+    assert (first - out).abs().mean() > 1e-3, "each replay draws new noise"
