@@ -1,6 +1,7 @@
 """genkernels.bench: throughput of every kernel and model against eager PyTorch and torch.compile.
 
-Run ``python -m genkernels.bench`` (see ``--help``), or ``pytest bench/ --benchmark-only`` for pytest-benchmark.
+Run ``python -m genkernels.bench`` (see ``--help``), or ``pytest bench/ --benchmark-only -p no:xdist`` for
+pytest-benchmark.
 This package's ``__init__`` imports nothing heavy, so :mod:`genkernels.bench.interpreter` can switch Triton to its
 CPU interpreter before triton is imported.
 """

@@ -1,4 +1,4 @@
-"""The benchmark cases through pytest-benchmark: ``pytest bench/ --benchmark-only``.
+"""The benchmark cases through pytest-benchmark: ``pytest bench/ --benchmark-only -p no:xdist``.
 
 Same registry as ``python -m genkernels.bench`` (quick sizes on a GPU, tiny interpreter sizes on the CPU), so
 runs can be saved and compared with ``--benchmark-save`` / ``--benchmark-compare``. pytest-benchmark times with the

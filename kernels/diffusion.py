@@ -123,12 +123,17 @@ def _check_num_timesteps(value: object) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Eager reference: the specification, the fallback and the test oracle
 # ----------------------------------------------------------------------------------------------------------------
-def _schedule_terms(table: torch.Tensor, timestep: torch.Tensor, prev_timestep: torch.Tensor,
-                    final_alpha_is_one: bool, shape: torch.Size):
-    """``alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev`` per sample, shaped to broadcast over
-    ``shape``. ``table`` is ``[2, T]`` (``alphas_cumprod``, ``1 - alphas_cumprod``). A negative ``prev_timestep``
-    is the final step: ``alpha_prod_t_prev`` is 1, or ``alphas_cumprod[0]`` when ``final_alpha_is_one`` is False."""
-    view = (-1,) + (1,) * (len(shape) - 1)
+def _schedule_terms(schedule: NoiseSchedule, sample: torch.Tensor, timestep: torch.Tensor,
+                    prev_timestep: torch.Tensor, final_alpha_is_one: bool):
+    """``alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev`` per sample, in ``sample``'s compute
+    dtype, shaped to broadcast over it. A negative ``prev_timestep`` is the final step: ``alpha_prod_t_prev`` is 1,
+    or ``alphas_cumprod[0]`` when ``final_alpha_is_one`` is False. ``beta_prod`` is read from the schedule's own
+    ``1 - alphas_cumprod`` table rather than recomputed, which would cancel near ``t = 0``."""
+    if _compute_dtype(sample.dtype) == torch.float64:
+        table = torch.stack([schedule.alphas_cumprod, schedule.one_minus_alphas_cumprod]).to(sample.device)
+    else:
+        table = schedule.kernel_table(sample.device)
+    view = (-1,) + (1,) * (sample.dim() - 1)
     t = timestep.long().reshape(-1)
     prev = prev_timestep.long().reshape(-1)
     is_final = prev < 0
@@ -180,12 +185,12 @@ def ddpm_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, samp
         sigma_t^2 = (1 - a_prev) / (1 - a_t) * current_beta_t  ("fixed_small", floored at 1e-20)
                   = current_beta_t                             ("fixed_large")
     ``timestep``/``prev_timestep`` are integer tensors of shape ``[batch]``; a negative ``prev_timestep`` means
-    ``a_prev = 1``. ``noise`` may be None when every timestep is 0. Computes in fp32 (fp64 for fp64 inputs) and returns ``sample``'s dtype.
+    ``a_prev = 1``. ``noise`` may be None when every timestep is 0. Computes in fp32 (fp64 for fp64 inputs)
+    and returns ``sample``'s dtype.
     """
     dtype = _compute_dtype(sample.dtype)
-    table = schedule.kernel_table(sample.device) if dtype == torch.float32 else _float64_table(schedule, sample)
     alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = _schedule_terms(
-        table, timestep, prev_timestep, True, sample.shape)
+        schedule, sample, timestep, prev_timestep, True)
     x_t, model_output = sample.to(dtype), model_output.to(dtype)
     x0, _ = _predict_original_and_noise(model_output, x_t, alpha_prod_t, beta_prod_t, prediction_type)
     if clip_sample:
@@ -219,9 +224,8 @@ def ddim_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, samp
     ``eta == 0``. Computes in fp32 (fp64 for fp64 inputs) and returns ``sample``'s dtype.
     """
     dtype = _compute_dtype(sample.dtype)
-    table = schedule.kernel_table(sample.device) if dtype == torch.float32 else _float64_table(schedule, sample)
     alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = _schedule_terms(
-        table, timestep, prev_timestep, set_alpha_to_one, sample.shape)
+        schedule, sample, timestep, prev_timestep, set_alpha_to_one)
     x_t, model_output = sample.to(dtype), model_output.to(dtype)
     x0, eps = _predict_original_and_noise(model_output, x_t, alpha_prod_t, beta_prod_t, prediction_type)
     if clip_sample:
@@ -236,10 +240,6 @@ def ddim_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, samp
     if eta > 0:
         prev_sample = prev_sample + std_dev_t * noise.to(dtype)
     return prev_sample.to(sample.dtype)
-
-
-def _float64_table(schedule: NoiseSchedule, sample: torch.Tensor) -> torch.Tensor:
-    return torch.stack([schedule.alphas_cumprod, schedule.one_minus_alphas_cumprod]).to(sample.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

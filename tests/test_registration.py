@@ -45,3 +45,16 @@ def test_diffusion_steps_compile_with_fullgraph(device):
     compiled = torch.compile(two_steps, fullgraph=True)
     torch.testing.assert_close(compiled(model_output, sample, noise), two_steps(model_output, sample, noise),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_with_tensor_timesteps_checks_their_range(device):
+    """Under torch.compile the range check of timestep tensors is an asynchronous assert inside the graph."""
+    def step(model_output, sample, timesteps):
+        return ddpm_step(model_output, timesteps, sample, SCHEDULE, noise=torch.zeros_like(sample), impl="triton")
+
+    model_output, sample = torch.randn(2, 3, 8, device=device), torch.randn(2, 3, 8, device=device)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    timesteps = torch.tensor([5, 999], device=device)
+    torch.testing.assert_close(compiled(model_output, sample, timesteps), step(model_output, sample, timesteps))
+    with pytest.raises(RuntimeError, match=r"timestep out of range \[0, 1000\)"):
+        compiled(model_output, sample, torch.tensor([5, 1000], device=device))
