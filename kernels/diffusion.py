@@ -30,7 +30,7 @@ from .checks import (
     describe,
 )
 from .launch import CompileVariant, batch_chunks, elementwise_block, elementwise_block_configs, per_sample_layout
-from .runtime import resolve_impl
+from .runtime import call_registered, resolve_impl
 from .triton_helpers import philox_normal_block, sample_offsets
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -269,6 +269,17 @@ def _denoise_step_kernel(
     first = tl.program_id(0).to(tl.int64) * BLOCK
     inner = first + tl.arange(0, BLOCK).to(tl.int64)
     mask = inner < inner_numel
+    # The bulk loads go first so that their latency overlaps the dependent gathers of the schedule terms below.
+    mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
+                                INNER_CONTIGUOUS)
+    x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
+                               INNER_CONTIGUOUS)
+    model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
+    x_t = tl.load(sample_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    if NOISE_MODE == 1:
+        z_offsets = sample_offsets(batch_index, inner, z_sb, z_s0, z_s1, z_s2, z_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        z = tl.load(noise_ptr + z_offsets, mask=mask, other=0.0).to(tl.float32)
 
     # --- this sample's schedule terms, gathered on the device --------------------------------------------------
     if TIMESTEP_IN_TENSOR:
@@ -324,12 +335,6 @@ def _denoise_step_kernel(
         sigma = std_dev
 
     # --- the elementwise update --------------------------------------------------------------------------------
-    mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
-                               INNER_CONTIGUOUS)
-    model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
-    x_t = tl.load(sample_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
     x0 = x0_from_sample * x_t + x0_from_output * model_output
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
@@ -338,15 +343,12 @@ def _denoise_step_kernel(
     else:
         eps = eps_from_sample * x_t + eps_from_output * model_output
     prev_sample = coef_x0 * x0 + coef_sample * x_t + coef_eps * eps
-    if NOISE_MODE != 0:
+    if NOISE_MODE == 1:
         if sigma != 0.0:
-            if NOISE_MODE == 1:
-                z_offsets = sample_offsets(batch_index, inner, z_sb, z_s0, z_s1, z_s2, z_s3, size1, size2, size3,
-                                           INNER_CONTIGUOUS)
-                z = tl.load(noise_ptr + z_offsets, mask=mask, other=0.0).to(tl.float32)
-            else:
-                z = philox_normal_block(tl.load(seed_ptr), batch_index, first, BLOCK)
             prev_sample += sigma * z
+    elif NOISE_MODE == 2:
+        if sigma != 0.0:
+            prev_sample += sigma * philox_normal_block(tl.load(seed_ptr), batch_index, first, BLOCK)
     out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2, size3,
                                  INNER_CONTIGUOUS)
     tl.store(out_ptr + out_offsets, prev_sample.to(out_ptr.dtype.element_ty), mask=mask)
@@ -427,8 +429,7 @@ def _batch_stride(timestep: Optional[torch.Tensor]) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library registration (usable under torch.compile(fullgraph=True))
 # ----------------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("genkernels::ddpm_step", mutates_args=())
-def _ddpm_step_op(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+def _ddpm_step_launch(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
                   seed: Optional[torch.Tensor], table: torch.Tensor, timestep: Optional[torch.Tensor],
                   timestep_value: int, prev_timestep: Optional[torch.Tensor], prev_timestep_value: int,
                   prediction_type: str, variance_type: str, clip_sample: bool,
@@ -438,8 +439,7 @@ def _ddpm_step_op(model_output: torch.Tensor, sample: torch.Tensor, noise: Optio
                                 clip_sample, clip_sample_range, False, True)
 
 
-@torch.library.custom_op("genkernels::ddim_step", mutates_args=())
-def _ddim_step_op(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
+def _ddim_step_launch(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
                   seed: Optional[torch.Tensor], table: torch.Tensor, timestep: Optional[torch.Tensor],
                   timestep_value: int, prev_timestep: Optional[torch.Tensor], prev_timestep_value: int,
                   eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
@@ -447,6 +447,10 @@ def _ddim_step_op(model_output: torch.Tensor, sample: torch.Tensor, noise: Optio
     return _launch_denoise_step(SCHEDULER_DDIM, model_output, sample, noise, seed, table, timestep, timestep_value,
                                 prev_timestep, prev_timestep_value, prediction_type, "fixed_small", eta,
                                 clip_sample, clip_sample_range, use_clipped_model_output, set_alpha_to_one)
+
+
+_ddpm_step_op = torch.library.custom_op("genkernels::ddpm_step", _ddpm_step_launch, mutates_args=())
+_ddim_step_op = torch.library.custom_op("genkernels::ddim_step", _ddim_step_launch, mutates_args=())
 
 
 @_ddpm_step_op.register_fake
@@ -582,9 +586,10 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
                                    prev.as_tensor(batch, device), noise if needs_noise else None, prediction_type,
                                    variance_type, clip_sample, clip_sample_range)
     seed = _draw_seed(device, generator) if noise is None and needs_noise else None
-    return torch.ops.genkernels.ddpm_step(
-        model_output, sample, noise, seed, schedule.kernel_table(device), t.tensor, t.value or 0, prev.tensor,
-        prev.value or 0, prediction_type, variance_type, clip_sample, clip_sample_range)
+    return call_registered(
+        torch.ops.genkernels.ddpm_step, _ddpm_step_launch, model_output, sample, noise, seed,
+        schedule.kernel_table(device), t.tensor, t.value or 0, prev.tensor, prev.value or 0, prediction_type,
+        variance_type, clip_sample, clip_sample_range)
 
 
 def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedule: NoiseSchedule, *,
@@ -632,7 +637,7 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
     seed = _draw_seed(device, generator) if noise is None and eta > 0 else None
     if eta == 0:
         noise = None
-    return torch.ops.genkernels.ddim_step(
-        model_output, sample, noise, seed, schedule.kernel_table(device), t.tensor, t.value or 0, prev.tensor,
-        prev.value or 0, eta, prediction_type, clip_sample, clip_sample_range, set_alpha_to_one,
-        use_clipped_model_output)
+    return call_registered(
+        torch.ops.genkernels.ddim_step, _ddim_step_launch, model_output, sample, noise, seed,
+        schedule.kernel_table(device), t.tensor, t.value or 0, prev.tensor, prev.value or 0, eta, prediction_type,
+        clip_sample, clip_sample_range, set_alpha_to_one, use_clipped_model_output)
