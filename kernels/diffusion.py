@@ -509,6 +509,29 @@ def _check_timesteps(value: object, name: str, batch: int, device: torch.device,
     return _Timesteps(number, None)
 
 
+def _check_steps_backward(t: _Timesteps, prev: _Timesteps) -> None:
+    """Require ``prev_timestep < timestep`` (a step forward in time has a negative variance). Checked on the host
+    where both are known there, else asserted asynchronously like the range check."""
+    if t.tensor is None and prev.tensor is None:
+        if prev.value >= t.value:
+            raise ValueError(f"prev_timestep={prev.value} must be smaller than timestep={t.value}")
+        return
+    current = t.tensor if t.tensor is not None else t.value
+    previous = prev.tensor if prev.tensor is not None else prev.value
+    ordered = torch.as_tensor(previous < current)
+    device = ordered.device
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ordered.all()):
+            raise ValueError(f"prev_timestep must be smaller than timestep for every sample; got timestep "
+                             f"{_show(current)} and prev_timestep {_show(previous)}")
+    else:
+        torch._assert_async(ordered.all(), "prev_timestep must be smaller than timestep")
+
+
+def _show(value) -> str:
+    return str(value.tolist()) if isinstance(value, torch.Tensor) else str(value)
+
+
 def _check_step_tensors(op: str, model_output, sample, noise, schedule, generator):
     check_float_tensor(sample, "sample")
     check_float_tensor(model_output, "model_output")
@@ -554,7 +577,8 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
         timestep: current timestep, a Python int or an integer tensor of shape ``[]`` or ``[batch]``.
         sample: the current sample ``x_t``, ``[batch, ...]``, fp32/fp16/bf16, any strides.
         schedule: the :class:`NoiseSchedule` the model was trained with.
-        prev_timestep: the timestep to step to (default ``timestep - 1``); negative means the final step.
+        prev_timestep: the timestep to step to, below ``timestep`` (default ``timestep - 1``); negative means the
+            final step.
         noise: the Gaussian ``z`` to add; when None it is drawn (inside the kernel, Philox) from ``generator``.
         prediction_type: "epsilon", "sample" or "v_prediction".
         variance_type: "fixed_small" or "fixed_large".
@@ -575,6 +599,7 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
         prev = _Timesteps(t.value - 1, None) if t.tensor is None else _Timesteps(None, t.tensor - 1)
     else:
         prev = _check_timesteps(prev_timestep, "prev_timestep", batch, device, num_train, allow_negative=True)
+        _check_steps_backward(t, prev)
     impl = resolve_impl(impl, device, "ddpm_step")
     if sample.numel() == 0:
         return torch.empty_like(sample)
@@ -607,8 +632,8 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
     Args:
         model_output, timestep, sample, schedule, noise, generator, prediction_type, clip_sample,
         clip_sample_range, impl: as in :func:`ddpm_step`.
-        prev_timestep: the timestep to step to (required); negative means the final step, where ``a_prev`` is 1
-            (``set_alpha_to_one=True``) or ``alphas_cumprod[0]``.
+        prev_timestep: the timestep to step to (required), below ``timestep``; negative means the final step,
+            where ``a_prev`` is 1 (``set_alpha_to_one=True``) or ``alphas_cumprod[0]``.
         eta: weight of the stochastic part, in [0, 1].
         use_clipped_model_output: re-derive ``eps`` from the clipped ``x0``.
 
@@ -625,6 +650,7 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
     batch, num_train = sample.shape[0], schedule.num_train_timesteps
     t = _check_timesteps(timestep, "timestep", batch, device, num_train, allow_negative=False)
     prev = _check_timesteps(prev_timestep, "prev_timestep", batch, device, num_train, allow_negative=True)
+    _check_steps_backward(t, prev)
     impl = resolve_impl(impl, device, "ddim_step")
     if sample.numel() == 0:
         return torch.empty_like(sample)

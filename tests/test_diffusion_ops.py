@@ -343,6 +343,14 @@ def test_rejects_timestep_out_of_range(device):
         ddim_step(model_output, 5, sample, SCHEDULE, prev_timestep=T)
 
 
+def test_rejects_prev_timestep_not_before_timestep(device):
+    model_output, sample, _ = _good(device)
+    with pytest.raises(ValueError, match="prev_timestep=5 must be smaller than timestep=5"):
+        ddpm_step(model_output, 5, sample, SCHEDULE, prev_timestep=5)
+    with pytest.raises(ValueError, match=r"prev_timestep must be smaller than timestep.*\[3, 9\]"):
+        ddim_step(model_output.cpu(), torch.tensor([4, 8]), sample.cpu(), SCHEDULE, prev_timestep=torch.tensor([3, 9]))
+
+
 def test_rejects_timestep_tensor_of_wrong_length(device):
     model_output, sample, _ = _good(device)
     with pytest.raises(ValueError, match=r"timestep must be a scalar or have shape \[batch\] = \[2\]"):
