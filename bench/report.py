@@ -26,6 +26,7 @@ COLUMNS = [
     ("tflop_per_s", "TFLOP/s", "{:.1f}"),
     ("items_per_s", "items/s", "{:.1f}"),
     ("max_error", "max err", "{:.2e}"),
+    ("peak_memory_mib", "peak MiB", "{:.0f}"),
 ]
 
 

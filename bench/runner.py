@@ -30,6 +30,7 @@ class Row:
     speedup_vs_eager: Optional[float] = None
     speedup_vs_compile: Optional[float] = None
     max_error: Optional[float] = None
+    peak_memory_mib: Optional[float] = None  # GPU memory one call allocates beyond what existed before it
     notes: str = ""
     failure: Optional[str] = None
 
@@ -47,6 +48,19 @@ def _max_error(output, reference: Optional[torch.Tensor]) -> Optional[float]:
     return (output.double() - reference.double()).abs().max().item()
 
 
+def _peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """MiB that one call allocates at its peak beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    output = fn()
+    torch.cuda.synchronize(device)
+    del output
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def run_case(case: Case, device: torch.device, *, providers: Optional[Iterable[str]] = None,
              copy_gbs: Optional[float] = None, matmul_tflops: Optional[float] = None) -> list[Row]:
     """Rows for one case, one per provider; a provider that fails gets a row with its ``failure``."""
@@ -62,6 +76,7 @@ def run_case(case: Case, device: torch.device, *, providers: Optional[Iterable[s
             _synchronize(device)
             row.max_error = _max_error(output, reference)
             del output
+            row.peak_memory_mib = _peak_memory_mib(fn, device)
             timing = time_call(fn, device)
         except Exception as error:  # a failing provider is reported in its row, the suite goes on
             row.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
