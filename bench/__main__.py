@@ -80,7 +80,10 @@ def main(argv=None) -> int:
         progress.done += 1
         progress.show(case.name)
         progress.finish()
-        print(format_case_table(case_rows) + "\n", flush=True)
+        if case_rows:
+            print(format_case_table(case_rows) + "\n", flush=True)
+        else:
+            print(f"{case.name}: has none of the providers {', '.join(providers)}\n", flush=True)
         rows += case_rows
     json_path, markdown_path = write_results(env, rows, args.json)
     print(f"wrote {json_path} and {markdown_path}")

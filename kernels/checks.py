@@ -99,3 +99,14 @@ def check_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     return value
+
+
+def check_generator(generator: object, device: torch.device, owner: str) -> None:
+    """Require ``generator`` to be None or a ``torch.Generator`` of ``device``'s type (the device of ``owner``)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but {owner} is on {device}; "
+                         f"pass a generator of {owner}'s device")

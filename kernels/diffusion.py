@@ -20,6 +20,7 @@ from .checks import (
     check_bool,
     check_choice,
     check_float_tensor,
+    check_generator,
     check_int,
     check_min_rank,
     check_real,
@@ -29,8 +30,15 @@ from .checks import (
     check_tensor,
     describe,
 )
-from .launch import CompileVariant, batch_chunks, elementwise_block, elementwise_block_configs, per_sample_layout
-from .runtime import call_registered, resolve_impl
+from .launch import (
+    CompileVariant,
+    batch_chunks,
+    draw_philox_seed,
+    elementwise_block,
+    elementwise_block_configs,
+    per_sample_layout,
+)
+from .runtime import call_registered, compute_dtype, resolve_impl
 from .triton_helpers import philox_normal_block, sample_offsets
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -129,7 +137,7 @@ def _schedule_terms(schedule: NoiseSchedule, sample: torch.Tensor, timestep: tor
     dtype, shaped to broadcast over it. A negative ``prev_timestep`` is the final step: ``alpha_prod_t_prev`` is 1,
     or ``alphas_cumprod[0]`` when ``final_alpha_is_one`` is False. ``beta_prod`` is read from the schedule's own
     ``1 - alphas_cumprod`` table rather than recomputed, which would cancel near ``t = 0``."""
-    if _compute_dtype(sample.dtype) == torch.float64:
+    if compute_dtype(sample.dtype) == torch.float64:
         table = torch.stack([schedule.alphas_cumprod, schedule.one_minus_alphas_cumprod]).to(sample.device)
     else:
         table = schedule.kernel_table(sample.device)
@@ -168,11 +176,6 @@ def _predict_original_and_noise(model_output, sample, alpha_prod_t, beta_prod_t,
     return sqrt_alpha * sample - sqrt_beta * model_output, sqrt_alpha * model_output + sqrt_beta * sample
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/fp16/bf16 inputs; fp64 stays fp64 (the test oracle)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def ddpm_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor,
                         schedule: NoiseSchedule, prev_timestep: torch.Tensor, noise: Optional[torch.Tensor],
                         prediction_type: str = "epsilon", variance_type: str = "fixed_small",
@@ -188,7 +191,7 @@ def ddpm_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, samp
     ``a_prev = 1``. ``noise`` may be None when every timestep is 0. Computes in fp32 (fp64 for fp64 inputs)
     and returns ``sample``'s dtype.
     """
-    dtype = _compute_dtype(sample.dtype)
+    dtype = compute_dtype(sample.dtype)
     alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = _schedule_terms(
         schedule, sample, timestep, prev_timestep, True)
     x_t, model_output = sample.to(dtype), model_output.to(dtype)
@@ -223,7 +226,7 @@ def ddim_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, samp
     With ``use_clipped_model_output`` the noise is re-derived from the clipped ``x0``. ``noise`` may be None when
     ``eta == 0``. Computes in fp32 (fp64 for fp64 inputs) and returns ``sample``'s dtype.
     """
-    dtype = _compute_dtype(sample.dtype)
+    dtype = compute_dtype(sample.dtype)
     alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = _schedule_terms(
         schedule, sample, timestep, prev_timestep, set_alpha_to_one)
     x_t, model_output = sample.to(dtype), model_output.to(dtype)
@@ -546,18 +549,8 @@ def _check_step_tensors(op: str, model_output, sample, noise, schedule, generato
     device = check_same_device(named)
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"{op}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but sample is on {device}; "
-                             "pass a generator of the sample's device")
+    check_generator(generator, device, "sample")
     return device
-
-
-def _draw_seed(device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """A Philox key for the in-kernel noise, drawn on the device (so CUDA-graph replays draw fresh keys)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
 def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedule: NoiseSchedule, *,
@@ -610,7 +603,7 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
         return ddpm_step_reference(model_output, t.as_tensor(batch, device), sample, schedule,
                                    prev.as_tensor(batch, device), noise if needs_noise else None, prediction_type,
                                    variance_type, clip_sample, clip_sample_range)
-    seed = _draw_seed(device, generator) if noise is None and needs_noise else None
+    seed = draw_philox_seed(device, generator) if noise is None and needs_noise else None
     return call_registered(
         torch.ops.genkernels.ddpm_step, _ddpm_step_launch, model_output, sample, noise, seed,
         schedule.kernel_table(device), t.tensor, t.value or 0, prev.tensor, prev.value or 0, prediction_type,
@@ -660,7 +653,7 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
         return ddim_step_reference(model_output, t.as_tensor(batch, device), sample, schedule,
                                    prev.as_tensor(batch, device), noise, eta, prediction_type, clip_sample,
                                    clip_sample_range, set_alpha_to_one, use_clipped_model_output)
-    seed = _draw_seed(device, generator) if noise is None and eta > 0 else None
+    seed = draw_philox_seed(device, generator) if noise is None and eta > 0 else None
     if eta == 0:
         noise = None
     return call_registered(

@@ -9,7 +9,7 @@ pairs per tensor, and a constexpr fast path when every tensor's inner part is on
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import triton
@@ -61,6 +61,15 @@ class CompileVariant:
             else:
                 types[name] = self.scalar_types.get(name, "i64")
         return types
+
+
+def draw_philox_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A Philox key for noise drawn inside a kernel, as a one-element int64 tensor on ``device``.
+
+    Drawn on the device, not the host, so a CUDA-graph replay draws a fresh key (and no host sync is needed);
+    kernels read it with ``tl.load(seed_ptr)``.
+    """
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
 def batch_chunks(batch: int, limit: int = MAX_GRID_YZ) -> Iterator[tuple[int, int]]:

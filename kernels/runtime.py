@@ -92,3 +92,8 @@ def call_registered(op, launcher, *args):
     if torch.compiler.is_compiling():
         return op(*args)
     return launcher(*args)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the eager references compute in: fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 (the test oracle)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

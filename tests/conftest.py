@@ -9,6 +9,10 @@ import torch  # noqa: E402
 if INTERPRETED:
     enable_interpreter_checks()
 
+# Test tensors are tiny and pytest-xdist runs a worker per core: more than one intra-op thread per worker only
+# oversubscribes the cores (small ops then run many times slower).
+torch.set_num_threads(1)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -99,3 +99,18 @@ PER_SAMPLE_LAYOUTS = (
 def random_tensor(shape, dtype, seed: int, device: str = "cpu", scale: float = 1.0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def assert_standard_normal(z: torch.Tensor) -> None:
+    """Moments and tails of ``z`` (flattened) are those of i.i.d. N(0, 1) draws, within 5-sigma sampling error, and
+    the four draws of each Philox call (consecutive groups of 4) are uncorrelated."""
+    z = z.double().flatten()
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / n**0.5
+    assert abs(z.std().item() - 1) < 5 * (0.5 / n) ** 0.5
+    # tails of a standard normal: P(|z| > 2) = 0.0455, P(|z| > 3) = 0.0027
+    assert abs((z.abs() > 2).double().mean().item() - 0.0455) < 0.006
+    assert abs((z.abs() > 3).double().mean().item() - 0.0027) < 0.0015
+    groups = z[: n - n % 4].reshape(-1, 4)
+    for a, b in ((0, 1), (0, 2), (1, 3)):
+        assert abs(torch.corrcoef(torch.stack([groups[:, a], groups[:, b]]))[0, 1].item()) < 0.03

@@ -83,3 +83,9 @@ def test_markdown_marks_failed_providers():
     env = {"device": "CPU", "torch": "t", "triton": "t", "date": "d", "copy_bandwidth_gb_per_s": 1.0,
            "matmul_tflop_per_s": 1.0, "note": "n"}
     assert "| toy.add[1] | eager |" in format_markdown(env, rows)
+
+
+def test_cli_reports_a_case_without_the_requested_providers(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    assert main(["--only", "diffusion.ddim*", "--providers", "no-such-provider", "--json", str(path)]) == 0
+    assert "has none of the providers no-such-provider" in capsys.readouterr().out
