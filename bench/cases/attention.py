@@ -1,0 +1,195 @@
+"""Attention cases: flash_attention forward, backward and forward+backward TFLOP/s against every SDPA backend,
+and decode_attention GB/s over a KV cache.
+
+Shapes follow FlashAttention's benchmarks: 16k tokens per batch (``batch = 16384 // seq``) and a model width of
+2048 (``heads = 2048 // head_dim``), multi-head (``heads_kv = heads``) so every SDPA backend can run them.
+
+FLOPs per call (matmuls only): forward ``4 * batch * heads * seq_q * seq_k * head_dim`` (QK^T and PV), halved when
+causal; backward 2.5x forward (five matmuls, one of them the recomputed QK^T); forward+backward 3.5x forward.
+Backward rows time ``torch.autograd.grad`` on a graph recorded once (``retain_graph``) and report dq's error.
+
+Decode traffic per call: the key and value caches read once (``2 * batch * heads_kv * cache_len * head_dim``
+elements), plus ``q`` read and the output written; grouped-query (32 query heads over 8 key/value heads), every
+sequence attending to the whole cache.
+
+Peak memory of forward+backward is recorded in the notes of the largest forward+backward cases on a GPU (one
+extra call per provider in the case's setup, ``torch.cuda.max_memory_allocated`` above the inputs).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from genkernels.kernels.attention import (
+    attention_reference,
+    decode_attention,
+    decode_attention_reference,
+    flash_attention,
+)
+
+from ..providers import torch_compile
+from ..registry import Case, Workload, case_builder
+
+MODEL_WIDTH = 2048
+TOKENS_PER_BATCH = 16384
+SDPA_BACKENDS = {
+    "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa_math": SDPBackend.MATH,
+}
+# (head_dim, seq) pairs and causal flags per size; "full" is the issue's grid: head dims 64/128, seq 1k-16k.
+TRAINING_SHAPES = {
+    "cpu": [(64, 64)],
+    "quick": [(64, 4096), (128, 2048), (128, 8192)],
+    "full": [(d, s) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)],
+}
+DECODE_CACHE_LENGTHS = {"cpu": [96], "quick": [4096, 32768], "full": [1024, 2048, 4096, 8192, 16384, 32768]}
+DECODE_SHAPE = {"cpu": (2, 4, 2, 64), "quick": (8, 32, 8, 128), "full": (8, 32, 8, 128)}  # batch, hq, hkv, d
+PASSES = ("forward", "backward", "fwd_bwd")
+FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "fwd_bwd": 3.5}
+
+
+def _training_shape(size: str, head_dim: int, seq: int) -> tuple[int, int]:
+    """(batch, heads) for ``seq``: FlashAttention's 16k tokens and width 2048 on a GPU, tiny on the CPU."""
+    if size == "cpu":
+        return 1, 2
+    return max(1, TOKENS_PER_BATCH // seq), MODEL_WIDTH // head_dim
+
+
+def _sdpa(backend):
+    def attention(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return attention
+
+
+def _attention_functions(causal: bool) -> dict:
+    """``name -> fn(q, k, v)`` for every provider: ours, the eager reference, torch.compile of it, SDPA."""
+    compiled = torch_compile(functools.partial(flash_attention, impl="eager", causal=causal))
+    functions = {
+        "triton": lambda q, k, v: flash_attention(q, k, v, causal=causal, impl="triton"),
+        "eager": lambda q, k, v: flash_attention(q, k, v, causal=causal, impl="eager"),
+        "compile": compiled,
+    }
+    for name, backend in SDPA_BACKENDS.items():
+        functions[name] = functools.partial(_sdpa(backend), causal=causal)
+    return functions
+
+
+def _per_head_reference(q, k, v, grad_out, causal, want_grad: bool) -> torch.Tensor:
+    """fp64 output (or dq) computed one (sample, head) at a time, so the score matrix of one head fits."""
+    result = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            qh, kh, vh = (x[b:b + 1, h:h + 1].double() for x in (q, k, v))
+            if want_grad:
+                qh.requires_grad_()
+                out = attention_reference(qh, kh, vh, causal)
+                result[b, h] = torch.autograd.grad(out, qh, grad_out[b:b + 1, h:h + 1].double())[0][0, 0]
+            else:
+                result[b, h] = attention_reference(qh, kh, vh, causal)[0, 0]
+    return result
+
+
+def _pass_call(fn, q, k, v, grad_out, which: str):
+    """A zero-argument call that runs pass ``which`` of ``fn``; backward and fwd_bwd return dq."""
+    if which == "forward":
+        return lambda: fn(q, k, v)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    if which == "fwd_bwd":
+        return lambda: torch.autograd.grad(fn(*leaves), leaves, grad_out)[0]
+    recorded = {}
+
+    def backward():
+        if "out" not in recorded:  # the untimed first call records the graph
+            recorded["out"] = fn(*leaves)
+        return torch.autograd.grad(recorded["out"], leaves, grad_out, retain_graph=True)[0]
+    return backward
+
+
+def _peak_memory_notes(calls: dict, device: torch.device) -> str:
+    """``peak MiB above the inputs`` of one call per provider (CUDA only)."""
+    if device.type != "cuda":
+        return ""
+    parts = []
+    for name, call in calls.items():
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            call()
+            torch.cuda.synchronize(device)
+            parts.append(f"{name} {(torch.cuda.max_memory_allocated(device) - base) / 2**20:.0f}")
+        except torch.cuda.OutOfMemoryError:
+            parts.append(f"{name} out of memory")
+        except RuntimeError as error:  # a backend that does not support the shape
+            parts.append(f"{name} failed ({str(error).splitlines()[0][:60]})")
+    return "; peak MiB of fwd+bwd above the inputs: " + ", ".join(parts)
+
+
+def _training(size: str, head_dim: int, seq: int, causal: bool, which: str, record_memory: bool):
+    def setup(device):
+        batch, heads = _training_shape(size, head_dim, seq)
+        generator = torch.Generator(device=device).manual_seed(0)
+        q, k, v, grad_out = (torch.randn((batch, heads, seq, head_dim), generator=generator, device=device)
+                             .to(torch.bfloat16) for _ in range(4))
+        calls = {name: _pass_call(fn, q, k, v, grad_out, which) for name, fn in _attention_functions(causal).items()}
+        flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0) * FLOP_FACTOR[which]
+        notes = "error column: dq" if which != "forward" else ""
+        if record_memory:
+            notes += _peak_memory_notes(calls, device)
+        return Workload(calls, flops=int(flops), notes=notes.lstrip("; "),
+                        reference=lambda: _per_head_reference(q, k, v, grad_out, causal, which != "forward"))
+    return setup
+
+
+def _decode(size: str, cache_len: int):
+    def setup(device):
+        batch, heads_q, heads_kv, head_dim = DECODE_SHAPE[size]
+        generator = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn((batch, heads_q, 1, head_dim), generator=generator, device=device).to(torch.bfloat16)
+        k_cache, v_cache = (torch.randn((batch, heads_kv, cache_len, head_dim), generator=generator, device=device)
+                            .to(torch.bfloat16) for _ in range(2))
+        seqlens = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
+        compiled = torch_compile(functools.partial(decode_attention, impl="eager"))
+        calls = {
+            "triton": lambda: decode_attention(q, k_cache, v_cache, seqlens, impl="triton"),
+            "eager": lambda: decode_attention(q, k_cache, v_cache, seqlens, impl="eager"),
+            "compile": lambda: compiled(q, k_cache, v_cache, seqlens),
+        }
+        for name, backend in SDPA_BACKENDS.items():
+            def sdpa(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True)
+            calls[name] = sdpa
+        traffic = (2 * k_cache.numel() + 2 * q.numel()) * q.element_size()
+        return Workload(calls, bytes_moved=traffic,
+                        reference=lambda: decode_attention_reference(q.double(), k_cache.double(),
+                                                                     v_cache.double(), seqlens),
+                        notes="every sequence attends to the whole cache (SDPA runs on the full cache)")
+    return setup
+
+
+@case_builder
+def attention_cases(size: str):
+    shapes = TRAINING_SHAPES[size]
+    longest = max(seq for _, seq in shapes)
+    for head_dim, seq in shapes:
+        for causal in (False, True):
+            for which in PASSES:
+                if size == "cpu" and (which, causal) not in (("forward", True), ("backward", False),
+                                                             ("fwd_bwd", True)):
+                    continue  # the interpreter smoke run keeps three cases
+                params = {"dtype": "bfloat16", "head_dim": head_dim, "seq": seq, "causal": causal, "pass": which}
+                tag = f"[bf16,d{head_dim},{'causal' if causal else 'full'},s{seq}]"
+                record_memory = which == "fwd_bwd" and seq == longest
+                yield Case(f"attention.{which}{tag}", "attention", "op", params,
+                           _training(size, head_dim, seq, causal, which, record_memory))
+    for cache_len in DECODE_CACHE_LENGTHS[size]:
+        params = {"dtype": "bfloat16", "cache_len": cache_len, "shape": list(DECODE_SHAPE[size])}
+        yield Case(f"attention.decode[bf16,cache{cache_len}]", "attention", "op", params, _decode(size, cache_len))

@@ -1,0 +1,803 @@
+"""Fused exact attention: FlashAttention-2 style training kernels and flash-decoding over a KV cache.
+
+Layout ``[batch, heads, seq, head_dim]`` as in ``F.scaled_dot_product_attention``, any strides (slices of one packed
+QKV tensor are read in place). ``k``/``v`` may have fewer heads than ``q`` (grouped-query / multi-query attention):
+query head ``h`` reads key/value head ``h // (heads_q // heads_kv)``.
+
+Forward (Dao 2023, Algorithm 1): one program owns ``BLOCK_M`` query rows and streams key/value blocks through an
+online softmax, keeping the running row maximum ``m``, the running sum ``l`` and the unnormalized output; the
+``[seq_q, seq_k]`` score matrix never exists in memory. It stores the row logsumexp for the backward pass.
+Backward (Dao 2023, Algorithm 2, split in two kernels so that no program needs atomics):
+``delta_i = sum_d dO_id O_id``; with ``P = exp(S - lse)`` and ``dS = P * (dO V^T - delta)``,
+``dV = P^T dO``, ``dK = scale * dS^T Q`` (one program per key block, looping over the query blocks of every query
+head of its group) and ``dQ = scale * dS K`` (one program per query block, looping over key blocks).
+
+Causal masking is aligned to the bottom-right corner: query ``i`` sees key ``j`` iff ``j <= i + seq_k - seq_q``
+(SDPA's ``is_causal=True`` when the lengths are equal). Key blocks that no row of a query block can see are never
+visited (loop bounds), and in the forward pass the blocks every row sees completely skip the mask. A query row that
+sees no key returns zeros and gets zero gradients.
+
+Internally scores are kept in base 2 (``s2 = scale * log2(e) * q.k``, so softmax uses ``exp2``); the stored
+logsumexp is ``log2(sum_j exp2(s2_j))`` (``+inf`` for a row that sees no key, so its probabilities are 0).
+
+Precision: fp16/bf16 inputs feed the tensor cores in their own dtype (probabilities and ``dS`` are rounded to it
+before their matmuls, as FlashAttention does) with fp32 accumulation and fp32 softmax statistics; fp32 inputs use
+``input_precision="ieee"`` dots, so fp32 keeps fp32 accuracy on the GPU. Triton's CPU interpreter cannot multiply
+bf16 tiles, so there bf16 tiles are upcast to fp32 right after loading (``UPCAST``).
+
+Decode (flash-decoding): the keys of each sequence are split over ``num_splits`` programs, each writing its
+partial ``(max, sum, unnormalized output)``; a combine kernel merges the splits with the same rescaling rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import (
+    check_bool,
+    check_float_tensor,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    describe,
+)
+from .launch import CompileVariant, batch_chunks
+from .runtime import compute_dtype, interpreter_enabled, resolve_impl
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+LOG2_E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eager reference: the specification, the fallback and the test oracle
+# ----------------------------------------------------------------------------------------------------------------
+def _expand_kv_heads(kv: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """Repeat each key/value head for the ``heads_q // heads_kv`` query heads that share it."""
+    return kv.repeat_interleave(heads_q // kv.shape[1], dim=1)
+
+
+def _masked_softmax_attention(scores: torch.Tensor, visible: Optional[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    """``softmax(scores) @ v`` over the ``visible`` entries; a row with no visible entry gives zeros (and zero
+    gradients), never NaN."""
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(total > 0, total, torch.ones_like(total))
+    return probs @ v
+
+
+def causal_visibility(seq_q: int, seq_k: int, device) -> torch.Tensor:
+    """``[seq_q, seq_k]`` bool: query ``i`` sees key ``j`` iff ``j <= i + seq_k - seq_q`` (bottom-right aligned)."""
+    rows = torch.arange(seq_q, device=device)[:, None]
+    cols = torch.arange(seq_k, device=device)[None, :]
+    return cols <= rows + (seq_k - seq_q)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                        softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """Exact softmax attention in plain PyTorch (Vaswani et al. 2017, eq. 1), materializing the score matrix.
+
+        O = softmax(scale * Q K^T + M) V,   M_ij = -inf where key j is hidden from query i, else 0
+
+    ``q`` is ``[batch, heads_q, seq_q, d]``, ``k``/``v`` ``[batch, heads_kv, seq_k, d]`` with ``heads_kv`` dividing
+    ``heads_q`` (query head ``h`` uses key/value head ``h // (heads_q // heads_kv)``). With ``causal`` query ``i``
+    sees keys ``j <= i + seq_k - seq_q``. ``scale`` defaults to ``1/sqrt(d)``. A row that sees no key is 0.
+    Computes in fp32 (fp64 for fp64 inputs) and returns ``q``'s dtype; differentiable.
+    """
+    dtype = compute_dtype(q.dtype)
+    batch, heads_q, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    if seq_k == 0:
+        return (q.to(dtype) * 0).to(q.dtype)
+    keys = _expand_kv_heads(k.to(dtype), heads_q)
+    values = _expand_kv_heads(v.to(dtype), heads_q)
+    scores = (q.to(dtype) @ keys.transpose(-1, -2)) * scale
+    visible = causal_visibility(seq_q, seq_k, q.device) if causal else None
+    return _masked_softmax_attention(scores, visible, values).to(q.dtype)
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               cache_seqlens: torch.Tensor, softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """One decoding step over a KV cache in plain PyTorch.
+
+        O_b = softmax(scale * q_b K_b[:n_b]^T) V_b[:n_b],   n_b = cache_seqlens[b]
+
+    ``q`` is ``[batch, heads_q, 1, d]``, the caches ``[batch, heads_kv, max_seq, d]``; a sequence with
+    ``n_b = 0`` gives zeros. Computes in fp32 (fp64 for fp64 inputs) and returns ``q``'s dtype.
+    """
+    dtype = compute_dtype(q.dtype)
+    heads_q, head_dim = q.shape[1], q.shape[3]
+    max_seq = k_cache.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    if max_seq == 0:
+        return (q.to(dtype) * 0).to(q.dtype)
+    keys = _expand_kv_heads(k_cache.to(dtype), heads_q)
+    values = _expand_kv_heads(v_cache.to(dtype), heads_q)
+    scores = (q.to(dtype) @ keys.transpose(-1, -2)) * scale
+    positions = torch.arange(max_seq, device=q.device)
+    visible = (positions[None, :] < cache_seqlens.to(q.device).long()[:, None])[:, None, None, :]
+    return _masked_softmax_attention(scores, visible, values).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; full fp32 products when ``IEEE`` (else tf32 for fp32 tiles)."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _load_tile(base, index, index_ok, stride_index, dims, dim_ok, stride_dim, UPCAST: tl.constexpr):
+    """Rows ``index`` x columns ``dims`` of one head (masked, zeros outside), fp32 when ``UPCAST``."""
+    offsets = index[:, None].to(tl.int64) * stride_index + dims[None, :].to(tl.int64) * stride_dim
+    tile = tl.load(base + offsets, mask=index_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _store_tile(base, value, index, index_ok, stride_index, dims, dim_ok, stride_dim):
+    offsets = index[:, None].to(tl.int64) * stride_index + dims[None, :].to(tl.int64) * stride_dim
+    tl.store(base + offsets, value.to(base.dtype.element_ty), mask=index_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _online_softmax_blocks(acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end,
+                           seq_k, rows, offset, dims, dim_ok, scale_log2,
+                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """Fold key blocks ``[key_start, key_end)`` into the running ``(acc, row_sum, row_max)`` of a query block.
+
+    ``MASKED`` blocks may hold keys past ``seq_k`` or (``CAUSAL``) keys hidden from some rows; the others are
+    seen completely by every row and skip the mask."""
+    for start_n in range(key_start, key_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < seq_k
+        k = _load_tile(k_base, cols, col_ok, k_ss, dims, dim_ok, k_sd, UPCAST)
+        scores = _dot(q, tl.trans(k), IEEE) * scale_log2
+        if MASKED:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + offset)
+            scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # A row that has seen no key yet keeps max -inf; a finite stand-in avoids inf - inf.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        rescale = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        v = _load_tile(v_base, cols, col_ok, v_ss, dims, dim_ok, v_sd, UPCAST)
+        acc = acc * rescale[:, None] + _dot(probs.to(v.dtype), v, IEEE)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    batch_start, seq_q, seq_k, head_dim, group_size, scale_log2,
+    q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, o_sb, o_sh, o_ss, o_sd,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    head = tl.program_id(1)
+    heads_q = tl.num_programs(1)
+    batch = (batch_start + tl.program_id(2)).to(tl.int64)
+    kv_head = (head // group_size).to(tl.int64)
+    first_row = block_m * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_q
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    q = _load_tile(q_ptr + batch * q_sb + head.to(tl.int64) * q_sh, rows, row_ok, q_ss, dims, dim_ok, q_sd, UPCAST)
+    k_base = k_ptr + batch * k_sb + kv_head * k_sh
+    v_base = v_ptr + batch * v_sb + kv_head * v_sh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    offset = seq_k - seq_q
+    if CAUSAL:
+        # Blocks before `full_end` are seen completely by every row; keys from `key_end` on by none.
+        full_end = tl.maximum(first_row + offset + 1, 0) // BLOCK_N * BLOCK_N
+        key_end = tl.minimum(seq_k, first_row + BLOCK_M + offset)
+    else:
+        full_end = seq_k // BLOCK_N * BLOCK_N
+        key_end = seq_k
+    acc, row_sum, row_max = _online_softmax_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, 0, full_end, seq_k, rows, offset, dims,
+        dim_ok, scale_log2, False, CAUSAL, UPCAST, IEEE, BLOCK_N)
+    acc, row_sum, row_max = _online_softmax_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, full_end, key_end, seq_k, rows, offset,
+        dims, dim_ok, scale_log2, True, CAUSAL, UPCAST, IEEE, BLOCK_N)
+
+    seen = row_sum > 0
+    safe_sum = tl.where(seen, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    _store_tile(out_ptr + batch * o_sb + head.to(tl.int64) * o_sh, out, rows, row_ok, o_ss, dims, dim_ok, o_sd)
+    lse = tl.where(seen, row_max + tl.log2(safe_sum), float("inf"))
+    lse_base = lse_ptr + (batch * heads_q + head) * seq_q
+    tl.store(lse_base + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_backward_preprocess_kernel(
+    out_ptr, grad_out_ptr, delta_ptr, batch_start, seq_q, head_dim,
+    o_sb, o_sh, o_ss, o_sd, do_sb, do_sh, do_ss, do_sd,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``delta_i = sum_d dO_id * O_id`` (fp32, ``[batch, heads_q, seq_q]``)."""
+    head = tl.program_id(1).to(tl.int64)
+    batch = (batch_start + tl.program_id(2)).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_q
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    out = _load_tile(out_ptr + batch * o_sb + head * o_sh, rows, row_ok, o_ss, dims, dim_ok, o_sd, True)
+    grad_out = _load_tile(grad_out_ptr + batch * do_sb + head * do_sh, rows, row_ok, do_ss, dims, dim_ok, do_sd,
+                          True)
+    delta_base = delta_ptr + (batch * tl.num_programs(1) + head) * seq_q
+    tl.store(delta_base + rows, tl.sum(out * grad_out, 1), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, q_ss, q_sd, do_ss, do_sd, row_start,
+                       row_end, seq_q, cols, col_ok, offset, dims, dim_ok, scale_log2,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    """Add the query blocks ``[row_start, row_end)`` of one query head to a key block's ``dk`` (unscaled) and
+    ``dv``. ``MASKED`` blocks may pair keys past ``seq_k`` or (``CAUSAL``) hidden keys with some rows."""
+    for start_m in range(row_start, row_end, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < seq_q
+        q = _load_tile(q_base, rows, row_ok, q_ss, dims, dim_ok, q_sd, UPCAST)
+        grad_out = _load_tile(do_base, rows, row_ok, do_ss, dims, dim_ok, do_sd, UPCAST)
+        # Rows past seq_q (and rows that see no key) have lse = +inf: probability 0.
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        probs_t = tl.exp2(_dot(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
+        if MASKED:
+            # Keys past seq_k are zero-padded: masked too, as their exp2(0 - lse) may overflow the input dtype.
+            visible = col_ok[:, None]
+            if CAUSAL:
+                visible = visible & (cols[:, None] <= rows[None, :] + offset)
+            probs_t = tl.where(visible, probs_t, 0.0)
+        dv += _dot(probs_t.to(grad_out.dtype), grad_out, IEEE)
+        grad_probs_t = _dot(v, tl.trans(grad_out), IEEE)
+        grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
+        dk += _dot(grad_scores_t.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _attention_backward_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    batch_start, seq_q, seq_k, head_dim, group_size, scale_log2, scale,
+    q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, do_sb, do_sh, do_ss, do_sd,
+    dk_sb, dk_sh, dk_ss, dk_sd, dv_sb, dv_sh, dv_ss, dv_sd,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per key block of one key/value head: dK and dV summed over every query block of every query
+    head in the head's group (no atomics)."""
+    block_n = tl.program_id(0)
+    kv_head = tl.program_id(1).to(tl.int64)
+    heads_q = tl.num_programs(1) * group_size
+    batch = (batch_start + tl.program_id(2)).to(tl.int64)
+    first_col = block_n * BLOCK_N
+    cols = first_col + tl.arange(0, BLOCK_N)
+    col_ok = cols < seq_k
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    k = _load_tile(k_ptr + batch * k_sb + kv_head * k_sh, cols, col_ok, k_ss, dims, dim_ok, k_sd, UPCAST)
+    v = _load_tile(v_ptr + batch * v_sb + kv_head * v_sh, cols, col_ok, v_ss, dims, dim_ok, v_sd, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    offset = seq_k - seq_q
+    if CAUSAL:
+        # Rows before `row_start` see none of this block; rows from `full_start` on see all of it.
+        row_start = tl.maximum(first_col - offset, 0) // BLOCK_M * BLOCK_M
+        full_start = tl.maximum(tl.cdiv(tl.maximum(first_col + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M,
+                                row_start)
+    else:
+        row_start = 0
+        full_start = 0
+    # A partial last key block keeps the mask for every row.
+    full_start = tl.where(first_col + BLOCK_N > seq_k, seq_q, full_start)
+    masked_end = tl.minimum(full_start, seq_q)
+    for member in range(0, group_size):
+        head = kv_head * group_size + member
+        q_base = q_ptr + batch * q_sb + head * q_sh
+        do_base = grad_out_ptr + batch * do_sb + head * do_sh
+        stats = (batch * heads_q + head) * seq_q
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_ptr + stats, delta_ptr + stats, q_ss, q_sd,
+                                    do_ss, do_sd, row_start, masked_end, seq_q, cols, col_ok, offset, dims, dim_ok,
+                                    scale_log2, True, CAUSAL, UPCAST, IEEE, BLOCK_M)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_ptr + stats, delta_ptr + stats, q_ss, q_sd,
+                                    do_ss, do_sd, full_start, seq_q, seq_q, cols, col_ok, offset, dims, dim_ok,
+                                    scale_log2, False, CAUSAL, UPCAST, IEEE, BLOCK_M)
+    _store_tile(dk_ptr + batch * dk_sb + kv_head * dk_sh, dk * scale, cols, col_ok, dk_ss, dims, dim_ok, dk_sd)
+    _store_tile(dv_ptr + batch * dv_sb + kv_head * dv_sh, dv, cols, col_ok, dv_ss, dims, dim_ok, dv_sd)
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end, seq_k,
+                   rows, offset, dims, dim_ok, scale_log2,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Add the key blocks ``[key_start, key_end)`` to a query block's ``dq`` (unscaled); ``MASKED`` as in
+    :func:`_online_softmax_blocks`."""
+    for start_n in range(key_start, key_end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < seq_k
+        k = _load_tile(k_base, cols, col_ok, k_ss, dims, dim_ok, k_sd, UPCAST)
+        v = _load_tile(v_base, cols, col_ok, v_ss, dims, dim_ok, v_sd, UPCAST)
+        probs = tl.exp2(_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+        if MASKED:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + offset)
+            probs = tl.where(visible, probs, 0.0)
+        grad_probs = _dot(grad_out, tl.trans(v), IEEE)
+        grad_scores = probs * (grad_probs - delta[:, None])
+        dq += _dot(grad_scores.to(k.dtype), k, IEEE)
+    return dq
+
+
+@triton.jit
+def _attention_backward_dq_kernel(
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_ptr,
+    batch_start, seq_q, seq_k, head_dim, group_size, scale_log2, scale,
+    q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, do_sb, do_sh, do_ss, do_sd,
+    dq_sb, dq_sh, dq_ss, dq_sd,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per query block: dQ = scale * sum over visible key blocks of dS K."""
+    block_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    heads_q = tl.num_programs(1)
+    batch = (batch_start + tl.program_id(2)).to(tl.int64)
+    kv_head = head // group_size
+    first_row = block_m * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_q
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    q = _load_tile(q_ptr + batch * q_sb + head * q_sh, rows, row_ok, q_ss, dims, dim_ok, q_sd, UPCAST)
+    grad_out = _load_tile(grad_out_ptr + batch * do_sb + head * do_sh, rows, row_ok, do_ss, dims, dim_ok, do_sd,
+                          UPCAST)
+    stats_base = (batch * heads_q + head) * seq_q
+    lse = tl.load(lse_ptr + stats_base + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + stats_base + rows, mask=row_ok, other=0.0)
+    k_base = k_ptr + batch * k_sb + kv_head * k_sh
+    v_base = v_ptr + batch * v_sb + kv_head * v_sh
+    offset = seq_k - seq_q
+    if CAUSAL:  # the same stages as the forward pass
+        full_end = tl.maximum(first_row + offset + 1, 0) // BLOCK_N * BLOCK_N
+        key_end = tl.minimum(seq_k, first_row + BLOCK_M + offset)
+    else:
+        full_end = seq_k // BLOCK_N * BLOCK_N
+        key_end = seq_k
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss, v_sd, 0, full_end, seq_k,
+                        rows, offset, dims, dim_ok, scale_log2, False, CAUSAL, UPCAST, IEEE, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss, v_sd, full_end, key_end,
+                        seq_k, rows, offset, dims, dim_ok, scale_log2, True, CAUSAL, UPCAST, IEEE, BLOCK_N)
+    _store_tile(dq_ptr + batch * dq_sb + head * dq_sh, dq * scale, rows, row_ok, dq_ss, dims, dim_ok, dq_sd)
+
+
+@triton.jit
+def _decode_partial_kernel(
+    q_ptr, k_ptr, v_ptr, seqlens_ptr, max_ptr, sum_ptr, acc_ptr,
+    batch_start, head_dim, group_size, head_chunks, split_size, num_splits, scale_log2,
+    q_sb, q_sh, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, seqlens_stride,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Split ``program_id(0)`` of the keys of one sequence, for up to ``BLOCK_H`` query heads sharing one
+    key/value head: writes the split's row max, row sum and unnormalized output (fp32)."""
+    split = tl.program_id(0)
+    kv_head = (tl.program_id(1) // head_chunks).to(tl.int64)
+    chunk = tl.program_id(1) % head_chunks
+    heads_q = tl.num_programs(1) // head_chunks * group_size
+    batch = (batch_start + tl.program_id(2)).to(tl.int64)
+    members = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
+    member_ok = members < group_size
+    heads = kv_head * group_size + members
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    q = _load_tile(q_ptr + batch * q_sb, heads, member_ok, q_sh, dims, dim_ok, q_sd, UPCAST)
+    seqlen = tl.load(seqlens_ptr + batch * seqlens_stride).to(tl.int32)
+    key_start = split * split_size
+    key_end = tl.minimum(key_start + split_size, seqlen)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    row_sum = tl.zeros([BLOCK_H], tl.float32)
+    row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    acc, row_sum, row_max = _online_softmax_blocks(
+        acc, row_sum, row_max, q, k_ptr + batch * k_sb + kv_head * k_sh, v_ptr + batch * v_sb + kv_head * v_sh,
+        k_ss, k_sd, v_ss, v_sd, key_start, key_end, key_end, heads, 0, dims, dim_ok, scale_log2,
+        True, False, UPCAST, IEEE, BLOCK_N)
+    stats = (batch * heads_q + heads) * num_splits + split
+    tl.store(max_ptr + stats, row_max, mask=member_ok)
+    tl.store(sum_ptr + stats, row_sum, mask=member_ok)
+    _store_tile(acc_ptr, acc, stats, member_ok, head_dim, dims, dim_ok, 1)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    max_ptr, sum_ptr, acc_ptr, out_ptr, batch_start, head_dim, num_splits, o_sb, o_sh, o_sd,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the splits of one (sequence, query head): ``O = sum_s w_s acc_s / sum_s w_s l_s`` with
+    ``w_s = exp2(m_s - max_s m_s)``; 0 when the sequence is empty."""
+    head = tl.program_id(0).to(tl.int64)
+    batch = (batch_start + tl.program_id(1)).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    split_ok = splits < num_splits
+    stats = (batch * tl.num_programs(0) + head) * num_splits + splits
+    split_max = tl.load(max_ptr + stats, mask=split_ok, other=float("-inf"))
+    split_sum = tl.load(sum_ptr + stats, mask=split_ok, other=0.0)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    acc = _load_tile(acc_ptr, stats, split_ok, head_dim, dims, dim_ok, 1, False)
+    overall_max = tl.max(split_max, 0)
+    weights = tl.exp2(split_max - tl.where(overall_max == float("-inf"), 0.0, overall_max))
+    total = tl.sum(weights * split_sum, 0)
+    out = tl.sum(weights[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + batch * o_sb + head * o_sh + dims * o_sd, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+# Tile sizes by the bytes of one padded row (BLOCK_D * element size), chosen so that the pipelined tiles fit in
+# Hopper's 227 KB of shared memory and the fp32 accumulators in registers. Backward follows Triton's fused-attention
+# tutorial: dK/dV keeps a tall key block and streams short query blocks, dQ the other way round.
+# Each entry: forward, dK/dV and dQ (BLOCK_M, BLOCK_N, num_warps), and the decode BLOCK_N.
+_TILES = {
+    128: ((128, 64, 4), (32, 128, 4), (128, 32, 4), 128),
+    256: ((128, 64, 8), (32, 128, 8), (128, 32, 8), 64),
+    512: ((64, 32, 4), (32, 64, 8), (64, 32, 8), 32),
+    1024: ((32, 32, 4), (16, 32, 4), (32, 16, 4), 16),
+}
+PREPROCESS_BLOCK_M = 64
+# Flash-decoding: enough programs to fill a large GPU several times, at most this many splits per sequence.
+DECODE_TARGET_PROGRAMS = 512
+DECODE_MAX_SPLITS = 64
+DECODE_MAX_BLOCK_H = 64
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _tiles(head_dim: int, dtype: torch.dtype):
+    return _TILES[_row_bytes(head_dim, torch.empty((), dtype=dtype).element_size())]
+
+
+def _row_bytes(head_dim: int, element_size: int) -> int:
+    """The key of :data:`_TILES`: bytes of one padded row, at least 128 (small head dims share those tiles)."""
+    return max(128, _block_d(head_dim) * element_size)
+
+
+def _kernel_flags(dtype: torch.dtype) -> dict:
+    return dict(UPCAST=dtype == torch.bfloat16 and interpreter_enabled(), IEEE=dtype == torch.float32)
+
+
+def _launch_forward(q, k, v, causal: bool, scale: float):
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if seq_k == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    (block_m, block_n, num_warps), _, _, _ = _tiles(head_dim, q.dtype)
+    for start, count in batch_chunks(batch):
+        _attention_forward_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
+            q, k, v, out, lse, start, seq_q, seq_k, head_dim, heads_q // heads_kv, scale * LOG2_E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            CAUSAL=causal, **_kernel_flags(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
+            num_warps=num_warps)
+    return out, lse
+
+
+def _launch_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq, dk, dv
+    block_d = _block_d(head_dim)
+    _, dkdv_tiles, dq_tiles, _ = _tiles(head_dim, q.dtype)
+    delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
+    flags = dict(CAUSAL=causal, **_kernel_flags(q.dtype), BLOCK_D=block_d)
+    group_size = heads_q // heads_kv
+    for start, count in batch_chunks(batch):
+        _attention_backward_preprocess_kernel[(triton.cdiv(seq_q, PREPROCESS_BLOCK_M), heads_q, count)](
+            out, grad_out, delta, start, seq_q, head_dim, *out.stride(), *grad_out.stride(),
+            BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d, num_warps=4)
+        block_m, block_n, num_warps = dkdv_tiles
+        _attention_backward_dkdv_kernel[(triton.cdiv(seq_k, block_n), heads_kv, count)](
+            q, k, v, grad_out, lse, delta, dk, dv, start, seq_q, seq_k, head_dim, group_size, scale * LOG2_E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+        block_m, block_n, num_warps = dq_tiles
+        _attention_backward_dq_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
+            q, k, v, grad_out, lse, delta, dq, start, seq_q, seq_k, head_dim, group_size, scale * LOG2_E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+    return dq, dk, dv
+
+
+def decode_split_plan(batch: int, heads_kv: int, max_seq: int, block_n: int) -> tuple[int, int]:
+    """``(num_splits, split_size)``: split the ``max_seq`` cached keys into runs of whole ``block_n`` blocks so
+    that ``batch * heads_kv * num_splits`` programs fill the GPU (a lone long sequence included)."""
+    blocks = max(1, triton.cdiv(max_seq, block_n))
+    wanted = max(1, min(DECODE_MAX_SPLITS, triton.cdiv(DECODE_TARGET_PROGRAMS, max(1, batch * heads_kv))))
+    split_size = triton.cdiv(blocks, min(blocks, wanted)) * block_n
+    return triton.cdiv(max(max_seq, 1), split_size), split_size
+
+
+def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float):
+    batch, heads_q, _, head_dim = q.shape
+    heads_kv, max_seq = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if max_seq == 0:
+        return out.zero_()
+    block_d = _block_d(head_dim)
+    block_n = _tiles(head_dim, q.dtype)[3]
+    group_size = heads_q // heads_kv
+    block_h = max(16, min(DECODE_MAX_BLOCK_H, triton.next_power_of_2(group_size)))
+    head_chunks = triton.cdiv(group_size, block_h)
+    num_splits, split_size = decode_split_plan(batch, heads_kv * head_chunks, max_seq, block_n)
+    split_max = torch.empty((batch, heads_q, num_splits), dtype=torch.float32, device=q.device)
+    split_sum = torch.empty_like(split_max)
+    split_acc = torch.empty((batch, heads_q, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    for start, count in batch_chunks(batch):
+        _decode_partial_kernel[(num_splits, heads_kv * head_chunks, count)](
+            q, k_cache, v_cache, cache_seqlens, split_max, split_sum, split_acc, start, head_dim, group_size,
+            head_chunks, split_size, num_splits, scale * LOG2_E,
+            q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(), cache_seqlens.stride(0),
+            **_kernel_flags(q.dtype), BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        _decode_combine_kernel[(heads_q, count)](
+            split_max, split_sum, split_acc, out, start, head_dim, num_splits, out.stride(0), out.stride(1),
+            out.stride(3), BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def compile_variants() -> list[CompileVariant]:
+    """Every tile config the launchers can pick (by padded row bytes), each dtype, each constexpr switch."""
+    ints = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "acc_ptr": "*fp32",
+            "seqlens_ptr": "*i32"}
+    scalars = {"scale_log2": "fp32", "scale": "fp32"}
+    # (data dtype, head_dim) covering each row-bytes entry of _TILES; decode at its largest head group.
+    shapes = [("fp16", 64), ("bf16", 128), ("bf16", 256), ("fp32", 256)]
+    variants = []
+    for index, (dtype, head_dim) in enumerate(shapes):
+        fwd, dkdv, dq, decode_block_n = _TILES[_row_bytes(head_dim, 4 if dtype == "fp32" else 2)]
+        flags = dict(CAUSAL=index % 2 == 0, UPCAST=False, IEEE=dtype == "fp32")
+        pointers = {"*": f"*{dtype}", **ints}
+        sizes = dict(BLOCK_D=_block_d(head_dim))
+        for kernel, (block_m, block_n, num_warps) in ((_attention_forward_kernel, fwd),
+                                                      (_attention_backward_dkdv_kernel, dkdv),
+                                                      (_attention_backward_dq_kernel, dq)):
+            variants.append(CompileVariant(kernel, pointers, dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, **sizes),
+                                           num_warps, scalars))
+        variants.append(CompileVariant(
+            _decode_partial_kernel, pointers,
+            dict(UPCAST=False, IEEE=dtype == "fp32", BLOCK_H=DECODE_MAX_BLOCK_H, BLOCK_N=decode_block_n, **sizes),
+            4, scalars))
+    variants.append(CompileVariant(_attention_forward_kernel, {"*": "*bf16", **ints},
+                                   dict(CAUSAL=True, UPCAST=True, IEEE=False, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64), 4,
+                                   scalars))
+    variants.append(CompileVariant(_attention_backward_preprocess_kernel, {"*": "*bf16", **ints},
+                                   dict(BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=256), 4, scalars))
+    variants.append(CompileVariant(_decode_combine_kernel, {"*": "*bf16", **ints},
+                                   dict(BLOCK_S=DECODE_MAX_SPLITS, BLOCK_D=256), 4, scalars))
+    return variants
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration (usable under torch.compile(fullgraph=True))
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("genkernels::flash_attention_forward", mutates_args=())
+def _flash_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                                softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(q, k, v, causal, softmax_scale)
+
+
+@_flash_attention_forward_op.register_fake
+def _flash_attention_forward_fake(q, k, v, causal, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("genkernels::flash_attention_backward", mutates_args=())
+def _flash_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                                 softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_out, q, k, v, out, lse, causal, softmax_scale)
+
+
+@_flash_attention_backward_op.register_fake
+def _flash_attention_backward_fake(grad_out, q, k, v, out, lse, causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_attention_setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+
+
+def _flash_attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.genkernels.flash_attention_backward(grad_out, q, k, v, out, lse, ctx.causal,
+                                                               ctx.softmax_scale)
+    return dq, dk, dv, None, None
+
+
+_flash_attention_forward_op.register_autograd(_flash_attention_backward, setup_context=_flash_attention_setup_context)
+
+
+@torch.library.custom_op("genkernels::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                         softmax_scale: float) -> torch.Tensor:
+    return _launch_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale)
+
+
+@_decode_attention_op.register_fake
+def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale):
+    return q.new_empty(q.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
+def _check_rank4(tensor: torch.Tensor, name: str, layout: str) -> None:
+    if tensor.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions {layout}; got {describe(tensor)}")
+
+
+def _check_heads_and_dims(q, q_name, k, k_name, v, v_name) -> None:
+    """Shared shape rules of both ops: k and v alike, batch and head_dim as q's, heads_kv dividing heads_q."""
+    if v.shape != k.shape:
+        raise ValueError(f"{v_name} must have the shape of {k_name} {list(k.shape)}; got {describe(v)}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"{k_name} must have the batch size of {q_name} ({q.shape[0]}); got {describe(k)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{k_name} must have the head_dim of {q_name} ({q.shape[3]}); got {describe(k)}")
+    head_dim = q.shape[3]
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (last dimension of {q_name}) must lie in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]; "
+                         f"got {describe(q)}")
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    if heads_q < 1 or heads_kv < 1 or heads_q % heads_kv != 0:
+        raise ValueError(f"the heads of {q_name} ({heads_q}) must be a positive multiple of the heads of {k_name} "
+                         f"({heads_kv}); got {q_name} {describe(q)} and {k_name} {describe(k)}")
+
+
+def _check_scale(softmax_scale: object, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    return check_real(softmax_scale, "softmax_scale")
+
+
+def _check_qkv(q, k, v, names) -> torch.device:
+    for tensor, name in zip((q, k, v), names):
+        check_float_tensor(tensor, name)
+    for tensor, name in zip((q, k, v), names):
+        _check_rank4(tensor, name, "[batch, heads, seq, head_dim]")
+    check_same_dtype(q, names[0], k, names[1])
+    check_same_dtype(q, names[0], v, names[2])
+    return check_same_device(zip(names, (q, k, v)))
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    softmax_scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
+    """Exact softmax attention, fused (FlashAttention-2): ``softmax(scale * Q K^T + mask) V``.
+
+    The ``[seq_q, seq_k]`` score matrix is never stored: forward keeps an online softmax per query block, backward
+    recomputes the probabilities from the stored logsumexp (memory linear in the sequence length).
+
+    Args:
+        q: ``[batch, heads_q, seq_q, head_dim]``, fp32/fp16/bf16, any strides.
+        k, v: ``[batch, heads_kv, seq_k, head_dim]`` with ``heads_q % heads_kv == 0`` (GQA / MQA), q's dtype.
+        causal: hide key ``j`` from query ``i`` unless ``j <= i + seq_k - seq_q`` (bottom-right aligned; SDPA's
+            ``is_causal`` for equal lengths). A query row that sees no key returns zeros.
+        softmax_scale: multiplies ``Q K^T``; default ``1/sqrt(head_dim)``.
+        impl: "auto", "triton" or "eager".
+
+    Returns:
+        ``[batch, heads_q, seq_q, head_dim]`` in q's dtype (softmax in fp32); differentiable in q, k, v.
+    """
+    device = _check_qkv(q, k, v, ("q", "k", "v"))
+    _check_heads_and_dims(q, "q", k, "k", v, "v")
+    check_bool(causal, "causal")
+    scale = _check_scale(softmax_scale, q.shape[3])
+    impl = resolve_impl(impl, device, "flash_attention")
+    if impl == "eager":
+        return attention_reference(q, k, v, causal, scale)
+    out, _ = torch.ops.genkernels.flash_attention_forward(q, k, v, causal, scale)
+    return out
+
+
+def _check_cache_seqlens(cache_seqlens: object, batch: int, max_seq: int, device: torch.device) -> torch.Tensor:
+    """An integer tensor ``[batch]`` on the caches' device with values in ``[0, max_seq]``. CPU values are checked
+    on the host; on the GPU a host check would synchronize, so the range is asserted asynchronously (the kernel
+    never reads past ``max_seq`` whatever the values)."""
+    seqlens = check_tensor(cache_seqlens, "cache_seqlens")
+    if seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cache_seqlens must be an int32 or int64 tensor; got {describe(seqlens)}")
+    if seqlens.dim() != 1 or seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens must have shape [batch] = [{batch}]; got {describe(seqlens)}")
+    if seqlens.device != device:
+        raise ValueError(f"cache_seqlens must be on the caches' device ({device}); got {describe(seqlens)}")
+    in_range = (seqlens >= 0) & (seqlens <= max_seq)
+    if seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(in_range.all()):
+            bad = seqlens[~in_range][0].item()
+            raise ValueError(f"cache_seqlens must lie in [0, max_seq] = [0, {max_seq}]; got a value {bad} in "
+                             f"{describe(seqlens)}")
+    else:
+        torch._assert_async(in_range.all(), f"cache_seqlens out of range [0, {max_seq}]")
+    return seqlens
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     *, softmax_scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
+    """Attention of one new query token per sequence over a KV cache (flash-decoding).
+
+        O_b = softmax(scale * q_b K_b[:n_b]^T) V_b[:n_b],   n_b = cache_seqlens[b]
+
+    The cached keys are split across programs (each computes a partial softmax over its run of keys), and a
+    second kernel merges the splits, so a batch of one long sequence still fills the GPU. Inference only (no
+    backward).
+
+    Args:
+        q: ``[batch, heads_q, 1, head_dim]``, fp32/fp16/bf16, any strides.
+        k_cache, v_cache: ``[batch, heads_kv, max_seq, head_dim]`` with ``heads_q % heads_kv == 0``.
+        cache_seqlens: int32/int64 ``[batch]``, how many cached positions each sequence attends to, in
+            ``[0, max_seq]``; a sequence with 0 returns zeros.
+        softmax_scale: default ``1/sqrt(head_dim)``.
+        impl: "auto", "triton" or "eager".
+
+    Returns:
+        ``[batch, heads_q, 1, head_dim]`` in q's dtype.
+    """
+    device = _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    if q.shape[2] != 1:
+        raise ValueError(f"q must hold one query token per sequence, [batch, heads_q, 1, head_dim]; got {describe(q)}")
+    _check_heads_and_dims(q, "q", k_cache, "k_cache", v_cache, "v_cache")
+    seqlens = _check_cache_seqlens(cache_seqlens, q.shape[0], k_cache.shape[2], device)
+    scale = _check_scale(softmax_scale, q.shape[3])
+    impl = resolve_impl(impl, device, "decode_attention")
+    if impl == "eager":
+        return decode_attention_reference(q, k_cache, v_cache, seqlens, scale)
+    return torch.ops.genkernels.decode_attention(q, k_cache, v_cache, seqlens, scale)

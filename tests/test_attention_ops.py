@@ -1,0 +1,361 @@
+"""Fused attention (kernels/attention.py): flash_attention forward and gradients and decode_attention against an
+fp64 plain matmul + softmax reference, itself checked against F.scaled_dot_product_attention."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference_checks import assert_close_to_reference, random_tensor
+
+from genkernels.kernels.attention import (
+    attention_reference,
+    causal_visibility,
+    decode_attention,
+    decode_attention_reference,
+    decode_split_plan,
+    flash_attention,
+)
+
+
+def _qkv(batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, device, seed=0):
+    q = random_tensor((batch, heads_q, seq_q, head_dim), dtype, seed, device)
+    k = random_tensor((batch, heads_kv, seq_k, head_dim), dtype, seed + 1, device)
+    v = random_tensor((batch, heads_kv, seq_k, head_dim), dtype, seed + 2, device)
+    return q, k, v
+
+
+def _forward_backward(fn, inputs, grad_out):
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), grads
+
+
+def _assert_attention_matches(q, k, v, causal=False, softmax_scale=None, grad_seed=7, grad_out=None):
+    """Kernel and same-dtype eager, output and dq/dk/dv, against the fp64 reference (tolerance rule)."""
+    if grad_out is None:
+        grad_out = random_tensor(q.shape, q.dtype, grad_seed, q.device)
+    options = dict(causal=causal, softmax_scale=softmax_scale)
+    kernel = _forward_backward(lambda *t: flash_attention(*t, impl="triton", **options), (q, k, v), grad_out)
+    eager = _forward_backward(lambda *t: flash_attention(*t, impl="eager", **options), (q, k, v), grad_out)
+    reference = _forward_backward(lambda *t: attention_reference(*t, causal, softmax_scale),
+                                  [x.double() for x in (q, k, v)], grad_out.double())
+    assert_close_to_reference(kernel[0], reference[0], eager[0], "output")
+    for name, got, want, same_dtype in zip(("dq", "dk", "dv"), kernel[1], reference[1], eager[1]):
+        assert_close_to_reference(got, want, same_dtype, name)
+    return kernel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference itself
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_sdpa(causal):
+    q, k, v = _qkv(2, 4, 2, 37, 37, 24, torch.float64, "cpu")
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(attention_reference(q, k, v, causal), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_matches_sdpa_with_a_bottom_right_mask():
+    q, k, v = _qkv(1, 2, 1, 9, 23, 16, torch.float64, "cpu")
+    mask = causal_visibility(9, 23, "cpu")
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(attention_reference(q, k, v, True, 0.3), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_gradients_match_sdpa():
+    q, k, v = _qkv(1, 4, 2, 13, 13, 16, torch.float64, "cpu")
+    grad_out = random_tensor(q.shape, torch.float64, 5, "cpu")
+    _, got = _forward_backward(lambda *t: attention_reference(*t, True), (q, k, v), grad_out)
+    _, want = _forward_backward(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True),
+                                (q, k, v), grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# flash_attention
+# ---------------------------------------------------------------------------------------------------------------
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, causal, softmax_scale): a covering subset of
+# {causal, not} x {seq_q == seq_k, <, >} x seq {1, 17, 100, 257, 600} x head_dim {16, 48, 64, 80, 128}
+# x {MHA, GQA, MQA} x {fp32, fp16, bf16}.
+CASES = [
+    (2, 2, 2, 17, 17, 16, torch.float32, True, None),
+    (1, 4, 2, 100, 100, 64, torch.float16, True, None),
+    (1, 4, 1, 57, 257, 48, torch.bfloat16, False, None),
+    (1, 4, 1, 33, 257, 48, torch.bfloat16, True, None),
+    (1, 2, 2, 257, 100, 80, torch.float32, True, None),
+    (2, 2, 1, 1, 17, 128, torch.bfloat16, True, None),
+    (1, 1, 1, 600, 600, 64, torch.float32, True, None),
+    (1, 3, 3, 100, 1, 96, torch.float16, False, 0.5),
+    (1, 2, 1, 1, 1, 32, torch.float32, False, None),
+    (1, 2, 2, 17, 100, 128, torch.float32, False, None),
+    (1, 2, 2, 100, 17, 80, torch.bfloat16, False, 0.05),
+]
+
+
+@pytest.mark.parametrize("batch,heads_q,heads_kv,seq_q,seq_k,head_dim,dtype,causal,scale", CASES,
+                         ids=lambda value: str(value).replace("torch.", ""))
+def test_flash_attention_matches_reference(batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, causal, scale,
+                                           device):
+    q, k, v = _qkv(batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, device)
+    _assert_attention_matches(q, k, v, causal, scale)
+
+
+@pytest.mark.parametrize("heads_kv", [4, 2])
+def test_flash_attention_reads_packed_qkv_slices_in_place(heads_kv, device):
+    """q, k, v as strided views of one packed projection output [batch, seq, (heads_q + 2 heads_kv) * d]."""
+    batch, seq, heads_q, head_dim = 2, 37, 4, 48
+    packed = random_tensor((batch, seq, heads_q + 2 * heads_kv, head_dim), torch.float16, 3, device)
+    q, k, v = packed.split([heads_q, heads_kv, heads_kv], dim=2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    assert not any(x.is_contiguous() for x in (q, k, v))
+    # The gradient arrives as the transpose a [batch, seq, heads * d] output projection sends back.
+    grad_out = random_tensor((batch, seq, heads_q, head_dim), torch.float16, 5, device).transpose(1, 2)
+    _assert_attention_matches(q, k, v, causal=True, grad_out=grad_out)
+
+
+def test_flash_attention_gradients_flow_into_the_packed_tensor(device):
+    packed = random_tensor((1, 21, 3, 2, 16), torch.float32, 4, device).requires_grad_()
+    q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))
+    flash_attention(q, k, v, causal=True, impl="triton").square().sum().backward()
+    expected_packed = packed.detach().double().requires_grad_()
+    q, k, v = (expected_packed[:, :, i].transpose(1, 2) for i in range(3))
+    attention_reference(q, k, v, True).square().sum().backward()
+    torch.testing.assert_close(packed.grad.double(), expected_packed.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attention_rows_that_see_no_key_are_zero_with_zero_gradients(device):
+    # seq_q > seq_k with the bottom-right causal mask: the first seq_q - seq_k rows see no key.
+    q, k, v = _qkv(1, 2, 1, 80, 20, 32, torch.float32, device)
+    out, (dq, dk, dv) = _assert_attention_matches(q, k, v, causal=True)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert torch.equal(out[:, :, :60], torch.zeros_like(out[:, :, :60]))
+    assert torch.equal(dq[:, :, :60], torch.zeros_like(dq[:, :, :60]))
+    assert out[:, :, 60:].abs().amax() > 0
+
+
+def test_flash_attention_without_keys_is_zero(device):
+    q, k, v = _qkv(2, 2, 2, 5, 0, 16, torch.float32, device)
+    out, grads = _forward_backward(lambda *t: flash_attention(*t, impl="triton"), (q, k, v), torch.ones_like(q))
+    assert torch.equal(out, torch.zeros_like(q))
+    assert torch.equal(grads[0], torch.zeros_like(q)) and grads[1].shape == k.shape
+
+
+def test_flash_attention_empty_batch(device):
+    q, k, v = _qkv(0, 2, 1, 9, 9, 64, torch.bfloat16, device)
+    out, grads = _forward_backward(lambda *t: flash_attention(*t, causal=True, impl="triton"), (q, k, v),
+                                   torch.ones_like(q))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_flash_attention_default_scale_is_inverse_sqrt_head_dim(device):
+    q, k, v = _qkv(1, 1, 1, 17, 17, 64, torch.float32, device)
+    torch.testing.assert_close(flash_attention(q, k, v, impl="triton"),
+                               flash_attention(q, k, v, softmax_scale=1 / math.sqrt(64), impl="triton"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode_attention
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,heads_q,heads_kv,head_dim", [
+    (torch.float32, 4, 4, 64),
+    (torch.bfloat16, 8, 2, 80),
+    (torch.float16, 4, 1, 128),
+])
+def test_decode_attention_matches_reference(dtype, heads_q, heads_kv, head_dim, device):
+    max_seq = 300
+    q = random_tensor((4, heads_q, 1, head_dim), dtype, 0, device)
+    # The caches are a prefix of bigger buffers (strided along seq), as a pre-allocated KV cache is.
+    k_cache = random_tensor((4, heads_kv, max_seq + 20, head_dim), dtype, 1, device)[:, :, :max_seq]
+    v_cache = random_tensor((4, heads_kv, max_seq + 20, head_dim), dtype, 2, device)[:, :, :max_seq]
+    seqlens = torch.tensor([0, max_seq, 1, 129], dtype=torch.int32, device=device)
+    kernel = decode_attention(q, k_cache, v_cache, seqlens, impl="triton")
+    eager = decode_attention(q, k_cache, v_cache, seqlens, impl="eager")
+    reference = decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), seqlens)
+    assert_close_to_reference(kernel, reference, eager)
+    assert torch.equal(kernel[0], torch.zeros_like(kernel[0]))
+
+
+def test_decode_reference_matches_attention_over_the_prefix():
+    q, k, v = _qkv(2, 4, 2, 1, 30, 16, torch.float64, "cpu")
+    seqlens = torch.tensor([30, 11])
+    out = decode_attention_reference(q, k, v, seqlens, 0.7)
+    for b, n in enumerate(seqlens.tolist()):
+        expected = attention_reference(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], False, 0.7)
+        torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_decode_split_plan_fills_the_gpu_from_one_long_sequence():
+    splits, split_size = decode_split_plan(batch=1, heads_kv=8, max_seq=32768, block_n=64)
+    assert splits == 64 and split_size % 64 == 0 and splits * split_size >= 32768
+    assert decode_split_plan(batch=256, heads_kv=32, max_seq=1000, block_n=64) == (1, 1024)
+
+
+def test_decode_attention_empty_batch_and_empty_cache(device):
+    q = random_tensor((0, 2, 1, 32), torch.float32, 0, device)
+    cache = random_tensor((0, 2, 10, 32), torch.float32, 1, device)
+    assert decode_attention(q, cache, cache, torch.zeros(0, dtype=torch.int64), impl="triton").shape == q.shape
+    q = random_tensor((2, 2, 1, 32), torch.float32, 0, device)
+    cache = random_tensor((2, 2, 0, 32), torch.float32, 1, device)
+    out = decode_attention(q, cache, cache, torch.zeros(2, dtype=torch.int64), impl="triton")
+    assert torch.equal(out, torch.zeros_like(q))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------------------------
+def test_opcheck_flash_attention_forward_and_backward(device):
+    q, k, v = _qkv(1, 4, 2, 19, 23, 16, torch.float32, device)
+    torch.library.opcheck(torch.ops.genkernels.flash_attention_forward.default, (q, k, v, True, 0.25))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.genkernels.flash_attention_forward.default, (q, k, v, False, 0.25),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    out, lse = torch.ops.genkernels.flash_attention_forward(q.detach(), k.detach(), v.detach(), False, 0.25)
+    torch.library.opcheck(torch.ops.genkernels.flash_attention_backward.default,
+                          (torch.ones_like(out), q.detach(), k.detach(), v.detach(), out, lse, False, 0.25))
+
+
+def test_opcheck_decode_attention(device):
+    q = random_tensor((2, 4, 1, 16), torch.float32, 0, device)
+    cache = random_tensor((2, 2, 40, 16), torch.float32, 1, device)
+    torch.library.opcheck(torch.ops.genkernels.decode_attention.default,
+                          (q, cache, cache, torch.tensor([40, 7], device=device), 0.25))
+
+
+def test_attention_compiles_with_fullgraph(device):
+    """Forward, backward and a decode step (inference only: detached inputs) in one compiled graph, matching the
+    uncompiled ops."""
+    def step(q, k, v, seqlens):
+        out = flash_attention(q, k, v, causal=True, impl="triton")
+        decoded = decode_attention(out.detach()[:, :, -1:], k.detach(), v.detach(), seqlens, impl="triton")
+        return out, decoded
+
+    q, k, v = _qkv(1, 2, 1, 20, 20, 16, torch.float32, device)
+    seqlens = torch.tensor([13], device=device)
+    grad_out = random_tensor(q.shape, q.dtype, 3, device)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, step):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, decoded = fn(*leaves, seqlens)
+        results.append((out, decoded, torch.autograd.grad(out, leaves, grad_out)))
+    (out, decoded, grads), (want_out, want_decoded, want_grads) = results
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(decoded, want_decoded)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one test per rejection
+# ---------------------------------------------------------------------------------------------------------------
+def _good(batch=2, heads_q=4, heads_kv=2, seq=8, head_dim=16, dtype=torch.float32):
+    return _qkv(batch, heads_q, heads_kv, seq, seq, head_dim, dtype, "cpu")
+
+
+def _flash(q=None, k=None, v=None, **kwargs):
+    good = _good()
+    return lambda: flash_attention(q if q is not None else good[0], k if k is not None else good[1],
+                                   v if v is not None else good[2], impl="triton", **kwargs)
+
+
+FLASH_REJECTIONS = {
+    "q_not_tensor": (_flash(q=[1.0]), TypeError, "q"),
+    "k_integer": (_flash(k=torch.ones(2, 2, 8, 16, dtype=torch.int64)), TypeError, "k"),
+    "v_rank3": (_flash(v=torch.randn(2, 8, 16)), ValueError, "v"),
+    "q_rank5": (_flash(q=torch.randn(1, 2, 4, 8, 16)), ValueError, "q"),
+    "dtype_mismatch": (_flash(k=_good()[1].half()), TypeError, "k"),
+    "v_shape": (_flash(v=torch.randn(2, 2, 9, 16)), ValueError, "v"),
+    "batch_mismatch": (_flash(k=torch.randn(3, 2, 8, 16), v=torch.randn(3, 2, 8, 16)), ValueError, "k"),
+    "head_dim_mismatch": (_flash(k=torch.randn(2, 2, 8, 32), v=torch.randn(2, 2, 8, 32)), ValueError,
+                          "head_dim"),
+    "heads_not_multiple": (_flash(k=torch.randn(2, 3, 8, 16), v=torch.randn(2, 3, 8, 16)), ValueError, "heads"),
+    "head_dim_too_small": (lambda: flash_attention(*_good(head_dim=8), impl="triton"), ValueError, "head_dim"),
+    "head_dim_too_large": (lambda: flash_attention(*_good(heads_q=2, seq=2, head_dim=512), impl="triton"),
+                           ValueError, "head_dim"),
+    "causal_not_bool": (_flash(causal=1), TypeError, "causal"),
+    "scale_nan": (_flash(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    "scale_not_number": (_flash(softmax_scale="0.1"), TypeError, "softmax_scale"),
+    "bad_impl": (lambda: flash_attention(*_good(), impl="cuda"), ValueError, "impl"),
+}
+
+
+@pytest.mark.parametrize("name", list(FLASH_REJECTIONS))
+def test_flash_attention_rejects_bad_input(name):
+    call, error, argument = FLASH_REJECTIONS[name]
+    with pytest.raises(error, match=argument):
+        call()
+
+
+def test_flash_attention_rejects_tensors_on_two_devices():
+    q, k, v = _good()
+    with pytest.raises(ValueError, match="k on meta"):
+        flash_attention(q, k.to("meta"), v, impl="eager")
+
+
+def _decode(q=None, k_cache=None, v_cache=None, seqlens=None, **kwargs):
+    def call():
+        good_q = torch.randn(2, 4, 1, 16)
+        good_cache = torch.randn(2, 2, 10, 16)
+        return decode_attention(q if q is not None else good_q, k_cache if k_cache is not None else good_cache,
+                                v_cache if v_cache is not None else good_cache,
+                                seqlens if seqlens is not None else torch.tensor([3, 10]), impl="triton", **kwargs)
+    return call
+
+
+DECODE_REJECTIONS = {
+    "q_two_tokens": (_decode(q=torch.randn(2, 4, 2, 16)), ValueError, "q"),
+    "cache_rank3": (_decode(k_cache=torch.randn(2, 10, 16)), ValueError, "k_cache"),
+    "cache_dtype": (_decode(v_cache=torch.randn(2, 2, 10, 16).half()), TypeError, "v_cache"),
+    "cache_batch": (_decode(k_cache=torch.randn(3, 2, 10, 16), v_cache=torch.randn(3, 2, 10, 16)), ValueError,
+                    "k_cache"),
+    "cache_heads": (_decode(k_cache=torch.randn(2, 3, 10, 16), v_cache=torch.randn(2, 3, 10, 16)), ValueError,
+                    "heads"),
+    "seqlens_float": (_decode(seqlens=torch.tensor([3.0, 4.0])), TypeError, "cache_seqlens"),
+    "seqlens_shape": (_decode(seqlens=torch.tensor([3, 4, 5])), ValueError, "cache_seqlens"),
+    "seqlens_negative": (_decode(seqlens=torch.tensor([-1, 4])), ValueError, "cache_seqlens"),
+    "seqlens_past_max_seq": (_decode(seqlens=torch.tensor([11, 4])), ValueError, "cache_seqlens"),
+    "seqlens_not_tensor": (_decode(seqlens=[3, 4]), TypeError, "cache_seqlens"),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_REJECTIONS))
+def test_decode_attention_rejects_bad_input(name):
+    call, error, argument = DECODE_REJECTIONS[name]
+    with pytest.raises(error, match=argument):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Big shapes (GPU machine)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_flash_attention_long_sequences_bf16(causal, head_dim):
+    """At 4k tokens the same-dtype peer is PyTorch's own bf16 SDPA (fused kernels round probabilities to bf16 as
+    ours do); the oracle is the fp32 reference (fp64 matmuls are slow on the GPU)."""
+    q, k, v = _qkv(2, 8, 2, 4096, 4096, head_dim, torch.bfloat16, "cuda")
+    grad_out = random_tensor(q.shape, q.dtype, 7, "cuda")
+    kernel = _forward_backward(lambda *t: flash_attention(*t, causal=causal, impl="triton"), (q, k, v), grad_out)
+    peer = _forward_backward(lambda *t: F.scaled_dot_product_attention(*t, is_causal=causal, enable_gqa=True),
+                             (q, k, v), grad_out)
+    reference = _forward_backward(lambda *t: attention_reference(*t, causal), [x.float() for x in (q, k, v)],
+                                  grad_out.float())
+    for name, got, want, same in zip(("output", "dq", "dk", "dv"), (kernel[0], *kernel[1]),
+                                     (reference[0], *reference[1]), (peer[0], *peer[1])):
+        assert_close_to_reference(got, want, same, name)
+
+
+@pytest.mark.gpu
+def test_decode_attention_long_cache_bf16():
+    q = random_tensor((4, 32, 1, 128), torch.bfloat16, 0, "cuda")
+    k_cache = random_tensor((4, 8, 32768, 128), torch.bfloat16, 1, "cuda")
+    v_cache = random_tensor((4, 8, 32768, 128), torch.bfloat16, 2, "cuda")
+    seqlens = torch.tensor([0, 32768, 5000, 1], device="cuda", dtype=torch.int32)
+    kernel = decode_attention(q, k_cache, v_cache, seqlens, impl="triton")
+    eager = decode_attention(q, k_cache, v_cache, seqlens, impl="eager")
+    reference = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), seqlens)
+    assert_close_to_reference(kernel, reference, eager)

@@ -1,0 +1,515 @@
+"""The attention layer, the KV cache and the GPT model (models/attention.py, models/gpt.py).
+
+Oracles: ``F.scaled_dot_product_attention`` in float64 on the same weights (the layer and a functional GPT written
+here), ``nn.MultiheadAttention`` for the drop-in conversion, and generation without a cache for generation with one.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genkernels.kernels import use_impl
+from genkernels.models import attention as attention_module
+from genkernels.models.attention import KVCache, MultiheadSelfAttention
+from genkernels.models.gpt import GPT, GPTConfig
+from reference_checks import assert_close_to_reference, random_tensor
+
+IMPLS = ("triton", "eager")
+TINY = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)  # head_dim 16
+# Half the heads (two query heads sharing one key/value head) for the tests that run many interpreted kernels.
+NARROW = dict(n_head=2, n_kv_head=1, n_embd=32)
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides}))
+
+
+def token_ids(shape, seed: int, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# float64 oracles written with torch's own attention
+
+
+def sdpa_self_attention(layer: MultiheadSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """The layer's math: fused projection, SDPA with grouped key/value heads, output projection."""
+    batch, seq, embed = x.shape
+    heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    q, k, v = F.linear(x, layer.qkv_proj.weight, layer.qkv_proj.bias).split(
+        [heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = (t.reshape(batch, seq, t.shape[-1] // dim, dim).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal, enable_gqa=True)
+    return F.linear(out.transpose(1, 2).reshape(batch, seq, embed), layer.out_proj.weight, layer.out_proj.bias)
+
+
+def functional_gpt(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """GPT-2's forward written out with functional ops on ``model``'s weights (the head reuses ``wte``)."""
+    t = model.transformer
+    x = t.wte.weight[idx] + t.wpe.weight[: idx.shape[1]]
+    for block in t.h:
+        x = x + sdpa_self_attention(block.attn, F.layer_norm(x, x.shape[-1:], block.ln_1.weight, block.ln_1.bias))
+        hidden = F.layer_norm(x, x.shape[-1:], block.ln_2.weight, block.ln_2.bias)
+        hidden = F.gelu(F.linear(hidden, block.mlp.c_fc.weight, block.mlp.c_fc.bias))
+        x = x + F.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+    return F.linear(F.layer_norm(x, x.shape[-1:], t.ln_f.weight, t.ln_f.bias), t.wte.weight)
+
+
+def grads_of(module: nn.Module, output: torch.Tensor, grad_output: torch.Tensor, *extra: torch.Tensor) -> dict:
+    names, tensors = zip(*module.named_parameters())
+    grads = torch.autograd.grad(output, list(tensors) + list(extra), grad_output)
+    named = dict(zip(names, grads[: len(names)]))
+    named.update({f"input{i}": g for i, g in enumerate(grads[len(names):])})
+    return named
+
+
+def assert_grads_close(kernel: dict, reference: dict, eager: dict, what: str) -> None:
+    assert kernel.keys() == reference.keys()
+    for name in reference:
+        assert_close_to_reference(kernel[name], reference[name], eager[name], f"{what} grad {name}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the layer
+
+
+@pytest.mark.parametrize("causal, num_kv_heads, dtype", [
+    (True, 4, torch.float32), (True, 2, torch.float32), (True, 1, torch.float32), (False, 2, torch.float32),
+    (True, 2, torch.bfloat16),
+], ids=["causal-mha", "causal-gqa", "causal-mqa", "full-gqa", "causal-gqa-bf16"])
+def test_layer_matches_sdpa_reference_forward_and_grads(causal, num_kv_heads, dtype):
+    torch.manual_seed(1)
+    layer = MultiheadSelfAttention(64, 4, num_kv_heads, causal=causal).to(dtype)
+    reference_layer = copy.deepcopy(layer).double()
+    x = random_tensor((1, 17, 64), dtype, seed=2)
+    grad_out = random_tensor((1, 17, 64), dtype, seed=3)
+
+    x64 = x.double().requires_grad_()
+    reference = sdpa_self_attention(reference_layer, x64)
+    reference_grads = grads_of(reference_layer, reference, grad_out.double(), x64)
+    results = {}
+    for impl in IMPLS:
+        xi = x.clone().requires_grad_()
+        with use_impl(impl):
+            out = layer(xi)
+        results[impl] = out, grads_of(layer, out, grad_out, xi)
+    assert_close_to_reference(results["triton"][0], reference, results["eager"][0], "layer output")
+    assert_close_to_reference(results["eager"][0], reference, results["eager"][0], "eager layer output")
+    assert_grads_close(results["triton"][1], reference_grads, results["eager"][1], "layer")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_layer_from_torch_multihead_attention_matches_it(causal):
+    torch.manual_seed(4)
+    torch_layer = nn.MultiheadAttention(48, 3, batch_first=True)  # head_dim 16
+    layer = MultiheadSelfAttention.from_torch(torch_layer, causal=causal)
+    x = random_tensor((3, 10, 48), torch.float32, seed=5)
+    mask = nn.Transformer.generate_square_subsequent_mask(10) if causal else None
+    expected, _ = torch_layer(x, x, x, attn_mask=mask, need_weights=False)
+    for impl in IMPLS:
+        with use_impl(impl):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_feeds_flash_attention_views_of_the_packed_projection(monkeypatch):
+    seen = []
+    real = attention_module.flash_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q, k, v, kwargs))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_module, "flash_attention", spy)
+    layer = MultiheadSelfAttention(64, 4, 2, causal=True)
+    packed = []
+    layer.qkv_proj.register_forward_hook(lambda module, args, out: packed.append(out))
+    with use_impl("eager"):
+        layer(random_tensor((2, 5, 64), torch.float32, seed=6))
+    (q, k, v, kwargs), = seen
+    assert kwargs == {"causal": True}
+    assert [tuple(t.shape) for t in (q, k, v)] == [(2, 4, 5, 16), (2, 2, 5, 16), (2, 2, 5, 16)]
+    storage = packed[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in (q, k, v))
+    assert not q.is_contiguous()
+
+
+def test_layer_handles_an_empty_batch_and_a_single_token():
+    layer = MultiheadSelfAttention(64, 4, 2, causal=True)
+    for shape in ((0, 7, 64), (3, 1, 64)):
+        x = random_tensor(shape, torch.float32, seed=7)
+        with use_impl("triton"):
+            out = layer(x)
+        torch.testing.assert_close(out, sdpa_self_attention(layer, x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the whole model: triton vs eager vs the float64 functional oracle
+
+
+def test_functional_oracle_matches_the_model_under_eager():
+    model = tiny_gpt()
+    idx = token_ids((2, 9), seed=8)
+    with use_impl("eager"):
+        logits, loss = model(idx, idx)
+    expected = functional_gpt(model, idx)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, F.cross_entropy(expected.flatten(0, 1), idx.flatten()))
+
+
+def test_gpt_triton_matches_eager_and_float64_reference_logits_loss_and_grads():
+    model = tiny_gpt(seed=9)
+    reference_model = copy.deepcopy(model).double()
+    idx, targets = token_ids((2, 17), seed=10), token_ids((2, 17), seed=11)
+    targets[0, :3] = -1  # ignored positions
+
+    reference_logits = functional_gpt(reference_model, idx)
+    reference_loss = F.cross_entropy(reference_logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    reference_grads = grads_of(reference_model, reference_loss, torch.tensor(1.0, dtype=torch.float64))
+    results = {}
+    for impl in IMPLS:
+        with use_impl(impl):
+            logits, loss = model(idx, targets)
+        results[impl] = logits, loss, grads_of(model, loss, torch.tensor(1.0))
+    (logits, loss, grads), (eager_logits, eager_loss, eager_grads) = results["triton"], results["eager"]
+    assert_close_to_reference(logits, reference_logits, eager_logits, "logits")
+    assert_close_to_reference(loss, reference_loss, eager_loss, "loss")
+    assert_grads_close(grads, reference_grads, eager_grads, "gpt")
+    assert "lm_head.weight" not in grads  # tied to transformer.wte.weight, one parameter
+
+
+def test_output_head_is_tied_to_the_token_embedding():
+    model = tiny_gpt()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    restored = tiny_gpt(seed=1)
+    restored.load_state_dict(model.state_dict())
+    assert restored.lm_head.weight is restored.transformer.wte.weight
+    assert torch.equal(restored.lm_head.weight, model.transformer.wte.weight)
+
+
+def test_gpt_under_bf16_autocast_follows_the_float64_reference():
+    model = tiny_gpt(seed=12)
+    idx = token_ids((2, 11), seed=13)
+    reference = functional_gpt(copy.deepcopy(model).double(), idx)
+    outputs = {}
+    for impl in IMPLS:
+        with use_impl(impl), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[impl] = model(idx)[0]
+    assert outputs["triton"].dtype == torch.bfloat16
+    assert_close_to_reference(outputs["triton"], reference, outputs["eager"], "bf16 autocast logits")
+
+
+def test_gpt_forward_on_an_empty_batch():
+    model = tiny_gpt()
+    with use_impl("triton"):
+        logits, loss = model(token_ids((0, 6), seed=0), token_ids((0, 6), seed=0))
+    assert logits.shape == (0, 6, TINY["vocab_size"])
+    assert loss is not None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# generation and the KV cache
+
+
+SAMPLING = {"greedy": dict(temperature=0.0), "top_k_1": dict(top_k=1), "top_k_10": dict(temperature=0.8, top_k=10),
+            "full_vocab": dict(temperature=1.3)}
+
+
+@pytest.mark.parametrize("impl, sampling", [("triton", "greedy"), ("triton", "top_k_10")] + [
+    ("eager", name) for name in SAMPLING])
+def test_cached_generation_gives_the_tokens_of_uncached_generation(impl, sampling):
+    model = tiny_gpt(seed=14, **NARROW)
+    prompt = token_ids((2, 5), seed=15)
+    outputs = {}
+    with use_impl(impl):
+        for use_cache in (True, False):
+            generator = torch.Generator().manual_seed(16)
+            outputs[use_cache] = model.generate(prompt, 6, use_cache=use_cache, generator=generator,
+                                                **SAMPLING[sampling])
+    assert outputs[True].shape == (2, 11)
+    assert torch.equal(outputs[True][:, :5], prompt)
+    assert torch.equal(outputs[True], outputs[False])
+
+
+def test_greedy_generation_is_the_argmax_of_the_reference_logits():
+    model = tiny_gpt(seed=17)
+    tokens = token_ids((2, 4), seed=18)
+    with use_impl("eager"):
+        generated = model.generate(tokens, 6, temperature=0.0)
+    for _ in range(6):
+        logits = functional_gpt(model, tokens)[:, -1]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_sampled_generation_depends_on_the_generator_only():
+    model = tiny_gpt(seed=19)
+    prompt = token_ids((2, 3), seed=20)
+    with use_impl("eager"):
+        first = model.generate(prompt, 8, generator=torch.Generator().manual_seed(1))
+        again = model.generate(prompt, 8, generator=torch.Generator().manual_seed(1))
+        other = model.generate(prompt, 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_top_k_restricts_samples_to_the_k_most_likely_tokens():
+    model = tiny_gpt(seed=21)
+    prompt = token_ids((64, 2), seed=22)
+    with use_impl("eager"):
+        generated = model.generate(prompt, 1, top_k=3, generator=torch.Generator().manual_seed(0))
+        allowed = model(prompt)[0][:, -1].topk(3, dim=-1).indices
+    assert (allowed == generated[:, -1:]).any(dim=1).all()
+
+
+def test_cached_generation_prefills_once_then_decodes_one_token_per_step(monkeypatch):
+    calls = []
+    for name in ("flash_attention", "decode_attention"):
+        real = getattr(attention_module, name)
+        monkeypatch.setattr(attention_module, name,
+                            lambda *args, _real=real, _name=name, **kw: calls.append(_name) or _real(*args, **kw))
+    model = tiny_gpt()
+    with use_impl("eager"):
+        model.generate(token_ids((2, 4), seed=0), 5, temperature=0.0)
+    layers = TINY["n_layer"]
+    assert calls == ["flash_attention"] * layers + ["decode_attention"] * layers * 4
+
+
+def test_chunked_forward_through_the_cache_matches_one_full_forward():
+    model = tiny_gpt(seed=23, **NARROW)
+    idx = token_ids((2, 12), seed=24)
+    with use_impl("triton"):
+        expected = model(idx)[0]
+        cache = model.new_kv_cache(2)
+        chunks = [model(part, kv_cache=cache)[0] for part in idx.split([5, 4, 1, 2], dim=1)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), expected, rtol=1e-5, atol=1e-5)
+    assert cache.seq_len == 12 and cache.cache_seqlens.tolist() == [12, 12]
+
+
+def test_kv_cache_bookkeeping():
+    cache = KVCache(2, 3, 2, 6, 16)
+    assert cache.keys[0].shape == (3, 2, 6, 16) and len(cache.values) == 2
+    assert cache.cache_seqlens.dtype == torch.int32 and cache.cache_seqlens.tolist() == [0, 0, 0]
+    key, value = random_tensor((3, 2, 4, 16), torch.float32, 0), random_tensor((3, 2, 4, 16), torch.float32, 1)
+    cache.advance(4)
+    k_all, v_all = cache.store(1, key, value)
+    assert k_all is cache.keys[1] and torch.equal(k_all[:, :, :4], key) and torch.equal(v_all[:, :, :4], value)
+    assert not cache.keys[0].any()  # the other layer is untouched
+    step = random_tensor((3, 2, 1, 16), torch.float32, 2)
+    cache.advance(1)
+    cache.store(1, step, step)
+    assert torch.equal(cache.keys[1][:, :, 4:5], step) and torch.equal(cache.keys[1][:, :, :4], key)
+    assert not cache.keys[1][:, :, 5:].any()
+    assert cache.seq_len == 5 and cache.cache_seqlens.tolist() == [5, 5, 5]
+    with pytest.raises(ValueError, match="max_seq_len=6"):
+        cache.advance(2)
+    cache.reset()
+    assert cache.seq_len == 0 and cache.cache_seqlens.tolist() == [0, 0, 0]
+
+
+def test_generation_without_new_tokens_or_with_an_empty_batch():
+    model = tiny_gpt()
+    prompt = token_ids((2, 4), seed=0)
+    assert torch.equal(model.generate(prompt, 0), prompt)
+    with use_impl("triton"):
+        assert model.generate(prompt[:0], 3, temperature=0.0).shape == (0, 7)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training
+
+
+def test_short_training_run_converges_identically_under_both_impls():
+    data = torch.arange(8).repeat(1, 3)[:, :17]  # a repeating sequence the model can learn
+    inputs, targets = data[:, :-1], data[:, 1:]
+    curves = {}
+    for impl in IMPLS:
+        model = tiny_gpt(seed=25, n_layer=1, **NARROW)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        curve = []
+        with use_impl(impl):
+            for _ in range(24):
+                _, loss = model(inputs, targets)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                curve.append(loss.item())
+        curves[impl] = torch.tensor(curve)
+    assert curves["triton"][-1] < 0.2 * curves["triton"][0]
+    assert math.isclose(curves["triton"][0], math.log(TINY["vocab_size"]), rel_tol=0.05)
+    torch.testing.assert_close(curves["triton"], curves["eager"], rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("overrides, error, argument", [
+    (dict(n_embd=60, n_head=8), ValueError, "n_embd=60"),
+    (dict(n_kv_head=3), ValueError, "n_kv_head=3"),
+    (dict(n_embd=32, n_head=4), ValueError, "head_dim=8"),
+    (dict(n_kv_head=0), ValueError, "n_kv_head=0"),
+    (dict(vocab_size=0), ValueError, "vocab_size=0"),
+    (dict(block_size=2.5), TypeError, "block_size"),
+    (dict(bias=1), TypeError, "bias"),
+])
+def test_config_rejects_bad_sizes(overrides, error, argument):
+    with pytest.raises(error, match=argument):
+        GPTConfig(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize("idx, error, argument", [
+    (torch.zeros(2, 5), TypeError, "idx must hold token ids"),
+    (torch.zeros(5, dtype=torch.long), ValueError, r"idx must be \[batch, seq\]"),
+    (torch.zeros(2, 0, dtype=torch.long), ValueError, r"idx must be \[batch, seq\]"),
+    (torch.zeros(1, 33, dtype=torch.long), ValueError, "block_size=32"),
+    ([[1, 2]], TypeError, "idx must be a torch.Tensor"),
+])
+def test_forward_rejects_bad_idx(idx, error, argument):
+    with pytest.raises(error, match=argument):
+        tiny_gpt()(idx)
+
+
+@pytest.mark.parametrize("targets, error", [
+    (torch.zeros(2, 4, dtype=torch.long), ValueError),
+    (torch.zeros(2, 5), TypeError),
+])
+def test_forward_rejects_bad_targets(targets, error):
+    with pytest.raises(error, match="targets"):
+        tiny_gpt()(torch.zeros(2, 5, dtype=torch.long), targets)
+
+
+@pytest.mark.parametrize("kwargs, error, argument", [
+    (dict(max_new_tokens=-1), ValueError, "max_new_tokens=-1"),
+    (dict(max_new_tokens=2.0), TypeError, "max_new_tokens"),
+    (dict(max_new_tokens=30), ValueError, "block_size=32"),
+    (dict(temperature=-0.5), ValueError, "temperature"),
+    (dict(top_k=0), ValueError, "top_k=0"),
+    (dict(use_cache=1), TypeError, "use_cache"),
+    (dict(generator=0), TypeError, "generator"),
+])
+def test_generate_rejects_bad_arguments(kwargs, error, argument):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(error, match=argument):
+        tiny_gpt().generate(torch.zeros(2, 4, dtype=torch.long), **kwargs)
+
+
+def test_generate_accepts_the_longest_sequence_that_fits_the_block():
+    model = tiny_gpt()
+    with use_impl("eager"):
+        assert model.generate(torch.zeros(1, 4, dtype=torch.long), 29, temperature=0.0).shape == (1, 33)
+
+
+def test_forward_rejects_a_kv_cache_of_another_batch_or_past_the_block():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="kv_cache holds 3 sequences"):
+        model(torch.zeros(2, 4, dtype=torch.long), kv_cache=model.new_kv_cache(3))
+    cache = model.new_kv_cache(1)
+    with use_impl("eager"):
+        model(torch.zeros(1, 30, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="after 30 cached tokens"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len=40"):
+        model.new_kv_cache(1, 40)
+
+
+def test_forward_rejects_a_kv_cache_of_another_type_or_dtype():
+    model = tiny_gpt()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="kv_cache must be a KVCache"):
+        model(idx, kv_cache={})
+    with pytest.raises(TypeError, match="kv_cache holds torch.bfloat16"):
+        model(idx, kv_cache=model.new_kv_cache(1, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="kv_cache holds torch.float32"):
+        model(idx, kv_cache=KVCache(2, 1, 2, 32, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.new_kv_cache(1).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("args, kwargs, error, argument", [
+    ((64, 5), {}, ValueError, "embed_dim=64"),
+    ((64, 4, 3), {}, ValueError, "num_kv_heads=3"),
+    ((2048, 4), {}, ValueError, "head_dim=512"),
+    ((64, 4), dict(causal=1), TypeError, "causal"),
+])
+def test_layer_rejects_bad_head_layouts(args, kwargs, error, argument):
+    with pytest.raises(error, match=argument):
+        MultiheadSelfAttention(*args, **kwargs)
+
+
+def test_layer_rejects_bad_input():
+    layer = MultiheadSelfAttention(64, 4, 2, causal=True)
+    with pytest.raises(ValueError, match=r"x must be \[batch, seq, embed_dim=64\]"):
+        layer(torch.zeros(2, 5, 32))
+    with pytest.raises(TypeError, match="x must have a floating-point dtype"):
+        layer(torch.zeros(2, 5, 64, dtype=torch.long))
+    with pytest.raises(TypeError, match="kv_cache must be a KVCache"):
+        layer(torch.zeros(2, 5, 64), kv_cache=object())
+    with pytest.raises(ValueError, match="kv_cache holds 4 key/value heads"):
+        layer(torch.zeros(2, 5, 64), kv_cache=KVCache(1, 2, 4, 8, 16))
+    with pytest.raises(ValueError, match="kv_cache needs a causal layer"):
+        MultiheadSelfAttention(64, 4)(torch.zeros(2, 5, 64), kv_cache=KVCache(1, 2, 4, 8, 16))
+
+
+def test_from_torch_rejects_layers_it_cannot_express():
+    with pytest.raises(ValueError, match="kdim/vdim"):
+        MultiheadSelfAttention.from_torch(nn.MultiheadAttention(32, 2, kdim=16, vdim=16))
+    with pytest.raises(ValueError, match="dropout=0.1"):
+        MultiheadSelfAttention.from_torch(nn.MultiheadAttention(32, 2, dropout=0.1))
+    with pytest.raises(TypeError, match="module must be an nn.MultiheadAttention"):
+        MultiheadSelfAttention.from_torch(nn.Linear(2, 2))
+
+
+def test_kv_cache_rejects_bad_writes():
+    cache = KVCache(2, 3, 2, 6, 16)
+    good = torch.zeros(3, 2, 1, 16)
+    with pytest.raises(ValueError, match="positions claimed with advance"):
+        cache.store(0, good, good)  # nothing claimed yet
+    cache.advance(1)
+    with pytest.raises(ValueError, match="layer_idx=2"):
+        cache.store(2, good, good)
+    with pytest.raises(ValueError, match=r"key must be \[batch=3, heads_kv=2"):
+        cache.store(0, torch.zeros(3, 4, 1, 16), good)
+    with pytest.raises(TypeError, match="value must have a floating-point dtype"):
+        cache.store(0, good, good.half())
+    with pytest.raises(ValueError, match="num_tokens=0"):
+        cache.advance(0)
+    with pytest.raises(ValueError, match="batch_size=-1"):
+        KVCache(1, -1, 2, 6, 16)
+    with pytest.raises(TypeError, match="dtype"):
+        KVCache(1, 1, 2, 6, 16, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU sizes
+
+
+@pytest.mark.gpu
+def test_gpt_on_the_gpu_under_bf16_autocast_follows_the_float64_reference():
+    model = tiny_gpt(seed=26, vocab_size=1000, block_size=512, n_layer=4, n_head=8, n_kv_head=2, n_embd=512).cuda()
+    idx = token_ids((4, 333), seed=27, vocab=1000).cuda()
+    reference_model = copy.deepcopy(model).double()
+    reference_logits = functional_gpt(reference_model, idx)
+    reference_loss = F.cross_entropy(reference_logits.flatten(0, 1), idx.flatten())
+    reference_grads = grads_of(reference_model, reference_loss, torch.tensor(1.0, dtype=torch.float64, device="cuda"))
+    results = {}
+    for impl in IMPLS:
+        with use_impl(impl), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, loss = model(idx, idx)
+        results[impl] = logits, loss, grads_of(model, loss, torch.ones((), device="cuda"))
+    (logits, loss, grads), (eager_logits, eager_loss, eager_grads) = results["triton"], results["eager"]
+    assert_close_to_reference(logits, reference_logits, eager_logits, "logits")
+    assert_close_to_reference(loss, reference_loss, eager_loss, "loss")
+    assert_grads_close(grads, reference_grads, eager_grads, "gpt")
+
+
+@pytest.mark.gpu
+def test_cached_generation_on_the_gpu_gives_the_tokens_of_uncached_generation():
+    model = tiny_gpt(seed=28, vocab_size=1000, block_size=512, n_layer=4, n_head=8, n_kv_head=2, n_embd=512).cuda()
+    prompt = token_ids((3, 100), seed=29, vocab=1000).cuda()
+    with use_impl("triton"):
+        cached = model.generate(prompt, 64, temperature=0.0)
+        uncached = model.generate(prompt, 64, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, uncached)
