@@ -1,0 +1,434 @@
+"""Normalizing-flow layers and the multi-scale flow both RealNVP and Glow are built from.
+
+Every layer is a bijection on ``[batch, channels, height, width]`` tensors with a tractable log-determinant:
+
+    forward(x) -> (y, logdet)   with logdet[b] = log |det dy_b / dx_b|   (fp32, fp64 for fp64 inputs)
+    inverse(y) -> x
+
+so a stack of layers gives ``log p(x) = log N(z; 0, I) + sum of the layers' logdets`` (Dinh et al. 2017, eq. 3).
+The multi-scale :class:`Split` factors half of the channels out as latents and standardizes them under a learned
+Gaussian prior conditioned on the other half (Glow's "split" with a learned prior), which is itself an affine
+bijection, so every latent of a :class:`MultiScaleFlow` is standard normal. The affine coupling transforms and
+their log-determinants run through :func:`genkernels.kernels.coupling.affine_coupling` (fused Triton kernel or
+PyTorch reference, chosen by ``genkernels.kernels.use_impl``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from genkernels.kernels.coupling import SCALE_FNS, affine_coupling
+from genkernels.kernels.runtime import compute_dtype
+
+MASKS = ("channel", "checkerboard")
+# 8-bit data: 256 levels per dimension.
+NUM_BINS = 256
+
+
+def _spatial_size(x: torch.Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+def _check_image(x: torch.Tensor, name: str, channels: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 3 or x.shape[1] != channels:
+        raise ValueError(f"{name} must have shape [batch, {channels}, ...spatial]; got shape {list(x.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+class ActNorm(nn.Module):
+    """Per-channel affine normalization with data-dependent initialization (Glow, section 3.1).
+
+        y = (x + loc) * exp(log_scale),    logdet = (height * width) * sum_c log_scale[c]
+
+    The first forward pass in training mode sets ``loc = -mean`` and ``log_scale = -log(std)`` of that batch per
+    channel, so the first batch comes out with zero mean and unit variance; the ``initialized`` buffer records it
+    (and travels in the ``state_dict``).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.loc = nn.Parameter(torch.zeros(num_channels))
+        self.log_scale = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("initialized", torch.tensor(False))
+        # Host copy of ``initialized`` once it is True: reading the buffer on every call would synchronize with
+        # the device and break torch.compile graphs.
+        self._known_initialized = False
+
+    def _is_initialized(self) -> bool:
+        if not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return self._known_initialized
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _view(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return param.view((1, -1) + (1,) * (x.dim() - 2))
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set ``loc`` and ``log_scale`` from the per-channel statistics of the batch ``x``."""
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=dims)
+        std = x.std(dim=dims, unbiased=False)
+        self.loc.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + self.eps))
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def forward(self, x: torch.Tensor):
+        _check_image(x, "x", self.num_channels)
+        if self.training and not self._is_initialized():
+            self.initialize(x)
+        y = (x + self._view(self.loc, x)) * torch.exp(self._view(self.log_scale, x))
+        logdet = (_spatial_size(x) * self.log_scale.sum()).to(compute_dtype(x.dtype)).expand(x.shape[0])
+        return y, logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        _check_image(y, "y", self.num_channels)
+        return y * torch.exp(-self._view(self.log_scale, y)) - self._view(self.loc, y)
+
+
+class InvConv1x1(nn.Module):
+    """Invertible 1x1 convolution with an LU-decomposed weight (Glow, section 3.2, eq. 10).
+
+        W = P L (U + diag(sign_s * exp(log_s))),   y[:, :, h, w] = W x[:, :, h, w],
+        logdet = (height * width) * sum(log_s)
+
+    ``P`` (a permutation) and ``sign_s`` are fixed; ``L`` (unit lower-triangular), ``U`` (strictly upper) and
+    ``log_s`` are learned. Initialized from a random rotation, so the layer starts volume-preserving.
+    """
+
+    def __init__(self, num_channels: int, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.num_channels = num_channels
+        rotation = torch.linalg.qr(torch.randn(num_channels, num_channels, generator=generator))[0]
+        permutation, lower, upper = torch.linalg.lu(rotation)
+        diagonal = torch.diagonal(upper)
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("sign_s", torch.sign(diagonal))
+        self.lower = nn.Parameter(torch.tril(lower, -1))
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(torch.log(diagonal.abs()))
+
+    def weight(self) -> torch.Tensor:
+        """The ``[C, C]`` matrix ``W = P L U``."""
+        eye = torch.eye(self.num_channels, dtype=self.lower.dtype, device=self.lower.device)
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.permutation @ lower @ upper
+
+    def forward(self, x: torch.Tensor):
+        _check_image(x, "x", self.num_channels)
+        y = F.conv2d(x, self.weight().view(self.num_channels, self.num_channels, 1, 1))
+        logdet = (_spatial_size(x) * self.log_s.sum()).to(compute_dtype(x.dtype)).expand(x.shape[0])
+        return y, logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        _check_image(y, "y", self.num_channels)
+        weight_inverse = torch.linalg.inv(self.weight())
+        return F.conv2d(y, weight_inverse.view(self.num_channels, self.num_channels, 1, 1))
+
+
+class Squeeze(nn.Module):
+    """Space-to-channel reshape ``[B, C, H, W] -> [B, 4C, H/2, W/2]`` (RealNVP, figure 3); a permutation, so
+    ``logdet = 0``. Channel ``4c + 2i + j`` of the output holds pixel ``(2h + i, 2w + j)`` of channel ``c``."""
+
+    def forward(self, x: torch.Tensor):
+        batch, channels, height, width = x.shape
+        if height % 2 or width % 2:
+            raise ValueError(f"Squeeze needs an even height and width; got x of shape {list(x.shape)}")
+        y = x.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        y = y.reshape(batch, channels * 4, height // 2, width // 2)
+        return y, x.new_zeros(batch, dtype=compute_dtype(x.dtype))
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = y.shape
+        x = y.view(batch, channels // 4, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(batch, channels // 4, height * 2, width * 2)
+
+
+class ZeroConv2d(nn.Conv2d):
+    """A 3x3 convolution initialized to zero (Glow's last conditioner layer): a new coupling starts as the
+    identity ("exp") or a constant scale ("sigmoid")."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+def conditioner_network(in_channels: int, hidden_channels: int, out_channels: int) -> nn.Sequential:
+    """Glow's coupling network: conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialized conv3x3."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(hidden_channels, hidden_channels, kernel_size=1), nn.ReLU(),
+        ZeroConv2d(hidden_channels, out_channels),
+    )
+
+
+def checkerboard_mask(height: int, width: int, parity: int, like: torch.Tensor) -> torch.Tensor:
+    """``[1, 1, H, W]`` mask, 1 where ``(h + w + parity)`` is even: the pixels a checkerboard coupling keeps."""
+    rows = torch.arange(height, device=like.device).view(-1, 1)
+    cols = torch.arange(width, device=like.device).view(1, -1)
+    return ((rows + cols + parity) % 2 == 0).to(like.dtype).view(1, 1, height, width)
+
+
+class AffineCoupling(nn.Module):
+    """Affine coupling layer (RealNVP eq. 7-9 with masks; Glow's affine coupling).
+
+    The kept part ``x_a`` passes unchanged and conditions the transform of the other part ``x_b``:
+
+        (raw_log_scale, shift) = NN(x_a),   y_b = x_b * s + shift,   logdet = sum log s
+
+    ``mask="channel"`` keeps the first half of the channels (``parity=1``: the second half);
+    ``mask="checkerboard"`` keeps the pixels where ``h + w + parity`` is even (the network sees the masked input and
+    its outputs are masked to the other pixels, which then get ``s = 1`` and ``shift = 0``; needs "exp").
+    ``scale_fn="exp"`` uses ``s = exp(scale * tanh(raw))`` with a learned per-channel ``scale`` (RealNVP's bounded
+    log-scale); ``scale_fn="sigmoid"`` uses ``s = sigmoid(raw + 2)`` (Glow). ``conditioner`` overrides the default
+    :func:`conditioner_network`; it maps the kept channels to ``2 * changed`` channels: the raw log-scales, then
+    the shifts (channel halves, so each is one contiguous run per sample, the fused op's fastest layout).
+    """
+
+    def __init__(self, num_channels: int, hidden_channels: int = 64, *, mask: str = "channel", parity: int = 0,
+                 scale_fn: str = "sigmoid", conditioner: Optional[nn.Module] = None):
+        super().__init__()
+        if mask not in MASKS:
+            raise ValueError(f"mask={mask!r} is not supported; expected one of {MASKS}")
+        if scale_fn not in SCALE_FNS:
+            raise ValueError(f"scale_fn={scale_fn!r} is not supported; expected one of {SCALE_FNS}")
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1; got {parity!r}")
+        if mask == "checkerboard" and scale_fn != "exp":
+            raise ValueError("mask='checkerboard' needs scale_fn='exp' (masked pixels need log-scale 0 <=> s = 1)")
+        if mask == "channel" and num_channels < 2:
+            raise ValueError(f"a channel coupling needs at least 2 channels; got num_channels={num_channels}")
+        self.num_channels, self.mask, self.parity, self.scale_fn = num_channels, mask, parity, scale_fn
+        first = num_channels // 2
+        if mask == "channel":
+            kept, changed = (first, num_channels - first) if parity == 0 else (num_channels - first, first)
+        else:
+            kept, changed = num_channels, num_channels
+        self.conditioner = conditioner if conditioner is not None else \
+            conditioner_network(kept, hidden_channels, 2 * changed)
+        self.log_scale_factor = nn.Parameter(torch.ones(changed, 1, 1)) if scale_fn == "exp" else None
+
+    def _halves(self, x: torch.Tensor):
+        first = self.num_channels // 2
+        a, b = x[:, :first], x[:, first:]
+        return (a, b) if self.parity == 0 else (b, a)
+
+    def _join(self, kept: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+        return torch.cat([kept, changed] if self.parity == 0 else [changed, kept], dim=1)
+
+    def _scale_and_shift(self, kept: torch.Tensor, mask: Optional[torch.Tensor]):
+        out = self.conditioner(kept)
+        raw_log_scale, shift = out.chunk(2, dim=1)
+        if self.log_scale_factor is not None:
+            raw_log_scale = self.log_scale_factor * torch.tanh(raw_log_scale)
+        if mask is not None:
+            raw_log_scale, shift = raw_log_scale * (1 - mask), shift * (1 - mask)
+        return raw_log_scale, shift
+
+    def _transform(self, x: torch.Tensor, reverse: bool):
+        _check_image(x, "y" if reverse else "x", self.num_channels)
+        if self.mask == "checkerboard":
+            mask = checkerboard_mask(x.shape[2], x.shape[3], self.parity, x)
+            log_scale, shift = self._scale_and_shift(x * mask, mask)
+            return affine_coupling(x, log_scale, shift, scale_fn=self.scale_fn, reverse=reverse)
+        kept, changed = self._halves(x)
+        log_scale, shift = self._scale_and_shift(kept, None)
+        changed, logdet = affine_coupling(changed, log_scale, shift, scale_fn=self.scale_fn, reverse=reverse)
+        return self._join(kept, changed), logdet
+
+    def forward(self, x: torch.Tensor):
+        return self._transform(x, reverse=False)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self._transform(y, reverse=True)[0]
+
+
+class Split(nn.Module):
+    """Multi-scale factor-out (RealNVP section 3.6) with Glow's learned conditional prior.
+
+    ``x = [h, z]`` along channels (``h``: the first ``C // 2``). With ``learned_prior`` a zero-initialized conv of
+    ``h`` predicts ``(mean, log_std)`` of ``z``, and the layer outputs the standardized latent
+
+        eps = (z - mean) * exp(-log_std),   logdet = -sum log_std
+
+    (the affine coupling op in reverse), so ``log N(z; mean, std) = log N(eps; 0, I) + logdet``. Without it,
+    ``eps = z`` (RealNVP's standard normal prior). ``forward(x) -> (h, eps, logdet)``, ``inverse(h, eps) -> x``.
+    """
+
+    def __init__(self, num_channels: int, learned_prior: bool = True):
+        super().__init__()
+        if num_channels < 2:
+            raise ValueError(f"Split needs at least 2 channels; got num_channels={num_channels}")
+        self.num_channels = num_channels
+        self.kept_channels = num_channels // 2
+        factored = num_channels - self.kept_channels
+        self.prior = ZeroConv2d(self.kept_channels, 2 * factored) if learned_prior else None
+
+    def _mean_and_log_std(self, h: torch.Tensor):
+        out = self.prior(h)
+        return out.chunk(2, dim=1)
+
+    def forward(self, x: torch.Tensor):
+        _check_image(x, "x", self.num_channels)
+        h, z = x[:, :self.kept_channels], x[:, self.kept_channels:]
+        if self.prior is None:
+            return h, z, x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+        mean, log_std = self._mean_and_log_std(h)
+        eps, logdet = affine_coupling(z, log_std, mean, scale_fn="exp", reverse=True)
+        return h, eps, logdet
+
+    def inverse(self, h: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if self.prior is not None:
+            mean, log_std = self._mean_and_log_std(h)
+            eps, _ = affine_coupling(eps, log_std, mean, scale_fn="exp", reverse=False)
+        return torch.cat([h, eps], dim=1)
+
+
+class LearnedPrior(nn.Module):
+    """The top-level prior ``N(mean, exp(log_std)^2)`` with a learned mean and log-std per element (Glow's
+    ``learn_top``), applied as the standardizing bijection ``eps = (z - mean) * exp(-log_std)``; zero-initialized
+    (a standard normal)."""
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(shape))
+        self.log_std = nn.Parameter(torch.zeros(shape))
+
+    def _expanded(self, z: torch.Tensor):
+        return self.log_std.expand_as(z), self.mean.expand_as(z)
+
+    def forward(self, z: torch.Tensor):
+        return affine_coupling(z, *self._expanded(z), scale_fn="exp", reverse=True)
+
+    def inverse(self, eps: torch.Tensor) -> torch.Tensor:
+        return affine_coupling(eps, *self._expanded(eps), scale_fn="exp", reverse=False)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The multi-scale flow
+# ----------------------------------------------------------------------------------------------------------------
+class MultiScaleFlow(nn.Module):
+    """A stack of bijections with multi-scale factor-out, and everything a flow model offers on top.
+
+    ``forward(x) -> (z, logdet)``: ``z`` is ``[batch, C*H*W]``, the standardized latents of every :class:`Split` in
+    order followed by the final level's (each flattened), all standard normal under the model;
+    ``log p(x) = log N(z; 0, I) + logdet`` (the change of variables, Dinh et al. 2017 eq. 3).
+    ``x`` lives in the model's continuous space, ``[-1/2, 1/2]`` for 8-bit images (see :meth:`bits_per_dim`).
+    """
+
+    def __init__(self, image_shape: Sequence[int], layers: Sequence[nn.Module],
+                 top_prior: Optional[nn.Module] = None):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.layers = nn.ModuleList(layers)
+        self.top_prior = top_prior
+        self.latent_shapes = self._latent_shapes()
+
+    def _latent_shapes(self) -> list[tuple[int, ...]]:
+        """``[C, H, W]`` of each factored-out latent, then of the final one, from the layer sequence."""
+        channels, height, width = self.image_shape
+        shapes = []
+        for layer in self.layers:
+            if isinstance(layer, Squeeze):
+                channels, height, width = channels * 4, height // 2, width // 2
+            elif isinstance(layer, Split):
+                shapes.append((channels - layer.kept_channels, height, width))
+                channels = layer.kept_channels
+        return shapes + [(channels, height, width)]
+
+    @property
+    def num_dims(self) -> int:
+        """Dimensions ``D = C * H * W`` of one image."""
+        return math.prod(self.image_shape)
+
+    def forward(self, x: torch.Tensor):
+        _check_image(x, "x", self.image_shape[0])
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"x must have shape [batch, {', '.join(map(str, self.image_shape))}]; "
+                             f"got shape {list(x.shape)}")
+        logdet = x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
+        latents = []
+        h = x
+        for layer in self.layers:
+            if isinstance(layer, Split):
+                h, eps, layer_logdet = layer(h)
+                latents.append(eps)
+            else:
+                h, layer_logdet = layer(h)
+            logdet = logdet + layer_logdet
+        if self.top_prior is not None:
+            h, layer_logdet = self.top_prior(h)
+            logdet = logdet + layer_logdet
+        latents.append(h)
+        return torch.cat([latent.reshape(x.shape[0], -1) for latent in latents], dim=1), logdet
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """The image whose latent is ``z`` (``[batch, C*H*W]``), the exact inverse of :meth:`forward`."""
+        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.num_dims:
+            got = list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"z must have shape [batch, {self.num_dims}]; got {got}")
+        sizes = [math.prod(shape) for shape in self.latent_shapes]
+        latents = [chunk.reshape((z.shape[0],) + shape)
+                   for chunk, shape in zip(torch.split(z, sizes, dim=1), self.latent_shapes)]
+        h = latents.pop()
+        if self.top_prior is not None:
+            h = self.top_prior.inverse(h)
+        for layer in reversed(self.layers):
+            h = layer.inverse(h, latents.pop()) if isinstance(layer, Split) else layer.inverse(h)
+        return h
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x)`` per sample (nats), for ``x`` in the model's continuous space."""
+        z, logdet = self(x)
+        log_normal = -0.5 * (z.to(logdet.dtype).square() + math.log(2 * math.pi)).sum(dim=1)
+        return log_normal + logdet
+
+    def dequantize(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Uniform dequantization of 8-bit ``images`` (integers 0..255, any dtype) into the model's space:
+        ``x = (images + u) / 256 - 1/2`` with ``u ~ U[0, 1)`` per dimension (Theis et al. 2016)."""
+        dtype = self._parameter_dtype()
+        noise = torch.rand(images.shape, generator=generator, device=images.device, dtype=dtype)
+        return (images.to(dtype) + noise) / NUM_BINS - 0.5
+
+    def bits_per_dim(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Per-sample bits per dimension of 8-bit ``images`` under uniform dequantization:
+
+            bpd = -(log p(x) - D log 256) / (D log 2),   x = dequantize(images)
+
+        (``- D log 256`` is the log-determinant of mapping ``[0, 256)^D`` to the model's unit cube). Its mean
+        over the data upper-bounds the discrete model's negative log-likelihood in bits.
+        """
+        _check_image(images, "images", self.image_shape[0])
+        log_density = self.log_prob(self.dequantize(images, generator)) - self.num_dims * math.log(NUM_BINS)
+        return -log_density / (self.num_dims * math.log(2))
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``n`` images in the model's space: ``x = inverse(temperature * eps)``, ``eps ~ N(0, I)``; a temperature
+        below 1 samples the typical set more tightly (Glow, section 5.2)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int; got {n!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0; got {temperature!r}")
+        parameter = next(self.parameters())
+        eps = torch.randn((n, self.num_dims), generator=generator, device=parameter.device, dtype=parameter.dtype)
+        return self.inverse(eps * temperature)
+
+    def _parameter_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

@@ -1,0 +1,42 @@
+"""Glow (Kingma & Dhariwal 2018, "Glow: Generative Flow with Invertible 1x1 Convolutions").
+
+``num_levels`` levels; each: a squeeze, ``depth`` flow steps (ActNorm -> invertible 1x1 convolution (LU) ->
+affine coupling with ``s = sigmoid(raw + 2)``), and, on every level but the last, a split whose factored-out half
+gets a Gaussian prior conditioned on the kept half. The top latent has a learned Gaussian prior (``learn_top``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .flows import ActNorm, AffineCoupling, InvConv1x1, LearnedPrior, MultiScaleFlow, Split, Squeeze
+
+
+class Glow(MultiScaleFlow):
+    """Glow on ``image_shape = (C, H, W)`` images (H and W divisible by ``2 ** num_levels``). ``generator`` seeds
+    the random rotations that initialize the 1x1 convolutions. See
+    :class:`~genkernels.models.flows.MultiScaleFlow` for ``forward``, ``inverse``, ``log_prob``, ``bits_per_dim``
+    and ``sample``."""
+
+    def __init__(self, image_shape: Sequence[int] = (3, 32, 32), num_levels: int = 3, depth: int = 8,
+                 hidden_channels: int = 128, generator: Optional[torch.Generator] = None):
+        channels, height, width = image_shape
+        if num_levels < 1 or depth < 1:
+            raise ValueError(f"num_levels and depth must be >= 1; got {num_levels} and {depth}")
+        factor = 2 ** num_levels
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be divisible by 2**num_levels = {factor}; "
+                             f"got image_shape {tuple(image_shape)}")
+        layers = []
+        for level in range(num_levels):
+            layers.append(Squeeze())
+            channels, height, width = channels * 4, height // 2, width // 2
+            for _ in range(depth):
+                layers += [ActNorm(channels), InvConv1x1(channels, generator),
+                           AffineCoupling(channels, hidden_channels, mask="channel", scale_fn="sigmoid")]
+            if level < num_levels - 1:
+                split = Split(channels, learned_prior=True)
+                layers.append(split)
+                channels = split.kept_channels
+        super().__init__(image_shape, layers, LearnedPrior((channels, height, width)))

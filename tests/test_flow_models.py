@@ -1,0 +1,319 @@
+"""Flow layers (models/flows.py), RealNVP and Glow: exact inverses, log-determinants against autograd Jacobians,
+Triton vs eager for the same weights, and a short training run under both implementations."""
+import math
+
+import pytest
+import torch
+from reference_checks import assert_close_to_reference
+
+from genkernels.kernels import use_impl
+from genkernels.models.flows import (
+    ActNorm,
+    AffineCoupling,
+    InvConv1x1,
+    LearnedPrior,
+    Split,
+    Squeeze,
+)
+from genkernels.models.glow import Glow
+from genkernels.models.realnvp import RealNVP
+
+
+def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    """Move every parameter off its (often zero, identity-making) initialization."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    return module
+
+
+def _images(shape, seed):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) - 0.5
+
+
+LAYERS = {
+    "actnorm": lambda: ActNorm(4),
+    "invconv1x1": lambda: InvConv1x1(4, torch.Generator().manual_seed(3)),
+    "coupling_channel_sigmoid": lambda: AffineCoupling(4, 8, mask="channel", scale_fn="sigmoid"),
+    "coupling_channel_exp_parity1": lambda: AffineCoupling(5, 8, mask="channel", parity=1, scale_fn="exp"),
+    "coupling_checkerboard": lambda: AffineCoupling(4, 8, mask="checkerboard", scale_fn="exp"),
+    "coupling_checkerboard_parity1": lambda: AffineCoupling(4, 8, mask="checkerboard", parity=1, scale_fn="exp"),
+    "squeeze": lambda: Squeeze(),
+    "split_learned_prior": lambda: Split(4, learned_prior=True),
+    "split_standard_prior": lambda: Split(5, learned_prior=False),
+    "learned_prior": lambda: LearnedPrior((4, 4, 4)),
+}
+
+
+def _channels(name):
+    return 5 if name in ("coupling_channel_exp_parity1", "split_standard_prior") else 4
+
+
+def _flat_forward(layer, x):
+    """The layer as a map of flattened samples: ``(y, logdet)`` with ``y`` ``[batch, D]`` (Split: ``[h, eps]``)."""
+    out = layer(x)
+    if isinstance(layer, Split):
+        h, eps, logdet = out
+        return torch.cat([h.reshape(x.shape[0], -1), eps.reshape(x.shape[0], -1)], dim=1), logdet
+    y, logdet = out
+    return y.reshape(x.shape[0], -1), logdet
+
+
+def _layer_inverse(layer, x, out):
+    if isinstance(layer, Split):
+        return layer.inverse(out[0], out[1])
+    return layer.inverse(out[0])
+
+
+def _log_abs_det_jacobians(function, x):
+    """``log|det J|`` of ``function`` (flattened sample -> flattened sample) at each sample of ``x``."""
+    values = []
+    for b in range(x.shape[0]):
+        def one_sample(v, b=b):
+            return function(torch.cat([x[:b], v[None], x[b + 1:]]))[b]
+        jacobian = torch.autograd.functional.jacobian(one_sample, x[b], vectorize=True)
+        values.append(torch.linalg.slogdet(jacobian.reshape(jacobian.shape[0], -1)).logabsdet)
+    return torch.stack(values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_inverse_is_exact(name):
+    layer = _perturb(LAYERS[name](), seed=1)
+    x = _images((3, _channels(name), 4, 6) if name != "learned_prior" else (3, 4, 4, 4), seed=2)
+    layer(x)  # data-dependent initialization (ActNorm)
+    out = layer(x)
+    torch.testing.assert_close(_layer_inverse(layer, x, out), x, rtol=1e-5, atol=2e-6)
+    assert out[-1].shape == (3,) and out[-1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_logdet_equals_log_det_of_autograd_jacobian(name):
+    layer = _perturb(LAYERS[name](), seed=4).double()
+    x = _images((2, _channels(name), 4, 4), seed=5).double()
+    layer(x)  # data-dependent initialization (ActNorm)
+    expected = _log_abs_det_jacobians(lambda v: _flat_forward(layer, v)[0], x)
+    torch.testing.assert_close(_flat_forward(layer, x)[1], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_actnorm_data_dependent_initialization():
+    layer = ActNorm(3)
+    x = _images((5, 3, 4, 4), seed=6) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1) + 2.0
+    y, _ = layer(x)
+    assert bool(layer.initialized)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    before = layer.loc.detach().clone()
+    layer(x * 2)  # initialized once only
+    assert torch.equal(layer.loc, before)
+    restored = ActNorm(3)
+    restored.load_state_dict(layer.state_dict())
+    restored(x * 2)  # an initialized state_dict is not re-initialized
+    assert torch.equal(restored.loc, before)
+    fresh = ActNorm(3)
+    layer.load_state_dict(fresh.state_dict())
+    layer(x * 2)  # a state_dict that was never initialized is, on the next training batch
+    assert not torch.equal(layer.loc, before) and bool(layer.initialized)
+
+
+def test_invconv_weight_is_the_lu_product_and_starts_as_a_rotation():
+    layer = InvConv1x1(6, torch.Generator().manual_seed(0))
+    weight = layer.weight()
+    torch.testing.assert_close(weight @ weight.T, torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.log_s.sum(), torch.linalg.slogdet(weight).logabsdet, atol=1e-5, rtol=0)
+
+
+def test_squeeze_layout():
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).view(1, 2, 4, 4)
+    y, _ = Squeeze()(x)
+    assert y.shape == (1, 8, 2, 2)
+    # channel 4c + 2i + j holds pixel (2h + i, 2w + j) of channel c
+    torch.testing.assert_close(y[0, 4 * 1 + 2 * 1 + 0], x[0, 1, 1::2, 0::2])
+
+
+def test_split_learned_prior_is_the_gaussian_log_density():
+    """log N(eps; 0, I) + logdet == log N(z; mean(h), std(h)) from torch.distributions."""
+    split = _perturb(Split(4), seed=7).double()
+    x = _images((2, 4, 3, 3), seed=8).double()
+    h, eps, logdet = split(x)
+    out = split.prior(h)
+    prior = torch.distributions.Normal(out[:, :2], torch.exp(out[:, 2:]))
+    expected = prior.log_prob(x[:, 2:]).sum(dim=(1, 2, 3))
+    standard = -0.5 * (eps.square() + math.log(2 * math.pi)).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(standard + logdet, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+IMAGE_SHAPE = (3, 4, 4)
+DIMS = 3 * 4 * 4
+MODELS = {
+    "realnvp": lambda: RealNVP(IMAGE_SHAPE, num_scales=2, hidden_channels=8),
+    "glow": lambda: Glow(IMAGE_SHAPE, num_levels=2, depth=2, hidden_channels=8,
+                         generator=torch.Generator().manual_seed(0)),
+}
+
+
+def _model(name, seed=0):
+    torch.manual_seed(seed)
+    model = _perturb(MODELS[name](), seed=seed + 1, scale=0.05)
+    with use_impl("eager"):
+        model(_images((4,) + IMAGE_SHAPE, seed=seed + 2))  # data-dependent initialization (ActNorm)
+    return model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_inverse_is_exact(name):
+    model = _model(name)
+    x = _images((3,) + IMAGE_SHAPE, seed=9)
+    z, logdet = model(x)
+    assert z.shape == (3, DIMS) and logdet.shape == (3,)
+    torch.testing.assert_close(model.inverse(z), x, rtol=1e-5, atol=2e-6)
+    samples = model.sample(2, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (2,) + IMAGE_SHAPE and torch.isfinite(samples).all()
+    with use_impl("eager"):
+        torch.testing.assert_close(model.sample(2, temperature=0.0), model.inverse(torch.zeros(2, DIMS)))
+
+
+@pytest.mark.parametrize("name,model", [
+    ("realnvp", lambda: RealNVP((2, 4, 4), num_scales=2, hidden_channels=4)),
+    ("glow", lambda: Glow((2, 4, 4), num_levels=2, depth=1, hidden_channels=4,
+                          generator=torch.Generator().manual_seed(0))),
+])
+def test_model_logdet_equals_log_det_of_autograd_jacobian(name, model):
+    torch.manual_seed(0)
+    model = _perturb(model(), seed=10).double()
+    x = _images((2, 2, 4, 4), seed=11).double()
+    model(x)  # data-dependent initialization (ActNorm)
+    expected = _log_abs_det_jacobians(lambda v: model(v)[0], x)
+    torch.testing.assert_close(model(x)[1], expected, rtol=1e-9, atol=1e-9)
+
+
+def _outputs_and_grads(model, x, impl):
+    """``(z, logdet, grads)``; the grads are of ``-log p(x)``'s mean, i.e. of both outputs."""
+    with use_impl(impl):
+        z, logdet = model(x)
+    negative_log_likelihood = (0.5 * z.to(logdet.dtype).square().sum(dim=1) - logdet).mean()
+    grads = torch.autograd.grad(negative_log_likelihood, list(model.parameters()))
+    return z.detach(), logdet.detach(), grads
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_triton_matches_eager_for_the_same_weights(name):
+    """Outputs and every parameter gradient: Triton (fp32) and eager (fp32) vs the eager model in fp64."""
+    model = _model(name)
+    x = _images((2,) + IMAGE_SHAPE, seed=12)
+    triton_z, triton_logdet, triton_grads = _outputs_and_grads(model, x, "triton")
+    eager_z, eager_logdet, eager_grads = _outputs_and_grads(model, x, "eager")
+    reference_z, reference_logdet, reference_grads = _outputs_and_grads(_model(name).double(), x.double(), "eager")
+    assert_close_to_reference(triton_z, reference_z, eager_z, "z")
+    assert_close_to_reference(triton_logdet, reference_logdet, eager_logdet, "logdet")
+    for (label, _), kernel, eager, reference in zip(model.named_parameters(), triton_grads, eager_grads,
+                                                    reference_grads):
+        assert_close_to_reference(kernel, reference, eager, f"grad {label}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["realnvp", "glow"])
+def test_cifar_sized_models_triton_matches_eager_on_gpu(name):
+    def build():
+        torch.manual_seed(0)
+        if name == "realnvp":
+            model = RealNVP((3, 32, 32), num_scales=3, hidden_channels=32)
+        else:
+            model = Glow((3, 32, 32), num_levels=3, depth=4, hidden_channels=64,
+                         generator=torch.Generator().manual_seed(0))
+        model = _perturb(model, seed=1, scale=0.02).cuda()
+        with use_impl("eager"):
+            model(_images((16, 3, 32, 32), seed=2).cuda())  # data-dependent initialization (ActNorm)
+        return model
+
+    model = build()
+    x = _images((8, 3, 32, 32), seed=3).cuda()
+    triton_z, triton_logdet, triton_grads = _outputs_and_grads(model, x, "triton")
+    eager_z, eager_logdet, eager_grads = _outputs_and_grads(model, x, "eager")
+    reference_z, reference_logdet, reference_grads = _outputs_and_grads(build().double(), x.double(), "eager")
+    assert_close_to_reference(triton_z, reference_z, eager_z, "z")
+    assert_close_to_reference(triton_logdet, reference_logdet, eager_logdet, "logdet")
+    for (label, _), kernel, eager, reference in zip(model.named_parameters(), triton_grads, eager_grads,
+                                                    reference_grads):
+        assert_close_to_reference(kernel, reference, eager, f"grad {label}")
+    torch.testing.assert_close(model.inverse(triton_z), x, rtol=1e-4, atol=1e-4)
+
+
+def test_bits_per_dim_of_an_identity_flow_is_the_gaussian_code_length():
+    """RealNVP at initialization is the identity up to a permutation (zero-initialized coupling nets): its
+    bits/dim is the standard normal's density of the dequantized data, plus 8 bits for the bin width."""
+    model = RealNVP(IMAGE_SHAPE, num_scales=2, hidden_channels=4)
+    images = torch.randint(0, 256, (2,) + IMAGE_SHAPE, generator=torch.Generator().manual_seed(13))
+    x = model.dequantize(images, torch.Generator().manual_seed(1))
+    log_density = torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(dim=(1, 2, 3))
+    expected = -log_density / (DIMS * math.log(2)) + 8
+    torch.testing.assert_close(model.bits_per_dim(images, torch.Generator().manual_seed(1)), expected)
+    assert ((x >= -0.5) & (x < 0.5)).all()
+
+
+# Smallest models that still train: one Glow level of one step; one RealNVP scale (four checkerboard couplings).
+CONVERGENCE_MODELS = {
+    "realnvp": lambda: RealNVP(IMAGE_SHAPE, num_scales=1, hidden_channels=8),
+    "glow": lambda: Glow(IMAGE_SHAPE, num_levels=1, depth=1, hidden_channels=8,
+                         generator=torch.Generator().manual_seed(0)),
+}
+
+
+@pytest.mark.parametrize("name", CONVERGENCE_MODELS)
+def test_training_converges_with_the_same_curve_under_both_impls(name):
+    """A few Adam steps on 4 tiny images: bits/dim goes down, and Triton's curve follows eager's."""
+    images = torch.randint(0, 256, (4,) + IMAGE_SHAPE, generator=torch.Generator().manual_seed(14)) // 64 * 64
+    curves = {}
+    for impl in ("eager", "triton"):
+        torch.manual_seed(0)
+        model = _perturb(CONVERGENCE_MODELS[name](), seed=1, scale=0.05)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        curve = []
+        for step in range(8):
+            with use_impl(impl):
+                loss = model.bits_per_dim(images, torch.Generator().manual_seed(step)).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            curve.append(loss.item())
+        curves[impl] = torch.tensor(curve)
+    assert curves["eager"][-3:].mean() < curves["eager"][:3].mean() - 0.1
+    torch.testing.assert_close(curves["triton"], curves["eager"], rtol=2e-3, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+def test_rejects_bad_layer_arguments():
+    with pytest.raises(ValueError, match="checkerboard.*scale_fn='exp'"):
+        AffineCoupling(4, mask="checkerboard", scale_fn="sigmoid")
+    with pytest.raises(ValueError, match="mask='stripes'"):
+        AffineCoupling(4, mask="stripes")
+    with pytest.raises(ValueError, match="scale_fn='tanh'"):
+        AffineCoupling(4, scale_fn="tanh")
+    with pytest.raises(ValueError, match="even height and width"):
+        Squeeze()(torch.zeros(1, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"x must have shape \[batch, 4, ...spatial\]; got shape \[1, 3, 2, 2\]"):
+        ActNorm(4)(torch.zeros(1, 3, 2, 2))
+
+
+def test_rejects_bad_model_arguments():
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*num_levels = 8"):
+        Glow((3, 12, 12), num_levels=3)
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*\\(num_scales - 1\\) = 4"):
+        RealNVP((3, 6, 6), num_scales=3)
+    model = RealNVP((3, 4, 4), num_scales=1, hidden_channels=4)
+    with pytest.raises(ValueError, match=r"x must have shape \[batch, 3, 4, 4\]; got shape \[2, 3, 8, 8\]"):
+        model(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"z must have shape \[batch, 48\]; got \[2, 47\]"):
+        model.inverse(torch.zeros(2, 47))
+    with pytest.raises(ValueError, match="n must be a non-negative int"):
+        model.sample(-1)
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        model.sample(1, temperature=-1.0)
