@@ -1,0 +1,353 @@
+"""Dilated causal 1-D convolution (WaveNet, van den Oord et al. 2016): ``[batch, channels, time]`` in, same length out.
+
+Output step ``t`` sees inputs ``t, t - d, ..., t - (k - 1) d`` and zeros before the start of the sequence. The
+kernels never build the left-padded copy: every tap is a shifted, masked load.
+
+Kernels (tiled implicit GEMMs, ``tl.dot`` over channel blocks and the ``k`` taps):
+- ``_causal_conv_kernel``: forward, and with ``REVERSE`` the input gradient (the same GEMM looking forward in
+  time with the weight's channel axes swapped): ``grad_x[ci, s] = sum_{co, j} W[co, ci, j] g[co, s + (k-1-j) d]``.
+- ``_conv_weight_grad_kernel``: ``grad_W[co, ci, j] = sum_{b, t} g[b, co, t] x[b, ci, t - (k-1-j) d]`` and
+  ``grad_bias[co] = sum_{b, t} g[b, co, t]``, with the (batch, time) reduction split over programs into an fp32
+  workspace that one small sum finishes (deterministic, no atomics).
+
+Dot precision: fp16/bf16 tiles go to ``tl.dot`` as they are (fp32 accumulation) on the GPU; fp32 tiles use the GPU's
+default tf32, like cuDNN's default for convolutions. The CPU interpreter multiplies bf16 tiles wrongly, so there
+(``NATIVE_DOT=False``) tiles are upcast to fp32 first; bf16 and fp16 values are exact in fp32 and tf32, so only
+the GPU's accumulation order differs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .checks import FLOAT_DTYPES, check_float_tensor, check_int, check_same_device, check_same_dtype, describe
+from .launch import CompileVariant, batch_chunks
+from .runtime import compute_dtype, interpreter_enabled, resolve_impl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eager reference: the specification, the fallback and the test oracle
+# ----------------------------------------------------------------------------------------------------------------
+def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            dilation: int = 1) -> torch.Tensor:
+    """Dilated causal convolution in plain PyTorch (WaveNet, van den Oord et al. 2016, Sec. 2.1):
+
+        y[b, o, t] = bias[o] + sum_{i, j} W[o, i, j] * x[b, i, t - (k - 1 - j) * d],   x[b, i, s < 0] = 0
+
+    i.e. ``F.conv1d`` of ``x`` left-padded by ``(k - 1) * d`` zeros. Computes in fp32 (fp64 for fp64 inputs) and
+    returns ``x``'s dtype.
+    """
+    dtype = compute_dtype(x.dtype)
+    pad = (weight.shape[-1] - 1) * dilation
+    out = F.conv1d(F.pad(x.to(dtype), (pad, 0)), weight.to(dtype), None if bias is None else bias.to(dtype),
+                   dilation=dilation)
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _causal_conv_kernel(
+    out_ptr, x_ptr, w_ptr, bias_ptr, add_ptr,
+    c_in, c_out, length, dilation, batch_start,
+    x_sb, x_sc, x_st, w_so, w_si, w_sk, bias_s, out_sb, out_sc, out_st, add_sb, add_sc, add_st,
+    KSIZE: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """``out[b, o, t] = bias[o] + add[b, o, t] + sum_{i, j} W[o, i, j] x[b, i, t -+ (KSIZE-1-j) dilation]``
+    (minus: causal forward; plus with ``REVERSE``: the input gradient), one [BLOCK_CO, BLOCK_T] tile per program."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    batch = (batch_start + tl.program_id(2)).to(tl.int64)
+    co_mask = co < c_out
+    x_base = x_ptr + batch * x_sb
+    acc = tl.zeros((BLOCK_CO, BLOCK_T), dtype=tl.float32)
+    for j in tl.static_range(KSIZE):
+        shift = (KSIZE - 1 - j) * dilation
+        if REVERSE:
+            src = t + shift
+        else:
+            src = t - shift
+        src_mask = (src >= 0) & (src < length)
+        for ci_start in range(0, c_in, BLOCK_CI):
+            ci = ci_start + tl.arange(0, BLOCK_CI)
+            ci_mask = ci < c_in
+            w = tl.load(w_ptr + co[:, None].to(tl.int64) * w_so + ci[None, :] * w_si + j * w_sk,
+                        mask=co_mask[:, None] & ci_mask[None, :], other=0.0)
+            xs = tl.load(x_base + ci[:, None].to(tl.int64) * x_sc + src[None, :].to(tl.int64) * x_st,
+                         mask=ci_mask[:, None] & src_mask[None, :], other=0.0)
+            if NATIVE_DOT:
+                acc = tl.dot(w.to(xs.dtype), xs, acc)
+            else:
+                acc = tl.dot(w.to(tl.float32), xs.to(tl.float32), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co * bias_s, mask=co_mask, other=0.0).to(tl.float32)[:, None]
+    out_mask = co_mask[:, None] & (t < length)[None, :]
+    if HAS_ADD:
+        acc += tl.load(add_ptr + batch * add_sb + co[:, None].to(tl.int64) * add_sc + t[None, :].to(tl.int64) * add_st,
+                       mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + batch * out_sb + co[:, None].to(tl.int64) * out_sc + t[None, :].to(tl.int64) * out_st,
+             acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _conv_weight_grad_kernel(
+    grad_w_ptr, grad_b_ptr, g_ptr, x_ptr,
+    batch, c_out, c_in, length, dilation, num_splits,
+    g_sb, g_sc, g_st, x_sb, x_sc, x_st,
+    KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Split ``s`` of ``grad_W[co, ci, j] = sum_{b, t} g[b, co, t] x[b, ci, t - (KSIZE-1-j) dilation]`` into the
+    contiguous fp32 workspace ``grad_w[s, co, ci, j]`` (and ``grad_b[s, co] = sum g``). Split ``s`` owns the
+    (batch, time-block) pairs ``r = s, s + num_splits, ...``."""
+    co_block = tl.program_id(0)
+    ci_block = tl.program_id(1) // KSIZE
+    j = tl.program_id(1) % KSIZE
+    split = tl.program_id(2)
+    co = co_block * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci = ci_block * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    co_mask = co < c_out
+    ci_mask = ci < c_in
+    shift = (KSIZE - 1 - j) * dilation
+    time_blocks = tl.cdiv(length, BLOCK_T)
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    for r in range(split, batch * time_blocks, num_splits):
+        b = (r // time_blocks).to(tl.int64)
+        t = (r % time_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        src = t - shift
+        g = tl.load(g_ptr + b * g_sb + co[:, None].to(tl.int64) * g_sc + t[None, :].to(tl.int64) * g_st,
+                    mask=co_mask[:, None] & (t < length)[None, :], other=0.0)
+        xs = tl.load(x_ptr + b * x_sb + ci[None, :].to(tl.int64) * x_sc + src[:, None].to(tl.int64) * x_st,
+                     mask=ci_mask[None, :] & ((src >= 0) & (src < length))[:, None], other=0.0)
+        if NATIVE_DOT:
+            acc = tl.dot(g.to(xs.dtype), xs, acc)
+        else:
+            acc = tl.dot(g.to(tl.float32), xs.to(tl.float32), acc)
+        if HAS_BIAS:
+            bias_acc += tl.sum(g.to(tl.float32), axis=1)
+    offsets = ((split * c_out + co[:, None]).to(tl.int64) * c_in + ci[None, :]) * KSIZE + j
+    tl.store(grad_w_ptr + offsets, acc, mask=co_mask[:, None] & ci_mask[None, :])
+    if HAS_BIAS:
+        if (ci_block == 0) & (j == 0):
+            tl.store(grad_b_ptr + split * c_out + co, bias_acc, mask=co_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers (shared with kernels/wavenet.py)
+# ----------------------------------------------------------------------------------------------------------------
+CONV_BLOCK_T = 64
+MAX_CHANNEL_BLOCK = 64
+# Programs the weight-gradient reduction aims for: a few waves of an H100's 132 SMs.
+TARGET_PROGRAMS = 528
+
+
+def channel_block(channels: int) -> int:
+    """A ``tl.dot`` operand block for ``channels``: a power of two in [16, 64]."""
+    return max(16, min(MAX_CHANNEL_BLOCK, triton.next_power_of_2(max(channels, 1))))
+
+
+def native_dot() -> bool:
+    """Whether kernels hand fp16/bf16 tiles to ``tl.dot`` unconverted (everywhere but the CPU interpreter)."""
+    return not interpreter_enabled()
+
+
+def launch_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int, *,
+                       reverse: bool = False, add: Optional[torch.Tensor] = None,
+                       out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``[batch, c_out, time]`` = the (reverse) causal convolution of ``x`` plus ``bias`` and ``add``.
+
+    Forward: ``weight`` is ``[c_out, c_in, k]``. Reverse (input gradient): ``x`` is the output gradient and
+    ``weight`` the forward weight ``[c_in_fwd, c_out_fwd, k]``; its first two axes are swapped by strides."""
+    batch, c_in, length = x.shape
+    ksize = weight.shape[2]
+    w_so, w_si, w_sk = weight.stride()
+    c_out = weight.shape[0]
+    if reverse:
+        w_so, w_si = w_si, w_so
+        c_out = weight.shape[1]
+    out = torch.empty((batch, c_out, length), device=x.device, dtype=out_dtype or x.dtype)
+    if out.numel() == 0:
+        return out
+    add_strides = add.stride() if add is not None else (0, 0, 0)
+    block_co, block_ci = channel_block(c_out), channel_block(c_in)
+    grid_t, grid_co = triton.cdiv(length, CONV_BLOCK_T), triton.cdiv(c_out, block_co)
+    for start, count in batch_chunks(batch):
+        _causal_conv_kernel[(grid_t, grid_co, count)](
+            out, x, weight, bias if bias is not None else weight, add if add is not None else x,
+            c_in, c_out, length, dilation, start,
+            *x.stride(), w_so, w_si, w_sk, bias.stride(0) if bias is not None else 0, *out.stride(), *add_strides,
+            KSIZE=ksize, REVERSE=reverse, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
+            NATIVE_DOT=native_dot(), BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_T=CONV_BLOCK_T, num_warps=4,
+        )
+    return out
+
+
+def launch_conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, ksize: int, dilation: int,
+                            with_bias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """fp32 ``(grad_weight [c_out, c_in, k], grad_bias [c_out] or None)`` of the causal convolution."""
+    batch, c_out, length = grad_out.shape
+    c_in = x.shape[1]
+    block_co, block_ci = channel_block(c_out), channel_block(c_in)
+    tiles = triton.cdiv(c_out, block_co) * triton.cdiv(c_in, block_ci) * ksize
+    reduction_steps = batch * triton.cdiv(length, CONV_BLOCK_T)
+    splits = max(1, min(reduction_steps, TARGET_PROGRAMS // tiles))
+    if interpreter_enabled():
+        splits = 1  # the interpreter's cost is programs x iterations: splitting only adds the final sum
+    grad_w = torch.zeros((splits, c_out, c_in, ksize), device=x.device, dtype=torch.float32)
+    grad_b = torch.zeros((splits, c_out), device=x.device, dtype=torch.float32) if with_bias else None
+    if reduction_steps > 0 and c_out > 0 and c_in > 0:
+        _conv_weight_grad_kernel[(triton.cdiv(c_out, block_co), triton.cdiv(c_in, block_ci) * ksize, splits)](
+            grad_w, grad_b if with_bias else grad_w, grad_out, x,
+            batch, c_out, c_in, length, dilation, splits, *grad_out.stride(), *x.stride(),
+            KSIZE=ksize, HAS_BIAS=with_bias, NATIVE_DOT=native_dot(),
+            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_T=CONV_BLOCK_T, num_warps=4,
+        )
+    return grad_w.sum(0), (grad_b.sum(0) if with_bias else None)
+
+
+def compile_variants() -> list[CompileVariant]:
+    """Each data dtype with native dots (the GPU path), both directions, with/without bias and addend, the block
+    sizes the launchers can pick (16, 32, 64 channels), and the interpreter's upcast path once."""
+    variants = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for reverse, block in ((False, 64), (True, 16)):
+            variants.append(CompileVariant(
+                _causal_conv_kernel, {"*": f"*{dtype}"},
+                dict(KSIZE=2 if not reverse else 3, REVERSE=reverse, HAS_BIAS=not reverse, HAS_ADD=reverse,
+                     NATIVE_DOT=True, BLOCK_CO=block, BLOCK_CI=64, BLOCK_T=CONV_BLOCK_T), 4))
+        variants.append(CompileVariant(
+            _conv_weight_grad_kernel, {"*": f"*{dtype}", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"},
+            dict(KSIZE=2, HAS_BIAS=True, NATIVE_DOT=True, BLOCK_CO=64, BLOCK_CI=32, BLOCK_T=CONV_BLOCK_T), 4))
+    variants.append(CompileVariant(
+        _causal_conv_kernel, {"*": "*bf16"},
+        dict(KSIZE=1, REVERSE=False, HAS_BIAS=True, HAS_ADD=False, NATIVE_DOT=False, BLOCK_CO=32, BLOCK_CI=16,
+             BLOCK_T=CONV_BLOCK_T), 4))
+    variants.append(CompileVariant(
+        _conv_weight_grad_kernel, {"*": "*bf16", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"},
+        dict(KSIZE=1, HAS_BIAS=False, NATIVE_DOT=False, BLOCK_CO=16, BLOCK_CI=64, BLOCK_T=CONV_BLOCK_T), 4))
+    return variants
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration (usable under torch.compile(fullgraph=True))
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("genkernels::causal_conv1d", mutates_args=())
+def _causal_conv1d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      dilation: int) -> torch.Tensor:
+    return launch_causal_conv(x, weight, bias, dilation)
+
+
+@_causal_conv1d_op.register_fake
+def _causal_conv1d_fake(x, weight, bias, dilation):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2]))
+
+
+@torch.library.custom_op("genkernels::causal_conv1d_backward", mutates_args=())
+def _causal_conv1d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dilation: int,
+                               with_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_x = launch_causal_conv(grad_out, weight, None, dilation, reverse=True)
+    grad_w, grad_b = launch_conv_weight_grad(grad_out, x, weight.shape[2], dilation, with_bias)
+    if grad_b is None:
+        grad_b = grad_w.new_zeros((0,))
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
+
+
+@_causal_conv1d_backward_op.register_fake
+def _causal_conv1d_backward_fake(grad_out, x, weight, dilation, with_bias):
+    grad_b = weight.new_empty((weight.shape[0] if with_bias else 0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), grad_b
+
+
+def _causal_conv1d_setup_context(ctx, inputs, output):
+    x, weight, bias, dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.dilation = dilation
+    ctx.with_bias = bias is not None
+
+
+def _causal_conv1d_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_w, grad_b = torch.ops.genkernels.causal_conv1d_backward(grad_out, x, weight, ctx.dilation,
+                                                                         ctx.with_bias)
+    return grad_x, grad_w, (grad_b if ctx.with_bias else None), None
+
+
+_causal_conv1d_op.register_autograd(_causal_conv1d_backward, setup_context=_causal_conv1d_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+# fp64 runs the eager reference only (it is the test oracle); the kernels take fp32/fp16/bf16.
+EAGER_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def check_kernel_dtype(x: torch.Tensor, name: str, op: str) -> None:
+    """Reject fp64 for ``impl='triton'`` (the eager reference accepts it)."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: impl='triton' takes fp32/fp16/bf16; got {name} with {describe(x)}; "
+                        "use impl='eager' for float64")
+
+
+def check_conv_arguments(x: object, weight: object, bias: object, dilation: object, *, x_name: str = "x",
+                         weight_name: str = "weight", bias_name: str = "bias") -> torch.device:
+    """Validate a causal convolution's ``x [batch, c_in, time]``, ``weight [c_out, c_in, k]``, ``bias [c_out]``
+    and ``dilation >= 1``; returns the device. Any kernel size ``k >= 1`` is allowed (even sizes too: WaveNet's
+    filters are 2 wide); odd sizes are only required by the centred masked 2-D convolution."""
+    check_float_tensor(x, x_name, EAGER_DTYPES)
+    check_float_tensor(weight, weight_name, EAGER_DTYPES)
+    if x.dim() != 3:
+        raise ValueError(f"{x_name} must be 3-D [batch, channels, time]; got {describe(x)}")
+    if weight.dim() != 3:
+        raise ValueError(f"{weight_name} must be 3-D [out_channels, in_channels, kernel_size]; got {describe(weight)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{weight_name} must have in_channels = {x_name}.shape[1] = {x.shape[1]}; "
+                         f"got {describe(weight)}")
+    if weight.shape[2] < 1:
+        raise ValueError(f"{weight_name} must have kernel_size >= 1; got {describe(weight)}")
+    check_same_dtype(x, x_name, weight, weight_name)
+    named = [(x_name, x), (weight_name, weight)]
+    if bias is not None:
+        check_float_tensor(bias, bias_name, EAGER_DTYPES)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{bias_name} must have shape [out_channels] = [{weight.shape[0]}]; got {describe(bias)}")
+        check_same_dtype(x, x_name, bias, bias_name)
+        named.append((bias_name, bias))
+    dilation = check_int(dilation, "dilation")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1; got {dilation}")
+    return check_same_device(named)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, dilation: int = 1,
+                  impl: str = "auto") -> torch.Tensor:
+    """Dilated causal 1-D convolution, output as long as the input (WaveNet's building block).
+
+        y[b, o, t] = bias[o] + sum_{i, j} W[o, i, j] * x[b, i, t - (k - 1 - j) * d]    (zeros before t = 0)
+
+    Equal to ``F.conv1d(F.pad(x, ((k - 1) * d, 0)), weight, bias, dilation=d)`` without the padded copy.
+    Differentiable in ``x``, ``weight`` and ``bias`` (Triton backward kernels).
+
+    Args:
+        x: ``[batch, in_channels, time]``, fp32/fp16/bf16 (fp64: eager only), any strides.
+        weight: ``[out_channels, in_channels, kernel_size]`` (``nn.Conv1d``'s layout), any kernel size >= 1.
+        bias: ``[out_channels]`` or None.
+        dilation: spacing of the taps, >= 1.
+        impl: "auto", "triton" or "eager".
+
+    Returns:
+        ``[batch, out_channels, time]`` in ``x``'s dtype (fp32 accumulation).
+    """
+    device = check_conv_arguments(x, weight, bias, dilation)
+    impl = resolve_impl(impl, device, "causal_conv1d")
+    if impl == "eager":
+        return causal_conv1d_reference(x, weight, bias, dilation)
+    check_kernel_dtype(x, "x", "causal_conv1d")
+    return torch.ops.genkernels.causal_conv1d(x, weight, bias, dilation)

@@ -1,0 +1,765 @@
+"""WaveNet's gated residual layer, fused, and the incremental step that advances a whole WaveNet by one sample.
+
+Residual layer (van den Oord et al. 2016, eq. 2 and Fig. 4), with ``R`` residual, ``D`` gate ("dilation") and
+``S`` skip channels:
+
+    h        = causal_conv_d(x; W_conv [2D, R, k]) + b_conv (+ V c)        h = [filter (first D) ; gate (last D)]
+    z        = tanh(filter) * sigmoid(gate)                                 [batch, D, time]
+    residual = x + W_res z + b_res                                          [batch, R, time]
+    skip     = W_skip z + b_skip                                            [batch, S, time]
+
+Passes over the activations (``[batch, *, time]`` tensors):
+- forward, one kernel: reads ``x`` (its ``k`` shifted tiles come from cache), writes ``residual`` and ``skip``,
+  and, when a gradient is needed, the pre-activation ``h`` (2D channels) for the backward.
+- backward, three passes: (1) one kernel reads ``grad_residual``, ``grad_skip`` and ``h``, forms
+  ``dz = W_res^T grad_residual + W_skip^T grad_skip`` and the gate derivatives, writes ``dh`` and ``z``;
+  (2) ``grad_x = grad_residual + (reverse causal conv of dh)``, one kernel: it needs ``dh`` at later times owned by
+  other tiles, hence a pass of its own; (3) the three weight/bias-gradient reductions (``dh`` with ``x``,
+  ``grad_residual`` and ``grad_skip`` with ``z``).
+
+Conditioning (``V c`` above): a global ``c [batch, C]`` or local ``c [batch, C, time]`` projected by
+``cond_weight [2D, C]`` with one PyTorch GEMM outside the kernel; the kernel adds the projection before the gate.
+
+Incremental step (Fast WaveNet, Paine et al. 2016): see :class:`WaveNetCache` for the cache layout.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .causal_conv import (
+    EAGER_DTYPES,
+    causal_conv1d_reference,
+    check_conv_arguments,
+    check_kernel_dtype,
+    launch_causal_conv,
+    launch_conv_weight_grad,
+    native_dot,
+)
+from .checks import check_float_tensor, check_int, check_same_device, check_same_dtype, describe
+from .launch import CompileVariant, batch_chunks
+from .runtime import compute_dtype, resolve_impl
+from .triton_helpers import sigmoid, tanh
+
+# The fused kernels keep all D gate channels of a time tile in registers.
+MAX_GATE_CHANNELS = 256
+# The step kernel keeps a layer's weights in registers/shared memory: the widest residual/gate channels that fit
+# Hopper's 227 KB (fp32 dots stage fp32 operands, twice the bytes), and the widest skip width.
+MAX_STEP_CHANNELS = {torch.float32: 64, torch.float16: 128, torch.bfloat16: 128}
+MAX_STEP_SKIP_CHANNELS = 256
+COND_NONE, COND_GLOBAL, COND_LOCAL = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eager references: the specification, the fallback and the test oracle
+# ----------------------------------------------------------------------------------------------------------------
+def _add_cond(h: torch.Tensor, cond_proj: Optional[torch.Tensor]) -> torch.Tensor:
+    if cond_proj is None:
+        return h
+    return h + (cond_proj.to(h.dtype)[..., None] if cond_proj.dim() == 2 else cond_proj.to(h.dtype))
+
+
+def gated_activation(h: torch.Tensor) -> torch.Tensor:
+    """``tanh(filter) * sigmoid(gate)`` with ``h = [filter ; gate]`` split along channels (eq. 2)."""
+    filt, gate = h.chunk(2, dim=1)
+    return torch.tanh(filt) * torch.sigmoid(gate)
+
+
+def wavenet_residual_layer_reference(x, conv_weight, conv_bias, residual_weight, residual_bias, skip_weight,
+                                     skip_bias, dilation: int, cond_proj: Optional[torch.Tensor] = None):
+    """WaveNet's gated residual layer in plain PyTorch (eq. 2 and Fig. 4 of van den Oord et al. 2016):
+
+        h = causal_conv_d(x, W_conv) + b_conv + cond_proj,  z = tanh(h[:D]) * sigmoid(h[D:])
+        residual = x + W_res z + b_res,  skip = W_skip z + b_skip
+
+    ``residual_weight``/``skip_weight`` are ``[out, D]``; ``cond_proj`` is ``[batch, 2D]`` (global) or
+    ``[batch, 2D, time]`` (local) or None. Computes in fp32 (fp64 for fp64 inputs); returns ``x``'s dtype.
+    """
+    dtype = compute_dtype(x.dtype)
+    h = _add_cond(causal_conv1d_reference(x.to(dtype), conv_weight.to(dtype), conv_bias.to(dtype), dilation),
+                  cond_proj)
+    z = gated_activation(h)
+    residual = x.to(dtype) + torch.einsum("od,bdt->bot", residual_weight.to(dtype), z) \
+        + residual_bias.to(dtype)[:, None]
+    skip = torch.einsum("od,bdt->bot", skip_weight.to(dtype), z) + skip_bias.to(dtype)[:, None]
+    return residual.to(x.dtype), skip.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels: the fused layer
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, NATIVE_DOT: tl.constexpr):
+    """``acc + a @ b``: operands in ``b``'s storage dtype on the GPU, fp32 in the interpreter (see causal_conv).
+    fp32 operands multiply in full fp32 (not tf32): an fp32 model then samples the same values from the cached
+    step and from the layered forward, whose logits would otherwise differ by tf32 rounding."""
+    if NATIVE_DOT:
+        if b.dtype == tl.float32:
+            return tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
+        return tl.dot(a.to(b.dtype), b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+
+
+@triton.jit
+def _residual_layer_fwd_kernel(
+    res_ptr, skip_ptr, h_ptr, x_ptr, wc_ptr, bc_ptr, cond_ptr, wr_ptr, br_ptr, ws_ptr, bs_ptr,
+    channels, gate_channels, skip_channels, length, dilation, batch_start,
+    x_sb, x_sc, x_st, wc_so, wc_si, wc_sk, wr_so, wr_si, ws_so, ws_si, bc_s, br_s, bs_s, cond_sb, cond_sc, cond_st,
+    res_sb, res_sc, res_st, skip_sb, skip_sc, skip_st,
+    KSIZE: tl.constexpr, HAS_COND: tl.constexpr, STORE_H: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One [all channels, BLOCK_T] time tile of one sample: conv -> gate -> residual and skip projections."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    batch = (batch_start + tl.program_id(1)).to(tl.int64)
+    t_mask = t < length
+    t64 = t.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < gate_channels
+    x_base = x_ptr + batch * x_sb
+
+    # h = dilated causal conv: filter and gate halves as two [BLOCK_D, BLOCK_T] accumulators
+    filt = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+    gate = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+    for j in tl.static_range(KSIZE):
+        src = t - (KSIZE - 1 - j) * dilation
+        src_mask = (src >= 0) & t_mask
+        for c_start in range(0, channels, BLOCK_C):
+            c = c_start + tl.arange(0, BLOCK_C)
+            c_mask = c < channels
+            xs = tl.load(x_base + c[:, None].to(tl.int64) * x_sc + src[None, :].to(tl.int64) * x_st,
+                         mask=c_mask[:, None] & src_mask[None, :], other=0.0)
+            w_offsets = d[:, None] * wc_so + c[None, :] * wc_si + j * wc_sk
+            w_mask = d_mask[:, None] & c_mask[None, :]
+            filt = _dot(tl.load(wc_ptr + w_offsets, mask=w_mask, other=0.0), xs, filt, NATIVE_DOT)
+            gate = _dot(tl.load(wc_ptr + gate_channels * wc_so + w_offsets, mask=w_mask, other=0.0), xs, gate,
+                        NATIVE_DOT)
+    filt += tl.load(bc_ptr + d * bc_s, mask=d_mask, other=0.0).to(tl.float32)[:, None]
+    gate += tl.load(bc_ptr + (gate_channels + d) * bc_s, mask=d_mask, other=0.0).to(tl.float32)[:, None]
+    dt_mask = d_mask[:, None] & t_mask[None, :]
+    if HAS_COND:  # global conditioning arrives with cond_st == 0
+        cond_offsets = batch * cond_sb + d[:, None].to(tl.int64) * cond_sc + t64[None, :] * cond_st
+        filt += tl.load(cond_ptr + cond_offsets, mask=dt_mask, other=0.0).to(tl.float32)
+        gate += tl.load(cond_ptr + gate_channels * cond_sc + cond_offsets, mask=dt_mask, other=0.0).to(tl.float32)
+    if STORE_H:  # h is a fresh contiguous [batch, 2D, time]
+        h_offsets = (batch * 2 * gate_channels + d[:, None]) * length + t64[None, :]
+        tl.store(h_ptr + h_offsets, filt.to(h_ptr.dtype.element_ty), mask=dt_mask)
+        tl.store(h_ptr + gate_channels * length + h_offsets, gate.to(h_ptr.dtype.element_ty), mask=dt_mask)
+    z = tanh(filt) * sigmoid(gate)
+    z = tl.where(dt_mask, z, 0.0).to(x_ptr.dtype.element_ty)
+
+    # residual = x + W_res z + b_res, one block of output channels at a time
+    for c_start in range(0, channels, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < channels
+        w = tl.load(wr_ptr + c[:, None] * wr_so + d[None, :] * wr_si, mask=c_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        out = _dot(w, z, tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32), NATIVE_DOT)
+        out += tl.load(br_ptr + c * br_s, mask=c_mask, other=0.0).to(tl.float32)[:, None]
+        out_mask = c_mask[:, None] & t_mask[None, :]
+        out += tl.load(x_base + c[:, None].to(tl.int64) * x_sc + t64[None, :] * x_st, mask=out_mask,
+                       other=0.0).to(tl.float32)
+        tl.store(res_ptr + batch * res_sb + c[:, None].to(tl.int64) * res_sc + t64[None, :] * res_st,
+                 out.to(res_ptr.dtype.element_ty), mask=out_mask)
+    # skip = W_skip z + b_skip
+    for s_start in range(0, skip_channels, BLOCK_C):
+        s = s_start + tl.arange(0, BLOCK_C)
+        s_mask = s < skip_channels
+        w = tl.load(ws_ptr + s[:, None] * ws_so + d[None, :] * ws_si, mask=s_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        out = _dot(w, z, tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32), NATIVE_DOT)
+        out += tl.load(bs_ptr + s * bs_s, mask=s_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(skip_ptr + batch * skip_sb + s[:, None].to(tl.int64) * skip_sc + t64[None, :] * skip_st,
+                 out.to(skip_ptr.dtype.element_ty), mask=s_mask[:, None] & t_mask[None, :])
+
+
+@triton.jit
+def _residual_layer_bwd_gate_kernel(
+    dh_ptr, z_ptr, h_ptr, g_res_ptr, g_skip_ptr, wr_ptr, ws_ptr,
+    channels, gate_channels, skip_channels, length, batch_start,
+    g_res_sb, g_res_sc, g_res_st, g_skip_sb, g_skip_sc, g_skip_st, wr_so, wr_si, ws_so, ws_si,
+    NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Backward pass 1: ``dz = W_res^T g_res + W_skip^T g_skip``, then through the gate:
+    ``d filter = dz * sigmoid(gate) * (1 - tanh(filter)^2)``, ``d gate = dz * tanh(filter) * s (1 - s)``.
+    Writes ``dh`` and ``z`` (both fresh contiguous tensors) for the input- and weight-gradient passes."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    batch = (batch_start + tl.program_id(1)).to(tl.int64)
+    t_mask = t < length
+    t64 = t.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < gate_channels
+    dz = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+    for c_start in range(0, channels, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < channels
+        g = tl.load(g_res_ptr + batch * g_res_sb + c[:, None].to(tl.int64) * g_res_sc + t64[None, :] * g_res_st,
+                    mask=c_mask[:, None] & t_mask[None, :], other=0.0)
+        w_t = tl.load(wr_ptr + c[None, :] * wr_so + d[:, None] * wr_si, mask=c_mask[None, :] & d_mask[:, None],
+                      other=0.0)
+        dz = _dot(w_t, g, dz, NATIVE_DOT)
+    for s_start in range(0, skip_channels, BLOCK_C):
+        s = s_start + tl.arange(0, BLOCK_C)
+        s_mask = s < skip_channels
+        g = tl.load(g_skip_ptr + batch * g_skip_sb + s[:, None].to(tl.int64) * g_skip_sc + t64[None, :] * g_skip_st,
+                    mask=s_mask[:, None] & t_mask[None, :], other=0.0)
+        w_t = tl.load(ws_ptr + s[None, :] * ws_so + d[:, None] * ws_si, mask=s_mask[None, :] & d_mask[:, None],
+                      other=0.0)
+        dz = _dot(w_t, g, dz, NATIVE_DOT)
+    dt_mask = d_mask[:, None] & t_mask[None, :]
+    h_offsets = (batch * 2 * gate_channels + d[:, None]) * length + t64[None, :]
+    filt = tl.load(h_ptr + h_offsets, mask=dt_mask, other=0.0).to(tl.float32)
+    gate = tl.load(h_ptr + gate_channels * length + h_offsets, mask=dt_mask, other=0.0).to(tl.float32)
+    tanh_f = tanh(filt)
+    sig_g = sigmoid(gate)
+    d_filt = dz * sig_g * (1.0 - tanh_f * tanh_f)
+    d_gate = dz * tanh_f * sig_g * (1.0 - sig_g)
+    tl.store(dh_ptr + h_offsets, d_filt.to(dh_ptr.dtype.element_ty), mask=dt_mask)
+    tl.store(dh_ptr + gate_channels * length + h_offsets, d_gate.to(dh_ptr.dtype.element_ty), mask=dt_mask)
+    z_offsets = (batch * gate_channels + d[:, None]) * length + t64[None, :]
+    tl.store(z_ptr + z_offsets, (tanh_f * sig_g).to(z_ptr.dtype.element_ty), mask=dt_mask)
+
+
+LAYER_BLOCK_C = 32
+
+
+def _layer_blocks(gate_channels: int) -> tuple[int, int]:
+    """``(BLOCK_D, BLOCK_T)``: every gate channel in one tile; shorter time tiles for wide gates."""
+    block_d = max(16, triton.next_power_of_2(gate_channels))
+    return block_d, (64 if block_d <= 64 else 32)
+
+
+def _launch_residual_layer_forward(x, conv_weight, conv_bias, cond_proj, residual_weight, residual_bias,
+                                   skip_weight, skip_bias, dilation: int, save_h: bool):
+    batch, channels, length = x.shape
+    gate_channels = conv_weight.shape[0] // 2
+    skip_channels = skip_weight.shape[0]
+    residual = torch.empty_like(x, memory_format=torch.contiguous_format)
+    skip = x.new_empty((batch, skip_channels, length))
+    h = x.new_empty((batch, 2 * gate_channels, length) if save_h else (0,))
+    if x.numel() == 0 or length == 0:
+        return residual, skip, h
+    if cond_proj is None:
+        cond_strides = (0, 0, 0)
+    elif cond_proj.dim() == 2:
+        cond_strides = (cond_proj.stride(0), cond_proj.stride(1), 0)
+    else:
+        cond_strides = cond_proj.stride()
+    block_d, block_t = _layer_blocks(gate_channels)
+    for start, count in batch_chunks(batch):
+        _residual_layer_fwd_kernel[(triton.cdiv(length, block_t), count)](
+            residual, skip, h if save_h else residual, x, conv_weight, conv_bias,
+            cond_proj if cond_proj is not None else x, residual_weight, residual_bias, skip_weight, skip_bias,
+            channels, gate_channels, skip_channels, length, dilation, start,
+            *x.stride(), *conv_weight.stride(), *residual_weight.stride(), *skip_weight.stride(),
+            conv_bias.stride(0), residual_bias.stride(0), skip_bias.stride(0), *cond_strides,
+            *residual.stride(), *skip.stride(),
+            KSIZE=conv_weight.shape[2], HAS_COND=cond_proj is not None, STORE_H=save_h, NATIVE_DOT=native_dot(),
+            BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C, BLOCK_T=block_t, num_warps=4,
+        )
+    return residual, skip, h
+
+
+def _launch_residual_layer_backward(grad_residual, grad_skip, x, h, conv_weight, residual_weight, skip_weight,
+                                    dilation: int):
+    batch, channels, length = x.shape
+    gate_channels = conv_weight.shape[0] // 2
+    dh = x.new_empty((batch, 2 * gate_channels, length))
+    z = x.new_empty((batch, gate_channels, length))
+    block_d, block_t = _layer_blocks(gate_channels)
+    if x.numel() > 0:
+        for start, count in batch_chunks(batch):
+            _residual_layer_bwd_gate_kernel[(triton.cdiv(length, block_t), count)](
+                dh, z, h, grad_residual, grad_skip, residual_weight, skip_weight,
+                channels, gate_channels, skip_weight.shape[0], length, start,
+                *grad_residual.stride(), *grad_skip.stride(), *residual_weight.stride(), *skip_weight.stride(),
+                NATIVE_DOT=native_dot(), BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C, BLOCK_T=block_t, num_warps=4,
+            )
+    grad_x = launch_causal_conv(dh, conv_weight, None, dilation, reverse=True, add=grad_residual)
+    grad_wc, grad_bc = launch_conv_weight_grad(dh, x, conv_weight.shape[2], dilation, True)
+    grad_wr, grad_br = launch_conv_weight_grad(grad_residual, z, 1, 1, True)
+    grad_ws, grad_bs = launch_conv_weight_grad(grad_skip, z, 1, 1, True)
+    return grad_x, dh, grad_wc, grad_bc, grad_wr[..., 0], grad_br, grad_ws[..., 0], grad_bs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel: the incremental step
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["position"])
+def _wavenet_step_kernel(
+    skip_out_ptr, x_ptr, cache_ptr, table_ptr, wc_ptr, bc_ptr, cond_ptr, wr_ptr, br_ptr, ws_ptr, bs_ptr,
+    batch, num_layers, channels, gate_channels, skip_channels, position,
+    x_sb, x_sc, cache_ss, cache_sb, cache_sc, wc_sl, wc_so, wc_si, wc_sk, bc_sl, bc_so, cond_sl, cond_sb, cond_sc,
+    wr_sl, wr_so, wr_si, br_sl, br_so, ws_sl, ws_so, ws_si, bs_sl, bs_so, skip_sb, skip_sc,
+    KSIZE: tl.constexpr, HAS_COND: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Time step ``position`` of every residual layer for BLOCK_B samples; each layer's taps are read from its
+    ring buffer before the layer's input is written to it, and the skip sum is written once at the end."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_mask = b < batch
+    b64 = b.to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    d = tl.arange(0, BLOCK_D)
+    s = tl.arange(0, BLOCK_S)
+    c_mask = c < channels
+    d_mask = d < gate_channels
+    s_mask = s < skip_channels
+    bc_mask = b_mask[:, None] & c_mask[None, :]
+    cd_mask = c_mask[:, None] & d_mask[None, :]
+    x = tl.load(x_ptr + b64[:, None] * x_sb + c[None, :] * x_sc, mask=bc_mask, other=0.0).to(tl.float32)
+    skip = tl.zeros((BLOCK_B, BLOCK_S), dtype=tl.float32)
+    cache_rows = b64[:, None] * cache_sb + c[None, :] * cache_sc
+    for layer in range(num_layers):
+        dilation = tl.load(table_ptr + 3 * layer)
+        first_slot = tl.load(table_ptr + 3 * layer + 1)
+        queue = tl.load(table_ptr + 3 * layer + 2)
+        wc_layer = wc_ptr + layer * wc_sl
+        # the taps: [BLOCK_B, C] rows of past inputs (tap KSIZE-1 is the current input x)
+        filt = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+        gate = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+        for j in tl.static_range(KSIZE):
+            if j == KSIZE - 1:
+                tap = x.to(cache_ptr.dtype.element_ty)
+            else:
+                back = (KSIZE - 1 - j) * dilation
+                valid = position >= back
+                slot = first_slot + tl.where(valid, (position - back) % queue, 0)
+                tap_mask = bc_mask & (tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int32) + back <= position)
+                tap = tl.load(cache_ptr + slot * cache_ss + cache_rows, mask=tap_mask, other=0.0)
+            w_offsets = d[None, :] * wc_so + c[:, None] * wc_si + j * wc_sk  # [C, D] = W[d, c, j]^T
+            filt = _dot(tap, tl.load(wc_layer + w_offsets, mask=cd_mask, other=0.0), filt, NATIVE_DOT)
+            gate = _dot(tap, tl.load(wc_layer + gate_channels * wc_so + w_offsets, mask=cd_mask, other=0.0), gate,
+                        NATIVE_DOT)
+        if KSIZE > 1:
+            slot = first_slot + position % queue
+            tl.store(cache_ptr + slot * cache_ss + cache_rows, x.to(cache_ptr.dtype.element_ty), mask=bc_mask)
+        filt += tl.load(bc_ptr + layer * bc_sl + d * bc_so, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        gate += tl.load(bc_ptr + layer * bc_sl + (gate_channels + d) * bc_so, mask=d_mask, other=0.0).to(
+            tl.float32)[None, :]
+        if HAS_COND:
+            cond_offsets = layer * cond_sl + b64[:, None] * cond_sb + d[None, :] * cond_sc
+            bd_mask = b_mask[:, None] & d_mask[None, :]
+            filt += tl.load(cond_ptr + cond_offsets, mask=bd_mask, other=0.0).to(tl.float32)
+            gate += tl.load(cond_ptr + cond_offsets + gate_channels * cond_sc, mask=bd_mask, other=0.0).to(tl.float32)
+        z = tanh(filt) * sigmoid(gate)
+        z = tl.where(d_mask[None, :], z, 0.0).to(cache_ptr.dtype.element_ty)
+        w_res = tl.load(wr_ptr + layer * wr_sl + c[None, :] * wr_so + d[:, None] * wr_si,
+                        mask=d_mask[:, None] & c_mask[None, :], other=0.0)  # [D, C]
+        x = _dot(z, w_res, x, NATIVE_DOT)
+        x += tl.load(br_ptr + layer * br_sl + c * br_so, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        # the layered forward stores each residual output in the model's dtype: round the same way
+        x = x.to(cache_ptr.dtype.element_ty).to(tl.float32)
+        w_skip = tl.load(ws_ptr + layer * ws_sl + s[None, :] * ws_so + d[:, None] * ws_si,
+                         mask=d_mask[:, None] & s_mask[None, :], other=0.0)  # [D, S]
+        skip = _dot(z, w_skip, skip, NATIVE_DOT)
+        skip += tl.load(bs_ptr + layer * bs_sl + s * bs_so, mask=s_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(skip_out_ptr + b64[:, None] * skip_sb + s[None, :] * skip_sc, skip.to(skip_out_ptr.dtype.element_ty),
+             mask=b_mask[:, None] & s_mask[None, :])
+
+
+STEP_BLOCK_B = 16
+
+
+def _step_num_warps(block_c: int, block_d: int, block_s: int) -> int:
+    return 8 if block_d * max(block_c, block_s) > 64 * 64 else 4
+
+
+def _launch_wavenet_step(x, cache_buffer, layer_table, position, conv_weight, conv_bias, cond_proj,
+                         residual_weight, residual_bias, skip_weight, skip_bias):
+    batch, channels = x.shape
+    num_layers, two_d, _, ksize = conv_weight.shape
+    gate_channels, skip_channels = two_d // 2, skip_weight.shape[1]
+    skip = x.new_empty((batch, skip_channels))
+    if batch == 0:
+        return skip
+    cond_strides = cond_proj.stride() if cond_proj is not None else (0, 0, 0)
+    block_c, block_d, block_s = (max(16, triton.next_power_of_2(n)) for n in (channels, gate_channels, skip_channels))
+    _wavenet_step_kernel[(triton.cdiv(batch, STEP_BLOCK_B),)](
+        skip, x, cache_buffer, layer_table, conv_weight, conv_bias, cond_proj if cond_proj is not None else x,
+        residual_weight, residual_bias, skip_weight, skip_bias,
+        batch, num_layers, channels, gate_channels, skip_channels, position,
+        *x.stride(), *cache_buffer.stride(), *conv_weight.stride(), *conv_bias.stride(), *cond_strides,
+        *residual_weight.stride(), *residual_bias.stride(), *skip_weight.stride(), *skip_bias.stride(),
+        *skip.stride(),
+        KSIZE=ksize, HAS_COND=cond_proj is not None, NATIVE_DOT=native_dot(),
+        BLOCK_B=STEP_BLOCK_B, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_S=block_s,
+        num_warps=_step_num_warps(block_c, block_d, block_s),
+    )
+    return skip
+
+
+def compile_variants() -> list[CompileVariant]:
+    """Each dtype of each kernel with native dots, the gate widths the launchers pick (BLOCK_D 16..256 with their
+    time tiles), conditioning on and off, and the interpreter's upcast path once per kernel."""
+    variants = []
+    fwd_base = dict(KSIZE=2, HAS_COND=False, STORE_H=True, NATIVE_DOT=True, BLOCK_C=LAYER_BLOCK_C)
+    for dtype, gate_channels, switches in (("fp32", 64, {}), ("fp16", 16, dict(HAS_COND=True, KSIZE=3)),
+                                           ("bf16", 256, dict(STORE_H=False)), ("bf16", 128, dict(NATIVE_DOT=False))):
+        block_d, block_t = _layer_blocks(gate_channels)
+        variants.append(CompileVariant(_residual_layer_fwd_kernel, {"*": f"*{dtype}"},
+                                       dict(fwd_base, BLOCK_D=block_d, BLOCK_T=block_t, **switches), 4))
+    for dtype, gate_channels, native in (("fp32", 64, True), ("fp16", 256, True), ("bf16", 32, True),
+                                         ("bf16", 64, False)):
+        block_d, block_t = _layer_blocks(gate_channels)
+        variants.append(CompileVariant(_residual_layer_bwd_gate_kernel, {"*": f"*{dtype}"},
+                                       dict(NATIVE_DOT=native, BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C,
+                                            BLOCK_T=block_t), 4))
+    step_pointers = {"table_ptr": "*i64"}
+    for dtype, (c, d, s), switches in (("fp32", (64, 64, 256), dict(HAS_COND=True)), ("fp16", (16, 16, 16), {}),
+                                       ("bf16", (128, 128, 256), dict(KSIZE=3)),
+                                       ("bf16", (32, 32, 64), dict(NATIVE_DOT=False, KSIZE=1))):
+        constexprs = dict(KSIZE=2, HAS_COND=False, NATIVE_DOT=True, BLOCK_B=STEP_BLOCK_B, BLOCK_C=c, BLOCK_D=d,
+                          BLOCK_S=s)
+        constexprs.update(switches)
+        variants.append(CompileVariant(_wavenet_step_kernel, {"*": f"*{dtype}", **step_pointers}, constexprs,
+                                       _step_num_warps(c, d, s)))
+    return variants
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration (usable under torch.compile(fullgraph=True))
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("genkernels::wavenet_residual_layer", mutates_args=())
+def _residual_layer_op(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+                       cond_proj: Optional[torch.Tensor], residual_weight: torch.Tensor, residual_bias: torch.Tensor,
+                       skip_weight: torch.Tensor, skip_bias: torch.Tensor, dilation: int,
+                       save_for_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_residual_layer_forward(x, conv_weight, conv_bias, cond_proj, residual_weight, residual_bias,
+                                          skip_weight, skip_bias, dilation, save_for_backward)
+
+
+@_residual_layer_op.register_fake
+def _residual_layer_fake(x, conv_weight, conv_bias, cond_proj, residual_weight, residual_bias, skip_weight,
+                         skip_bias, dilation, save_for_backward):
+    batch, _, length = x.shape
+    h_shape = (batch, conv_weight.shape[0], length) if save_for_backward else (0,)
+    return (x.new_empty(x.shape), x.new_empty((batch, skip_weight.shape[0], length)), x.new_empty(h_shape))
+
+
+# grad_x, dh, and the gradients of conv weight, conv bias, residual weight, residual bias, skip weight, skip bias
+_LayerGradients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                        torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("genkernels::wavenet_residual_layer_backward", mutates_args=())
+def _residual_layer_backward_op(grad_residual: torch.Tensor, grad_skip: torch.Tensor, x: torch.Tensor,
+                                h: torch.Tensor, conv_weight: torch.Tensor, residual_weight: torch.Tensor,
+                                skip_weight: torch.Tensor, dilation: int) -> _LayerGradients:
+    grad_x, dh, *weight_grads = _launch_residual_layer_backward(grad_residual, grad_skip, x, h, conv_weight,
+                                                                residual_weight, skip_weight, dilation)
+    return (grad_x, dh) + tuple(g.to(conv_weight.dtype) for g in weight_grads)
+
+
+@_residual_layer_backward_op.register_fake
+def _residual_layer_backward_fake(grad_residual, grad_skip, x, h, conv_weight, residual_weight, skip_weight,
+                                  dilation):
+    two_d = conv_weight.shape[0]
+    return (x.new_empty(x.shape), x.new_empty((x.shape[0], two_d, x.shape[2])), torch.empty_like(conv_weight),
+            conv_weight.new_empty((two_d,)), torch.empty_like(residual_weight),
+            residual_weight.new_empty((residual_weight.shape[0],)), torch.empty_like(skip_weight),
+            skip_weight.new_empty((skip_weight.shape[0],)))
+
+
+def _residual_layer_setup_context(ctx, inputs, output):
+    x, conv_weight, _, cond_proj, residual_weight, _, skip_weight, _, dilation, _ = inputs
+    ctx.save_for_backward(x, output[2], conv_weight, residual_weight, skip_weight)
+    ctx.dilation = dilation
+    ctx.cond_rank = None if cond_proj is None else cond_proj.dim()
+
+
+def _residual_layer_backward(ctx, grad_residual, grad_skip, _grad_h):
+    x, h, conv_weight, residual_weight, skip_weight = ctx.saved_tensors
+    if h.numel() == 0 and x.numel() > 0:
+        raise RuntimeError("wavenet_residual_layer was called with save_for_backward=False; cannot differentiate")
+    if grad_residual is None:
+        grad_residual = torch.zeros_like(x)
+    if grad_skip is None:
+        grad_skip = x.new_zeros((x.shape[0], skip_weight.shape[0], x.shape[2]))
+    grad_x, dh, grad_wc, grad_bc, grad_wr, grad_br, grad_ws, grad_bs = \
+        torch.ops.genkernels.wavenet_residual_layer_backward(grad_residual, grad_skip, x, h, conv_weight,
+                                                             residual_weight, skip_weight, ctx.dilation)
+    grad_cond = None
+    if ctx.cond_rank == 2:
+        grad_cond = dh.sum(-1, dtype=torch.float32).to(dh.dtype)
+    elif ctx.cond_rank == 3:
+        grad_cond = dh
+    return grad_x, grad_wc, grad_bc, grad_cond, grad_wr, grad_br, grad_ws, grad_bs, None, None
+
+
+_residual_layer_op.register_autograd(_residual_layer_backward, setup_context=_residual_layer_setup_context)
+
+
+@torch.library.custom_op("genkernels::wavenet_step", mutates_args=("cache_buffer",))
+def _wavenet_step_op(x: torch.Tensor, cache_buffer: torch.Tensor, layer_table: torch.Tensor, position: int,
+                     conv_weight: torch.Tensor, conv_bias: torch.Tensor, cond_proj: Optional[torch.Tensor],
+                     residual_weight: torch.Tensor, residual_bias: torch.Tensor, skip_weight: torch.Tensor,
+                     skip_bias: torch.Tensor) -> torch.Tensor:
+    return _launch_wavenet_step(x, cache_buffer, layer_table, position, conv_weight, conv_bias, cond_proj,
+                                residual_weight, residual_bias, skip_weight, skip_bias)
+
+
+@_wavenet_step_op.register_fake
+def _wavenet_step_fake(x, cache_buffer, layer_table, position, conv_weight, conv_bias, cond_proj, residual_weight,
+                       residual_bias, skip_weight, skip_bias):
+    return x.new_empty((x.shape[0], skip_weight.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions: the fused layer
+# ----------------------------------------------------------------------------------------------------------------
+def _as_projection(weight: object, name: str, out_channels: Optional[int], in_channels: int) -> torch.Tensor:
+    """A 1x1 projection weight as ``[out, in]``: accepts ``[out, in]`` or ``nn.Conv1d``'s ``[out, in, 1]``."""
+    check_float_tensor(weight, name, EAGER_DTYPES)
+    if weight.dim() == 3 and weight.shape[2] == 1:
+        weight = weight[..., 0]
+    if weight.dim() != 2 or weight.shape[1] != in_channels or (out_channels is not None
+                                                               and weight.shape[0] != out_channels):
+        expected = f"[{'out' if out_channels is None else out_channels}, {in_channels}]"
+        raise ValueError(f"{name} must have shape {expected} (or {expected[:-1]}, 1]); got {describe(weight)}")
+    return weight
+
+
+def _bias_or_zeros(bias: object, name: str, size: int, like: torch.Tensor) -> torch.Tensor:
+    if bias is None:
+        return like.new_zeros((size,))
+    check_float_tensor(bias, name, EAGER_DTYPES)
+    if bias.dim() != 1 or bias.shape[0] != size:
+        raise ValueError(f"{name} must have shape [{size}]; got {describe(bias)}")
+    return bias
+
+
+def _cond_projection(cond, cond_weight, gate_width: int, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``V c``: ``[batch, 2D]`` for global ``c [batch, C]``, ``[batch, 2D, time]`` for local ``c [batch, C, time]``."""
+    if cond is None and cond_weight is None:
+        return None
+    if cond is None or cond_weight is None:
+        missing = "cond" if cond is None else "cond_weight"
+        raise ValueError(f"{missing} is None: conditioning needs both cond and cond_weight")
+    check_float_tensor(cond, "cond", EAGER_DTYPES)
+    check_same_dtype(x, "x", cond, "cond")
+    if cond.dim() not in (2, 3) or cond.shape[0] != x.shape[0] or (cond.dim() == 3 and cond.shape[2] != x.shape[2]):
+        raise ValueError(f"cond must be [batch, C] = [{x.shape[0]}, C] (global) or [batch, C, time] = "
+                         f"[{x.shape[0]}, C, {x.shape[2]}] (local); got {describe(cond)}")
+    weight = _as_projection(cond_weight, "cond_weight", gate_width, cond.shape[1])
+    check_same_dtype(x, "x", weight, "cond_weight")
+    check_same_device([("x", x), ("cond", cond), ("cond_weight", weight)])
+    if cond.dim() == 2:
+        return F.linear(cond, weight)
+    return torch.einsum("oc,bct->bot", weight, cond)
+
+
+def wavenet_residual_layer(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+                           residual_weight: torch.Tensor, residual_bias: Optional[torch.Tensor],
+                           skip_weight: torch.Tensor, skip_bias: Optional[torch.Tensor], *, dilation: int,
+                           cond: Optional[torch.Tensor] = None, cond_weight: Optional[torch.Tensor] = None,
+                           impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One gated residual WaveNet layer, fused (van den Oord et al. 2016, eq. 2-3 and Fig. 4):
+
+        h = causal_conv_d(x, W_conv) + b_conv (+ V c),   z = tanh(h[:, :D]) * sigmoid(h[:, D:])
+        residual_out = x + W_res z + b_res,              skip_out = W_skip z + b_skip
+
+    Forward is one pass over the activations, backward three (see the module docstring).
+
+    Args:
+        x: ``[batch, R, time]`` (R residual channels), fp32/fp16/bf16, any strides.
+        conv_weight: ``[2D, R, k]``: the first D output channels are the filter, the last D the gate; any k >= 1.
+        conv_bias: ``[2D]`` or None.
+        residual_weight: ``[R, D]`` or ``[R, D, 1]``; residual_bias ``[R]`` or None.
+        skip_weight: ``[S, D]`` or ``[S, D, 1]``; skip_bias ``[S]`` or None.
+        dilation: spacing of the causal taps, >= 1.
+        cond, cond_weight: optional conditioning ``c``: global ``[batch, C]`` or local ``[batch, C, time]``,
+            projected by ``cond_weight [2D, C]`` (or ``[2D, C, 1]``) and added to ``h`` before the gate.
+        impl: "auto", "triton" or "eager".
+
+    Returns:
+        ``(residual_out [batch, R, time], skip_out [batch, S, time])`` in ``x``'s dtype.
+    """
+    device = check_conv_arguments(x, conv_weight, conv_bias, dilation, weight_name="conv_weight",
+                                  bias_name="conv_bias")
+    two_d, channels = conv_weight.shape[0], x.shape[1]
+    if two_d % 2 != 0 or two_d == 0:
+        raise ValueError(f"conv_weight must have an even number 2D > 0 of output channels (filter and gate halves);"
+                         f" got {describe(conv_weight)}")
+    gate_channels = two_d // 2
+    residual_weight = _as_projection(residual_weight, "residual_weight", channels, gate_channels)
+    skip_weight = _as_projection(skip_weight, "skip_weight", None, gate_channels)
+    conv_bias = _bias_or_zeros(conv_bias, "conv_bias", two_d, conv_weight)
+    residual_bias = _bias_or_zeros(residual_bias, "residual_bias", channels, residual_weight)
+    skip_bias = _bias_or_zeros(skip_bias, "skip_bias", skip_weight.shape[0], skip_weight)
+    named = [("residual_weight", residual_weight), ("residual_bias", residual_bias), ("skip_weight", skip_weight),
+             ("skip_bias", skip_bias)]
+    for name, tensor in named:
+        check_same_dtype(x, "x", tensor, name)
+    check_same_device([("x", x)] + named)
+    cond_proj = _cond_projection(cond, cond_weight, two_d, x)
+    impl = resolve_impl(impl, device, "wavenet_residual_layer")
+    if impl == "triton":
+        check_kernel_dtype(x, "x", "wavenet_residual_layer")
+    if impl == "triton" and gate_channels > MAX_GATE_CHANNELS:
+        raise ValueError(f"wavenet_residual_layer: impl='triton' keeps the D = {gate_channels} gate channels of "
+                         f"conv_weight {describe(conv_weight)} in registers and supports D <= {MAX_GATE_CHANNELS};"
+                         " use impl='eager'")
+    if impl == "eager":
+        return wavenet_residual_layer_reference(x, conv_weight, conv_bias, residual_weight, residual_bias,
+                                                skip_weight, skip_bias, dilation, cond_proj)
+    tensors = (x, conv_weight, conv_bias, cond_proj, residual_weight, residual_bias, skip_weight, skip_bias)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    residual, skip, _ = torch.ops.genkernels.wavenet_residual_layer(*tensors, dilation, save)
+    return residual, skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions: incremental sampling
+# ----------------------------------------------------------------------------------------------------------------
+class WaveNetCache:
+    """Per-layer ring buffers of past layer inputs for one-sample-at-a-time WaveNet generation.
+
+    Layout: ``buffer`` is ``[slots, batch, R]``; layer ``l`` (dilation ``d_l``, kernel size ``k``) owns the
+    ``q_l = (k - 1) * d_l + 1`` slots starting at ``offset_l`` and stores its input of time ``t`` in slot
+    ``offset_l + t mod q_l``. A step at time ``t`` reads tap ``j < k - 1`` (time ``t - (k - 1 - j) d_l``) from
+    its slot before writing time ``t``; the extra slot keeps that write off every slot the step reads. Taps before
+    time 0 are zeros (masked), so the buffer needs no initialization. ``layer_table`` (int64
+    ``[layers, 3]``, on the device) holds ``(d_l, offset_l, q_l)``; ``position`` is the next time step.
+    """
+
+    def __init__(self, dilations: Sequence[int], kernel_size: int, batch_size: int, channels: int,
+                 device=None, dtype: torch.dtype = torch.float32):
+        self.dilations = tuple(check_int(d, "dilations[i]") for d in dilations)
+        if not self.dilations or min(self.dilations) < 1:
+            raise ValueError(f"dilations must be a non-empty sequence of ints >= 1; got {list(dilations)}")
+        self.kernel_size = check_int(kernel_size, "kernel_size")
+        if self.kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1; got {kernel_size}")
+        queues = [(self.kernel_size - 1) * d + 1 for d in self.dilations]
+        offsets = [sum(queues[:i]) for i in range(len(queues))]
+        self.layer_table = torch.tensor(list(zip(self.dilations, offsets, queues)), dtype=torch.int64,
+                                        device=device)
+        self.buffer = torch.empty((sum(queues), batch_size, channels), device=device, dtype=dtype)
+        self.position = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.buffer.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.buffer.shape[2]
+
+
+def wavenet_step_reference(x, cache: WaveNetCache, conv_weight, conv_bias, residual_weight, residual_bias,
+                           skip_weight, skip_bias, cond_proj=None) -> torch.Tensor:
+    """One time step of a stack of residual layers in plain PyTorch, updating ``cache`` (Fast WaveNet):
+    for each layer ``l``, with ``x^(t-s)`` read from the layer's queue,
+
+        h = sum_j W_conv[l, :, :, j] x^(t - (k-1-j) d_l) + b_conv[l] (+ cond_proj[l]),  z = tanh(h_f) sigmoid(h_g)
+        x <- x + W_res[l] z + b_res[l],   skip += W_skip[l] z + b_skip[l]
+
+    and the layer's input at time ``t`` is pushed to its queue. Returns the skip sum ``[batch, S]``."""
+    dtype = compute_dtype(x.dtype)
+    ksize, t = cache.kernel_size, cache.position
+    current = x.to(dtype)
+    skip = torch.zeros((x.shape[0], skip_weight.shape[1]), device=x.device, dtype=dtype)
+    for layer, (dilation, first, queue) in enumerate(cache.layer_table.tolist()):
+        h = conv_bias[layer].to(dtype).expand(x.shape[0], -1)
+        for j in range(ksize):
+            back = (ksize - 1 - j) * dilation
+            if back == 0:
+                tap = current
+            elif t >= back:
+                tap = cache.buffer[first + (t - back) % queue].to(dtype)
+            else:
+                continue
+            h = h + tap @ conv_weight[layer, :, :, j].to(dtype).T
+        if ksize > 1:
+            cache.buffer[first + t % queue] = current.to(cache.buffer.dtype)
+        if cond_proj is not None:
+            h = h + cond_proj[layer].to(dtype)
+        z = gated_activation(h)
+        current = (current + z @ residual_weight[layer].to(dtype).T + residual_bias[layer].to(dtype))
+        current = current.to(x.dtype).to(dtype)
+        skip = skip + z @ skip_weight[layer].to(dtype).T + skip_bias[layer].to(dtype)
+    return skip.to(x.dtype)
+
+
+def _check_stacked(tensor: object, name: str, shape: tuple, x: torch.Tensor) -> None:
+    check_float_tensor(tensor, name, EAGER_DTYPES)
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}; got {describe(tensor)}")
+    check_same_dtype(x, "x", tensor, name)
+
+
+def wavenet_step(x: torch.Tensor, cache: WaveNetCache, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+                 residual_weight: torch.Tensor, residual_bias: torch.Tensor, skip_weight: torch.Tensor,
+                 skip_bias: torch.Tensor, *, cond_proj: Optional[torch.Tensor] = None,
+                 impl: str = "auto") -> torch.Tensor:
+    """Advance a stack of ``L`` gated residual layers by one time step for the whole batch (Fast WaveNet, Paine
+    et al. 2016): the math of :func:`wavenet_residual_layer` at time ``cache.position`` for every layer in turn,
+    reading the dilated taps from the per-layer queues of :class:`WaveNetCache` and pushing each layer's input.
+    One kernel launch for all layers; ``cache.position`` advances by one.
+
+    Args:
+        x: ``[batch, R]``: the first layer's input at this time step.
+        cache: the queues, made for these layers' dilations and kernel size, ``x``'s batch, channels and dtype.
+        conv_weight ``[L, 2D, R, k]``, conv_bias ``[L, 2D]``, residual_weight ``[L, R, D]``,
+        residual_bias ``[L, R]``, skip_weight ``[L, S, D]``, skip_bias ``[L, S]``: the layers' weights stacked.
+        cond_proj: ``[L, batch, 2D]``, each layer's global conditioning projection, or None.
+        impl: "auto", "triton" or "eager".
+
+    Returns:
+        the skip sum ``sum_l skip_l`` at this time step, ``[batch, S]`` in ``x``'s dtype.
+    """
+    check_float_tensor(x, "x", EAGER_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [batch, channels]; got {describe(x)}")
+    if not isinstance(cache, WaveNetCache):
+        raise TypeError(f"cache must be a WaveNetCache, got {type(cache).__name__}")
+    batch, channels = x.shape
+    if (cache.batch_size, cache.channels) != (batch, channels) or cache.buffer.dtype != x.dtype:
+        raise ValueError(f"cache was made for batch {cache.batch_size}, {cache.channels} channels, dtype "
+                         f"{cache.buffer.dtype}; x has {describe(x)}")
+    check_float_tensor(conv_weight, "conv_weight", EAGER_DTYPES)
+    if conv_weight.dim() != 4 or conv_weight.shape[0] != len(cache.dilations) or conv_weight.shape[2] != channels \
+            or conv_weight.shape[3] != cache.kernel_size or conv_weight.shape[1] % 2 != 0:
+        raise ValueError(f"conv_weight must be [layers, 2D, R, k] = [{len(cache.dilations)}, 2D, {channels}, "
+                         f"{cache.kernel_size}]; got {describe(conv_weight)}")
+    layers, two_d = conv_weight.shape[:2]
+    gate_channels = two_d // 2
+    check_same_dtype(x, "x", conv_weight, "conv_weight")
+    check_float_tensor(skip_weight, "skip_weight", EAGER_DTYPES)
+    skip_channels = skip_weight.shape[1] if skip_weight.dim() == 3 else -1
+    _check_stacked(conv_bias, "conv_bias", (layers, two_d), x)
+    _check_stacked(residual_weight, "residual_weight", (layers, channels, gate_channels), x)
+    _check_stacked(residual_bias, "residual_bias", (layers, channels), x)
+    _check_stacked(skip_weight, "skip_weight", (layers, skip_channels, gate_channels), x)
+    _check_stacked(skip_bias, "skip_bias", (layers, skip_channels), x)
+    named = [("x", x), ("cache.buffer", cache.buffer), ("conv_weight", conv_weight), ("conv_bias", conv_bias),
+             ("residual_weight", residual_weight), ("residual_bias", residual_bias), ("skip_weight", skip_weight),
+             ("skip_bias", skip_bias)]
+    if cond_proj is not None:
+        _check_stacked(cond_proj, "cond_proj", (layers, batch, two_d), x)
+        named.append(("cond_proj", cond_proj))
+    device = check_same_device(named)
+    impl = resolve_impl(impl, device, "wavenet_step")
+    if impl == "triton":
+        check_kernel_dtype(x, "x", "wavenet_step")
+        limit = MAX_STEP_CHANNELS[x.dtype]
+        reasons = [f"{name}={value} > {bound}" for name, value, bound in (
+            ("R", channels, limit), ("D", gate_channels, limit), ("S", skip_channels, MAX_STEP_SKIP_CHANNELS))
+            if value > bound]
+        if reasons:
+            raise ValueError(f"wavenet_step: impl='triton' keeps a layer's weights on chip and supports R, D <= "
+                             f"{limit} for {x.dtype} and S <= {MAX_STEP_SKIP_CHANNELS}; got {', '.join(reasons)} "
+                             "(conv_weight, skip_weight); use impl='eager'")
+        skip = torch.ops.genkernels.wavenet_step(x, cache.buffer, cache.layer_table, cache.position, conv_weight,
+                                                 conv_bias, cond_proj, residual_weight, residual_bias,
+                                                 skip_weight, skip_bias)
+    else:
+        skip = wavenet_step_reference(x, cache, conv_weight, conv_bias, residual_weight, residual_bias,
+                                      skip_weight, skip_bias, cond_proj)
+    cache.position += 1
+    return skip
