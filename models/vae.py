@@ -1,0 +1,229 @@
+"""Convolutional variational autoencoder (Kingma & Welling 2014) on the fused ops.
+
+The posterior sample and its KL term come from one :func:`reparameterize_kl` call; every hidden layer's bias and
+activation is one :func:`bias_act` call (layers from :mod:`genkernels.models.dcgan`, torch-compatible weights).
+
+Architecture, for ``channels``-channel images of side ``image_size`` (1 or 3 channels, 28x28 to 64x64):
+
+* Encoder: ``L`` convs 4x4 stride 2 padding 1, each halving the map, with bias + LeakyReLU(0.2); flatten; a linear
+  layer to ``2 * latent_dim`` numbers, split into the posterior mean ``mu`` and log-variance ``logvar``.
+* Decoder: linear ``latent_dim -> hidden[-1] * s * s`` + bias + ReLU, reshape to ``s x s``, then ``L`` transposed
+  convs 4x4 stride 2 (each doubling the map; ReLU after all but the last), ending in ``channels`` maps of the
+  likelihood's parameter (Bernoulli logits, or the Gaussian mean).
+* ``L`` and the widths: by default the map is halved while its side is even and at least 8, so 28 -> 7 (L=2),
+  32 -> 4 (L=3), 64 -> 4 (L=4), with widths 32, 64, 128, 256. Given ``hidden_channels``, ``L`` is its length and
+  ``image_size`` must be divisible by ``2**L``.
+
+Loss (per image, then averaged over the batch): the negative ELBO
+``-log p(x | z) + beta * KL(q(z | x) || N(0, I))`` with one posterior sample ``z = mu + exp(logvar / 2) * eps`` and
+``KL = -1/2 * sum(1 + logvar - mu^2 - exp(logvar))`` (Kingma & Welling 2014, appendix B; beta-VAE of Higgins et al.
+2017 for ``beta != 1``). Likelihoods, summed over pixels:
+
+* ``"bernoulli"``: ``-log p(x | z) = BCE(logits, x)`` for targets in [0, 1] (binary or grey levels).
+* ``"gaussian"``: ``-log p(x | z) = (x - mean)^2 / (2 sigma^2) + log(sigma) + log(2 pi) / 2`` with
+  ``variance="fixed"`` (``sigma`` given) or ``"learned"`` (one log-sigma per channel, a parameter trained with the
+  rest, initialized at ``log(sigma)``: the calibrated decoder of Rybkin et al. 2021).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genkernels.kernels.checks import check_choice, check_int, check_real, check_tensor, describe
+from genkernels.kernels.reparameterize import reparameterize_kl
+
+from .dcgan import check_images, check_latents
+from .layers import Conv2dBiasAct, ConvTranspose2dBiasAct, LinearBiasAct
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+VARIANCES = ("fixed", "learned")
+DEFAULT_WIDTHS = (32, 64, 128, 256)
+
+
+@dataclasses.dataclass
+class VAELoss:
+    """Batch means: ``loss = reconstruction + beta * kl`` (the negative ELBO when ``beta == 1``)."""
+
+    loss: torch.Tensor
+    reconstruction: torch.Tensor  # -log p(x | z), summed over pixels
+    kl: torch.Tensor  # KL(q(z | x) || N(0, I)), summed over latent dimensions
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        """The evidence lower bound ``-(reconstruction + kl)`` (whatever ``beta``)."""
+        return -(self.reconstruction + self.kl)
+
+
+def default_hidden_channels(image_size: int) -> tuple[int, ...]:
+    """Encoder widths for ``image_size``: halve while the side is even and >= 8 (see the module doc)."""
+    widths, side = [], image_size
+    while side % 2 == 0 and side >= 8 and len(widths) < len(DEFAULT_WIDTHS):
+        widths.append(DEFAULT_WIDTHS[len(widths)])
+        side //= 2
+    return tuple(widths)
+
+
+class VAE(nn.Module):
+    """Convolutional VAE with a Gaussian posterior (see the module doc for the architecture and the loss).
+
+    Args:
+        channels: image channels (1 or 3 typically).
+        image_size: image side (square images).
+        latent_dim: size of z.
+        hidden_channels: encoder widths (decoder mirrors them); default from :func:`default_hidden_channels`.
+        likelihood: ``"bernoulli"`` (decoder outputs logits) or ``"gaussian"`` (decoder outputs the mean).
+        beta: weight of the KL term.
+        variance: Gaussian likelihood only: ``"fixed"`` or ``"learned"``.
+        sigma: Gaussian likelihood only: the fixed standard deviation, or the learned one's initial value.
+    """
+
+    def __init__(self, channels: int = 1, image_size: int = 28, latent_dim: int = 16,
+                 hidden_channels: Optional[Sequence[int]] = None, likelihood: str = "bernoulli", beta: float = 1.0,
+                 variance: str = "fixed", sigma: float = 1.0):
+        super().__init__()
+        for name, value in (("channels", channels), ("image_size", image_size), ("latent_dim", latent_dim)):
+            if check_int(value, name) < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        self.channels, self.image_size, self.latent_dim = channels, image_size, latent_dim
+        self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
+        self.variance = check_choice(variance, "variance", VARIANCES)
+        self.beta = check_real(beta, "beta", low=0.0)
+        sigma = check_real(sigma, "sigma", low=0.0, low_inclusive=False)
+        widths = self._widths(hidden_channels)
+        side = image_size // 2 ** len(widths)
+        self.map_shape = (widths[-1], side, side)  # the encoder's last feature map
+
+        encoder: list[nn.Module] = []
+        for narrow, wide in zip((channels,) + widths[:-1], widths):
+            encoder.append(Conv2dBiasAct(narrow, wide, 4, 2, 1, act="lrelu", alpha=0.2, gain=1.0))
+        self.encoder = nn.Sequential(*encoder, nn.Flatten())
+        self.to_posterior = nn.Linear(widths[-1] * side * side, 2 * latent_dim)
+
+        self.from_latent = LinearBiasAct(latent_dim, widths[-1] * side * side, act="relu", gain=1.0)
+        decoder: list[nn.Module] = []
+        for wide, narrow in zip(widths[::-1][:-1], widths[::-1][1:]):
+            decoder.append(ConvTranspose2dBiasAct(wide, narrow, 4, 2, 1, act="relu", gain=1.0))
+        decoder.append(ConvTranspose2dBiasAct(widths[0], channels, 4, 2, 1))
+        self.decoder = nn.Sequential(*decoder)
+
+        log_sigma = torch.full((channels,), math.log(sigma))
+        if self.likelihood == "gaussian" and self.variance == "learned":
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    def _widths(self, hidden_channels: Optional[Sequence[int]]) -> tuple[int, ...]:
+        if hidden_channels is None:
+            widths = default_hidden_channels(self.image_size)
+            if not widths:
+                raise ValueError(f"image_size={self.image_size} cannot be halved (it must be even and >= 8); "
+                                 "pass hidden_channels to choose the depth")
+            return widths
+        widths = tuple(hidden_channels)
+        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+            raise ValueError(f"hidden_channels={hidden_channels!r} must be a non-empty sequence of positive ints")
+        if self.image_size % 2 ** len(widths):
+            raise ValueError(f"image_size={self.image_size} must be divisible by 2**len(hidden_channels) = "
+                             f"{2 ** len(widths)}")
+        return widths
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _check_images(self, x: object, name: str = "x") -> torch.Tensor:
+        return check_images(x, name, self.channels, self.image_size)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior q(z | x) = N(mu, exp(logvar)): ``(mu, logvar)``, each ``[batch, latent_dim]``."""
+        self._check_images(x)
+        mu, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's parameter for latents ``z [batch, latent_dim]``: Bernoulli logits or the Gaussian
+        mean, ``[batch, channels, image_size, image_size]``."""
+        check_latents(z, self.latent_dim)
+        hidden = self.from_latent(z).reshape((z.shape[0],) + self.map_shape)
+        return self.decoder(hidden)
+
+    def mean_image(self, params: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean from its parameter: ``sigmoid(logits)`` (Bernoulli) or the mean itself."""
+        return torch.sigmoid(params) if self.likelihood == "bernoulli" else params
+
+    def _posterior_sample(self, x, noise, generator):
+        mu, logvar = self.encode(x)
+        z, kl = reparameterize_kl(mu, logvar, noise=noise, generator=generator)
+        return z, kl, mu, logvar
+
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(recon, mu, logvar)``: ``recon`` is the likelihood's parameter (logits or mean, see :meth:`decode`)
+        at one posterior sample ``z = mu + exp(logvar / 2) * noise`` (``noise`` drawn when not given)."""
+        z, _, mu, logvar = self._posterior_sample(x, noise, generator)
+        return self.decode(z), mu, logvar
+
+    def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``-log p(x | z)`` per image ``[batch]`` for the decoder's output ``params`` (see the module doc), in fp32
+        whatever the decoder's dtype (e.g. under autocast)."""
+        params, x = params.float(), x.float()
+        if self.likelihood == "bernoulli":
+            nll = F.binary_cross_entropy_with_logits(params, x, reduction="none")
+        else:
+            log_sigma = self.log_sigma.reshape(1, -1, 1, 1)
+            nll = 0.5 * (x - params).square() * torch.exp(-2 * log_sigma) + log_sigma + 0.5 * math.log(2 * math.pi)
+        return nll.reshape(x.shape[0], -1).sum(dim=1)
+
+    def loss(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None,
+             generator: Optional[torch.Generator] = None) -> VAELoss:
+        """The beta-weighted negative ELBO of the batch ``x`` and its two terms (batch means), with one posterior
+        sample per image (``noise`` = its standard-normal draw, drawn when not given)."""
+        if self._check_images(x).shape[0] == 0:
+            raise ValueError(f"x must hold at least one image to average a loss over; got {describe(x)}")
+        z, kl, _, _ = self._posterior_sample(x, noise, generator)
+        reconstruction = self.reconstruction_nll(self.decode(z), x).mean()
+        kl = kl.float().mean()
+        return VAELoss(reconstruction + self.beta * kl, reconstruction, kl)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``n`` images: the likelihood's mean at ``z ~ N(0, I)``."""
+        n = check_int(n, "n")
+        if n < 0:
+            raise ValueError(f"n={n} must be >= 0")
+        device = self.to_posterior.weight.device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        return self.mean_image(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction: the likelihood's mean decoded from the posterior mean ``mu``."""
+        mu, _ = self.encode(x)
+        return self.mean_image(self.decode(mu))
+
+    @torch.no_grad()
+    def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        """Images along the straight line between the posterior means of ``x_a`` and ``x_b``:
+        ``decode((1 - t) * mu_a + t * mu_b)`` for ``t = 0, 1/(steps-1), ..., 1``.
+
+        ``x_a``, ``x_b``: one image ``[C, H, W]`` each, or equal batches ``[N, C, H, W]``. Returns
+        ``[steps, C, H, W]`` or ``[steps, N, C, H, W]``; the first and last entries are the endpoints'
+        reconstructions (:meth:`reconstruct`).
+        """
+        x_a, x_b = check_tensor(x_a, "x_a"), check_tensor(x_b, "x_b")
+        if x_a.shape != x_b.shape:
+            raise ValueError(f"x_b must have the shape of x_a {list(x_a.shape)}; got {describe(x_b)}")
+        steps = check_int(steps, "steps")
+        if steps < 2:
+            raise ValueError(f"steps={steps} must be >= 2 (the two endpoints)")
+        single = x_a.dim() == 3
+        batch_a, batch_b = (x_a[None], x_b[None]) if single else (x_a, x_b)
+        mu_a, _ = self.encode(self._check_images(batch_a, "x_a"))
+        mu_b, _ = self.encode(self._check_images(batch_b, "x_b"))
+        t = torch.linspace(0, 1, steps, device=mu_a.device, dtype=mu_a.dtype).reshape(steps, 1, 1)
+        path = torch.lerp(mu_a[None], mu_b[None], t)  # [steps, N, latent]
+        images = self.mean_image(self.decode(path.reshape(-1, self.latent_dim)))
+        images = images.reshape((steps, mu_a.shape[0]) + tuple(images.shape[1:]))
+        return images[:, 0] if single else images
