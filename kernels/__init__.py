@@ -4,15 +4,33 @@ Every op takes ``impl="auto" | "triton" | "eager"``: Triton on CUDA tensors (or 
 the plain PyTorch reference otherwise. :func:`use_impl` and the ``GENKERNELS_IMPL`` environment variable set the
 default for a block of code or a whole process.
 """
+from .attention import decode_attention, flash_attention
+from .bias_act import ACTIVATIONS, bias_act
+from .causal_conv import causal_conv1d
+from .coupling import affine_coupling
 from .diffusion import NoiseSchedule, ddim_step, ddpm_step
+from .masked_conv import masked_conv2d
+from .reparameterize import reparameterize_kl
 from .runtime import IMPLS, default_impl, interpreter_enabled, use_impl
+from .wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
 
 __all__ = [
+    "ACTIVATIONS",
     "IMPLS",
     "NoiseSchedule",
+    "WaveNetCache",
+    "affine_coupling",
+    "bias_act",
+    "causal_conv1d",
     "ddim_step",
     "ddpm_step",
+    "decode_attention",
+    "flash_attention",
     "default_impl",
     "interpreter_enabled",
+    "masked_conv2d",
+    "reparameterize_kl",
     "use_impl",
+    "wavenet_residual_layer",
+    "wavenet_step",
 ]
