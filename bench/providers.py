@@ -1,8 +1,13 @@
-"""The standard providers of a case: the eager reference, the Triton kernels, and torch.compile of the reference."""
+"""The standard providers of a case: the eager reference, the Triton kernels, and torch.compile of the reference,
+for a forward call, a forward + backward, or a whole training step."""
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Sequence
+
+import torch
+
+from genkernels.kernels import use_impl
 
 
 def eager_triton_compile(op: Callable, *args, **kwargs) -> dict[str, Callable[[], object]]:
@@ -16,7 +21,43 @@ def eager_triton_compile(op: Callable, *args, **kwargs) -> dict[str, Callable[[]
     }
 
 
-def torch_compile(fn: Callable) -> Callable:
-    import torch
+def forward_backward(forward: Callable, inputs: Sequence[torch.Tensor],
+                     grad_outputs) -> Callable[[], torch.Tensor]:
+    """A provider running ``forward(*inputs)`` and the gradients of its outputs (weighted by ``grad_outputs``) in
+    every input; it returns the first input's gradient, for the error column. ``inputs`` must require grad."""
+    def call():
+        outputs = forward(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return torch.autograd.grad(outputs, inputs, grad_outputs)[0]
+    return call
 
+
+def eager_triton_compile_backward(op: Callable, inputs: Sequence[torch.Tensor], grad_outputs,
+                                  **kwargs) -> dict[str, Callable[[], torch.Tensor]]:
+    """:func:`eager_triton_compile` for ``op``'s forward + backward (see :func:`forward_backward`)."""
+    def with_impl(impl):
+        return lambda *tensors: op(*tensors, impl=impl, **kwargs)
+
+    return {
+        "eager": forward_backward(with_impl("eager"), inputs, grad_outputs),
+        "triton": forward_backward(with_impl("triton"), inputs, grad_outputs),
+        "compile": forward_backward(torch_compile(with_impl("eager")), inputs, grad_outputs),
+    }
+
+
+def training_step(compute_loss: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer,
+                  impl: str) -> Callable[[], torch.Tensor]:
+    """A provider taking one optimizer step on ``compute_loss()`` (forward and backward under ``use_impl(impl)``);
+    it returns the detached loss."""
+    def call():
+        with use_impl(impl):
+            loss = compute_loss()
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return call
+
+
+def torch_compile(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)

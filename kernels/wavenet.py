@@ -178,6 +178,22 @@ def _residual_layer_fwd_kernel(
 
 
 @triton.jit
+def _accumulate_transposed_projection(acc, g_ptr, g_sb, g_sc, g_st, w_ptr, w_so, w_si, out_channels, batch, d,
+                                      d_mask, t64, t_mask, NATIVE_DOT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``acc + W^T g`` for a 1x1 projection ``W`` ``[out_channels, D]`` and the gradient ``g`` of its output
+    ``[out_channels, time]`` at sample ``batch``, rows ``d`` and times ``t64`` of the tile."""
+    for c_start in range(0, out_channels, BLOCK_C):
+        c = c_start + tl.arange(0, BLOCK_C)
+        c_mask = c < out_channels
+        g = tl.load(g_ptr + batch * g_sb + c[:, None].to(tl.int64) * g_sc + t64[None, :] * g_st,
+                    mask=c_mask[:, None] & t_mask[None, :], other=0.0)
+        w_t = tl.load(w_ptr + c[None, :] * w_so + d[:, None] * w_si, mask=c_mask[None, :] & d_mask[:, None],
+                      other=0.0)
+        acc = _dot(w_t, g, acc, NATIVE_DOT)
+    return acc
+
+
+@triton.jit
 def _residual_layer_bwd_gate_kernel(
     dh_ptr, z_ptr, h_ptr, g_res_ptr, g_skip_ptr, wr_ptr, ws_ptr,
     channels, gate_channels, skip_channels, length, batch_start,
@@ -194,22 +210,10 @@ def _residual_layer_bwd_gate_kernel(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < gate_channels
     dz = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
-    for c_start in range(0, channels, BLOCK_C):
-        c = c_start + tl.arange(0, BLOCK_C)
-        c_mask = c < channels
-        g = tl.load(g_res_ptr + batch * g_res_sb + c[:, None].to(tl.int64) * g_res_sc + t64[None, :] * g_res_st,
-                    mask=c_mask[:, None] & t_mask[None, :], other=0.0)
-        w_t = tl.load(wr_ptr + c[None, :] * wr_so + d[:, None] * wr_si, mask=c_mask[None, :] & d_mask[:, None],
-                      other=0.0)
-        dz = _dot(w_t, g, dz, NATIVE_DOT)
-    for s_start in range(0, skip_channels, BLOCK_C):
-        s = s_start + tl.arange(0, BLOCK_C)
-        s_mask = s < skip_channels
-        g = tl.load(g_skip_ptr + batch * g_skip_sb + s[:, None].to(tl.int64) * g_skip_sc + t64[None, :] * g_skip_st,
-                    mask=s_mask[:, None] & t_mask[None, :], other=0.0)
-        w_t = tl.load(ws_ptr + s[None, :] * ws_so + d[:, None] * ws_si, mask=s_mask[None, :] & d_mask[:, None],
-                      other=0.0)
-        dz = _dot(w_t, g, dz, NATIVE_DOT)
+    dz = _accumulate_transposed_projection(dz, g_res_ptr, g_res_sb, g_res_sc, g_res_st, wr_ptr, wr_so, wr_si,
+                                           channels, batch, d, d_mask, t64, t_mask, NATIVE_DOT, BLOCK_C)
+    dz = _accumulate_transposed_projection(dz, g_skip_ptr, g_skip_sb, g_skip_sc, g_skip_st, ws_ptr, ws_so, ws_si,
+                                           skip_channels, batch, d, d_mask, t64, t_mask, NATIVE_DOT, BLOCK_C)
     dt_mask = d_mask[:, None] & t_mask[None, :]
     h_offsets = (batch * 2 * gate_channels + d[:, None]) * length + t64[None, :]
     filt = tl.load(h_ptr + h_offsets, mask=dt_mask, other=0.0).to(tl.float32)

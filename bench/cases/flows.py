@@ -23,7 +23,7 @@ from genkernels.kernels.coupling import affine_coupling, affine_coupling_referen
 from genkernels.models.glow import Glow
 from genkernels.models.realnvp import RealNVP
 
-from ..providers import torch_compile
+from ..providers import torch_compile, training_step
 from ..registry import Case, Workload, case_builder
 
 # Glow-sized coupling activations, batch 64: the changed half of a 96-channel 32x32 and of a 48-channel 64x64
@@ -114,18 +114,9 @@ def _train(factory, batch):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         compiled = torch_compile(model.bits_per_dim)
 
-        def step(loss_fn, impl):
-            def call():
-                with use_impl(impl):
-                    loss = loss_fn(images).mean()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss.detach()
-            return call
-
-        providers = {"eager": step(model.bits_per_dim, "eager"), "triton": step(model.bits_per_dim, "triton"),
-                     "compile": step(compiled, "eager")}
+        providers = {"eager": training_step(lambda: model.bits_per_dim(images).mean(), optimizer, "eager"),
+                     "triton": training_step(lambda: model.bits_per_dim(images).mean(), optimizer, "triton"),
+                     "compile": training_step(lambda: compiled(images).mean(), optimizer, "eager")}
         return Workload(providers, items=(batch, "images"),
                         notes="bits/dim with uniform dequantization, backward, Adam step, fp32; the loss drifts "
                               "as the weights train, so no error column")

@@ -26,7 +26,7 @@ import torch
 from genkernels.kernels import use_impl
 from genkernels.models.gpt import GPT, GPTConfig
 
-from ..providers import torch_compile
+from ..providers import torch_compile, training_step
 from ..registry import Case, Workload, case_builder
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
@@ -78,18 +78,15 @@ def _train(config: dict, batch: int, seq: int):
         data = _tokens((batch, seq + 1), config["vocab_size"], device, seed=1)
         inputs, targets = data[:, :-1], data[:, 1:]
 
-        def step(forward, impl: str):
-            def call():
-                with use_impl(impl), _autocast(device):
-                    _, loss = forward(inputs, targets)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss.detach()
-            return call
+        def loss_of(forward):
+            def compute():
+                with _autocast(device):
+                    return forward(inputs, targets)[1]
+            return compute
 
-        providers = {"eager": step(model, "eager"), "triton": step(model, "triton"),
-                     "compile": step(compiled, "eager")}
+        providers = {"eager": training_step(loss_of(model), optimizer, "eager"),
+                     "triton": training_step(loss_of(model), optimizer, "triton"),
+                     "compile": training_step(loss_of(compiled), optimizer, "eager")}
         precision = "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32"
         return Workload(providers, flops=_training_flops(model, batch, seq), items=(batch * seq, "tokens"),
                         notes=f"forward + backward + AdamW step, {precision}; loss values drift as the weights "

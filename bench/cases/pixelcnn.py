@@ -13,7 +13,6 @@ per-layer caches); all three draw the same images from the same generator seed.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -21,7 +20,7 @@ from genkernels.kernels import use_impl
 from genkernels.kernels.masked_conv import masked_conv2d, masked_conv2d_flops, masked_conv2d_reference
 from genkernels.models.pixelcnn import PixelCNN
 
-from ..providers import eager_triton_compile, torch_compile
+from ..providers import eager_triton_compile, eager_triton_compile_backward, torch_compile, training_step
 from ..registry import Case, Workload, case_builder
 
 # (batch, channels, height, width, kernel size, mask type)
@@ -66,20 +65,12 @@ def _conv_forward_backward(shape, dtype):
         mask_type = shape[-1]
         grad_out = torch.randn_like(x)
 
-        def step(x, weight, bias, impl):
-            out = masked_conv2d(x, weight, bias, mask_type=mask_type, impl=impl)
-            return torch.autograd.grad(out, (x, weight, bias), grad_out)[0]
-
-        compiled = torch_compile(functools.partial(step, impl="eager"))
-
         def reference():
             leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
             out = masked_conv2d_reference(*leaves, mask_type)
             return torch.autograd.grad(out, leaves, grad_out.double())[0]
 
-        providers = {"eager": lambda: step(x, weight, bias, "eager"),
-                     "triton": lambda: step(x, weight, bias, "triton"),
-                     "compile": lambda: compiled(x, weight, bias)}
+        providers = eager_triton_compile_backward(masked_conv2d, (x, weight, bias), grad_out, mask_type=mask_type)
         return Workload(providers, flops=3 * masked_conv2d_flops(x.shape, weight.shape, mask_type, 1),
                         reference=reference, notes="forward + input, weight and bias gradients; error on grad_x")
     return setup
@@ -100,17 +91,9 @@ def _train(config):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         compiled_loss = torch_compile(model.loss)
 
-        def train_step(impl, loss_fn):
-            with use_impl(impl):
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(images)
-                loss.backward()
-                optimizer.step()
-            return loss.detach()
-
-        providers = {"eager": lambda: train_step("eager", model.loss),
-                     "triton": lambda: train_step("triton", model.loss),
-                     "compile": lambda: train_step("eager", compiled_loss)}
+        providers = {"eager": training_step(lambda: model.loss(images), optimizer, "eager"),
+                     "triton": training_step(lambda: model.loss(images), optimizer, "triton"),
+                     "compile": training_step(lambda: compiled_loss(images), optimizer, "eager")}
         return Workload(providers, items=(batch, "images"),
                         notes="forward + bits/dim loss + backward + Adam; compile: torch.compile of the eager loss")
     return setup

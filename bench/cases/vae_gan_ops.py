@@ -17,7 +17,7 @@ import torch
 from genkernels.kernels.bias_act import bias_act, bias_act_reference
 from genkernels.kernels.reparameterize import reparameterize_kl, reparameterize_kl_reference
 
-from ..providers import eager_triton_compile, torch_compile
+from ..providers import eager_triton_compile, eager_triton_compile_backward
 from ..registry import Case, Workload, case_builder
 
 LATENT_SHAPES = {
@@ -54,28 +54,14 @@ def _randn(shape, dtype, device, seed, scale=1.0):
     return (torch.randn(shape, generator=generator, device=device) * scale).to(dtype)
 
 
+def _leaves(*tensors):
+    """Copies of ``tensors`` that require grad, for forward + backward providers."""
+    return [t.detach().requires_grad_() for t in tensors]
+
+
 def _first_output(providers: dict) -> dict:
     """Providers that return ``z`` of ``(z, kl)``, so the runner can compare it with the reference."""
     return {name: (lambda fn=fn: fn()[0]) for name, fn in providers.items()}
-
-
-def _with_backward(forward, inputs, grads_of_outputs):
-    """A provider running ``forward(*inputs)`` and the gradients of its outputs in ``inputs``; returns the first."""
-    def run():
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        outputs = forward(*leaves)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        return torch.autograd.grad(outputs, leaves, grads_of_outputs)[0]
-    return run
-
-
-def _fwd_bwd_providers(op, inputs, grads_of_outputs, **kwargs):
-    compiled = torch_compile(lambda *args: op(*args, impl="eager", **kwargs))
-    return {
-        "eager": _with_backward(lambda *args: op(*args, impl="eager", **kwargs), inputs, grads_of_outputs),
-        "triton": _with_backward(lambda *args: op(*args, impl="triton", **kwargs), inputs, grads_of_outputs),
-        "compile": _with_backward(compiled, inputs, grads_of_outputs),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,7 +98,8 @@ def _reparameterize_fwd_bwd(shape, dtype):
         mu, logvar = _latents(shape, dtype, device)
         grads = (_randn(shape, dtype, device, 4), torch.ones(shape[0], device=device))
         generator = torch.Generator(device=device).manual_seed(5)
-        return Workload(_fwd_bwd_providers(reparameterize_kl, (mu, logvar), grads, generator=generator),
+        providers = eager_triton_compile_backward(reparameterize_kl, _leaves(mu, logvar), grads, generator=generator)
+        return Workload(providers,
                         bytes_moved=8 * mu.numel() * mu.element_size(),
                         notes="drawn noise, regenerated in the backward; gradients from z and kl")
     return setup
@@ -139,7 +126,7 @@ def _bias_act_fwd_bwd(shape, dtype):
     def setup(device):
         x, bias = _activations(shape, dtype, device)
         grad_y = _randn(shape, dtype, device, 2)
-        return Workload(_fwd_bwd_providers(bias_act, (x, bias), (grad_y,), act="lrelu"),
+        return Workload(eager_triton_compile_backward(bias_act, _leaves(x, bias), (grad_y,), act="lrelu"),
                         bytes_moved=5 * x.numel() * x.element_size(),
                         notes="lrelu; gradients in x and bias")
     return setup

@@ -28,7 +28,13 @@ from genkernels.kernels.causal_conv import causal_conv1d, causal_conv1d_referenc
 from genkernels.kernels.wavenet import gated_activation, wavenet_residual_layer, wavenet_residual_layer_reference
 from genkernels.models.wavenet import WaveNet
 
-from ..providers import eager_triton_compile, torch_compile
+from ..providers import (
+    eager_triton_compile,
+    eager_triton_compile_backward,
+    forward_backward,
+    torch_compile,
+    training_step,
+)
 from ..registry import Case, Workload, case_builder
 
 # (batch, C_in, C_out, time, kernel_size, dilation)
@@ -71,15 +77,6 @@ def _label(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _fwd_bwd(fn, inputs, grad_outputs):
-    """A provider running ``fn(*inputs)`` and the gradients of every input."""
-    def call():
-        outputs = fn(*inputs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        return torch.autograd.grad(outputs, inputs, grad_outputs)[0]
-    return call
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # causal_conv1d
 # ------------------------------------------------------------------------------------------------------------------
@@ -117,20 +114,13 @@ def _conv_forward_backward(shape, dtype):
         inputs = _conv_tensors(shape, dtype, device, True)
         dilation = shape[5]
         grad_out = _randn((shape[0], shape[2], shape[3]), dtype, device, 3)
-        compiled = torch_compile(lambda x, w, b: causal_conv1d(x, w, b, dilation=dilation, impl="eager"))
-
-        def with_impl(impl):
-            return lambda x, w, b: causal_conv1d(x, w, b, dilation=dilation, impl=impl)
-
         def reference():
             doubles = [t.detach().double().requires_grad_() for t in inputs]
             out = causal_conv1d_reference(*doubles, dilation)
             return torch.autograd.grad(out, doubles, grad_out.double())[0]
 
-        providers = {"eager": _fwd_bwd(with_impl("eager"), inputs, grad_out),
-                     "triton": _fwd_bwd(with_impl("triton"), inputs, grad_out),
-                     "compile": _fwd_bwd(compiled, inputs, grad_out),
-                     "cudnn": _fwd_bwd(lambda x, w, b: _cudnn_causal_conv(x, w, b, dilation), inputs, grad_out)}
+        providers = eager_triton_compile_backward(causal_conv1d, inputs, grad_out, dilation=dilation)
+        providers["cudnn"] = forward_backward(lambda x, w, b: _cudnn_causal_conv(x, w, b, dilation), inputs, grad_out)
         return Workload(providers, flops=3 * _conv_flops(shape), reference=reference,
                         notes="forward + input, weight and bias gradients; error column = grad_x")
     return setup
@@ -181,20 +171,13 @@ def _layer_forward_backward(shape, dtype):
         inputs = _layer_tensors(shape, dtype, device, True)
         batch, r, _, s, length, _, dilation = shape
         grads = (_randn((batch, r, length), dtype, device, 10), _randn((batch, s, length), dtype, device, 11))
-        compiled = torch_compile(lambda *t: wavenet_residual_layer(*t, dilation=dilation, impl="eager"))
-
-        def with_impl(impl):
-            return lambda *t: wavenet_residual_layer(*t, dilation=dilation, impl=impl)
-
         def reference():
             doubles = [t.detach().double().requires_grad_() for t in inputs]
             outputs = wavenet_residual_layer_reference(*doubles, dilation)
             return torch.autograd.grad(outputs, doubles, [g.double() for g in grads])[0]
 
-        providers = {"eager": _fwd_bwd(with_impl("eager"), inputs, grads),
-                     "triton": _fwd_bwd(with_impl("triton"), inputs, grads),
-                     "compile": _fwd_bwd(compiled, inputs, grads),
-                     "cudnn": _fwd_bwd(lambda *t: _unfused_layer(*t, dilation), inputs, grads)}
+        providers = eager_triton_compile_backward(wavenet_residual_layer, inputs, grads, dilation=dilation)
+        providers["cudnn"] = forward_backward(lambda *t: _unfused_layer(*t, dilation), inputs, grads)
         return Workload(providers, flops=3 * _layer_flops(shape), reference=reference,
                         notes="forward + every gradient; error column = grad_x")
     return setup
@@ -215,19 +198,9 @@ def _train(config: dict, batch: int, length: int):
         compiled = torch_compile(model.loss)
         generator = torch.Generator(device=device).manual_seed(1)
         audio = torch.randint(0, 256, (batch, length), generator=generator, device=device)
-
-        def step(loss_fn, impl: str):
-            def call():
-                with use_impl(impl):
-                    loss = loss_fn(audio)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss.detach()
-            return call
-
-        providers = {"eager": step(model.loss, "eager"), "triton": step(model.loss, "triton"),
-                     "compile": step(compiled, "eager")}
+        providers = {"eager": training_step(lambda: model.loss(audio), optimizer, "eager"),
+                     "triton": training_step(lambda: model.loss(audio), optimizer, "triton"),
+                     "compile": training_step(lambda: compiled(audio), optimizer, "eager")}
         return Workload(providers, items=(batch * length, "samples"),
                         notes=f"fp32, receptive field {model.receptive_field}; forward + backward + Adam step")
     return setup
