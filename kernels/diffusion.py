@@ -176,10 +176,20 @@ def _predict_original_and_noise(model_output, sample, alpha_prod_t, beta_prod_t,
     return sqrt_alpha * sample - sqrt_beta * model_output, sqrt_alpha * model_output + sqrt_beta * sample
 
 
+def _guided_output(model_output, uncond_output, guidance_scale, dtype):
+    """Classifier-free guidance (Ho & Salimans 2022): ``uncond + w * (cond - uncond)`` in ``dtype``, where
+    ``model_output`` is the conditional prediction ``cond``; just ``model_output`` without ``uncond_output``."""
+    if uncond_output is None:
+        return model_output.to(dtype)
+    uncond = uncond_output.to(dtype)
+    return uncond + guidance_scale * (model_output.to(dtype) - uncond)
+
+
 def ddpm_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor,
                         schedule: NoiseSchedule, prev_timestep: torch.Tensor, noise: Optional[torch.Tensor],
                         prediction_type: str = "epsilon", variance_type: str = "fixed_small",
-                        clip_sample: bool = False, clip_sample_range: float = 1.0) -> torch.Tensor:
+                        clip_sample: bool = False, clip_sample_range: float = 1.0,
+                        uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> torch.Tensor:
     """DDPM ancestral step x_t -> x_{t_prev} in plain PyTorch (Ho et al. 2020, eq. 6-7 and 15).
 
     With ``current_alpha_t = a_t / a_prev`` and ``current_beta_t = 1 - current_alpha_t``:
@@ -188,13 +198,14 @@ def ddpm_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, samp
         sigma_t^2 = (1 - a_prev) / (1 - a_t) * current_beta_t  ("fixed_small", floored at 1e-20)
                   = current_beta_t                             ("fixed_large")
     ``timestep``/``prev_timestep`` are integer tensors of shape ``[batch]``; a negative ``prev_timestep`` means
-    ``a_prev = 1``. ``noise`` may be None when every timestep is 0. Computes in fp32 (fp64 for fp64 inputs)
-    and returns ``sample``'s dtype.
+    ``a_prev = 1``. ``noise`` may be None when every timestep is 0. With ``uncond_output`` the network output is
+    first combined by classifier-free guidance (see :func:`_guided_output`). Computes in fp32 (fp64 for fp64
+    inputs) and returns ``sample``'s dtype.
     """
     dtype = compute_dtype(sample.dtype)
     alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = _schedule_terms(
         schedule, sample, timestep, prev_timestep, True)
-    x_t, model_output = sample.to(dtype), model_output.to(dtype)
+    x_t, model_output = sample.to(dtype), _guided_output(model_output, uncond_output, guidance_scale, dtype)
     x0, _ = _predict_original_and_noise(model_output, x_t, alpha_prod_t, beta_prod_t, prediction_type)
     if clip_sample:
         x0 = x0.clamp(-clip_sample_range, clip_sample_range)
@@ -217,19 +228,21 @@ def ddim_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, samp
                         schedule: NoiseSchedule, prev_timestep: torch.Tensor, noise: Optional[torch.Tensor],
                         eta: float = 0.0, prediction_type: str = "epsilon", clip_sample: bool = False,
                         clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
-                        use_clipped_model_output: bool = False) -> torch.Tensor:
+                        use_clipped_model_output: bool = False, uncond_output: Optional[torch.Tensor] = None,
+                        guidance_scale: float = 1.0) -> torch.Tensor:
     """DDIM step x_t -> x_{t_prev} in plain PyTorch (Song et al. 2021, eq. 12 and 16).
 
         sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         x_{t_prev} = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma_t^2) * eps + sigma_t * z
     A negative ``prev_timestep`` means ``a_prev = 1`` (``set_alpha_to_one``) or ``a_prev = a_0``.
     With ``use_clipped_model_output`` the noise is re-derived from the clipped ``x0``. ``noise`` may be None when
-    ``eta == 0``. Computes in fp32 (fp64 for fp64 inputs) and returns ``sample``'s dtype.
+    ``eta == 0``. ``uncond_output`` and ``guidance_scale`` as in :func:`ddpm_step_reference`. Computes in fp32
+    (fp64 for fp64 inputs) and returns ``sample``'s dtype.
     """
     dtype = compute_dtype(sample.dtype)
     alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = _schedule_terms(
         schedule, sample, timestep, prev_timestep, set_alpha_to_one)
-    x_t, model_output = sample.to(dtype), model_output.to(dtype)
+    x_t, model_output = sample.to(dtype), _guided_output(model_output, uncond_output, guidance_scale, dtype)
     x0, eps = _predict_original_and_noise(model_output, x_t, alpha_prod_t, beta_prod_t, prediction_type)
     if clip_sample:
         x0 = x0.clamp(-clip_sample_range, clip_sample_range)
@@ -253,20 +266,22 @@ NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 _PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}
 
 
-@triton.jit(do_not_specialize=["timestep_value", "prev_timestep_value", "eta", "clip_range"])
+@triton.jit(do_not_specialize=["timestep_value", "prev_timestep_value", "eta", "clip_range", "guidance_scale"])
 def _denoise_step_kernel(
-    out_ptr, model_output_ptr, sample_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, prev_timestep_ptr,
+    out_ptr, model_output_ptr, sample_ptr, noise_ptr, uncond_ptr, seed_ptr, table_ptr, timestep_ptr,
+    prev_timestep_ptr,
     timestep_value, prev_timestep_value, timestep_stride, prev_timestep_stride, num_train_timesteps,
     batch_start, inner_numel, size1, size2, size3,
     out_sb, out_s0, out_s1, out_s2, out_s3,
     mo_sb, mo_s0, mo_s1, mo_s2, mo_s3,
     x_sb, x_s0, x_s1, x_s2, x_s3,
     z_sb, z_s0, z_s1, z_s2, z_s3,
-    eta, clip_range,
+    u_sb, u_s0, u_s1, u_s2, u_s3,
+    eta, clip_range, guidance_scale,
     SCHEDULER: tl.constexpr, PREDICTION: tl.constexpr, FIXED_LARGE: tl.constexpr, CLIP: tl.constexpr,
     USE_CLIPPED_MODEL_OUTPUT: tl.constexpr, FINAL_ALPHA_IS_ONE: tl.constexpr, NOISE_MODE: tl.constexpr,
     TIMESTEP_IN_TENSOR: tl.constexpr, PREV_TIMESTEP_IN_TENSOR: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    GUIDANCE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     batch_index = batch_start + tl.program_id(1)
     first = tl.program_id(0).to(tl.int64) * BLOCK
@@ -279,6 +294,11 @@ def _denoise_step_kernel(
                                INNER_CONTIGUOUS)
     model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
     x_t = tl.load(sample_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    if GUIDANCE:  # classifier-free guidance: model_output holds the conditional prediction
+        u_offsets = sample_offsets(batch_index, inner, u_sb, u_s0, u_s1, u_s2, u_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        uncond = tl.load(uncond_ptr + u_offsets, mask=mask, other=0.0).to(tl.float32)
+        model_output = uncond + guidance_scale * (model_output - uncond)
     if NOISE_MODE == 1:
         z_offsets = sample_offsets(batch_index, inner, z_sb, z_s0, z_s1, z_s2, z_s3, size1, size2, size3,
                                    INNER_CONTIGUOUS)
@@ -359,21 +379,24 @@ def _denoise_step_kernel(
 
 def _launch_denoise_step(scheduler: int, model_output, sample, noise, seed, table, timestep, timestep_value,
                          prev_timestep, prev_timestep_value, prediction_type, variance_type, eta, clip_sample,
-                         clip_sample_range, use_clipped_model_output, set_alpha_to_one) -> torch.Tensor:
+                         clip_sample_range, use_clipped_model_output, set_alpha_to_one, uncond_output,
+                         guidance_scale) -> torch.Tensor:
     out = torch.empty_like(sample)
     if out.numel() == 0:
         return out
     noise_mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if seed is not None else NOISE_NONE)
-    tensors = [out, model_output, sample] + ([noise] if noise is not None else [])
-    layout, tensors = per_sample_layout(tensors)
-    strides = list(layout.strides) + ([] if noise is not None else [(0,) * 5])
+    optional = {"noise": noise, "uncond": uncond_output}
+    given = [name for name, tensor in optional.items() if tensor is not None]
+    layout, tensors = per_sample_layout([out, model_output, sample] + [optional[name] for name in given])
+    walked = dict(zip(given, tensors[3:]))
+    strides = dict(zip(given, layout.strides[3:]))
+    placeholder = tensors[2]  # stands in for pointers a constexpr branch never reads
     block, num_warps = elementwise_block(layout.inner_numel)
     inner_blocks = triton.cdiv(layout.inner_numel, block)
-    placeholder = tensors[2]  # stands in for pointers a constexpr branch never reads
     for start, count in batch_chunks(layout.batch):
         _denoise_step_kernel[(inner_blocks, count)](
             tensors[0], tensors[1], tensors[2],
-            tensors[3] if noise is not None else placeholder,
+            walked.get("noise", placeholder), walked.get("uncond", placeholder),
             seed if seed is not None else table,
             table,
             timestep if timestep is not None else table,
@@ -381,14 +404,15 @@ def _launch_denoise_step(scheduler: int, model_output, sample, noise, seed, tabl
             timestep_value, prev_timestep_value,
             _batch_stride(timestep), _batch_stride(prev_timestep), table.shape[1],
             start, layout.inner_numel, *layout.inner_sizes[1:],
-            *strides[0], *strides[1], *strides[2], *strides[3],
-            eta, clip_sample_range,
+            *layout.strides[0], *layout.strides[1], *layout.strides[2],
+            *strides.get("noise", (0,) * 5), *strides.get("uncond", (0,) * 5),
+            eta, clip_sample_range, guidance_scale,
             SCHEDULER=scheduler, PREDICTION=_PREDICTION_CODES[prediction_type],
             FIXED_LARGE=variance_type == "fixed_large", CLIP=clip_sample,
             USE_CLIPPED_MODEL_OUTPUT=use_clipped_model_output, FINAL_ALPHA_IS_ONE=set_alpha_to_one,
             NOISE_MODE=noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
             PREV_TIMESTEP_IN_TENSOR=prev_timestep is not None, INNER_CONTIGUOUS=layout.inner_contiguous,
-            BLOCK=block, num_warps=num_warps,
+            GUIDANCE=uncond_output is not None, BLOCK=block, num_warps=num_warps,
         )
     return out
 
@@ -397,14 +421,15 @@ def compile_variants() -> list[CompileVariant]:
     """Every block config the launcher can pick, each data dtype, and each constexpr switch at least once."""
     base = dict(SCHEDULER=SCHEDULER_DDPM, PREDICTION=0, FIXED_LARGE=False, CLIP=False, USE_CLIPPED_MODEL_OUTPUT=False,
                 FINAL_ALPHA_IS_ONE=True, NOISE_MODE=NOISE_PHILOX, TIMESTEP_IN_TENSOR=False,
-                PREV_TIMESTEP_IN_TENSOR=False, INNER_CONTIGUOUS=True)
+                PREV_TIMESTEP_IN_TENSOR=False, INNER_CONTIGUOUS=True, GUIDANCE=False)
     switches = [
         dict(SCHEDULER=SCHEDULER_DDIM, CLIP=True, USE_CLIPPED_MODEL_OUTPUT=True, FINAL_ALPHA_IS_ONE=False),
         dict(PREDICTION=1, FIXED_LARGE=True, NOISE_MODE=NOISE_TENSOR, TIMESTEP_IN_TENSOR=True,
              PREV_TIMESTEP_IN_TENSOR=True, INNER_CONTIGUOUS=False),
-        dict(SCHEDULER=SCHEDULER_DDIM, PREDICTION=2, NOISE_MODE=NOISE_NONE, CLIP=True),
+        dict(SCHEDULER=SCHEDULER_DDIM, PREDICTION=2, NOISE_MODE=NOISE_NONE, CLIP=True, GUIDANCE=True),
+        dict(GUIDANCE=True, INNER_CONTIGUOUS=False),
     ]
-    scalars = {"eta": "fp32", "clip_range": "fp32"}
+    scalars = {"eta": "fp32", "clip_range": "fp32", "guidance_scale": "fp32"}
     index_pointers = {"seed_ptr": "*i64", "table_ptr": "*fp32", "timestep_ptr": "*i64", "prev_timestep_ptr": "*i64"}
     configs = elementwise_block_configs()
     variants = []
@@ -435,21 +460,23 @@ def _batch_stride(timestep: Optional[torch.Tensor]) -> int:
 def _ddpm_step_launch(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
                   seed: Optional[torch.Tensor], table: torch.Tensor, timestep: Optional[torch.Tensor],
                   timestep_value: int, prev_timestep: Optional[torch.Tensor], prev_timestep_value: int,
-                  prediction_type: str, variance_type: str, clip_sample: bool,
-                  clip_sample_range: float) -> torch.Tensor:
+                  prediction_type: str, variance_type: str, clip_sample: bool, clip_sample_range: float,
+                  uncond_output: Optional[torch.Tensor], guidance_scale: float) -> torch.Tensor:
     return _launch_denoise_step(SCHEDULER_DDPM, model_output, sample, noise, seed, table, timestep, timestep_value,
                                 prev_timestep, prev_timestep_value, prediction_type, variance_type, 0.0,
-                                clip_sample, clip_sample_range, False, True)
+                                clip_sample, clip_sample_range, False, True, uncond_output, guidance_scale)
 
 
 def _ddim_step_launch(model_output: torch.Tensor, sample: torch.Tensor, noise: Optional[torch.Tensor],
                   seed: Optional[torch.Tensor], table: torch.Tensor, timestep: Optional[torch.Tensor],
                   timestep_value: int, prev_timestep: Optional[torch.Tensor], prev_timestep_value: int,
                   eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
-                  set_alpha_to_one: bool, use_clipped_model_output: bool) -> torch.Tensor:
+                  set_alpha_to_one: bool, use_clipped_model_output: bool, uncond_output: Optional[torch.Tensor],
+                  guidance_scale: float) -> torch.Tensor:
     return _launch_denoise_step(SCHEDULER_DDIM, model_output, sample, noise, seed, table, timestep, timestep_value,
                                 prev_timestep, prev_timestep_value, prediction_type, "fixed_small", eta,
-                                clip_sample, clip_sample_range, use_clipped_model_output, set_alpha_to_one)
+                                clip_sample, clip_sample_range, use_clipped_model_output, set_alpha_to_one,
+                                uncond_output, guidance_scale)
 
 
 _ddpm_step_op = torch.library.custom_op("genkernels::ddpm_step", _ddpm_step_launch, mutates_args=())
@@ -535,7 +562,7 @@ def _show(value) -> str:
     return str(value.tolist()) if isinstance(value, torch.Tensor) else str(value)
 
 
-def _check_step_tensors(op: str, model_output, sample, noise, schedule, generator):
+def _check_step_tensors(op: str, model_output, sample, noise, uncond_output, schedule, generator):
     check_float_tensor(sample, "sample")
     check_float_tensor(model_output, "model_output")
     check_min_rank(sample, "sample", 1, "(batch first)")
@@ -546,6 +573,11 @@ def _check_step_tensors(op: str, model_output, sample, noise, schedule, generato
         check_float_tensor(noise, "noise")
         check_same_shape(sample, "sample", noise, "noise")
         named.append(("noise", noise))
+    if uncond_output is not None:
+        check_float_tensor(uncond_output, "uncond_output")
+        check_same_shape(model_output, "model_output", uncond_output, "uncond_output")
+        check_same_dtype(model_output, "model_output", uncond_output, "uncond_output")
+        named.append(("uncond_output", uncond_output))
     device = check_same_device(named)
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"{op}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
@@ -553,10 +585,23 @@ def _check_step_tensors(op: str, model_output, sample, noise, schedule, generato
     return device
 
 
+def _check_guidance(uncond_output: Optional[torch.Tensor], guidance_scale: object) -> Optional[torch.Tensor]:
+    """Validate the guidance arguments; return the unconditional output the step must read (None when the
+    guided output is just ``model_output``: no ``uncond_output``, or a scale of exactly 1)."""
+    scale = check_real(guidance_scale, "guidance_scale")
+    if uncond_output is None:
+        if scale != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} needs uncond_output (the unconditional "
+                             "prediction); pass it, or leave guidance_scale at 1.0")
+        return None
+    return uncond_output if scale != 1.0 else None
+
+
 def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedule: NoiseSchedule, *,
               prev_timestep=None, noise: Optional[torch.Tensor] = None,
               generator: Optional[torch.Generator] = None, prediction_type: str = "epsilon",
               variance_type: str = "fixed_small", clip_sample: bool = False, clip_sample_range: float = 1.0,
+              uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
               impl: str = "auto") -> torch.Tensor:
     """One DDPM reverse step ``x_t -> x_{prev_timestep}``, fused (diffusers' ``DDPMScheduler.step``).
 
@@ -564,6 +609,8 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
     x_prev = sqrt(a_prev) (1 - a_t/a_prev) / (1 - a_t) * x0 + sqrt(a_t/a_prev) (1 - a_prev) / (1 - a_t) * x_t
              + sigma_t z,   sigma_t^2 = (1 - a_prev)/(1 - a_t) (1 - a_t/a_prev) ("fixed_small") or
              1 - a_t/a_prev ("fixed_large"); no noise where t == 0.
+    With classifier-free guidance (Ho & Salimans 2022) the network output is first combined, in the same pass,
+    as ``uncond_output + guidance_scale * (model_output - uncond_output)``.
 
     Args:
         model_output: the network's prediction, shape of ``sample``.
@@ -576,12 +623,17 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
         prediction_type: "epsilon", "sample" or "v_prediction".
         variance_type: "fixed_small" or "fixed_large".
         clip_sample, clip_sample_range: clamp ``x0`` to ``[-range, range]``.
+        uncond_output: the unconditional prediction for classifier-free guidance (``model_output`` is then the
+            conditional one), shape and dtype of ``model_output``, any strides (e.g. the halves of one batched
+            network call).
+        guidance_scale: the guidance weight ``w``; 1 means no guidance (``uncond_output`` is not read).
         impl: "auto", "triton" or "eager".
 
     Returns:
         ``x_prev`` with the shape and dtype of ``sample`` (math in fp32).
     """
-    device = _check_step_tensors("ddpm_step", model_output, sample, noise, schedule, generator)
+    device = _check_step_tensors("ddpm_step", model_output, sample, noise, uncond_output, schedule, generator)
+    uncond_output = _check_guidance(uncond_output, guidance_scale)
     check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
     check_choice(variance_type, "variance_type", VARIANCE_TYPES)
     check_bool(clip_sample, "clip_sample")
@@ -602,19 +654,20 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
             noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
         return ddpm_step_reference(model_output, t.as_tensor(batch, device), sample, schedule,
                                    prev.as_tensor(batch, device), noise if needs_noise else None, prediction_type,
-                                   variance_type, clip_sample, clip_sample_range)
+                                   variance_type, clip_sample, clip_sample_range, uncond_output, guidance_scale)
     seed = draw_philox_seed(device, generator) if noise is None and needs_noise else None
     return call_registered(
         torch.ops.genkernels.ddpm_step, _ddpm_step_launch, model_output, sample, noise, seed,
         schedule.kernel_table(device), t.tensor, t.value or 0, prev.tensor, prev.value or 0, prediction_type,
-        variance_type, clip_sample, clip_sample_range)
+        variance_type, clip_sample, clip_sample_range, uncond_output, float(guidance_scale))
 
 
 def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedule: NoiseSchedule, *,
               prev_timestep, eta: float = 0.0, noise: Optional[torch.Tensor] = None,
               generator: Optional[torch.Generator] = None, prediction_type: str = "epsilon",
               clip_sample: bool = False, clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
-              use_clipped_model_output: bool = False, impl: str = "auto") -> torch.Tensor:
+              use_clipped_model_output: bool = False, uncond_output: Optional[torch.Tensor] = None,
+              guidance_scale: float = 1.0, impl: str = "auto") -> torch.Tensor:
     """One DDIM step ``x_t -> x_{prev_timestep}``, fused (diffusers' ``DDIMScheduler.step``; Song et al. 2021).
 
     sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
@@ -624,7 +677,8 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
 
     Args:
         model_output, timestep, sample, schedule, noise, generator, prediction_type, clip_sample,
-        clip_sample_range, impl: as in :func:`ddpm_step`.
+        clip_sample_range, uncond_output, guidance_scale, impl: as in :func:`ddpm_step` (guidance combines the
+        two predictions before ``x0`` and ``eps`` are derived).
         prev_timestep: the timestep to step to (required), below ``timestep``; negative means the final step,
             where ``a_prev`` is 1 (``set_alpha_to_one=True``) or ``alphas_cumprod[0]``.
         eta: weight of the stochastic part, in [0, 1].
@@ -633,7 +687,8 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
     Returns:
         ``x_prev`` with the shape and dtype of ``sample`` (math in fp32).
     """
-    device = _check_step_tensors("ddim_step", model_output, sample, noise, schedule, generator)
+    device = _check_step_tensors("ddim_step", model_output, sample, noise, uncond_output, schedule, generator)
+    uncond_output = _check_guidance(uncond_output, guidance_scale)
     check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
     eta = check_real(eta, "eta", low=0.0, high=1.0)
     check_bool(clip_sample, "clip_sample")
@@ -652,11 +707,13 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
             noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
         return ddim_step_reference(model_output, t.as_tensor(batch, device), sample, schedule,
                                    prev.as_tensor(batch, device), noise, eta, prediction_type, clip_sample,
-                                   clip_sample_range, set_alpha_to_one, use_clipped_model_output)
+                                   clip_sample_range, set_alpha_to_one, use_clipped_model_output, uncond_output,
+                                   guidance_scale)
     seed = draw_philox_seed(device, generator) if noise is None and eta > 0 else None
     if eta == 0:
         noise = None
     return call_registered(
         torch.ops.genkernels.ddim_step, _ddim_step_launch, model_output, sample, noise, seed,
         schedule.kernel_table(device), t.tensor, t.value or 0, prev.tensor, prev.value or 0, eta, prediction_type,
-        clip_sample, clip_sample_range, set_alpha_to_one, use_clipped_model_output)
+        clip_sample, clip_sample_range, set_alpha_to_one, use_clipped_model_output, uncond_output,
+        float(guidance_scale))

@@ -86,13 +86,17 @@ class DDPMScheduler(_Scheduler):
         self.variance_type = variance_type
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True):
-        """``x_t -> x_{t - T // num_inference_steps}``; returns ``SchedulerOutput(prev_sample)`` (or a tuple)."""
+             return_dict: bool = True, *, uncond_output: Optional[torch.Tensor] = None,
+             guidance_scale: float = 1.0):
+        """``x_t -> x_{t - T // num_inference_steps}``; returns ``SchedulerOutput(prev_sample)`` (or a tuple).
+        With ``uncond_output``, classifier-free guidance ``uncond + guidance_scale * (model_output - uncond)`` is
+        applied inside the fused step."""
         prev = self.previous_timestep(_as_host_int(timestep))
         prev_sample = ddpm_step(model_output, timestep, sample, self.schedule, prev_timestep=prev,
                                 generator=generator, prediction_type=self.prediction_type,
                                 variance_type=self.variance_type, clip_sample=self.clip_sample,
-                                clip_sample_range=self.clip_sample_range)
+                                clip_sample_range=self.clip_sample_range, uncond_output=uncond_output,
+                                guidance_scale=guidance_scale)
         return SchedulerOutput(prev_sample) if return_dict else (prev_sample,)
 
 
@@ -107,15 +111,18 @@ class DDIMScheduler(_Scheduler):
         self.set_alpha_to_one = set_alpha_to_one
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator=None, variance_noise=None, return_dict: bool = True):
-        """``x_t -> x_{t - T // num_inference_steps}``; returns ``SchedulerOutput(prev_sample)`` (or a tuple)."""
+             use_clipped_model_output: bool = False, generator=None, variance_noise=None, return_dict: bool = True,
+             *, uncond_output: Optional[torch.Tensor] = None, guidance_scale: float = 1.0):
+        """``x_t -> x_{t - T // num_inference_steps}``; returns ``SchedulerOutput(prev_sample)`` (or a tuple).
+        ``uncond_output``/``guidance_scale``: classifier-free guidance inside the fused step, as in DDPM's."""
         check_real(eta, "eta", low=0.0, high=1.0)
         prev = self.previous_timestep(_as_host_int(timestep))
         prev_sample = ddim_step(model_output, timestep, sample, self.schedule, prev_timestep=prev, eta=eta,
                                 noise=variance_noise, generator=generator, prediction_type=self.prediction_type,
                                 clip_sample=self.clip_sample, clip_sample_range=self.clip_sample_range,
                                 set_alpha_to_one=self.set_alpha_to_one,
-                                use_clipped_model_output=use_clipped_model_output)
+                                use_clipped_model_output=use_clipped_model_output, uncond_output=uncond_output,
+                                guidance_scale=guidance_scale)
         return SchedulerOutput(prev_sample) if return_dict else (prev_sample,)
 
 

@@ -224,6 +224,84 @@ def test_ddim_step_layouts(dtype, layout, device):
     _check_ddim(layout.shape, dtype, device, 600, 550, layout=layout, eta=0.8)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Classifier-free guidance fused into the step
+# ---------------------------------------------------------------------------------------------------------------
+def test_guided_reference_equals_reference_on_the_combined_output():
+    """The guided reference is the plain reference applied to uncond + w * (cond - uncond), formed by hand."""
+    cond, sample, noise = _inputs((3, 2, 5), torch.float64, "cpu")
+    uncond = random_tensor((3, 2, 5), torch.float64, 9, "cpu")
+    t, prev = torch.tensor([10, 400, 999]), torch.tensor([-1, 380, 979])
+    combined = uncond + 4.0 * (cond - uncond)
+    torch.testing.assert_close(
+        ddpm_step_reference(cond, t, sample, SCHEDULE, prev, noise, uncond_output=uncond, guidance_scale=4.0),
+        ddpm_step_reference(combined, t, sample, SCHEDULE, prev, noise), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        ddim_step_reference(cond, t, sample, SCHEDULE, prev, noise, 0.5, uncond_output=uncond, guidance_scale=4.0),
+        ddim_step_reference(combined, t, sample, SCHEDULE, prev, noise, 0.5), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_guided_step_reads_halves_of_one_batched_output(dtype, scheduler, device):
+    """cond and uncond as the two halves of one [2n, ...] network output (how samplers batch them)."""
+    batch, shape = 3, (3, 4, 6, 5)
+    both = random_tensor((2 * batch,) + shape[1:], dtype, 21, device).to(memory_format=torch.channels_last)
+    cond, uncond = both[:batch], both[batch:]
+    _, sample, noise = _inputs(shape, dtype, device)
+    t = torch.tensor([999, 500, 3], device=device)
+    prev = t - 3
+    if scheduler == "ddpm":
+        def run(impl):
+            return ddpm_step(cond, t, sample, SCHEDULE, prev_timestep=prev, noise=noise, uncond_output=uncond,
+                             guidance_scale=7.5, prediction_type="v_prediction", impl=impl)
+        reference = ddpm_step_reference(cond.double(), t, sample.double(), SCHEDULE, prev, noise.double(),
+                                        "v_prediction", uncond_output=uncond.double(), guidance_scale=7.5)
+    else:
+        def run(impl):
+            return ddim_step(cond, t, sample, SCHEDULE, prev_timestep=prev, eta=0.5, noise=noise,
+                             uncond_output=uncond, guidance_scale=7.5, impl=impl)
+        reference = ddim_step_reference(cond.double(), t, sample.double(), SCHEDULE, prev, noise.double(), 0.5,
+                                        uncond_output=uncond.double(), guidance_scale=7.5)
+    assert_close_to_reference(run("triton"), reference, run("eager"))
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_guidance_scale_one_is_the_conditional_step(impl, device):
+    cond, sample, noise = _inputs((2, 40), torch.float32, device)
+    uncond = torch.full_like(cond, float("nan"))  # must not be read at scale 1
+    guided = ddim_step(cond, 300, sample, SCHEDULE, prev_timestep=250, uncond_output=uncond, guidance_scale=1.0,
+                       impl=impl)
+    plain = ddim_step(cond, 300, sample, SCHEDULE, prev_timestep=250, impl=impl)
+    torch.testing.assert_close(guided, plain, rtol=0, atol=0)
+
+
+def test_guidance_scale_zero_is_the_unconditional_step(device):
+    cond, sample, noise = _inputs((2, 40), torch.float32, device)
+    uncond = random_tensor((2, 40), torch.float32, 5, device)
+    guided = ddpm_step(cond, 300, sample, SCHEDULE, noise=noise, uncond_output=uncond, guidance_scale=0.0,
+                       impl="triton")
+    plain = ddpm_step(uncond, 300, sample, SCHEDULE, noise=noise, impl="triton")
+    torch.testing.assert_close(guided, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_rejects_bad_guidance_arguments(impl, device):
+    cond, sample, _ = _inputs((2, 3, 4), torch.float32, device)
+    with pytest.raises(ValueError, match="guidance_scale=3.0 needs uncond_output"):
+        ddpm_step(cond, 5, sample, SCHEDULE, guidance_scale=3.0, impl=impl)
+    with pytest.raises(ValueError, match="uncond_output"):
+        ddpm_step(cond, 5, sample, SCHEDULE, uncond_output=cond[:, :2], guidance_scale=3.0, impl=impl)
+    with pytest.raises(TypeError, match="uncond_output"):
+        ddim_step(cond, 5, sample, SCHEDULE, prev_timestep=1, uncond_output=cond.half(), guidance_scale=3.0,
+                  impl=impl)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        ddim_step(cond, 5, sample, SCHEDULE, prev_timestep=1, uncond_output=cond, guidance_scale=float("nan"),
+                  impl=impl)
+    with pytest.raises(TypeError, match="guidance_scale"):
+        ddim_step(cond, 5, sample, SCHEDULE, prev_timestep=1, uncond_output=cond, guidance_scale=None, impl=impl)
+
+
 def test_inputs_inside_larger_buffers_are_read_only_in_bounds(device):
     # Views into NaN-filled buffers: any read outside a view would turn the result into NaN.
     def embedded(values):

@@ -24,7 +24,7 @@ def _diffusion_args(device, with_noise, tensor_timesteps):
 def test_opcheck_ddpm_step(with_noise, tensor_timesteps, device):
     args = _diffusion_args(device, with_noise, tensor_timesteps)
     torch.library.opcheck(torch.ops.genkernels.ddpm_step.default,
-                          args + ("v_prediction", "fixed_small", True, 1.0))
+                          args + ("v_prediction", "fixed_small", True, 1.0, None, 1.0))
 
 
 @pytest.mark.parametrize("with_noise", [True, False])
@@ -32,7 +32,17 @@ def test_opcheck_ddpm_step(with_noise, tensor_timesteps, device):
 def test_opcheck_ddim_step(with_noise, tensor_timesteps, device):
     args = _diffusion_args(device, with_noise, tensor_timesteps)
     torch.library.opcheck(torch.ops.genkernels.ddim_step.default,
-                          args + (0.5, "epsilon", True, 1.0, True, False))
+                          args + (0.5, "epsilon", True, 1.0, True, False, None, 1.0))
+
+
+@pytest.mark.parametrize("op", ["ddpm_step", "ddim_step"])
+def test_opcheck_guided_steps(op, device):
+    model_output, sample, noise, seed, table, *timesteps = _diffusion_args(device, False, True)
+    uncond = torch.randn_like(model_output)
+    options = ("epsilon", "fixed_small", False, 1.0) if op == "ddpm_step" else (0.5, "epsilon", False, 1.0, True,
+                                                                                   False)
+    torch.library.opcheck(getattr(torch.ops.genkernels, op).default,
+                          (model_output, sample, noise, seed, table, *timesteps) + options + (uncond, 7.5))
 
 
 def test_diffusion_steps_compile_with_fullgraph(device):

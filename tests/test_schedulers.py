@@ -37,6 +37,26 @@ def test_ddim_loop_matches_diffusers(impl, prediction_type):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_guided_ddim_loop_matches_diffusers_on_the_guided_output(impl):
+    """Guidance inside the step == a diffusers loop fed the guided output (a pipeline's usual arithmetic)."""
+    def predictions(sample, t):
+        return _toy_model(sample, t), _toy_model(sample * 0.5, t) - 0.1
+
+    start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs, ours = diffusers.DDIMScheduler(), DDIMScheduler(NoiseSchedule.linear())
+    theirs.set_timesteps(20)
+    ours.set_timesteps(20)
+    expected, sample = start.clone(), start.clone()
+    with use_impl(impl):
+        for t in ours.timesteps:
+            cond, uncond = predictions(expected, t)
+            expected = theirs.step(uncond + 3.0 * (cond - uncond), t, expected).prev_sample
+            cond, uncond = predictions(sample, t)
+            sample = ours.step(cond, t, sample, uncond_output=uncond, guidance_scale=3.0).prev_sample
+    torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_ddpm_loop_matches_diffusers_with_the_same_noise():
     # The eager path draws its noise with torch.randn from the generator, as diffusers does.
     start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
