@@ -95,7 +95,7 @@ class PerSampleLayout:
     inner_contiguous: bool
 
 
-def _collapse_inner_dims(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+def collapse_inner_dims(shape: Sequence[int], strides: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
     """Order the non-batch dims of ``shape`` by the first tensor's strides (outermost first) and merge neighbours
     that every tensor walks as one contiguous run. Returns ``[(size, [stride per tensor]), ...]``."""
     dims = [d for d in range(1, len(shape)) if shape[d] != 1]
@@ -128,14 +128,14 @@ def per_sample_layout(tensors: Sequence[torch.Tensor]) -> tuple[PerSampleLayout,
     for size in shape[1:]:
         inner_numel *= size
     strides = [list(t.stride()) for t in tensors]
-    collapsed = _collapse_inner_dims(shape, strides)
+    collapsed = collapse_inner_dims(shape, strides)
     if len(collapsed) > MAX_INNER_DIMS:
         first = tensors[0]
         if not _is_dense(first):
             raise ValueError(f"cannot walk a first tensor of shape {list(first.shape)} and strides {first.stride()}")
         tensors = [first] + [torch.empty_like(first).copy_(t) for t in tensors[1:]]
         strides = [list(t.stride()) for t in tensors]
-        collapsed = _collapse_inner_dims(shape, strides)
+        collapsed = collapse_inner_dims(shape, strides)
     padding = MAX_INNER_DIMS - len(collapsed)
     inner_sizes = tuple([1] * padding + [size for size, _ in collapsed])
     per_tensor = []

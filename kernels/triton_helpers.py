@@ -59,6 +59,24 @@ def philox_normal_block(seed, batch_index, first_index, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def philox_normal_at(seed, batch_index, index):
+    """The draw of element ``index`` (an int64 block in any order) of sample ``batch_index``: the value
+    :func:`philox_normal_block` gives that element, computed from its own Philox group (four times the Philox work
+    of the block version; for walks whose order is not the index order)."""
+    group = index // 4
+    lane = index % 4
+    group_lo = (group & 0xFFFFFFFF).to(tl.uint32)
+    group_hi = (group >> 32).to(tl.uint32)
+    sample_word = tl.zeros_like(group_lo) + batch_index.to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, group_lo, group_hi, sample_word, tl.zeros_like(group_lo))
+    first_pair = lane < 2
+    u_a = tl.uint_to_uniform_float(tl.where(first_pair, r0, r2))
+    u_b = tl.uint_to_uniform_float(tl.where(first_pair, r1, r3))
+    n_cos, n_sin = tl.pair_uniform_to_normal(u_a, u_b)
+    return tl.where((lane & 1) == 0, n_cos, n_sin)
+
+
+@triton.jit
 def sigmoid(x):
     """Logistic function of fp32 ``x``, overflow-free for any magnitude: ``1 / (1 + exp(-x))`` for ``x >= 0`` and
     ``exp(x) / (1 + exp(x))`` below."""

@@ -1,0 +1,578 @@
+"""Forward process and fused training loss (kernels/diffusion_loss.py) against fp64 references, diffusers and
+F.mse_loss."""
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from reference_checks import (
+    DTYPES,
+    PER_SAMPLE_LAYOUTS,
+    assert_close_to_reference,
+    assert_standard_normal,
+    random_tensor,
+)
+
+from genkernels.kernels.diffusion import PREDICTION_TYPES, NoiseSchedule
+from genkernels.kernels.diffusion_loss import (
+    REDUCTIONS,
+    diffusion_loss,
+    diffusion_loss_reference,
+    q_sample,
+    q_sample_reference,
+)
+from genkernels.kernels.philox import philox_normal
+
+SCHEDULE = NoiseSchedule.linear()
+T = SCHEDULE.num_train_timesteps
+NOISE_PATHS = ("tensor", "seed")
+
+
+def _timesteps(batch, device):
+    """Per-sample timesteps spread over the schedule, both ends included."""
+    return torch.tensor([0, T - 1, 500, 1, 250, 998][:batch] + [37] * max(0, batch - 6), device=device)
+
+
+def _as_batch(timestep, batch, device):
+    if isinstance(timestep, int):
+        return torch.full((batch,), timestep, dtype=torch.int64, device=device)
+    return timestep.reshape(-1).expand(batch).to(torch.int64)
+
+
+def _seed(device, value=1234):
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+def _noise_source(path, shape, device, layout=None, dtype=torch.float32):
+    """``(kwargs for the op, the fp64 noise it stands for)``."""
+    if path == "seed":
+        seed = _seed(device)
+        return {"seed": seed}, philox_normal(seed, shape).double()
+    noise = random_tensor(shape, dtype, 2, device)
+    if layout is not None:
+        noise = layout(noise)
+    return {"noise": noise}, noise.double()
+
+
+def _sqrt_terms(timesteps, ndim):
+    view = (-1,) + (1,) * (ndim - 1)
+    a = SCHEDULE.alphas_cumprod[timesteps.cpu()]
+    return a.sqrt().reshape(view), (1 - a).sqrt().reshape(view)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The references themselves, against independent implementations
+# ---------------------------------------------------------------------------------------------------------------
+def test_q_sample_reference_matches_diffusers_add_noise():
+    theirs = DDPMScheduler()
+    theirs.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    x0 = random_tensor((4, 3, 5, 6), torch.float64, 0)
+    noise = random_tensor((4, 3, 5, 6), torch.float64, 1)
+    t = torch.tensor([0, 17, 500, 999])
+    torch.testing.assert_close(q_sample_reference(x0, t, SCHEDULE, noise), theirs.add_noise(x0, noise, t),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_loss_reference_matches_mse_of_an_independent_target(prediction_type, reduction):
+    theirs = DDPMScheduler()
+    theirs.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    mo, x0, noise = (random_tensor((4, 3, 5), torch.float64, seed) for seed in range(3))
+    t = torch.tensor([3, 999, 0, 640])
+    target = {"epsilon": noise, "sample": x0, "v_prediction": theirs.get_velocity(x0, noise, t)}[prediction_type]
+    if reduction == "per_sample":
+        expected = F.mse_loss(mo, target, reduction="none").mean(dim=(1, 2))
+    else:
+        expected = F.mse_loss(mo, target, reduction=reduction)
+    ours = diffusion_loss_reference(mo, x0, t, SCHEDULE, noise, prediction_type, reduction)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# q_sample: kernel and eager vs the fp64 reference, outputs and gradients
+# ---------------------------------------------------------------------------------------------------------------
+def _q_sample_outputs_and_grads(fn, x0, noise, weight):
+    x0 = x0.detach().requires_grad_()
+    inputs = [x0]
+    if noise is not None:
+        noise = noise.detach().requires_grad_()
+        inputs.append(noise)
+    out = fn(x0, noise)
+    return (out,) + torch.autograd.grad((out.double() * weight).sum(), inputs)
+
+
+def _check_q_sample(shape, dtype, device, timestep, path, layout=None):
+    x0 = random_tensor(shape, dtype, 0, device)
+    if layout is not None:
+        x0 = layout(x0)
+    kwargs, noise64 = _noise_source(path, shape, device, layout, dtype)
+    noise = kwargs.get("noise")
+    seed = kwargs.get("seed")
+    weight = random_tensor(shape, torch.float64, 5, device)
+    kernel, eager = (
+        _q_sample_outputs_and_grads(lambda x, n, impl=impl: q_sample(x, timestep, SCHEDULE, noise=n, seed=seed,
+                                                                     impl=impl), x0, noise, weight)
+        for impl in ("triton", "eager"))
+    t = _as_batch(timestep, shape[0], device)
+    reference = _q_sample_outputs_and_grads(lambda x, n: q_sample_reference(x, t, SCHEDULE, n if n is not None
+                                                                            else noise64),
+                                            x0.double(), None if noise is None else noise.double(), weight)
+    assert kernel[0].stride() == torch.empty_like(x0).stride()
+    for name, k, e, r in zip(("x_t", "grad_x0", "grad_noise"), kernel, eager, reference):
+        assert_close_to_reference(k, r, e, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", NOISE_PATHS)
+def test_q_sample_dtypes_and_noise_paths(dtype, path, device):
+    _check_q_sample((5, 3, 17, 13), dtype, device, _timesteps(5, device), path)
+
+
+@pytest.mark.parametrize("layout", PER_SAMPLE_LAYOUTS, ids=lambda layout: layout.name)
+@pytest.mark.parametrize("path", NOISE_PATHS)
+def test_q_sample_layouts(layout, path, device):
+    _check_q_sample(layout.shape, torch.float32, device, 700, path, layout)
+
+
+@pytest.mark.parametrize("timestep", [0, 999, "0-d", "[1]"])
+def test_q_sample_timestep_forms(timestep, device):
+    if timestep == "0-d":
+        timestep = torch.tensor(321, device=device)
+    elif timestep == "[1]":
+        timestep = torch.tensor([654], device=device)
+    _check_q_sample((3, 40), torch.float32, device, timestep, "seed")
+
+
+def test_q_sample_draws_from_the_generator_the_same_under_both_impls(device):
+    x0 = torch.zeros(2, 3, 9, device=device)
+    drawn = [q_sample(x0, 999, SCHEDULE, generator=torch.Generator(device).manual_seed(3), impl=impl)
+             for impl in ("triton", "eager")]
+    torch.testing.assert_close(drawn[0], drawn[1], rtol=1e-5, atol=1e-6)
+    again = q_sample(x0, 999, SCHEDULE, generator=torch.Generator(device).manual_seed(3), impl="triton")
+    torch.testing.assert_close(again, drawn[0], rtol=0, atol=0)
+    other = q_sample(x0, 999, SCHEDULE, generator=torch.Generator(device).manual_seed(4), impl="triton")
+    assert (other - drawn[0]).abs().mean() > 0.5
+
+
+def test_q_sample_seeded_noise_is_standard_normal(device):
+    x0 = torch.zeros(4, 3, 32, 32, device=device)
+    t = torch.tensor([999, 500, 10, 200], device=device)
+    _, sqrt_beta = _sqrt_terms(t, 4)
+    noise = q_sample(x0, t, SCHEDULE, seed=_seed(device, 77), impl="triton").double() / sqrt_beta.to(device)
+    assert_standard_normal(noise)
+
+
+def test_q_sample_seeded_noise_does_not_depend_on_layout(device):
+    """channels_last walks the tensor in another order (each element draws its own Philox group); the noise of an
+    element stays the same."""
+    x0 = random_tensor((2, 5, 7, 9), torch.float32, 0, device)
+    seed = _seed(device, 5)
+    contiguous = q_sample(x0, 400, SCHEDULE, seed=seed, impl="triton")
+    channels_last = q_sample(x0.contiguous(memory_format=torch.channels_last), 400, SCHEDULE, seed=seed,
+                             impl="triton")
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(channels_last, contiguous, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusion_loss: kernel and eager vs the fp64 reference, loss and gradients
+# ---------------------------------------------------------------------------------------------------------------
+def _loss_and_grads(fn, mo, x0, weight, with_x0_grad):
+    mo = mo.detach().requires_grad_()
+    x0 = x0.detach().requires_grad_(with_x0_grad)
+    loss = fn(mo, x0)
+    inputs = [mo, x0] if with_x0_grad else [mo]
+    return (loss,) + torch.autograd.grad((loss.double() * weight).sum(), inputs)
+
+
+def _check_loss(shape, device, prediction_type, reduction, path, timestep=None, dtype=torch.float32,
+                x0_dtype=None, layout=None):
+    mo = random_tensor(shape, dtype, 0, device)
+    x0 = random_tensor(shape, x0_dtype or dtype, 1, device)
+    if layout is not None:
+        mo, x0 = layout(mo), layout(x0)
+    kwargs, noise64 = _noise_source(path, shape, device, layout)
+    timestep = _timesteps(shape[0], device) if timestep is None else timestep
+    loss_shape = {"none": shape, "per_sample": shape[:1]}.get(reduction, ())
+    weight = random_tensor(loss_shape, torch.float64, 7, device)
+    with_x0_grad = prediction_type != "epsilon"
+    kernel, eager = (
+        _loss_and_grads(lambda m, x, impl=impl: diffusion_loss(m, x, timestep, SCHEDULE, **kwargs,
+                                                               prediction_type=prediction_type,
+                                                               reduction=reduction, impl=impl),
+                        mo, x0, weight, with_x0_grad)
+        for impl in ("triton", "eager"))
+    t = _as_batch(timestep, shape[0], device)
+    reference = _loss_and_grads(lambda m, x: diffusion_loss_reference(m, x, t, SCHEDULE, noise64, prediction_type,
+                                                                      reduction),
+                                mo.double(), x0.double(), weight, with_x0_grad)
+    expected_dtype = mo.dtype if reduction == "none" else torch.float32
+    assert kernel[0].dtype == expected_dtype and kernel[0].shape == loss_shape
+    assert kernel[1].dtype == mo.dtype
+    if mo.numel() == 0:  # means over no elements are NaN, as in F.mse_loss
+        for k, e in zip(kernel, eager):
+            torch.testing.assert_close(k, e, equal_nan=True)
+        return
+    assert kernel[1].stride() == torch.empty_like(mo).stride()
+    for name, k, e, r in zip(("loss", "grad_model_output", "grad_x0"), kernel, eager, reference):
+        assert_close_to_reference(k, r, e, name)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("path", NOISE_PATHS)
+def test_loss_every_prediction_reduction_and_noise_path(prediction_type, reduction, path, device):
+    _check_loss((5, 3, 17, 13), device, prediction_type, reduction, path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("path", NOISE_PATHS)
+def test_loss_half_precision(dtype, prediction_type, path, device):
+    _check_loss((3, 4, 9, 11), device, prediction_type, "mean", path, dtype=dtype)
+    _check_loss((2, 100), device, prediction_type, "none", path, dtype=dtype)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_loss_model_output_in_bf16_and_x0_in_fp32(prediction_type, device):
+    """Mixed precision: a bf16 network output against fp32 data."""
+    _check_loss((3, 2, 9, 7), device, prediction_type, "per_sample", "seed", dtype=torch.bfloat16,
+                x0_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("layout", PER_SAMPLE_LAYOUTS, ids=lambda layout: layout.name)
+@pytest.mark.parametrize("path,reduction",
+                         [("seed", "per_sample"), ("tensor", "none"), ("seed", "none"), ("seed", "mean")])
+def test_loss_layouts(layout, path, reduction, device):
+    _check_loss(layout.shape, device, "v_prediction", reduction, path, timestep=450, layout=layout)
+
+
+@pytest.mark.parametrize("timestep", [0, 999, "0-d"])
+def test_loss_int_and_scalar_timesteps(timestep, device):
+    if timestep == "0-d":
+        timestep = torch.tensor(123, device=device)
+    _check_loss((3, 33), device, "v_prediction", "sum", "seed", timestep=timestep)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_loss_over_several_blocks_per_sample(reduction, device):
+    """More elements per sample than one program takes: partial sums of several blocks, Philox groups past the
+    first block."""
+    _check_loss((2, 5000), device, "v_prediction", reduction, "seed")
+
+
+def _embedded(values):
+    """``values`` as a strided view into a NaN-filled buffer: any read outside the view turns results into NaN."""
+    buffer = torch.full((values.shape[0] + 2, 2 * values.shape[1] + 3), float("nan"), device=values.device)
+    view = buffer[1:-1, 3::2]
+    view.copy_(values)
+    return view
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inputs_inside_larger_buffers_are_read_only_in_bounds(reduction, device):
+    mo, x0, noise = (random_tensor((5, 77), torch.float32, seed, device) for seed in range(3))
+    weight = random_tensor((5, 77) if reduction == "none" else (), torch.float64, 4, device)
+    results = []
+    for views in ((_embedded(mo), _embedded(x0), _embedded(noise)), (mo, x0, noise)):
+        output, data = views[0].detach().requires_grad_(), views[1].detach().requires_grad_()
+        loss = diffusion_loss(output, data, 400, SCHEDULE, noise=views[2], prediction_type="v_prediction",
+                              reduction=reduction, impl="triton")
+        grads = torch.autograd.grad((loss.double() * weight).sum(), [output, data])
+        x_t = q_sample(views[1], 400, SCHEDULE, noise=views[2], impl="triton")
+        results.append((loss, x_t) + grads)
+    for got, expected in zip(*results):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_offsets_past_2_31_elements_are_computed_in_int64(device):
+    # Views into one 8 GiB buffer (pages are only committed where written) whose last elements lie past 2**31:
+    # int32 offsets would wrap around and read or write the wrong place.
+    big = torch.empty(2**31 + 4096, dtype=torch.float32, device=device)
+    batch_strided = [big.as_strided((3, 16), (2**30 + 8, 1), offset) for offset in (0, 32, 64)]
+    inner_strided = [big.as_strided((2, 3), (1, 2**30 + 5), offset) for offset in (100, 200, 300)]
+    for views in (batch_strided, inner_strided):
+        for seed, view in enumerate(views):
+            view.copy_(random_tensor(view.shape, torch.float32, seed, device))
+        mo, x0, noise = views
+        values = [t.clone() for t in views]
+        for reduction in ("none", "per_sample"):
+            kernel = diffusion_loss(mo, x0, 900, SCHEDULE, noise=noise, prediction_type="v_prediction",
+                                    reduction=reduction, impl="triton")
+            expected = diffusion_loss(*values[:2], 900, SCHEDULE, noise=values[2], prediction_type="v_prediction",
+                                      reduction=reduction, impl="eager")
+            torch.testing.assert_close(kernel, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q_sample(x0, 900, SCHEDULE, noise=noise, impl="triton"),
+                                   q_sample(values[1], 900, SCHEDULE, noise=values[2], impl="eager"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction,expected", [("mean", float("nan")), ("sum", 0.0)])
+def test_loss_of_an_empty_batch(reduction, expected, device):
+    mo = torch.zeros(0, 3, 4, device=device, requires_grad=True)
+    loss = diffusion_loss(mo, torch.zeros(0, 3, 4, device=device), 5, SCHEDULE, seed=_seed(device),
+                          reduction=reduction, impl="triton")
+    assert loss.shape == () and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, torch.tensor(expected, device=device), equal_nan=True)
+    loss.backward()
+    assert mo.grad.shape == mo.shape
+    for reduction in ("none", "per_sample"):
+        out = diffusion_loss(mo, torch.zeros(0, 3, 4, device=device), 5, SCHEDULE, seed=_seed(device),
+                             reduction=reduction, impl="triton")
+        assert out.shape == ((0, 3, 4) if reduction == "none" else (0,))
+
+
+def test_loss_is_deterministic_and_scales_the_stored_gradient(device):
+    mo = random_tensor((4, 3, 40, 40), torch.float32, 0, device).requires_grad_()
+    x0 = random_tensor((4, 3, 40, 40), torch.float32, 1, device)
+    args = (mo, x0, _timesteps(4, device), SCHEDULE)
+    first = diffusion_loss(*args, seed=_seed(device), impl="triton")
+    second = diffusion_loss(*args, seed=_seed(device), impl="triton")
+    assert torch.equal(first, second), "reductions must be bitwise reproducible"
+    (grad_one,) = torch.autograd.grad(first, mo)
+    (grad_three,) = torch.autograd.grad(3.0 * second, mo)
+    torch.testing.assert_close(grad_three, 3.0 * grad_one, rtol=1e-6, atol=0)
+
+
+def test_loss_skips_the_gradient_write_without_requires_grad(device):
+    mo, x0 = torch.randn(2, 3, 5, device=device), torch.randn(2, 3, 5, device=device)
+    table = SCHEDULE.kernel_table(torch.device(device))
+    args = (mo, x0, None, _seed(device), table, None, 10, "epsilon", "mean")
+    _, no_grad = torch.ops.genkernels.diffusion_loss(*args, None)
+    _, with_grad = torch.ops.genkernels.diffusion_loss(*args, torch.bfloat16)
+    assert no_grad.numel() == 0 and with_grad.shape == mo.shape and with_grad.dtype == torch.bfloat16
+    loss = diffusion_loss(mo, x0, 10, SCHEDULE, seed=_seed(device), impl="triton")
+    assert not loss.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One seed, one noise: q_sample and diffusion_loss agree, under both impls
+# ---------------------------------------------------------------------------------------------------------------
+def test_loss_regenerates_the_noise_q_sample_drew(device):
+    """With x0 = 0, q_sample gives x_t = sqrt(1 - a_t) eps, and the epsilon loss's gradient at model_output = 0 is
+    -2 eps / N: both expose the eps each op drew from the seed, element by element. The loss's output is
+    channels_last (another walk order) to show the noise does not depend on layout."""
+    shape = (3, 4, 6, 5)
+    t = torch.tensor([999, 300, 50], device=device)
+    _, sqrt_beta = _sqrt_terms(t, 4)
+    seed = _seed(device, 31)
+    x0 = torch.zeros(shape, device=device)
+    for q_impl in ("triton", "eager"):
+        eps_q = q_sample(x0, t, SCHEDULE, seed=seed, impl=q_impl).double() / sqrt_beta.to(device)
+        for loss_impl in ("triton", "eager"):
+            mo = torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+            loss = diffusion_loss(mo, x0, t, SCHEDULE, seed=seed, reduction="sum", impl=loss_impl)
+            (grad,) = torch.autograd.grad(loss, mo)
+            torch.testing.assert_close(-grad.double() / 2, eps_q, rtol=1e-5, atol=1e-6)
+
+
+def test_training_step_with_a_seed_matches_the_one_with_stored_noise(device):
+    x0 = random_tensor((2, 3, 8, 8), torch.float32, 0, device)
+    t = torch.tensor([100, 800], device=device)
+    seed = _seed(device, 9)
+    noise = philox_normal(seed, x0.shape)
+    weight = random_tensor((2, 3, 8, 8), torch.float32, 3, device)
+    losses = []
+    for kwargs in ({"seed": seed}, {"noise": noise}):
+        x_t = q_sample(x0, t, SCHEDULE, **kwargs, impl="triton")
+        losses.append(diffusion_loss(x_t * weight, x0, t, SCHEDULE, **kwargs, prediction_type="v_prediction",
+                                     impl="triton"))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration: opcheck and torch.compile
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_noise", [True, False])
+@pytest.mark.parametrize("tensor_timesteps", [True, False])
+def test_opcheck_q_sample(with_noise, tensor_timesteps, device):
+    x0 = torch.randn(3, 4, 5, device=device, requires_grad=True)
+    noise = torch.randn(3, 4, 5, device=device) if with_noise else None
+    seed = None if with_noise else _seed(device)
+    timestep = torch.tensor([5, 500, 999], device=device) if tensor_timesteps else None
+    torch.library.opcheck(torch.ops.genkernels.q_sample.default,
+                          (x0, noise, seed, SCHEDULE.kernel_table(torch.device(device)), timestep, 600))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("with_noise,prediction_type", [(True, "epsilon"), (False, "v_prediction")])
+def test_opcheck_diffusion_loss(reduction, with_noise, prediction_type, device):
+    mo = torch.randn(3, 4, 5, device=device, requires_grad=True)
+    x0 = torch.randn(3, 4, 5, device=device, requires_grad=prediction_type != "epsilon")
+    noise = torch.randn(3, 4, 5, device=device) if with_noise else None
+    seed = None if with_noise else _seed(device)
+    torch.library.opcheck(torch.ops.genkernels.diffusion_loss.default,
+                          (mo, x0, noise, seed, SCHEDULE.kernel_table(torch.device(device)),
+                           torch.tensor([5, 500, 999], device=device), 0, prediction_type, reduction,
+                           None if reduction == "none" else torch.float32))
+
+
+def test_opcheck_diffusion_loss_backward(device):
+    mo, x0, grad = (torch.randn(3, 4, 5, device=device) for _ in range(3))
+    torch.library.opcheck(torch.ops.genkernels.diffusion_loss_backward.default,
+                          (grad, mo, x0, None, _seed(device), SCHEDULE.kernel_table(torch.device(device)), None, 70,
+                           "sample", True, True))
+
+
+def test_training_loss_compiles_with_fullgraph(device):
+    """q_sample, a stand-in network and the fused loss in one graph, forward and backward, as eager runs them."""
+    weight = torch.randn(3, 8, 8, device=device, requires_grad=True)
+
+    def step(x0, t, seed):
+        x_t = q_sample(x0, t, SCHEDULE, seed=seed, impl="triton")
+        return diffusion_loss(x_t * weight, x0, t, SCHEDULE, seed=seed, prediction_type="v_prediction",
+                              reduction="mean", impl="triton")
+
+    x0 = torch.randn(2, 3, 8, 8, device=device)
+    t = torch.tensor([10, 900], device=device)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, step):
+        loss = fn(x0, t, _seed(device))
+        results.append((loss,) + torch.autograd.grad(loss, weight))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: named errors before any launch
+# ---------------------------------------------------------------------------------------------------------------
+def _good(device):
+    return torch.randn(2, 3, 4, device=device), torch.randn(2, 3, 4, device=device), _seed(device)
+
+
+def test_rejects_both_or_neither_noise_and_seed(device):
+    mo, x0, seed = _good(device)
+    with pytest.raises(ValueError, match="exactly one of noise .* and seed.*both"):
+        diffusion_loss(mo, x0, 5, SCHEDULE, noise=torch.randn_like(mo), seed=seed)
+    with pytest.raises(ValueError, match="exactly one of noise .* and seed.*neither"):
+        diffusion_loss(mo, x0, 5, SCHEDULE)
+    with pytest.raises(ValueError, match="noise, or seed, or generator.*noise and seed"):
+        q_sample(x0, 5, SCHEDULE, noise=torch.randn_like(x0), seed=seed)
+    with pytest.raises(ValueError, match="noise, or seed, or generator.*noise and generator"):
+        q_sample(x0, 5, SCHEDULE, noise=torch.randn_like(x0), generator=torch.Generator(device))
+    with pytest.raises(ValueError, match="seed or generator, not both"):
+        q_sample(x0, 5, SCHEDULE, seed=seed, generator=torch.Generator(device))
+
+
+@pytest.mark.parametrize("bad_seed", ["int32", "two_elements", "float", "meta", "python_int"])
+def test_rejects_a_bad_seed(bad_seed, device):
+    mo, x0, _ = _good(device)
+    seed = {"int32": torch.tensor([1], dtype=torch.int32, device=device),
+            "two_elements": torch.tensor([1, 2], device=device),
+            "float": torch.tensor([1.0], device=device),
+            "meta": torch.tensor([1], device="meta"),
+            "python_int": 1}[bad_seed]
+    error = TypeError if bad_seed == "python_int" else ValueError
+    with pytest.raises(error, match="seed"):
+        diffusion_loss(mo, x0, 5, SCHEDULE, seed=seed)
+    with pytest.raises(error, match="seed"):
+        q_sample(x0, 5, SCHEDULE, seed=seed)
+
+
+def test_rejects_shape_mismatches(device):
+    mo, x0, seed = _good(device)
+    with pytest.raises(ValueError, match=r"x0 must have the shape of model_output \[2, 3, 4\]"):
+        diffusion_loss(mo, x0[:, :2], 5, SCHEDULE, seed=seed)
+    with pytest.raises(ValueError, match=r"noise must have the shape of model_output"):
+        diffusion_loss(mo, x0, 5, SCHEDULE, noise=torch.randn(2, 3, 5, device=device))
+    with pytest.raises(ValueError, match=r"noise must have the shape of x0"):
+        q_sample(x0, 5, SCHEDULE, noise=torch.randn(3, 3, 4, device=device))
+    with pytest.raises(ValueError, match="model_output must have at least 1 dimension"):
+        diffusion_loss(torch.tensor(1.0, device=device), torch.tensor(1.0, device=device), 5, SCHEDULE, seed=seed)
+    with pytest.raises(ValueError, match="x0 must have at least 1 dimension"):
+        q_sample(torch.tensor(1.0, device=device), 5, SCHEDULE, seed=seed)
+
+
+def test_rejects_non_float_dtypes(device):
+    mo, x0, seed = _good(device)
+    with pytest.raises(TypeError, match="model_output must have a floating-point dtype.*torch.int64"):
+        diffusion_loss(mo.long(), x0, 5, SCHEDULE, seed=seed)
+    with pytest.raises(TypeError, match="x0 must have a floating-point dtype.*torch.float64"):
+        diffusion_loss(mo, x0.double(), 5, SCHEDULE, seed=seed)
+    with pytest.raises(TypeError, match="noise must have a floating-point dtype"):
+        diffusion_loss(mo, x0, 5, SCHEDULE, noise=mo.int())
+    with pytest.raises(TypeError, match="x0 must have a floating-point dtype"):
+        q_sample(x0.int(), 5, SCHEDULE)
+
+
+def test_rejects_tensors_on_different_devices(device):
+    mo, x0, seed = _good(device)
+    with pytest.raises(ValueError, match="one device.*x0 on meta"):
+        diffusion_loss(mo, x0.to("meta"), 5, SCHEDULE, seed=seed)
+    with pytest.raises(ValueError, match="one device.*noise on meta"):
+        q_sample(x0, 5, SCHEDULE, noise=x0.to("meta"))
+    with pytest.raises(ValueError, match="timestep must be on the device"):
+        diffusion_loss(mo, x0, torch.tensor([1, 2], device="meta"), SCHEDULE, seed=seed)
+
+
+def test_rejects_unknown_prediction_type_and_reduction(device):
+    mo, x0, seed = _good(device)
+    with pytest.raises(ValueError, match="prediction_type='x0'.*'epsilon'"):
+        diffusion_loss(mo, x0, 5, SCHEDULE, seed=seed, prediction_type="x0")
+    with pytest.raises(ValueError, match="reduction='batchmean'.*'per_sample'"):
+        diffusion_loss(mo, x0, 5, SCHEDULE, seed=seed, reduction="batchmean")
+
+
+@pytest.mark.parametrize("op", ["q_sample", "diffusion_loss"])
+def test_rejects_bad_timesteps(op, device):
+    mo, x0, seed = _good(device)
+
+    def call(timestep):
+        if op == "q_sample":
+            return q_sample(x0, timestep, SCHEDULE, seed=seed)
+        return diffusion_loss(mo, x0, timestep, SCHEDULE, seed=seed)
+
+    with pytest.raises(ValueError, match=r"timestep=1000 must lie in \[0, 1000\)"):
+        call(1000)
+    with pytest.raises(ValueError, match=r"timestep=-1 must lie in \[0, 1000\)"):
+        call(-1)
+    with pytest.raises(TypeError, match="timestep must be an int"):
+        call(3.0)
+    with pytest.raises(TypeError, match="timestep must be an int or an integer tensor"):
+        call(torch.tensor([1.0, 2.0], device=device))
+    with pytest.raises(ValueError, match=r"timestep must be a scalar or have shape \[batch\] = \[2\]"):
+        call(torch.tensor([1, 2, 3], device=device))
+    if device == "cpu":
+        with pytest.raises(ValueError, match="timestep must lie in"):
+            call(torch.tensor([1, 1000]))
+
+
+def test_rejects_bad_schedule_generator_and_impl(device):
+    mo, x0, seed = _good(device)
+    with pytest.raises(TypeError, match="schedule must be a NoiseSchedule"):
+        diffusion_loss(mo, x0, 5, SCHEDULE.alphas_cumprod, seed=seed)
+    with pytest.raises(TypeError, match="schedule must be a NoiseSchedule"):
+        q_sample(x0, 5, "linear")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        q_sample(x0, 5, SCHEDULE, generator=0)
+    with pytest.raises(ValueError, match="impl='cuda' is not a known implementation"):
+        diffusion_loss(mo, x0, 5, SCHEDULE, seed=seed, impl="cuda")
+    with pytest.raises(ValueError, match="impl='fast'"):
+        q_sample(x0, 5, SCHEDULE, impl="fast")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: training-sized shapes
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 4, 64, 64), (16, 3, 256, 256)])
+@pytest.mark.parametrize("path", NOISE_PATHS)
+def test_large_shapes_on_gpu(dtype, shape, path):
+    _check_loss(shape, "cuda", "v_prediction", "mean", path, dtype=dtype)
+    _check_loss(shape, "cuda", "epsilon", "per_sample", path, dtype=dtype,
+                layout=PER_SAMPLE_LAYOUTS[4] if len(shape) == 4 else None)
+    _check_q_sample(shape, dtype, "cuda", _timesteps(shape[0], "cuda"), path)
+
+
+@pytest.mark.gpu
+def test_seeded_noise_on_gpu_matches_the_eager_stream():
+    seed = _seed("cuda", 2**40 + 17)
+    x0 = torch.zeros(32, 4, 64, 64, device="cuda")
+    x_t = q_sample(x0, 999, SCHEDULE, seed=seed, impl="triton")
+    _, sqrt_beta = _sqrt_terms(torch.tensor([999]), 1)
+    eps = x_t.double() / sqrt_beta.item()
+    torch.testing.assert_close(eps, philox_normal(seed, x0.shape).double(), rtol=1e-5, atol=1e-5)
+    assert_standard_normal(eps)
