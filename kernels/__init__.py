@@ -9,7 +9,11 @@ from .bias_act import ACTIVATIONS, bias_act
 from .causal_conv import causal_conv1d
 from .coupling import affine_coupling
 from .diffusion import NoiseSchedule, ddim_step, ddpm_step
+from .diffusion_loss import diffusion_loss, q_sample
+from .group_norm import group_norm_silu
+from .launch import draw_philox_seed
 from .masked_conv import masked_conv2d
+from .philox import philox_normal
 from .reparameterize import reparameterize_kl
 from .runtime import IMPLS, default_impl, interpreter_enabled, use_impl
 from .wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
@@ -27,8 +31,13 @@ __all__ = [
     "decode_attention",
     "flash_attention",
     "default_impl",
+    "diffusion_loss",
+    "draw_philox_seed",
+    "group_norm_silu",
     "interpreter_enabled",
     "masked_conv2d",
+    "philox_normal",
+    "q_sample",
     "reparameterize_kl",
     "use_impl",
     "wavenet_residual_layer",

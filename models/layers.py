@@ -1,8 +1,9 @@
 """Drop-in layers: torch layers whose hot part runs through a fused genkernels op.
 
-The bias + activation layers below subclass the torch layer they replace (same arguments, parameters and
-``state_dict`` keys) and run it without its bias, then add the bias, apply the activation and its gain in one
-:func:`~genkernels.kernels.bias_act` pass. The other families' drop-in layers live with their models and are
+The layers below subclass the torch layer they replace (same arguments, parameters and ``state_dict`` keys). The
+bias + activation layers run it without its bias, then add the bias, apply the activation and its gain in one
+:func:`~genkernels.kernels.bias_act` pass; :class:`GroupNormAct` is GroupNorm and SiLU in one
+:func:`~genkernels.kernels.group_norm_silu` pass. The other families' drop-in layers live with their models and are
 re-exported here: attention (:class:`MultiheadSelfAttention`, :class:`KVCache`), flows (:class:`ActNorm`,
 :class:`InvConv1x1`, :class:`AffineCoupling`, :class:`Squeeze`, :class:`Split`), autoregressive convolutions
 (:class:`CausalConv1d`, :class:`MaskedConv2d`).
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkernels.kernels.bias_act import bias_act
+from genkernels.kernels.group_norm import group_norm_silu
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,6 +101,31 @@ class BatchNormAct2d(_ActivationOptions, nn.BatchNorm2d):
         return self._bias_act(normalized, self.bias)
 
 
+class GroupNormAct(nn.GroupNorm):
+    """``nn.GroupNorm`` followed by SiLU (or nothing, ``activation=None``) as one
+    :func:`~genkernels.kernels.group_norm_silu` pass: ``silu((x - mean_g) / sqrt(var_g + eps) * weight + bias)``.
+
+    Takes ``nn.GroupNorm``'s arguments (same parameters and ``state_dict`` keys) plus ``activation``; with
+    ``activation=None`` it is a drop-in ``nn.GroupNorm``. Keeps the input's memory format (NCHW or channels_last).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device=None, dtype=None, *, activation: Optional[str] = "silu"):
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        if activation not in ("silu", None):
+            raise ValueError(f"activation={activation!r} is not supported; expected 'silu' or None")
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"GroupNormAct expects input [batch, {self.num_channels}, ...]; got shape "
+                             f"{list(x.shape)}")
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
 # The other families' drop-in layers, defined beside the models that use them.
 from .attention import KVCache, MultiheadSelfAttention  # noqa: E402
 from .flows import ActNorm, AffineCoupling, InvConv1x1, Split, Squeeze  # noqa: E402
@@ -107,5 +134,6 @@ from .wavenet import CausalConv1d  # noqa: E402
 
 __all__ = [
     "ActNorm", "AffineCoupling", "BatchNormAct2d", "CausalConv1d", "Conv2dBiasAct", "ConvTranspose2dBiasAct",
-    "InvConv1x1", "KVCache", "LinearBiasAct", "MaskedConv2d", "MultiheadSelfAttention", "Split", "Squeeze",
+    "GroupNormAct", "InvConv1x1", "KVCache", "LinearBiasAct", "MaskedConv2d", "MultiheadSelfAttention", "Split",
+    "Squeeze",
 ]

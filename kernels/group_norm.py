@@ -1,0 +1,805 @@
+"""Fused GroupNorm + SiLU (the normalization of every DDPM / Stable Diffusion U-Net block), forward and backward.
+
+    y = act((x - mean_g) * rstd_g * weight[c] + bias[c]),   rstd_g = 1 / sqrt(var_g + eps)
+
+with ``mean_g`` and the biased ``var_g`` taken over each (sample, group) of ``C / G`` channels times every spatial
+position (Wu & He 2018, eq. 1-3), ``act`` SiLU (``z * sigmoid(z)``) or the identity, math in fp32.
+
+Design (memory traffic first: the op is memory-bound, a few dozen flops per element against 2 element transfers
+in the forward and 3 more in the backward):
+
+* Tensors are walked as ``[N, C, S]`` views (the spatial dims collapsed into one), with strides passed to the
+  kernels: NCHW (spatial contiguous) and channels_last / channels_last_3d (channels contiguous) are both read in
+  place. A program's tile is ``[BLOCK_C, BLOCK_S]``; for NCHW it spans one group's channels and a long spatial run,
+  for channels_last it spans ``K`` whole groups (32 to 256 contiguous channels) so every row it reads is a long
+  contiguous run rather than the 8-32 bytes one group owns. Strides equal to 1 are compile-time constants (Triton
+  specializes them), so the compiler knows which tile axis is contiguous and vectorizes along it. A tensor whose
+  spatial dims cannot be collapsed into one stride (e.g. a transposed H/W view) is copied once into NCHW first.
+* Work unit = (sample, block of ``K`` groups, spatial chunk). PyTorch launches one program per (sample, group):
+  32 programs at batch 1, a quarter of an H100's 132 SMs. When ``N * ceil(G / K)`` is below a target (4 programs
+  per SM) each group's spatial extent is cut into chunks (:func:`plan_launch`), and the reduction goes in two
+  kernels:
+
+  - forward: ``_group_norm_stats_kernel`` writes per-chunk ``(count, mean, M2)``; ``_group_norm_forward_kernel``
+    merges the chunks of its groups (Chan et al.'s parallel variance formula; reading a few KB of partials from L2)
+    and normalizes its chunk. HBM traffic: x read twice, y written once; the second read of x mostly hits L2 at
+    the sizes that need splitting (a batch-1 256x256x128 bf16 activation is 16 MB; an H100 has 50 MB of L2).
+  - backward: ``_group_norm_backward_reduce_kernel`` writes per-(sample, channel, chunk) sums of
+    ``dz * x_hat`` and ``dz`` (``dz`` = dy times the activation's derivative; they give dweight and dbias) and
+    per-(sample, group, chunk) sums of ``dy_hat * x_hat`` and ``dy_hat`` (``dy_hat = dz * weight``);
+    ``_group_norm_backward_kernel`` merges its groups' chunks and writes
+    ``dx = rstd * (dy_hat - mean(dy_hat) - x_hat * mean(dy_hat * x_hat))``. x and dy are read twice (the second
+    time mostly from L2), dx written once. The tile follows x's layout; a dy in another layout (rare: autograd
+    hands back y's layout, which is x's) is read through its strides, correct but less coalesced.
+
+  When the grid is already full, one program owns whole groups: the same forward / backward kernels run their
+  statistics loop first (FUSED) and re-read their groups (64 KB or so: an L2 hit) for the elementwise loop, so
+  the traffic is one HBM read of x (and dy) plus one write.
+* The first read of x (and dy) is an ``evict_last`` load and the second an ``evict_first`` one, so L2 keeps what is
+  about to be re-read rather than what was just written.
+* Statistics are numerically two-pass: each tile's per-channel mean and M2 around that mean are computed in
+  registers, and tiles, channels, chunks are merged with Chan's formula, so an input like ``1000 + noise`` keeps
+  its variance (naive ``E[x^2] - E[x]^2`` in fp32 would lose every digit).
+* The backward recomputes ``x_hat`` and the pre-activation from x and the saved ``[N, G]`` fp32 mean / rstd
+  instead of saving them. ``dweight`` / ``dbias`` are the per-(sample, channel, chunk) partials above summed by
+  torch reductions (fixed order, no atomics: bitwise reproducible run to run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .checks import check_float_tensor, check_int, check_same_device, describe
+from .launch import CompileVariant
+from .runtime import compute_dtype, resolve_impl
+from .triton_helpers import sigmoid
+
+ACTIVATIONS = ("silu", None)
+# Elements of one program's [BLOCK_C, BLOCK_S] tile, and the warps that hold it (16 elements per thread).
+TILE = 4096
+TILE_WARPS = 8
+# Contiguous channels a channels_last program reads per spatial position (512 bytes of bf16), and the most groups
+# one program's [BLOCK_G, BLOCK_C] channel-to-group merge spans.
+MAX_CHANNELS_INNER = 256
+MAX_GROUPS_PER_BLOCK = 32
+# Narrowest channels_last tile row when fewer groups per program are needed to fill the GPU (64 bytes of bf16),
+# and the shortest NCHW spatial tile a split may ask for.
+MIN_CHANNELS_INNER = 32
+MIN_SPATIAL_TILE = 64
+# Partials of one group merged per step of the merge loop.
+MAX_BLOCK_P = 64
+# Programs per SM the split aims for, and the SM count assumed where there is no CUDA device (the interpreter).
+PROGRAMS_PER_SM = 4
+DEFAULT_SM_COUNT = 132
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eager reference: the specification, the fallback and the test oracle
+# ----------------------------------------------------------------------------------------------------------------
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of the op's outputs: channels_last(_3d) when ``x`` keeps its channels innermost (like
+    ``F.group_norm``), else contiguous (also when both describe ``x``, e.g. 1x1 spatial)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.stride(1) == 1 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                              bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
+                              activation: Optional[str] = "silu") -> torch.Tensor:
+    """GroupNorm (Wu & He 2018, eq. 1-3) followed by SiLU, in plain PyTorch.
+
+        mean_g = 1/M sum_{i in g} x_i,   var_g = 1/M sum_{i in g} (x_i - mean_g)^2   (M = C/G * prod(spatial))
+        z = (x - mean_g) / sqrt(var_g + eps) * weight[c] + bias[c]
+        y = z * sigmoid(z)  (activation "silu"; Elfwing et al. 2018)   or   y = z  (activation None)
+
+    The variance is two-pass (around the mean). Computes in fp32 (fp64 for fp64 inputs) and returns ``x``'s dtype
+    in :func:`output_memory_format`; differentiable by autograd.
+    """
+    dtype = compute_dtype(x.dtype)
+    batch, channels = x.shape[:2]
+    grouped = x.to(dtype).reshape(batch, num_groups, channels // num_groups * math.prod(x.shape[2:]))
+    mean = grouped.mean(dim=-1, keepdim=True)
+    centered = grouped - mean
+    var = (centered * centered).mean(dim=-1, keepdim=True)
+    z = (centered * torch.rsqrt(var + eps)).reshape(x.shape)
+    per_channel = [1, channels] + [1] * (x.dim() - 2)
+    if weight is not None:
+        z = z * weight.to(dtype).reshape(per_channel)
+    if bias is not None:
+        z = z + bias.to(dtype).reshape(per_channel)
+    y = F.silu(z) if activation == "silu" else z
+    return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch planning: tile shape, groups per program, and the split of each group's spatial extent
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """How the kernels cover ``[N, C, S]``: programs own ``groups_per_block`` whole groups of one sample and a
+    spatial chunk of ``chunk_len`` positions (a multiple of ``block_s``); ``chunks`` chunks per group."""
+
+    groups_per_block: int
+    blocks_per_sample: int
+    chunks: int
+    chunk_len: int
+    block_c: int
+    block_s: int
+    block_g: int
+    block_p: int
+    num_warps: int
+
+    @property
+    def split(self) -> bool:
+        return self.chunks > 1
+
+    def programs(self, batch: int) -> int:
+        return batch * self.blocks_per_sample * self.chunks
+
+
+def default_target_programs(device: torch.device) -> int:
+    """Programs a launch should have to keep every SM busy: ``PROGRAMS_PER_SM`` per SM of ``device`` (the
+    interpreter plans as for an H100, so the CPU tests take the GPU's code paths)."""
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return PROGRAMS_PER_SM * DEFAULT_SM_COUNT
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_launch(batch: int, channels: int, num_groups: int, spatial: int, channels_inner: bool,
+                target_programs: int, tile: int = TILE) -> LaunchPlan:
+    """Choose the tile, the groups per program and the split.
+
+    ``channels_inner``: the channel axis is the contiguous one (channels_last); the tile then spans up to
+    ``MAX_CHANNELS_INNER`` channels of ``K`` whole groups, fewer (down to ``MIN_CHANNELS_INNER``) when more
+    programs are needed. Otherwise (NCHW) a program owns one group and the tile is long along the spatial axis.
+    Each group's spatial extent is cut into ``chunks`` when ``batch * ceil(G / K)`` programs fall short of
+    ``target_programs``; chunks are at least one tile, and at most ``sqrt(C/G * S / 24)`` so that the partials every
+    program merges (3 per chunk and group) stay below ~1/8 of the elements it reads. Cached: it runs on every
+    call.
+    """
+    group_channels = channels // num_groups
+    spatial = max(spatial, 1)
+    spatial_pow2 = triton.next_power_of_2(spatial)
+    max_chunks = max(1, math.isqrt(group_channels * spatial // 24))
+    if channels_inner:
+        groups_per_block = max(1, min(num_groups, MAX_CHANNELS_INNER // group_channels, MAX_GROUPS_PER_BLOCK))
+        while (groups_per_block > 1 and groups_per_block * group_channels > MIN_CHANNELS_INNER
+               and batch * triton.cdiv(num_groups, groups_per_block) * max_chunks < target_programs):
+            groups_per_block //= 2
+        block_c = min(triton.next_power_of_2(groups_per_block * group_channels), MAX_CHANNELS_INNER, tile)
+        block_s = max(1, min(spatial_pow2, tile // block_c))
+    else:
+        groups_per_block = 1
+        wanted_chunks = min(max_chunks, triton.cdiv(target_programs, batch * num_groups))
+        block_s = min(spatial_pow2, tile)
+        if wanted_chunks > 1:  # short enough tiles that the spatial extent splits into the wanted chunks
+            block_s = min(block_s, max(MIN_SPATIAL_TILE, _floor_power_of_2(triton.cdiv(spatial, wanted_chunks))))
+        block_c = max(1, min(triton.next_power_of_2(group_channels), tile // block_s))
+    blocks_per_sample = triton.cdiv(num_groups, groups_per_block)
+    tiles = triton.cdiv(spatial, block_s)
+    unsplit_programs = max(1, batch * blocks_per_sample)
+    chunks = 1
+    if unsplit_programs < target_programs:
+        chunks = min(tiles, max_chunks, triton.cdiv(target_programs, unsplit_programs))
+    tiles_per_chunk = triton.cdiv(tiles, chunks)
+    chunks = triton.cdiv(tiles, tiles_per_chunk)
+    block_g = triton.next_power_of_2(groups_per_block)
+    block_p = min(triton.next_power_of_2(chunks), MAX_BLOCK_P)
+    num_warps = max(1, min(TILE_WARPS, block_c * block_s // 512))
+    return LaunchPlan(groups_per_block, blocks_per_sample, chunks, tiles_per_chunk * block_s, block_c, block_s,
+                      block_g, block_p, num_warps)
+
+
+def _floor_power_of_2(value: int) -> int:
+    return 1 << (max(value, 1).bit_length() - 1)
+
+
+def _collapsed_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """``(batch, channel, spatial)`` strides of ``t`` seen as ``[N, C, S]``, or None when its spatial dims are not
+    one evenly strided run."""
+    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    for (_, outer), (size, inner) in zip(spatial, spatial[1:]):
+        if outer != inner * size:
+            return None
+    return t.stride(0), t.stride(1), (spatial[-1][1] if spatial else 1)
+
+
+def _as_ncs(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``t`` and its ``[N, C, S]`` strides; the one copy this module makes is here, for spatial dims that do not
+    collapse (e.g. a transposed H/W view), into NCHW."""
+    strides = _collapsed_strides(t)
+    if strides is None:
+        t = t.contiguous()
+        strides = _collapsed_strides(t)
+    return t, strides
+
+
+def _spatial_size(x: torch.Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Merge two sets' (count, mean, M2) (Chan, Golub & LeVeque 1979): exact, no cancellation."""
+    total = count_a + count_b
+    safe = tl.maximum(total, 1.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / safe)
+    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / safe)
+    return total, mean, m2
+
+
+@triton.jit
+def _program_coordinates(blocks_per_sample, chunks, groups_per_block, num_groups, group_channels):
+    """(sample, first group, groups in the block, first channel, channels in the block, chunk) of this program."""
+    pid = tl.program_id(0)
+    chunk = pid % chunks
+    rest = pid // chunks
+    block = rest % blocks_per_sample
+    sample = rest // blocks_per_sample
+    first_group = block * groups_per_block
+    block_groups = tl.minimum(groups_per_block, num_groups - first_group)
+    return sample, first_group, block_groups, first_group * group_channels, block_groups * group_channels, chunk
+
+
+@triton.jit
+def _block_stats(x_ptr, x_base, x_sc, x_ss, first_channel, block_channels, group_channels, s_begin, s_end,
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``(count, mean, M2)`` of each of the block's groups (``[BLOCK_G]``) over positions ``[s_begin, s_end)``.
+
+    Per channel sub-tile: per-channel statistics over the spatial loop (two-pass inside each tile, Chan-merged
+    across tiles), then merged into the groups (a channel's spread around its group's mean is added to M2)."""
+    g = tl.arange(0, BLOCK_G)
+    count = tl.zeros([BLOCK_G], tl.float32)
+    mean = tl.zeros([BLOCK_G], tl.float32)
+    m2 = tl.zeros([BLOCK_G], tl.float32)
+    for c0 in range(0, block_channels, BLOCK_C):
+        local = c0 + tl.arange(0, BLOCK_C)
+        c_mask = local < block_channels
+        channel = first_channel + local
+        ch_count = tl.zeros([BLOCK_C], tl.float32)
+        ch_mean = tl.zeros([BLOCK_C], tl.float32)
+        ch_m2 = tl.zeros([BLOCK_C], tl.float32)
+        x_rows = x_ptr + x_base + channel.to(tl.int64)[:, None] * x_sc
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            position = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+            mask = c_mask[:, None] & (position < s_end)[None, :]
+            x = tl.load(x_rows + position[None, :] * x_ss, mask=mask, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            tile_count = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
+            tile_mean = tl.sum(x, axis=1) / tile_count
+            centered = tl.where(mask, x - tile_mean[:, None], 0.0)
+            ch_count, ch_mean, ch_m2 = _chan_merge(ch_count, ch_mean, ch_m2, tile_count, tile_mean,
+                                                   tl.sum(centered * centered, axis=1))
+        positions = tl.max(ch_count, axis=0)  # every channel saw the same positions
+        member = (g[:, None] == (local // group_channels)[None, :]) & c_mask[None, :]
+        channels_in = tl.sum(member.to(tl.float32), axis=1)
+        sub_mean = tl.sum(tl.where(member, ch_mean[None, :], 0.0), axis=1) / tl.maximum(channels_in, 1.0)
+        spread = tl.where(member, ch_mean[None, :] - sub_mean[:, None], 0.0)
+        sub_m2 = tl.sum(tl.where(member, ch_m2[None, :], 0.0), axis=1) + positions * tl.sum(spread * spread, axis=1)
+        count, mean, m2 = _chan_merge(count, mean, m2, channels_in * positions, sub_mean, sub_m2)
+    return count, mean, m2
+
+
+@triton.jit
+def _merge_partials(part_ptr, plane, row, block_groups, chunks, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Merge the ``chunks`` partial (count, mean, M2) of groups ``row .. row + block_groups`` (``[BLOCK_G]``)."""
+    g = tl.arange(0, BLOCK_G)
+    count = tl.zeros([BLOCK_G], tl.float32)
+    mean = tl.zeros([BLOCK_G], tl.float32)
+    m2 = tl.zeros([BLOCK_G], tl.float32)
+    for p0 in range(0, chunks, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (g < block_groups)[:, None] & (p < chunks)[None, :]
+        offsets = (row + g).to(tl.int64)[:, None] * chunks + p[None, :]
+        part_count = tl.load(part_ptr + offsets, mask=mask, other=0.0)
+        part_mean = tl.load(part_ptr + plane + offsets, mask=mask, other=0.0)
+        part_m2 = tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0)
+        step_count = tl.sum(part_count, axis=1)
+        step_mean = tl.sum(part_count * part_mean, axis=1) / tl.maximum(step_count, 1.0)
+        spread = tl.where(mask, part_mean - step_mean[:, None], 0.0)
+        step_m2 = tl.sum(part_m2 + part_count * spread * spread, axis=1)
+        count, mean, m2 = _chan_merge(count, mean, m2, step_count, step_mean, step_m2)
+    return count, mean, m2
+
+
+@triton.jit
+def _groups_to_channels(values, local, group_channels, BLOCK_G: tl.constexpr):
+    """Spread per-group ``values`` ``[BLOCK_G]`` to the block's channels ``local`` ``[BLOCK_C]``."""
+    member = tl.arange(0, BLOCK_G)[:, None] == (local // group_channels)[None, :]
+    return tl.sum(tl.where(member, values[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _channels_to_groups(values, local, c_mask, group_channels, BLOCK_G: tl.constexpr):
+    """Sum per-channel ``values`` ``[BLOCK_C]`` into the block's groups ``[BLOCK_G]``."""
+    member = (tl.arange(0, BLOCK_G)[:, None] == (local // group_channels)[None, :]) & c_mask[None, :]
+    return tl.sum(tl.where(member, values[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _affine(w_ptr, b_ptr, channel, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``weight[c]`` and ``bias[c]`` of channels ``channel`` as fp32 (1 and 0 when absent)."""
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + channel, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(c_mask, 1.0, 0.0)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + channel, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros_like(w)
+    return w, b
+
+
+@triton.jit
+def _group_norm_stats_kernel(
+    x_ptr, part_ptr, num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len,
+    part_plane, x_sn, x_sc, x_ss,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Split forward, pass 1: (count, mean, M2) of each group of the block over this program's chunk, stored at
+    ``part[plane, sample * G + group, chunk]`` (planes: count, mean, M2)."""
+    sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
+        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
+    s_begin = chunk.to(tl.int64) * chunk_len
+    s_end = tl.minimum(s_begin + chunk_len, spatial)
+    count, mean, m2 = _block_stats(x_ptr, sample.to(tl.int64) * x_sn, x_sc, x_ss, first_channel, block_channels,
+                                   group_channels, s_begin, s_end, BLOCK_C, BLOCK_S, BLOCK_G)
+    g = tl.arange(0, BLOCK_G)
+    offsets = (sample * num_groups + first_group + g).to(tl.int64) * chunks + chunk
+    mask = g < block_groups
+    tl.store(part_ptr + offsets, count, mask=mask)
+    tl.store(part_ptr + part_plane + offsets, mean, mask=mask)
+    tl.store(part_ptr + 2 * part_plane + offsets, m2, mask=mask)
+
+
+@triton.jit
+def _group_norm_forward_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
+    num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len, part_plane,
+    x_sn, x_sc, x_ss, y_sn, y_sc, y_ss, eps,
+    SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_STATS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The block's group statistics (its own loop when FUSED_STATS, else merged from the stats kernel's
+    partials), then ``y = act((x - mean) * rstd * w + b)`` over this program's chunk."""
+    sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
+        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
+    x_base = sample.to(tl.int64) * x_sn
+    y_base = sample.to(tl.int64) * y_sn
+    s_begin = chunk.to(tl.int64) * chunk_len
+    s_end = tl.minimum(s_begin + chunk_len, spatial)
+    row = sample * num_groups + first_group
+    if FUSED_STATS:
+        count, mean, m2 = _block_stats(x_ptr, x_base, x_sc, x_ss, first_channel, block_channels, group_channels,
+                                       s_begin, s_end, BLOCK_C, BLOCK_S, BLOCK_G)
+    else:
+        count, mean, m2 = _merge_partials(part_ptr, part_plane, row, block_groups, chunks, BLOCK_G, BLOCK_P)
+    rstd = 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
+    g = tl.arange(0, BLOCK_G)
+    first_chunk = g < tl.where(chunk == 0, block_groups, 0)  # one program per group stores its statistics
+    tl.store(mean_ptr + row + g, mean, mask=first_chunk)
+    tl.store(rstd_ptr + row + g, rstd, mask=first_chunk)
+    for c0 in range(0, block_channels, BLOCK_C):
+        local = c0 + tl.arange(0, BLOCK_C)
+        c_mask = local < block_channels
+        channel = first_channel + local
+        w, b = _affine(w_ptr, b_ptr, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
+        ch_mean = _groups_to_channels(mean, local, group_channels, BLOCK_G)
+        ch_scale = _groups_to_channels(rstd, local, group_channels, BLOCK_G) * w
+        x_rows = x_ptr + x_base + channel.to(tl.int64)[:, None] * x_sc
+        y_rows = y_ptr + y_base + channel.to(tl.int64)[:, None] * y_sc
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            position = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+            mask = c_mask[:, None] & (position < s_end)[None, :]
+            x = tl.load(x_rows + position[None, :] * x_ss, mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            z = (x - ch_mean[:, None]) * ch_scale[:, None] + b[:, None]
+            if SILU:
+                z = z * sigmoid(z)
+            tl.store(y_rows + position[None, :] * y_ss, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_tile(x_rows, dy_rows, position, mask, x_ss, dy_ss, ch_mean, ch_rstd, w, b, SILU: tl.constexpr,
+                   EVICTION: tl.constexpr):
+    """``(x_hat, dz)`` of one tile: the normalized input and the gradient at the pre-activation
+    ``z = x_hat * w + b``: ``dz = dy * silu'(z)``, ``silu'(z) = s (1 + z (1 - s))`` with ``s = sigmoid(z)``.
+    ``EVICTION``: the reduction pass asks L2 to keep x and dy for the pass that writes dx, which drops them."""
+    x = tl.load(x_rows + position[None, :] * x_ss, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+    dy = tl.load(dy_rows + position[None, :] * dy_ss, mask=mask, other=0.0, eviction_policy=EVICTION).to(tl.float32)
+    x_hat = tl.where(mask, (x - ch_mean[:, None]) * ch_rstd[:, None], 0.0)
+    if SILU:
+        z = x_hat * w[:, None] + b[:, None]
+        s = sigmoid(z)
+        dy = dy * (s * (1.0 + z * (1.0 - s)))
+    return x_hat, dy
+
+
+@triton.jit
+def _saved_stats(mean_ptr, rstd_ptr, sample, num_groups, channel, c_mask, group_channels):
+    row = sample * num_groups + channel // group_channels
+    return (tl.load(mean_ptr + row, mask=c_mask, other=0.0), tl.load(rstd_ptr + row, mask=c_mask, other=0.0))
+
+
+@triton.jit
+def _block_grad_sums(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, sample, num_groups,
+                     group_channels, first_channel, block_channels, s_begin, s_end, chunks, chunk, part_plane,
+                     x_base, dy_base, x_sc, x_ss, dy_sc, dy_ss,
+                     SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Per channel over ``[s_begin, s_end)``: ``sum(dz * x_hat)`` and ``sum(dz)``, stored at
+    ``part[plane, sample * C + channel, chunk]`` (for dweight / dbias); returns their weighted per-group sums
+    ``sum(dy_hat * x_hat)`` and ``sum(dy_hat)`` ``[BLOCK_G]``, ``dy_hat = dz * w``."""
+    group_dot = tl.zeros([BLOCK_G], tl.float32)
+    group_sum = tl.zeros([BLOCK_G], tl.float32)
+    channels = num_groups * group_channels
+    for c0 in range(0, block_channels, BLOCK_C):
+        local = c0 + tl.arange(0, BLOCK_C)
+        c_mask = local < block_channels
+        channel = first_channel + local
+        w, b = _affine(w_ptr, b_ptr, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
+        ch_mean, ch_rstd = _saved_stats(mean_ptr, rstd_ptr, sample, num_groups, channel, c_mask, group_channels)
+        # Elementwise accumulators, reduced once after the loop (no cross-thread reduction per tile).
+        dot_acc = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        total_acc = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        x_rows = x_ptr + x_base + channel.to(tl.int64)[:, None] * x_sc
+        dy_rows = dy_ptr + dy_base + channel.to(tl.int64)[:, None] * dy_sc
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            position = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+            mask = c_mask[:, None] & (position < s_end)[None, :]
+            x_hat, dz = _backward_tile(x_rows, dy_rows, position, mask, x_ss, dy_ss, ch_mean, ch_rstd, w, b, SILU,
+                                       "evict_last")
+            dot_acc += dz * x_hat
+            total_acc += dz
+        dot = tl.sum(dot_acc, axis=1)
+        total = tl.sum(total_acc, axis=1)
+        offsets = (sample * channels + channel).to(tl.int64) * chunks + chunk
+        tl.store(part_ptr + offsets, dot, mask=c_mask)
+        tl.store(part_ptr + part_plane + offsets, total, mask=c_mask)
+        group_dot += _channels_to_groups(dot * w, local, c_mask, group_channels, BLOCK_G)
+        group_sum += _channels_to_groups(total * w, local, c_mask, group_channels, BLOCK_G)
+    return group_dot, group_sum
+
+
+@triton.jit
+def _group_norm_backward_reduce_kernel(
+    x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, group_part_ptr,
+    num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len, part_plane,
+    group_part_plane, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss,
+    SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Split backward, pass 1: per-(sample, channel, chunk) ``sum(dz * x_hat)`` and ``sum(dz)`` (for dweight and
+    dbias), and per-(sample, group, chunk) ``sum(dy_hat * x_hat)`` and ``sum(dy_hat)`` at
+    ``group_part[plane, sample * G + group, chunk]``."""
+    sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
+        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
+    s_begin = chunk.to(tl.int64) * chunk_len
+    s_end = tl.minimum(s_begin + chunk_len, spatial)
+    group_dot, group_sum = _block_grad_sums(
+        x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, sample, num_groups, group_channels, first_channel,
+        block_channels, s_begin, s_end, chunks, chunk, part_plane, sample.to(tl.int64) * x_sn,
+        sample.to(tl.int64) * dy_sn, x_sc, x_ss, dy_sc, dy_ss, SILU, HAS_WEIGHT, HAS_BIAS, BLOCK_C, BLOCK_S, BLOCK_G)
+    g = tl.arange(0, BLOCK_G)
+    offsets = (sample * num_groups + first_group + g).to(tl.int64) * chunks + chunk
+    tl.store(group_part_ptr + offsets, group_dot, mask=g < block_groups)
+    tl.store(group_part_ptr + group_part_plane + offsets, group_sum, mask=g < block_groups)
+
+
+@triton.jit
+def _group_norm_backward_kernel(
+    x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, group_part_ptr,
+    num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len, part_plane,
+    group_part_plane, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss, inv_group_size,
+    SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """``dx = rstd * (dy_hat - mean_g(dy_hat) - x_hat * mean_g(dy_hat * x_hat))`` over this program's chunk.
+
+    The group means come from the block's own reduction loop (FUSED_REDUCE, one chunk per group) or from the
+    reduce kernel's per-(group, chunk) partials."""
+    sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
+        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
+    x_base = sample.to(tl.int64) * x_sn
+    dy_base = sample.to(tl.int64) * dy_sn
+    dx_base = sample.to(tl.int64) * dx_sn
+    s_begin = chunk.to(tl.int64) * chunk_len
+    s_end = tl.minimum(s_begin + chunk_len, spatial)
+    if FUSED_REDUCE:
+        group_dot, group_sum = _block_grad_sums(
+            x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, sample, num_groups, group_channels,
+            first_channel, block_channels, s_begin, s_end, chunks, chunk, part_plane, x_base, dy_base, x_sc, x_ss,
+            dy_sc, dy_ss, SILU, HAS_WEIGHT, HAS_BIAS, BLOCK_C, BLOCK_S, BLOCK_G)
+    else:
+        g = tl.arange(0, BLOCK_G)
+        group_dot = tl.zeros([BLOCK_G], tl.float32)
+        group_sum = tl.zeros([BLOCK_G], tl.float32)
+        for p0 in range(0, chunks, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = (g < block_groups)[:, None] & (p < chunks)[None, :]
+            offsets = (sample * num_groups + first_group + g).to(tl.int64)[:, None] * chunks + p[None, :]
+            group_dot += tl.sum(tl.load(group_part_ptr + offsets, mask=mask, other=0.0), axis=1)
+            group_sum += tl.sum(tl.load(group_part_ptr + group_part_plane + offsets, mask=mask, other=0.0), axis=1)
+    group_dot = group_dot * inv_group_size
+    group_sum = group_sum * inv_group_size
+    for c0 in range(0, block_channels, BLOCK_C):
+        local = c0 + tl.arange(0, BLOCK_C)
+        c_mask = local < block_channels
+        channel = first_channel + local
+        w, b = _affine(w_ptr, b_ptr, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
+        ch_mean, ch_rstd = _saved_stats(mean_ptr, rstd_ptr, sample, num_groups, channel, c_mask, group_channels)
+        ch_dot = _groups_to_channels(group_dot, local, group_channels, BLOCK_G)
+        ch_sum = _groups_to_channels(group_sum, local, group_channels, BLOCK_G)
+        x_rows = x_ptr + x_base + channel.to(tl.int64)[:, None] * x_sc
+        dy_rows = dy_ptr + dy_base + channel.to(tl.int64)[:, None] * dy_sc
+        dx_rows = dx_ptr + dx_base + channel.to(tl.int64)[:, None] * dx_sc
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            position = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+            mask = c_mask[:, None] & (position < s_end)[None, :]
+            x_hat, dz = _backward_tile(x_rows, dy_rows, position, mask, x_ss, dy_ss, ch_mean, ch_rstd, w, b, SILU,
+                                       "evict_first")
+            dx = ch_rstd[:, None] * (dz * w[:, None] - ch_sum[:, None] - x_hat * ch_dot[:, None])
+            tl.store(dx_rows + position[None, :] * dx_ss, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _plan_for(x: torch.Tensor, x_strides, num_groups: int, target_programs: int, tile: int) -> LaunchPlan:
+    target = target_programs if target_programs > 0 else default_target_programs(x.device)
+    channels_inner = x_strides[1] == 1 and x.shape[1] > 1
+    return plan_launch(x.shape[0], x.shape[1], num_groups, _spatial_size(x), channels_inner, target,
+                       tile if tile > 0 else TILE)
+
+
+def _empty_output(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+def _launch_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
+                    eps: float, activation: str, target_programs: int, tile: int):
+    batch = x.shape[0]
+    y = _empty_output(x)
+    mean = x.new_empty((batch, num_groups), dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if y.numel() == 0:
+        return y, mean.zero_(), rstd.zero_()
+    x, x_strides = _as_ncs(x)
+    y_strides = _collapsed_strides(y)
+    plan = _plan_for(x, x_strides, num_groups, target_programs, tile)
+    group_channels, spatial = x.shape[1] // num_groups, _spatial_size(x)
+    grid = (plan.programs(batch),)
+    shape_args = (num_groups, group_channels, spatial, plan.blocks_per_sample, plan.groups_per_block, plan.chunks,
+                  plan.chunk_len)
+    blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g)
+    partials = mean
+    if plan.split:
+        partials = x.new_empty((3, batch * num_groups * plan.chunks), dtype=torch.float32)
+        _group_norm_stats_kernel[grid](x, partials, *shape_args, partials.shape[-1], *x_strides, **blocks,
+                                       num_warps=plan.num_warps)
+    _group_norm_forward_kernel[grid](
+        x, y, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, partials,
+        *shape_args, partials.shape[-1], *x_strides, *y_strides, eps,
+        SILU=activation == "silu", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        FUSED_STATS=not plan.split, BLOCK_P=plan.block_p, **blocks, num_warps=plan.num_warps)
+    return y, mean, rstd
+
+
+def _launch_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: str, target_programs: int,
+                     tile: int):
+    batch, channels = x.shape[:2]
+    dx = _empty_output(x)
+    if dx.numel() == 0:
+        zeros = x.new_zeros((channels,), dtype=torch.float32)
+        return dx, zeros, zeros.clone()
+    x, x_strides = _as_ncs(x)
+    dy, dy_strides = _as_ncs(dy)
+    dx_strides = _collapsed_strides(dx)
+    plan = _plan_for(x, x_strides, num_groups, target_programs, tile)
+    group_channels, spatial = channels // num_groups, _spatial_size(x)
+    grid = (plan.programs(batch),)
+    partials = x.new_empty((2, batch, channels, plan.chunks), dtype=torch.float32)
+    group_partials = x.new_empty((2, batch * num_groups * plan.chunks) if plan.split else (2, 1),
+                                 dtype=torch.float32)
+    shape_args = (num_groups, group_channels, spatial, plan.blocks_per_sample, plan.groups_per_block, plan.chunks,
+                  plan.chunk_len, partials[0].numel(), group_partials.shape[1])
+    common = dict(SILU=activation == "silu", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                  BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, num_warps=plan.num_warps)
+    w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
+    if plan.split:
+        _group_norm_backward_reduce_kernel[grid](x, dy, w, b, mean, rstd, partials, group_partials, *shape_args,
+                                                 *x_strides, *dy_strides, **common)
+    _group_norm_backward_kernel[grid](x, dy, dx, w, b, mean, rstd, partials, group_partials, *shape_args,
+                                      *x_strides, *dy_strides, *dx_strides, 1.0 / (group_channels * spatial),
+                                      FUSED_REDUCE=not plan.split,
+                                      BLOCK_P=plan.block_p, **common)
+    return dx, partials[0].sum(dim=(0, 2)), partials[1].sum(dim=(0, 2))
+
+
+def compile_variants() -> list[CompileVariant]:
+    """Each kernel in each dtype, both fused switches, and the tile shapes of the NCHW and channels_last U-Net
+    layouts (a long spatial tile; a wide channel tile spanning many groups; a ragged small one)."""
+    scalars = {"eps": "fp32", "inv_group_size": "fp32"}
+    stats_pointers = {"part_ptr": "*fp32", "group_part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
+    target = PROGRAMS_PER_SM * DEFAULT_SM_COUNT
+    shapes = [
+        plan_launch(1, 128, 32, 256 * 256, False, target),  # NCHW, batch 1: split, long spatial tiles
+        plan_launch(8, 512, 32, 32 * 32, True, target),     # channels_last: several groups per program, split
+        plan_launch(32, 256, 32, 64 * 64, False, target),   # NCHW, full grid: fused
+        plan_launch(4, 96, 32, 7 * 9, True, target),        # channels_last, 3 channels per group, ragged
+    ]
+    variants = []
+    for index, plan in enumerate(shapes):
+        blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g)
+        flags = dict(SILU=index != 3, HAS_WEIGHT=index != 2, HAS_BIAS=index != 1)
+        for data_type in (("fp32", "fp16", "bf16") if index == 0 else ("bf16",)):
+            # fp32 parameters with the first (half-precision) inputs, parameters in the input's dtype after
+            parameters = "*fp32" if index == 0 else f"*{data_type}"
+            pointers = {"*": f"*{data_type}", "w_ptr": parameters, "b_ptr": parameters, **stats_pointers}
+            variants.append(CompileVariant(_group_norm_forward_kernel, pointers,
+                                           dict(flags, FUSED_STATS=not plan.split, BLOCK_P=plan.block_p, **blocks),
+                                           plan.num_warps, scalars))
+            variants.append(CompileVariant(_group_norm_backward_kernel, pointers,
+                                           dict(flags, FUSED_REDUCE=not plan.split, BLOCK_P=plan.block_p, **blocks),
+                                           plan.num_warps, scalars))
+        if plan.split:
+            pointers = {"*": "*bf16", **stats_pointers}
+            variants.append(CompileVariant(_group_norm_stats_kernel, pointers, blocks, plan.num_warps, scalars))
+            variants.append(CompileVariant(_group_norm_backward_reduce_kernel, pointers, dict(flags, **blocks),
+                                           plan.num_warps, scalars))
+    # Triton turns integer arguments equal to 1 into constants; a 2-D input with C == G makes most of them 1.
+    ones = dict(group_channels=1, spatial=1, chunks=1, chunk_len=1, groups_per_block=1, blocks_per_sample=1,
+                x_sc=1, x_ss=1, y_sc=1, y_ss=1, dy_sc=1, dy_ss=1, dx_sc=1, dx_ss=1)
+    tiny = dict(SILU=True, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_C=1, BLOCK_S=1, BLOCK_G=1, BLOCK_P=1)
+    for kernel, switch in ((_group_norm_forward_kernel, dict(FUSED_STATS=True)),
+                           (_group_norm_backward_kernel, dict(FUSED_REDUCE=True))):
+        specialized = {name: 1 for name in ones if name in kernel.arg_names}
+        variants.append(CompileVariant(kernel, {"*": "*fp16", **stats_pointers}, dict(tiny, **switch, **specialized),
+                                       1, scalars))
+    return variants
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library registration (usable under torch.compile(fullgraph=True))
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("genkernels::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        num_groups: int, eps: float, activation: str, target_programs: int,
+                        tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)``; ``activation`` is "silu" or "none"; ``target_programs`` / ``tile`` 0 = automatic."""
+    return _launch_forward(x, weight, bias, num_groups, eps, activation, target_programs, tile)
+
+
+@_group_norm_silu_op.register_fake
+def _group_norm_silu_fake(x, weight, bias, num_groups, eps, activation, target_programs, tile):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return _empty_output(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("genkernels::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                                 bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                                 num_groups: int, activation: str, target_programs: int,
+                                 tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``, the parameter gradients in fp32 (computed also when there is no parameter)."""
+    return _launch_backward(dy, x, weight, bias, mean, rstd, num_groups, activation, target_programs, tile)
+
+
+@_group_norm_silu_backward_op.register_fake
+def _group_norm_silu_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, activation, target_programs, tile):
+    param_grad = x.new_empty((x.shape[1],), dtype=torch.float32)
+    return _empty_output(x), param_grad, torch.empty_like(param_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, eps, activation, target_programs, tile = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.options = (num_groups, activation, target_programs, tile)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, grad_mean, grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = torch.ops.genkernels.group_norm_silu_backward(dy, x, weight, bias, mean, rstd, *ctx.options)
+    dweight = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    dbias = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    return dx, dweight, dbias, None, None, None, None, None
+
+
+_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------------------
+def _check_parameter(param: Optional[torch.Tensor], name: str, x: torch.Tensor) -> None:
+    if param is None:
+        return
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(param).__name__}")
+    channels = x.shape[1]
+    if param.shape != (channels,):
+        raise ValueError(f"{name} must have shape [C] = [{channels}] (the channels of x); got {describe(param)}")
+    allowed = (torch.float32, x.dtype) if x.dtype != torch.float64 else (torch.float64, torch.float32)
+    if param.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype {' or '.join(str(d) for d in dict.fromkeys(allowed))} "
+                        f"(fp32 or the dtype of x); got {describe(param)}")
+    check_same_device([("x", x), (name, param)])
+
+
+def _check_arguments(x, num_groups, weight, bias, eps, activation) -> float:
+    check_float_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dimensions [N, C, *spatial]; got {describe(x)}")
+    check_int(num_groups, "num_groups")
+    if num_groups < 1:
+        raise ValueError(f"num_groups={num_groups} must be >= 1")
+    channels = x.shape[1]
+    if channels % num_groups != 0:
+        raise ValueError(f"num_groups: channels not divisible by groups: x has C={channels} channels, which "
+                         f"num_groups={num_groups} does not divide ({describe(x)})")
+    _check_parameter(weight, "weight", x)
+    _check_parameter(bias, "bias", x)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps={eps!r} must be a positive finite number")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; expected 'silu' or None")
+    return float(eps)
+
+
+def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, activation: Optional[str] = "silu",
+                    impl: str = "auto") -> torch.Tensor:
+    """Fused GroupNorm + SiLU: ``F.silu(F.group_norm(x, num_groups, weight, bias, eps))`` in one pass.
+
+        z = (x - mean_g) / sqrt(var_g + eps) * weight[c] + bias[c],   y = z * sigmoid(z)
+
+    ``mean_g`` / ``var_g`` (biased) are taken over each sample's group of ``C / num_groups`` channels and every
+    spatial position (Wu & He 2018).
+
+    Args:
+        x: ``[N, C, *spatial]`` (rank >= 2), fp32/fp16/bf16 (fp64 runs the reference), any strides; NCHW and
+            channels_last(_3d) are read in place.
+        num_groups: groups G, dividing C.
+        weight, bias: optional ``[C]`` affine parameters, fp32 or x's dtype, on x's device.
+        eps: added to the variance, > 0.
+        activation: "silu" (default) or None for plain GroupNorm.
+        impl: "auto", "triton" or "eager".
+
+    Returns:
+        ``y`` with x's shape and dtype, channels_last when x is (math in fp32). Differentiable in x, weight, bias.
+    """
+    eps = _check_arguments(x, num_groups, weight, bias, eps, activation)
+    device = x.device
+    impl = resolve_impl(impl, device, "group_norm_silu")
+    if impl == "eager" or x.dtype == torch.float64:
+        return group_norm_silu_reference(x, num_groups, weight, bias, eps, activation)
+    y, _, _ = torch.ops.genkernels.group_norm_silu(x, weight, bias, num_groups, eps, activation or "none", 0, 0)
+    return y

@@ -1,0 +1,436 @@
+"""Fused GroupNorm + SiLU (kernels/group_norm.py) against an fp64 reference, forward and every gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+from reference_checks import DTYPES, PER_SAMPLE_LAYOUTS, assert_close_to_reference, random_tensor
+
+from genkernels.kernels.group_norm import (
+    LaunchPlan,
+    group_norm_silu,
+    group_norm_silu_reference,
+    output_memory_format,
+    plan_launch,
+)
+
+H100_TARGET = 4 * 132
+
+
+def _parameters(channels, dtype, device, seed=10):
+    weight = 1 + 0.5 * random_tensor((channels,), dtype, seed, device)
+    bias = random_tensor((channels,), dtype, seed + 1, device)
+    return weight, bias
+
+
+def _forward_and_grads(fn, x, weight, bias, dy):
+    """``fn(x, weight, bias)`` and the gradients of ``sum(y * dy)`` in every given input."""
+    inputs = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    y = fn(*inputs)
+    wanted = [t for t in inputs if t is not None]
+    grads = iter(torch.autograd.grad(y, wanted, dy))
+    return y.detach(), [next(grads) if t is not None else None for t in inputs]
+
+
+def _triton_op(num_groups, activation="silu", eps=1e-5, target_programs=0, tile=0):
+    """The registered op with the launch plan forced (0 = automatic), as a differentiable function."""
+    def call(x, weight, bias):
+        y, _, _ = torch.ops.genkernels.group_norm_silu(x, weight, bias, num_groups, eps, activation or "none",
+                                                       target_programs, tile)
+        return y
+    return call
+
+
+def _check(x, num_groups, weight=None, bias=None, activation="silu", eps=1e-5, dy=None, kernel=None):
+    """Kernel (``impl="triton"`` or the forced-plan op ``kernel``) and eager in x's dtype against the fp64
+    reference: output, dx, dweight, dbias. Returns the kernel's output."""
+    if dy is None:
+        dy = random_tensor(x.shape, x.dtype, 99, x.device)
+    if kernel is None:
+        def kernel(a, w, b):
+            return group_norm_silu(a, num_groups, w, b, eps, activation=activation, impl="triton")
+
+    def eager(a, w, b):
+        return group_norm_silu(a, num_groups, w, b, eps, activation=activation, impl="eager")
+
+    def reference(a, w, b):
+        return group_norm_silu_reference(a, num_groups, w, b, eps, activation)
+
+    as_double = [t.double() if t is not None else None for t in (x, weight, bias)]
+    ref_y, ref_grads = _forward_and_grads(reference, *as_double, dy.double())
+    eager_y, eager_grads = _forward_and_grads(eager, x, weight, bias, dy)
+    kernel_y, kernel_grads = _forward_and_grads(kernel, x, weight, bias, dy)
+    assert kernel_y.stride() == eager_y.stride(), "output memory format differs from eager"
+    assert_close_to_reference(kernel_y, ref_y, eager_y, "y")
+    for name, k, e, r in zip(("dx", "dweight", "dbias"), kernel_grads, eager_grads, ref_grads):
+        if r is not None:
+            assert_close_to_reference(k, r, e, name)
+    return kernel_y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference itself
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("num_groups", [1, 4, 16])
+def test_reference_matches_torch_group_norm_and_silu(num_groups, activation):
+    x = random_tensor((3, 16, 5, 7), torch.float64, 0, scale=3.0) + 2.0
+    weight, bias = _parameters(16, torch.float64, "cpu")
+    expected = F.group_norm(x, num_groups, weight, bias, eps=1e-3)
+    if activation == "silu":
+        expected = F.silu(expected)
+    torch.testing.assert_close(group_norm_silu_reference(x, num_groups, weight, bias, 1e-3, activation), expected,
+                               rtol=1e-12, atol=1e-12)
+    expected_plain = F.group_norm(x, num_groups, eps=1e-3)
+    expected_plain = F.silu(expected_plain) if activation == "silu" else expected_plain
+    torch.testing.assert_close(group_norm_silu_reference(x, num_groups, None, None, 1e-3, activation),
+                               expected_plain, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_gradients_pass_gradcheck():
+    x = random_tensor((2, 6, 3, 2), torch.float64, 1).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _parameters(6, torch.float64, "cpu"))
+    assert torch.autograd.gradcheck(lambda a, w, b: group_norm_silu_reference(a, 3, w, b, 1e-5, "silu"),
+                                    (x, weight, bias))
+
+
+def test_reference_keeps_channels_last():
+    x = random_tensor((2, 8, 3, 5), torch.float32, 2).contiguous(memory_format=torch.channels_last)
+    assert group_norm_silu_reference(x, 4).is_contiguous(memory_format=torch.channels_last)
+    assert output_memory_format(x) == torch.channels_last
+    assert output_memory_format(x.contiguous()) == torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel against the reference: groups, ragged spatial sizes, dtypes, layouts
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spatial", [(7, 9), (17, 5), (1, 1)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("num_groups, channels", [(1, 32), (8, 32), (32, 64)])
+def test_groups_and_ragged_spatial_sizes(num_groups, channels, spatial, device):
+    x = random_tensor((1, channels) + spatial, torch.float32, 3, device)
+    weight, bias = _parameters(channels, torch.float32, device)
+    _check(x, num_groups, weight, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_dtypes(dtype, channels_last, device):
+    x = random_tensor((1, 32, 9, 7), dtype, 4, device, scale=2.0) + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = _parameters(32, dtype, device)
+    y = _check(x, 8, weight, bias)
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_parameters_with_half_input(dtype, device):
+    x = random_tensor((2, 16, 5, 6), dtype, 5, device)
+    weight, bias = _parameters(16, torch.float32, device)
+    _check(x, 4, weight, bias)
+
+
+@pytest.mark.parametrize("layout", PER_SAMPLE_LAYOUTS, ids=lambda layout: layout.name)
+def test_layout_catalog(layout, device):
+    channels = layout.shape[1]
+    num_groups = 8 if channels % 8 == 0 else channels
+    x = layout(random_tensor(layout.shape, torch.float32, 6, device))
+    weight, bias = _parameters(channels, torch.float32, device)
+    _check(x, num_groups, weight, bias)
+
+
+@pytest.mark.parametrize("shape, memory_format", [
+    ((3, 16, 33), None),
+    ((2, 8, 3, 4, 5), None),
+    ((2, 8, 3, 4, 5), torch.channels_last_3d),
+    ((5, 12), None),
+], ids=["3d", "5d", "5d_channels_last_3d", "2d"])
+def test_other_ranks(shape, memory_format, device):
+    x = random_tensor(shape, torch.float32, 7, device)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    weight, bias = _parameters(shape[1], torch.float32, device)
+    y = _check(x, 4, weight, bias)
+    if memory_format is not None:
+        assert y.is_contiguous(memory_format=memory_format)
+
+
+def test_non_contiguous_views(device):
+    base = random_tensor((4, 32, 10, 12), torch.float32, 8, device)
+    weight, bias = _parameters(16, torch.float32, device)
+    _check(base[::2, ::2, 1:8, 2:11], 4, weight, bias)  # every strided dim, spatial dims still collapse
+    _check(base[:, :16].transpose(2, 3), 4, weight, bias)  # spatial dims that do not collapse: one copy
+    _check(base.contiguous(memory_format=torch.channels_last)[:, 8:24, 1:9], 4, weight, bias)
+
+
+@pytest.mark.parametrize("has_weight, has_bias, activation", [
+    (False, False, "silu"), (True, False, "silu"), (False, True, "silu"), (True, True, None), (False, False, None),
+])
+def test_optional_parameters_and_plain_group_norm(has_weight, has_bias, activation, device):
+    x = random_tensor((2, 16, 6, 5), torch.float32, 9, device)
+    weight, bias = _parameters(16, torch.float32, device)
+    _check(x, 4, weight if has_weight else None, bias if has_bias else None, activation=activation)
+
+
+def test_eps_is_used(device):
+    x = random_tensor((2, 8, 4, 4), torch.float32, 11, device, scale=0.01)
+    _check(x, 2, eps=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The split (several programs per group) and unsplit paths
+# ---------------------------------------------------------------------------------------------------------------
+def test_plan_splits_small_grids_and_keeps_full_grids_whole():
+    batch1 = plan_launch(1, 128, 32, 256 * 256, False, H100_TARGET)
+    assert batch1.split and batch1.programs(1) >= H100_TARGET // 2
+    assert batch1.chunk_len % batch1.block_s == 0 and batch1.chunks * batch1.chunk_len >= 256 * 256
+    assert (batch1.chunks - 1) * batch1.chunk_len < 256 * 256  # no empty chunk
+    channels_last = plan_launch(8, 512, 32, 32 * 32, True, H100_TARGET)
+    assert channels_last.groups_per_block > 1 and channels_last.block_c >= 32
+    assert channels_last.split and channels_last.programs(8) >= H100_TARGET // 2
+    full = plan_launch(32, 256, 32, 64 * 64, False, H100_TARGET)
+    assert not full.split and full.programs(32) == 32 * 32
+    assert isinstance(full, LaunchPlan)
+    for plan in (batch1, channels_last, full):
+        assert plan.block_c * plan.block_s <= 4096
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_split_path(dtype, channels_last, device):
+    shape, num_groups, target, tile = (1, 16, 13, 11), 4, 10**4, 64
+    plan = plan_launch(shape[0], shape[1], num_groups, shape[2] * shape[3], channels_last, target, tile)
+    assert plan.split and plan.chunks >= 2
+    x = random_tensor(shape, dtype, 12, device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = _parameters(16, dtype, device)
+    _check(x, num_groups, weight, bias, kernel=_triton_op(num_groups, target_programs=target, tile=tile))
+
+
+def test_unsplit_path_with_several_tiles_per_group(device):
+    shape, num_groups, tile = (2, 8, 17, 9), 2, 32
+    plan = plan_launch(shape[0], shape[1], num_groups, 17 * 9, False, 1, tile)
+    assert not plan.split and plan.chunk_len > plan.block_s
+    x = random_tensor(shape, torch.float32, 13, device)
+    weight, bias = _parameters(8, torch.float32, device)
+    _check(x, num_groups, weight, bias, kernel=_triton_op(num_groups, target_programs=1, tile=tile))
+
+
+@pytest.mark.parametrize("target", [1, 10**4], ids=["unsplit", "split"])
+def test_large_mean_keeps_its_variance(target, device):
+    # x = 1000 + noise of std 0.01: E[x^2] - E[x]^2 in fp32 cancels every digit of the variance (1e-4).
+    x = 1000 + random_tensor((1, 8, 12, 10), torch.float32, 14, device, scale=0.01)
+    grouped = x.reshape(1, 2, -1)
+    naive_var = (grouped * grouped).mean(-1) - grouped.mean(-1) ** 2
+    true_var = grouped.double().var(-1, unbiased=False)
+    assert ((naive_var.double() - true_var).abs() > true_var).any(), "the naive formula should fail here"
+    weight, bias = _parameters(8, torch.float32, device)
+    _check(x, 2, weight, bias, kernel=_triton_op(2, target_programs=target, tile=32))
+
+
+def test_weight_gradient_is_deterministic(device):
+    x = random_tensor((1, 16, 13, 11), torch.float32, 15, device)
+    weight, bias = _parameters(16, torch.float32, device)
+    dy = random_tensor(x.shape, torch.float32, 16, device)
+    op = _triton_op(4, target_programs=10**4, tile=64)
+    runs = [_forward_and_grads(op, x, weight, bias, dy)[1] for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edge cases, memory safety, registration
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 3)], ids=["batch0", "spatial0"])
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_empty_inputs(shape, impl, device):
+    x = torch.empty(shape, device=device).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _parameters(8, torch.float32, device))
+    y = group_norm_silu(x, 4, weight, bias, impl=impl)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    dx, dweight, dbias = torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))
+    assert dx.shape == x.shape
+    assert torch.equal(dweight, torch.zeros(8, device=device)) and torch.equal(dbias, torch.zeros(8, device=device))
+
+
+def test_batch_one(device):
+    x = random_tensor((1, 16, 5, 3), torch.float32, 17, device)
+    weight, bias = _parameters(16, torch.float32, device)
+    _check(x, 8, weight, bias)
+
+
+@pytest.mark.parametrize("target", [1, 10**4], ids=["unsplit", "split"])
+def test_inputs_inside_larger_buffers_are_read_only_in_bounds(target, device):
+    # Views into NaN-filled buffers: any read outside a view would turn results into NaN.
+    def embedded(values):
+        buffer = torch.full((values.shape[0] + 2, 2 * values.shape[1] + 3) + tuple(values.shape[2:]),
+                            float("nan"), device=device)
+        view = buffer[1:-1, 3::2]
+        view.copy_(values)
+        return view
+
+    x = random_tensor((2, 8, 9, 7), torch.float32, 18, device)
+    dy = random_tensor(x.shape, torch.float32, 19, device)
+    weight, bias = _parameters(8, torch.float32, device)
+    op = _triton_op(2, target_programs=target, tile=32)
+    y, grads = _forward_and_grads(op, embedded(x), weight, bias, embedded(dy))
+    expected, expected_grads = _forward_and_grads(_triton_op(2, target_programs=target, tile=32), x, weight, bias, dy)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck(device):
+    x = random_tensor((2, 8, 5, 3), torch.float32, 20, device).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _parameters(8, torch.float32, device))
+    torch.library.opcheck(torch.ops.genkernels.group_norm_silu.default, (x, weight, bias, 4, 1e-5, "silu", 0, 0))
+    torch.library.opcheck(torch.ops.genkernels.group_norm_silu.default,
+                          (x.detach().contiguous(memory_format=torch.channels_last), None, None, 2, 1e-5, "none",
+                           10**4, 16))
+    mean = torch.zeros(2, 4, device=device)
+    rstd = torch.ones(2, 4, device=device)
+    torch.library.opcheck(torch.ops.genkernels.group_norm_silu_backward.default,
+                          (torch.randn_like(x), x.detach(), weight.detach(), None, mean, rstd, 4, "silu", 0, 0))
+
+
+def test_compiles_with_fullgraph(device):
+    def block(x, weight, bias):
+        return group_norm_silu(x * 2, 4, weight, bias, impl="triton").sum(dim=1)
+
+    x = random_tensor((2, 8, 6, 5), torch.float32, 21, device).requires_grad_()
+    weight, bias = (t.requires_grad_() for t in _parameters(8, torch.float32, device))
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got = compiled(x, weight, bias)
+    want = block(x, weight, bias)
+    torch.testing.assert_close(got, want)
+    got_grads = torch.autograd.grad(got.sum(), (x, weight, bias))
+    want_grads = torch.autograd.grad(want.sum(), (x, weight, bias))
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: every rejection names its argument
+# ---------------------------------------------------------------------------------------------------------------
+def _x(device):
+    return torch.randn(2, 8, 3, 3, device=device)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_rejects_groups_not_dividing_channels(impl, device):
+    with pytest.raises(ValueError, match=r"num_groups.*channels not divisible by groups.*C=8.*num_groups=3"):
+        group_norm_silu(_x(device), 3, impl=impl)
+
+
+@pytest.mark.parametrize("num_groups, error", [(0, ValueError), (-2, ValueError), (2.0, TypeError),
+                                               (True, TypeError)])
+def test_rejects_bad_num_groups(num_groups, error, device):
+    with pytest.raises(error, match="num_groups"):
+        group_norm_silu(_x(device), num_groups)
+
+
+def test_rejects_rank_below_two(device):
+    with pytest.raises(ValueError, match=r"x must have at least 2 dimensions.*shape \[8\]"):
+        group_norm_silu(torch.randn(8, device=device), 2)
+
+
+def test_rejects_non_float_input(device):
+    with pytest.raises(TypeError, match="x must have a floating-point dtype.*torch.int64"):
+        group_norm_silu(torch.ones(2, 4, 3, dtype=torch.int64, device=device), 2)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        group_norm_silu([[1.0, 2.0]], 1)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_rejects_bad_parameter_shape(name, device):
+    with pytest.raises(ValueError, match=rf"{name} must have shape \[C\] = \[8\].*shape \[4\]"):
+        group_norm_silu(_x(device), 2, **{name: torch.ones(4, device=device)})
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_rejects_bad_parameter_dtype(name, device):
+    x = _x(device).to(torch.bfloat16)
+    with pytest.raises(TypeError, match=rf"{name} must have dtype.*torch.float16"):
+        group_norm_silu(x, 2, **{name: torch.ones(8, dtype=torch.float16, device=device)})
+    with pytest.raises(TypeError, match=rf"{name} must be a torch.Tensor or None"):
+        group_norm_silu(x, 2, **{name: [1.0] * 8})
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_rejects_parameter_on_another_device(name):
+    x = torch.randn(2, 8, 3, device="meta")
+    with pytest.raises(ValueError, match=rf"x on meta, {name} on cpu"):
+        group_norm_silu(x, 2, **{name: torch.ones(8)}, impl="eager")
+
+
+@pytest.mark.parametrize("eps, error", [(0.0, ValueError), (-1e-5, ValueError), (float("inf"), ValueError),
+                                        (float("nan"), ValueError), ("1e-5", TypeError), (None, TypeError)])
+def test_rejects_bad_eps(eps, error, device):
+    with pytest.raises(error, match="eps"):
+        group_norm_silu(_x(device), 2, eps=eps)
+
+
+@pytest.mark.parametrize("activation", ["relu", "none", "SiLU"])
+def test_rejects_unknown_activation(activation, device):
+    with pytest.raises(ValueError, match=f"activation='{activation}'.*'silu' or None"):
+        group_norm_silu(_x(device), 2, activation=activation)
+
+
+def test_rejects_unknown_impl(device):
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        group_norm_silu(_x(device), 2, impl="cuda")
+
+
+def test_float64_runs_the_reference(device):
+    x = random_tensor((2, 8, 3, 3), torch.float64, 22, device)
+    torch.testing.assert_close(group_norm_silu(x, 2, impl="triton"), group_norm_silu_reference(x, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Indexing past 2**31 elements, and GPU-only checks at real sizes
+# ---------------------------------------------------------------------------------------------------------------
+def test_offsets_past_2_31_elements_are_computed_in_int64(device):
+    # Views into one 8 GiB buffer (pages are only committed where written) whose last elements lie past 2**31:
+    # int32 offsets would wrap around and read the wrong place.
+    big = torch.empty(2**31 + 4096, dtype=torch.float32, device=device)
+    batch_strided = [big.as_strided((3, 4, 5), (2**30 + 8, 5, 1), offset) for offset in (0, 32)]
+    channel_strided = [big.as_strided((1, 3, 2), (0, 2**30 + 5, 1), offset) for offset in (100, 200)]
+    for x, dy in (batch_strided, channel_strided):
+        x.copy_(random_tensor(x.shape, torch.float32, 23, device))
+        dy.copy_(random_tensor(dy.shape, torch.float32, 24, device))
+        weight, bias = _parameters(x.shape[1], torch.float32, device)
+        got, got_grads = _forward_and_grads(_triton_op(1), x, weight, bias, dy)
+        want, want_grads = _forward_and_grads(_triton_op(1), x.clone(), weight, bias, dy.clone())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 128, 256, 256), (8, 512, 32, 32)], ids=["1x128x256x256", "8x512x32x32"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_unet_shapes_on_gpu(shape, channels_last):
+    x = random_tensor(shape, torch.bfloat16, 26, "cuda", scale=2.0) + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = _parameters(shape[1], torch.bfloat16, "cuda")
+    plan = plan_launch(shape[0], shape[1], 32, shape[2] * shape[3], channels_last,
+                       torch.cuda.get_device_properties(0).multi_processor_count * 4)
+    assert plan.split  # both shapes leave PyTorch's one-program-per-group grid short of the GPU
+    _check(x, 32, weight, bias)
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements_on_gpu():
+    shape = (2, 32, 2**25 + 3)  # 2**31 + 192 elements
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    weight, bias = _parameters(32, torch.float32, "cuda")
+    y, (dx, _, _) = _forward_and_grads(lambda a, w, b: group_norm_silu(a, 8, w, b, impl="triton"), x, weight, bias,
+                                       dy)
+    # The second sample lies past 2**31: compare it with the reference on that sample alone.
+    want, (want_dx, _, _) = _forward_and_grads(lambda a, w, b: group_norm_silu_reference(a, 8, w, b), x[1:],
+                                               weight, bias, dy[1:])
+    torch.testing.assert_close(y[1:].float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx[1:].float(), want_dx.float(), rtol=2e-2, atol=2e-2)
