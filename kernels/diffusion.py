@@ -146,7 +146,7 @@ def _schedule_terms(schedule: NoiseSchedule, sample: torch.Tensor, timestep: tor
     prev = prev_timestep.long().reshape(-1)
     is_final = prev < 0
     prev_index = prev.clamp(min=0)
-    final_alpha, final_beta = (table.new_tensor(1.0), table.new_tensor(0.0)) if final_alpha_is_one else table[:, 0]
+    final_alpha, final_beta = (table.new_ones(()), table.new_zeros(())) if final_alpha_is_one else table[:, 0]
     alpha_prod_t = table[0, t]
     beta_prod_t = table[1, t]
     alpha_prod_t_prev = torch.where(is_final, final_alpha, table[0, prev_index])

@@ -68,7 +68,7 @@ def philox4x32(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor],
 def uint_to_uniform(word: torch.Tensor) -> torch.Tensor:
     """fp32 uniform in [0, 1) from a 32-bit word, as Triton's ``uint_to_uniform_float``."""
     folded = torch.where(word >= 2**31, MASK32 - word, word)  # ~s for the negative int32 s
-    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=word.device)
+    return folded.to(torch.float32) * UNIFORM_SCALE
 
 
 def pair_uniform_to_normal(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,8 +23,8 @@ def test_registry_has_the_diffusion_cases_and_filters_by_pattern():
         all_cases("huge")
 
 
-def test_gpu_sizes_cover_4m_to_64m_elements():
-    numels = {torch.Size(case.params["shape"]).numel() for case in all_cases("full", "diffusion.*")}
+def test_denoise_step_gpu_sizes_cover_4m_to_64m_elements():
+    numels = {torch.Size(case.params["shape"]).numel() for case in all_cases("full", "diffusion.dd?m_step*")}
     assert min(numels) == 4 * 2**20 and max(numels) == 64 * 2**20
 
 
