@@ -177,6 +177,30 @@ def _target_and_x0_coef(x0, eps, sqrt_alpha, sqrt_beta, PREDICTION: tl.constexpr
     return target, coef
 
 
+@triton.jit
+def _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_value, timestep_stride,
+                 num_train_timesteps, batch_index, first, inner, mask, x_sb, x_s0, x_s1, x_s2, x_s3,
+                 z_sb, z_s0, z_s1, z_s2, z_s3, l_s0, l_s1, l_s2, l_s3, size1, size2, size3,
+                 PREDICTION: tl.constexpr, NOISE_MODE: tl.constexpr, TIMESTEP_IN_TENSOR: tl.constexpr,
+                 INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
+    """The training target of elements ``inner`` of sample ``batch_index`` and ``d target / d x0``, reading only
+    what the prediction type needs (``x0`` unless "epsilon", the noise unless "sample")."""
+    if PREDICTION != 0:
+        x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        x0 = tl.load(x0_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x0 = tl.zeros((BLOCK,), tl.float32)
+    if PREDICTION != 1:
+        eps = _noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+                            l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
+    else:
+        eps = tl.zeros((BLOCK,), tl.float32)
+    sqrt_alpha, sqrt_beta = _schedule_sqrt_terms(table_ptr, timestep_ptr, timestep_value, timestep_stride,
+                                                 num_train_timesteps, batch_index, TIMESTEP_IN_TENSOR)
+    return _target_and_x0_coef(x0, eps, sqrt_alpha, sqrt_beta, PREDICTION)
+
+
 @triton.jit(do_not_specialize=["timestep_value"])
 def _q_sample_kernel(
     out_ptr, x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr,
@@ -227,20 +251,11 @@ def _diffusion_loss_fwd_kernel(
     mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
                                 INNER_CONTIGUOUS)
     model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
-    if PREDICTION != 0:
-        x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
-                                   INNER_CONTIGUOUS)
-        x0 = tl.load(x0_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-    else:
-        x0 = tl.zeros((BLOCK,), tl.float32)
-    if PREDICTION != 1:
-        eps = _noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                            l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
-    else:
-        eps = tl.zeros((BLOCK,), tl.float32)
-    sqrt_alpha, sqrt_beta = _schedule_sqrt_terms(table_ptr, timestep_ptr, timestep_value, timestep_stride,
-                                                 num_train_timesteps, batch_index, TIMESTEP_IN_TENSOR)
-    target, _ = _target_and_x0_coef(x0, eps, sqrt_alpha, sqrt_beta, PREDICTION)
+    target, _ = _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_value,
+                                 timestep_stride, num_train_timesteps, batch_index, first, inner, mask,
+                                 x_sb, x_s0, x_s1, x_s2, x_s3, z_sb, z_s0, z_s1, z_s2, z_s3, l_s0, l_s1, l_s2, l_s3,
+                                 size1, size2, size3, PREDICTION, NOISE_MODE, TIMESTEP_IN_TENSOR, INNER_CONTIGUOUS,
+                                 BLOCK)
     # drawn noise is not zero on masked lanes: zero their difference so the partial sums only see real elements
     diff = tl.where(mask, model_output - target, 0.0)
     out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2, size3,
@@ -281,20 +296,11 @@ def _diffusion_loss_bwd_kernel(
                                 INNER_CONTIGUOUS)
     model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
     grad_loss = tl.load(grad_loss_ptr + gl_offsets, mask=mask, other=0.0).to(tl.float32)
-    if PREDICTION != 0:
-        x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
-                                   INNER_CONTIGUOUS)
-        x0 = tl.load(x0_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-    else:
-        x0 = tl.zeros((BLOCK,), tl.float32)
-    if PREDICTION != 1:
-        eps = _noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                            l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
-    else:
-        eps = tl.zeros((BLOCK,), tl.float32)
-    sqrt_alpha, sqrt_beta = _schedule_sqrt_terms(table_ptr, timestep_ptr, timestep_value, timestep_stride,
-                                                 num_train_timesteps, batch_index, TIMESTEP_IN_TENSOR)
-    target, x0_coef = _target_and_x0_coef(x0, eps, sqrt_alpha, sqrt_beta, PREDICTION)
+    target, x0_coef = _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_value,
+                                 timestep_stride, num_train_timesteps, batch_index, first, inner, mask,
+                                 x_sb, x_s0, x_s1, x_s2, x_s3, z_sb, z_s0, z_s1, z_s2, z_s3, l_s0, l_s1, l_s2, l_s3,
+                                 size1, size2, size3, PREDICTION, NOISE_MODE, TIMESTEP_IN_TENSOR, INNER_CONTIGUOUS,
+                                 BLOCK)
     grad_mo = 2.0 * (model_output - target) * grad_loss
     if WRITE_GRAD_MO:
         gm_offsets = sample_offsets(batch_index, inner, gm_sb, gm_s0, gm_s1, gm_s2, gm_s3, size1, size2, size3,
