@@ -31,15 +31,19 @@ from .checks import (
     describe,
 )
 from .launch import (
+    NOISE_NONE,
+    NOISE_PHILOX_BLOCK,
+    NOISE_PHILOX_GATHER,
+    NOISE_TENSOR,
     CompileVariant,
+    SampleWalk,
     batch_chunks,
     draw_philox_seed,
-    elementwise_block,
     elementwise_block_configs,
-    per_sample_layout,
 )
+from .philox import philox_normal
 from .runtime import call_registered, compute_dtype, resolve_impl
-from .triton_helpers import philox_normal_block, sample_offsets
+from .triton_helpers import noise_values, sample_offsets
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -262,7 +266,6 @@ def ddim_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, samp
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
 SCHEDULER_DDPM, SCHEDULER_DDIM = 0, 1
-NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 _PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}
 
 
@@ -277,6 +280,7 @@ def _denoise_step_kernel(
     x_sb, x_s0, x_s1, x_s2, x_s3,
     z_sb, z_s0, z_s1, z_s2, z_s3,
     u_sb, u_s0, u_s1, u_s2, u_s3,
+    index_s0, index_s1, index_s2, index_s3,
     eta, clip_range, guidance_scale,
     SCHEDULER: tl.constexpr, PREDICTION: tl.constexpr, FIXED_LARGE: tl.constexpr, CLIP: tl.constexpr,
     USE_CLIPPED_MODEL_OUTPUT: tl.constexpr, FINAL_ALPHA_IS_ONE: tl.constexpr, NOISE_MODE: tl.constexpr,
@@ -369,9 +373,11 @@ def _denoise_step_kernel(
     if NOISE_MODE == 1:
         if sigma != 0.0:
             prev_sample += sigma * z
-    elif NOISE_MODE == 2:
+    elif NOISE_MODE != 0:  # drawn with Philox, keyed by the row-major index
         if sigma != 0.0:
-            prev_sample += sigma * philox_normal_block(tl.load(seed_ptr), batch_index, first, BLOCK)
+            prev_sample += sigma * noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0,
+                                                z_s1, z_s2, z_s3, index_s0, index_s1, index_s2, index_s3, size1,
+                                                size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
     out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2, size3,
                                  INNER_CONTIGUOUS)
     tl.store(out_ptr + out_offsets, prev_sample.to(out_ptr.dtype.element_ty), mask=mask)
@@ -384,19 +390,15 @@ def _launch_denoise_step(scheduler: int, model_output, sample, noise, seed, tabl
     out = torch.empty_like(sample)
     if out.numel() == 0:
         return out
-    noise_mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if seed is not None else NOISE_NONE)
-    optional = {"noise": noise, "uncond": uncond_output}
-    given = [name for name, tensor in optional.items() if tensor is not None]
-    layout, tensors = per_sample_layout([out, model_output, sample] + [optional[name] for name in given])
-    walked = dict(zip(given, tensors[3:]))
-    strides = dict(zip(given, layout.strides[3:]))
-    placeholder = tensors[2]  # stands in for pointers a constexpr branch never reads
-    block, num_warps = elementwise_block(layout.inner_numel)
-    inner_blocks = triton.cdiv(layout.inner_numel, block)
+    noise_source = "tensor" if noise is not None else ("drawn" if seed is not None else None)
+    walk = SampleWalk({"out": out, "model_output": model_output, "sample": sample, "noise": noise,
+                       "uncond": uncond_output}, ("out",), noise_source)
+    layout, tensors = walk.layout, walk.tensors
+    placeholder = tensors["sample"]  # stands in for pointers a constexpr branch never reads
     for start, count in batch_chunks(layout.batch):
-        _denoise_step_kernel[(inner_blocks, count)](
-            tensors[0], tensors[1], tensors[2],
-            walked.get("noise", placeholder), walked.get("uncond", placeholder),
+        _denoise_step_kernel[(walk.num_blocks, count)](
+            tensors["out"], tensors["model_output"], tensors["sample"],
+            walk.tensor("noise", placeholder), walk.tensor("uncond", placeholder),
             seed if seed is not None else table,
             table,
             timestep if timestep is not None else table,
@@ -404,30 +406,30 @@ def _launch_denoise_step(scheduler: int, model_output, sample, noise, seed, tabl
             timestep_value, prev_timestep_value,
             _batch_stride(timestep), _batch_stride(prev_timestep), table.shape[1],
             start, layout.inner_numel, *layout.inner_sizes[1:],
-            *layout.strides[0], *layout.strides[1], *layout.strides[2],
-            *strides.get("noise", (0,) * 5), *strides.get("uncond", (0,) * 5),
+            *walk.strides("out"), *walk.strides("model_output"), *walk.strides("sample"),
+            *walk.strides("noise"), *walk.strides("uncond"), *walk.index_strides,
             eta, clip_sample_range, guidance_scale,
             SCHEDULER=scheduler, PREDICTION=_PREDICTION_CODES[prediction_type],
             FIXED_LARGE=variance_type == "fixed_large", CLIP=clip_sample,
             USE_CLIPPED_MODEL_OUTPUT=use_clipped_model_output, FINAL_ALPHA_IS_ONE=set_alpha_to_one,
-            NOISE_MODE=noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
+            NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
             PREV_TIMESTEP_IN_TENSOR=prev_timestep is not None, INNER_CONTIGUOUS=layout.inner_contiguous,
-            GUIDANCE=uncond_output is not None, BLOCK=block, num_warps=num_warps,
+            GUIDANCE=uncond_output is not None, BLOCK=walk.block, num_warps=walk.num_warps,
         )
-    return out
+    return walk.output("out")
 
 
 def compile_variants() -> list[CompileVariant]:
     """Every block config the launcher can pick, each data dtype, and each constexpr switch at least once."""
     base = dict(SCHEDULER=SCHEDULER_DDPM, PREDICTION=0, FIXED_LARGE=False, CLIP=False, USE_CLIPPED_MODEL_OUTPUT=False,
-                FINAL_ALPHA_IS_ONE=True, NOISE_MODE=NOISE_PHILOX, TIMESTEP_IN_TENSOR=False,
+                FINAL_ALPHA_IS_ONE=True, NOISE_MODE=NOISE_PHILOX_BLOCK, TIMESTEP_IN_TENSOR=False,
                 PREV_TIMESTEP_IN_TENSOR=False, INNER_CONTIGUOUS=True, GUIDANCE=False)
     switches = [
         dict(SCHEDULER=SCHEDULER_DDIM, CLIP=True, USE_CLIPPED_MODEL_OUTPUT=True, FINAL_ALPHA_IS_ONE=False),
         dict(PREDICTION=1, FIXED_LARGE=True, NOISE_MODE=NOISE_TENSOR, TIMESTEP_IN_TENSOR=True,
              PREV_TIMESTEP_IN_TENSOR=True, INNER_CONTIGUOUS=False),
         dict(SCHEDULER=SCHEDULER_DDIM, PREDICTION=2, NOISE_MODE=NOISE_NONE, CLIP=True, GUIDANCE=True),
-        dict(GUIDANCE=True, INNER_CONTIGUOUS=False),
+        dict(GUIDANCE=True, INNER_CONTIGUOUS=False, NOISE_MODE=NOISE_PHILOX_GATHER),
     ]
     scalars = {"eta": "fp32", "clip_range": "fp32", "guidance_scale": "fp32"}
     index_pointers = {"seed_ptr": "*i64", "table_ptr": "*fp32", "timestep_ptr": "*i64", "prev_timestep_ptr": "*i64"}
@@ -619,7 +621,9 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
         schedule: the :class:`NoiseSchedule` the model was trained with.
         prev_timestep: the timestep to step to, below ``timestep`` (default ``timestep - 1``); negative means the
             final step.
-        noise: the Gaussian ``z`` to add; when None it is drawn (inside the kernel, Philox) from ``generator``.
+        noise: the Gaussian ``z`` to add; when None it is drawn from a Philox key taken from ``generator``:
+            inside the kernel, or by :func:`~genkernels.kernels.philox_normal` on the eager path, so both impls add
+            the same noise (keyed by each element's row-major index, whatever the layout).
         prediction_type: "epsilon", "sample" or "v_prediction".
         variance_type: "fixed_small" or "fixed_large".
         clip_sample, clip_sample_range: clamp ``x0`` to ``[-range, range]``.
@@ -651,7 +655,7 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
     needs_noise = t.tensor is not None or t.value > 0
     if impl == "eager":
         if noise is None and needs_noise:
-            noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
+            noise = philox_normal(draw_philox_seed(device, generator), sample.shape)
         return ddpm_step_reference(model_output, t.as_tensor(batch, device), sample, schedule,
                                    prev.as_tensor(batch, device), noise if needs_noise else None, prediction_type,
                                    variance_type, clip_sample, clip_sample_range, uncond_output, guidance_scale)
@@ -704,7 +708,7 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
         return torch.empty_like(sample)
     if impl == "eager":
         if noise is None and eta > 0:
-            noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
+            noise = philox_normal(draw_philox_seed(device, generator), sample.shape)
         return ddim_step_reference(model_output, t.as_tensor(batch, device), sample, schedule,
                                    prev.as_tensor(batch, device), noise, eta, prediction_type, clip_sample,
                                    clip_sample_range, set_alpha_to_one, use_clipped_model_output, uncond_output,

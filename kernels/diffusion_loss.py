@@ -8,11 +8,10 @@ is a scale by the incoming gradient. When the noise came from a seed it is regen
 read: the loss pass reads only ``model_output`` and ``x0``.
 
 Noise stream: element ``[b, *idx]`` gets draw ``i mod 4`` of Philox group ``i div 4`` of sample ``b``, ``i`` the
-row-major index of ``idx`` (see :mod:`genkernels.kernels.philox`, which computes the same stream in PyTorch for the
-eager path). It depends on the seed and the shape only, never on strides or block sizes, so ``q_sample`` and
-``diffusion_loss`` given one seed see the same noise, under either impl. Kernels walk the tensors in the memory
-order of the first one (coalesced); when that order is the row-major one the draws come four at a time from
-``philox_normal_block``, otherwise (e.g. channels_last) each element draws its own group.
+row-major index of ``idx`` (the convention of every in-kernel draw, see :class:`~genkernels.kernels.launch.SampleWalk`;
+:mod:`genkernels.kernels.philox` computes the same stream in PyTorch for the eager path). It depends on the seed
+and the shape only, never on strides or block sizes, so ``q_sample`` and ``diffusion_loss`` given one seed see the
+same noise, under either impl.
 
 Reductions are deterministic: every program writes one fp32 partial sum of squared errors, and the partials are
 summed in a fixed order afterwards (no atomics).
@@ -43,28 +42,21 @@ from .diffusion import (
     _schedule_terms,
 )
 from .launch import (
-    MAX_INNER_DIMS,
+    NOISE_PHILOX_BLOCK,
+    NOISE_PHILOX_GATHER,
+    NOISE_TENSOR,
     CompileVariant,
-    collapse_inner_dims,
+    SampleWalk,
     batch_chunks,
     draw_philox_seed,
-    elementwise_block,
     elementwise_block_configs,
-    per_sample_layout,
 )
 from .philox import philox_normal
 from .runtime import compute_dtype, resolve_impl
-from .triton_helpers import (
-    philox_normal_at,
-    philox_normal_block,
-    sample_offsets,
-    strided_offset,
-    unravel_inner,
-)
+from .triton_helpers import noise_values, sample_offsets
 
 REDUCTIONS = ("mean", "sum", "none", "per_sample")
 _PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}
-NOISE_TENSOR, NOISE_PHILOX_BLOCK, NOISE_PHILOX_GATHER = 1, 2, 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,25 +139,6 @@ def _schedule_sqrt_terms(table_ptr, timestep_ptr, timestep_value, timestep_strid
 
 
 @triton.jit
-def _noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                  l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE: tl.constexpr,
-                  INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
-    """fp32 noise of elements ``inner`` of sample ``batch_index``: read (NOISE_MODE 1), or drawn four at a time
-    when the walk is in row-major order (2), or element by element at their row-major index (3)."""
-    if NOISE_MODE == 1:
-        offsets = sample_offsets(batch_index, inner, z_sb, z_s0, z_s1, z_s2, z_s3, size1, size2, size3,
-                                 INNER_CONTIGUOUS)
-        eps = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    elif NOISE_MODE == 2:
-        eps = philox_normal_block(tl.load(seed_ptr), batch_index, first, BLOCK)
-    else:
-        c0, c1, c2, c3 = unravel_inner(inner, size1, size2, size3)
-        logical = strided_offset(c0, c1, c2, c3, l_s0, l_s1, l_s2, l_s3)
-        eps = philox_normal_at(tl.load(seed_ptr), batch_index, logical)
-    return eps
-
-
-@triton.jit
 def _target_and_x0_coef(x0, eps, sqrt_alpha, sqrt_beta, PREDICTION: tl.constexpr):
     """The training target and ``d target / d x0`` (see ``diffusion_target_reference``)."""
     if PREDICTION == 0:  # epsilon
@@ -192,8 +165,8 @@ def _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_
     else:
         x0 = tl.zeros((BLOCK,), tl.float32)
     if PREDICTION != 1:
-        eps = _noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                            l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
+        eps = noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+                           l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
     else:
         eps = tl.zeros((BLOCK,), tl.float32)
     sqrt_alpha, sqrt_beta = _schedule_sqrt_terms(table_ptr, timestep_ptr, timestep_value, timestep_stride,
@@ -219,8 +192,8 @@ def _q_sample_kernel(
     x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
                                INNER_CONTIGUOUS)
     x0 = tl.load(x0_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-    eps = _noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                        l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
+    eps = noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+                       l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
     sqrt_alpha, sqrt_beta = _schedule_sqrt_terms(table_ptr, timestep_ptr, timestep_value, timestep_stride,
                                                  num_train_timesteps, batch_index, TIMESTEP_IN_TENSOR)
     x_t = sqrt_alpha * x0 + sqrt_beta * eps
@@ -315,72 +288,6 @@ def _diffusion_loss_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-_NO_STRIDES = (0,) * (1 + MAX_INNER_DIMS)
-
-
-class _RowMajorIndex:
-    """Stands in for a contiguous tensor of ``shape`` in :func:`per_sample_layout`: its walked offsets are the
-    row-major indices that key the noise."""
-
-    def __init__(self, shape: torch.Size):
-        self.shape = shape
-        strides, running = [], 1
-        for size in reversed(shape):
-            strides.append(running)
-            running *= size
-        self._strides = tuple(reversed(strides))
-
-    def stride(self) -> tuple[int, ...]:
-        return self._strides
-
-
-class _Walk:
-    """How a launcher walks ``named`` same-shaped tensors (the first one coalesced), with the noise mode."""
-
-    def __init__(self, named: dict[str, torch.Tensor], noise_given: bool, outputs: tuple[str, ...]):
-        shape = next(iter(named.values())).shape
-        index = _RowMajorIndex(shape)
-        tensors = list(named.values())
-        strides = [t.stride() for t in tensors] + [index.stride()]
-        if len(collapse_inner_dims(shape, strides)) > MAX_INNER_DIMS:
-            # more scattered dims than the kernels take (a rank > 5 permutation): walk contiguous copies, and copy
-            # the outputs back into the given tensors afterwards (see output())
-            tensors = [torch.empty(shape, dtype=t.dtype, device=t.device) if name in outputs else t.contiguous()
-                       for name, t in named.items()]
-        layout, walked = per_sample_layout(tensors + [index])
-        self.given = named
-        self.layout = layout
-        self.tensors = dict(zip(named, walked))
-        self.strides = dict(zip(named, layout.strides))
-        self.index_strides = layout.strides[-1][1:]
-        if noise_given:
-            self.noise_mode = NOISE_TENSOR
-        elif self._walks_row_major():
-            self.noise_mode = NOISE_PHILOX_BLOCK
-        else:
-            self.noise_mode = NOISE_PHILOX_GATHER
-        self.block, self.num_warps = elementwise_block(layout.inner_numel)
-        self.num_blocks = triton.cdiv(layout.inner_numel, self.block)
-
-    def _walks_row_major(self) -> bool:
-        expected = 1
-        for size, stride in reversed(list(zip(self.layout.inner_sizes, self.index_strides))):
-            if size > 1 and stride != expected:
-                return False
-            expected *= size
-        return True
-
-    def stride_args(self, name: str) -> tuple[int, ...]:
-        return self.strides.get(name, _NO_STRIDES)
-
-    def output(self, name: str) -> torch.Tensor:
-        """The given output tensor ``name``, holding what the kernels wrote."""
-        walked, given = self.tensors[name], self.given[name]
-        if walked is not given:
-            given.copy_(walked)
-        return given
-
-
 def _launch_q_sample(x0, noise, seed, table, timestep, timestep_value):
     out = torch.empty_like(x0)
     if out.numel() == 0:
@@ -388,7 +295,7 @@ def _launch_q_sample(x0, noise, seed, table, timestep, timestep_value):
     named = {"out": out, "x0": x0}
     if noise is not None:
         named["noise"] = noise
-    walk = _Walk(named, noise is not None, ("out",))
+    walk = SampleWalk(named, ("out",), "tensor" if noise is not None else "drawn")
     tensors, layout = walk.tensors, walk.layout
     for start, count in batch_chunks(layout.batch):
         _q_sample_kernel[(walk.num_blocks, count)](
@@ -396,7 +303,7 @@ def _launch_q_sample(x0, noise, seed, table, timestep, timestep_value):
             seed if seed is not None else table, table, timestep if timestep is not None else table,
             timestep_value, _batch_stride(timestep), table.shape[1], start, layout.inner_numel,
             *layout.inner_sizes[1:],
-            *walk.stride_args("out"), *walk.stride_args("x0"), *walk.stride_args("noise"), *walk.index_strides,
+            *walk.strides("out"), *walk.strides("x0"), *walk.strides("noise"), *walk.index_strides,
             NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
             INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=walk.block, num_warps=walk.num_warps,
         )
@@ -428,7 +335,7 @@ def _launch_loss_forward(model_output, x0, noise, seed, table, timestep, timeste
     named.update(model_output=model_output, x0=x0)
     if noise is not None:
         named["noise"] = noise
-    walk = _Walk(named, noise is not None, ("out",))
+    walk = SampleWalk(named, ("out",), "tensor" if noise is not None else "drawn")
     tensors, layout = walk.tensors, walk.layout
     partials = torch.empty(1 if elementwise else batch * walk.num_blocks, dtype=torch.float32,
                            device=model_output.device)
@@ -441,8 +348,8 @@ def _launch_loss_forward(model_output, x0, noise, seed, table, timestep, timeste
             timestep if timestep is not None else table,
             timestep_value, _batch_stride(timestep), table.shape[1], grad_scale,
             start, layout.inner_numel, walk.num_blocks, *layout.inner_sizes[1:],
-            *walk.stride_args("out"), *walk.stride_args("model_output"), *walk.stride_args("x0"),
-            *walk.stride_args("noise"), *walk.index_strides,
+            *walk.strides("out"), *walk.strides("model_output"), *walk.strides("x0"),
+            *walk.strides("noise"), *walk.index_strides,
             PREDICTION=_PREDICTION_CODES[prediction_type], ELEMENTWISE=elementwise, WRITE_GRAD=write_grad,
             NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
             INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=walk.block, num_warps=walk.num_warps,
@@ -480,7 +387,7 @@ def _launch_loss_backward(grad_loss, model_output, x0, noise, seed, table, times
     named.update(grad_loss=grad_loss, model_output=model_output, x0=x0)
     if noise is not None:
         named["noise"] = noise
-    walk = _Walk(named, noise is not None, ("grad_mo", "grad_x0"))
+    walk = SampleWalk(named, ("grad_mo", "grad_x0"), "tensor" if noise is not None else "drawn")
     tensors, layout = walk.tensors, walk.layout
     placeholder = tensors["model_output"]
     for start, count in batch_chunks(layout.batch):
@@ -490,8 +397,8 @@ def _launch_loss_backward(grad_loss, model_output, x0, noise, seed, table, times
             seed if seed is not None else table, table, timestep if timestep is not None else table,
             timestep_value, _batch_stride(timestep), table.shape[1], start, layout.inner_numel,
             *layout.inner_sizes[1:],
-            *walk.stride_args("grad_mo"), *walk.stride_args("grad_x0"), *walk.stride_args("grad_loss"),
-            *walk.stride_args("model_output"), *walk.stride_args("x0"), *walk.stride_args("noise"),
+            *walk.strides("grad_mo"), *walk.strides("grad_x0"), *walk.strides("grad_loss"),
+            *walk.strides("model_output"), *walk.strides("x0"), *walk.strides("noise"),
             *walk.index_strides,
             PREDICTION=_PREDICTION_CODES[prediction_type], WRITE_GRAD_MO=need_grad_mo, WRITE_GRAD_X0=write_grad_x0,
             NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,

@@ -5,6 +5,8 @@ coefficients depend on the sample (a timestep, a noise level), sometimes with a 
 a log-determinant). :func:`per_sample_layout` describes how to walk several same-shaped tensors that way without
 copying them, whatever their strides: kernels get one batch stride and up to ``MAX_INNER_DIMS`` (size, stride)
 pairs per tensor, and a constexpr fast path when every tensor's inner part is one contiguous run.
+:class:`SampleWalk` wraps it for launchers with named tensors and in-kernel noise, which is keyed by each element's
+row-major index so that every op draws the same noise for one seed whatever the layouts.
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ import torch
 import triton
 
 MAX_INNER_DIMS = 4
+NO_STRIDES = (0,) * (1 + MAX_INNER_DIMS)
+# How a kernel gets its Gaussian noise (its NOISE_MODE constexpr): none, read from a tensor, or drawn with Philox,
+# four draws at a time when the walk follows the row-major order, else element by element at its row-major index.
+NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX_BLOCK, NOISE_PHILOX_GATHER = 0, 1, 2, 3
 # Largest grid size along CUDA's y and z axes.
 MAX_GRID_YZ = 65535
 # Elements one program of a memory-bound elementwise kernel handles: large enough to amortize the per-program
@@ -157,3 +163,87 @@ def _is_dense(tensor: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+class _RowMajorIndex:
+    """Stands in for a contiguous tensor of ``shape`` in :func:`per_sample_layout`: its walked offsets are the
+    row-major indices that key in-kernel noise."""
+
+    def __init__(self, shape: torch.Size):
+        self.shape = shape
+        strides, running = [], 1
+        for size in reversed(shape):
+            strides.append(running)
+            running *= size
+        self._strides = tuple(reversed(strides))
+
+    def stride(self) -> tuple[int, ...]:
+        return self._strides
+
+
+class SampleWalk:
+    """How an elementwise launcher walks named same-shaped tensors ``[batch, ...]`` (the first one coalesced),
+    and where its Gaussian noise comes from.
+
+    Noise drawn inside a kernel is keyed by (seed, sample, row-major index of the element), never by strides or
+    block sizes, so every op draws the same noise for the same seed and shape whatever the layouts, and
+    :func:`genkernels.kernels.philox.philox_normal` reproduces it in PyTorch. When the walk visits elements in
+    row-major order the kernel draws four at a time (``NOISE_PHILOX_BLOCK``); otherwise (channels_last, permuted
+    views) each element computes its own draw (``NOISE_PHILOX_GATHER``) from the row-major index strides
+    ``index_strides``.
+
+    Args:
+        named: ``{name: tensor or None}``; None entries are left out (their strides read as zeros).
+        outputs: names of tensors the kernel writes.
+        noise: ``"tensor"`` (a tensor named "noise" is read), ``"drawn"`` (Philox) or ``None``.
+    """
+
+    def __init__(self, named: dict, outputs: tuple[str, ...] = (), noise: Optional[str] = None):
+        named = {name: t for name, t in named.items() if t is not None}
+        shape = next(iter(named.values())).shape
+        drawn = noise == "drawn"
+        index = [_RowMajorIndex(shape)] if drawn else []
+        tensors = list(named.values())
+        strides = [t.stride() for t in tensors + index]
+        if len(collapse_inner_dims(shape, strides)) > MAX_INNER_DIMS:
+            # more scattered dims than the kernels take (a rank > 5 permutation): walk contiguous copies, and copy
+            # the outputs back into the given tensors afterwards (see output())
+            tensors = [torch.empty(shape, dtype=t.dtype, device=t.device) if name in outputs else t.contiguous()
+                       for name, t in named.items()]
+        self.layout, walked = per_sample_layout(tensors + index)
+        self.given = named
+        self.tensors = dict(zip(named, walked))
+        self._strides = dict(zip(named, self.layout.strides))
+        self.index_strides = self.layout.strides[-1][1:] if drawn else NO_STRIDES[1:]
+        if noise == "tensor":
+            self.noise_mode = NOISE_TENSOR
+        elif drawn:
+            self.noise_mode = NOISE_PHILOX_BLOCK if self._walks_row_major() else NOISE_PHILOX_GATHER
+        else:
+            self.noise_mode = NOISE_NONE
+        self.block, self.num_warps = elementwise_block(self.layout.inner_numel)
+        self.num_blocks = triton.cdiv(self.layout.inner_numel, self.block)
+
+    def _walks_row_major(self) -> bool:
+        expected = 1
+        for size, stride in reversed(list(zip(self.layout.inner_sizes, self.index_strides))):
+            if size > 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def strides(self, name: str) -> tuple[int, ...]:
+        """``(batch_stride, *inner_strides)`` of tensor ``name`` (zeros for a tensor left out)."""
+        return self._strides.get(name, NO_STRIDES)
+
+    def tensor(self, name: str, placeholder: torch.Tensor) -> torch.Tensor:
+        """The tensor to launch with for ``name``, or ``placeholder`` for one left out (a pointer a constexpr
+        branch never reads)."""
+        return self.tensors.get(name, placeholder)
+
+    def output(self, name: str) -> torch.Tensor:
+        """The given output tensor ``name``, holding what the kernels wrote."""
+        walked, given = self.tensors[name], self.given[name]
+        if walked is not given:
+            given.copy_(walked)
+        return given

@@ -30,15 +30,18 @@ from .checks import (
     check_same_shape,
 )
 from .launch import (
+    NOISE_PHILOX_BLOCK,
+    NOISE_PHILOX_GATHER,
+    NOISE_TENSOR,
     CompileVariant,
+    SampleWalk,
     batch_chunks,
     draw_philox_seed,
-    elementwise_block,
     elementwise_block_configs,
-    per_sample_layout,
 )
+from .philox import philox_normal
 from .runtime import compute_dtype, resolve_impl
-from .triton_helpers import philox_normal_block, sample_offsets
+from .triton_helpers import noise_values, sample_offsets
 
 LN2 = math.log(2.0)
 SQRT_HALF = math.sqrt(0.5)
@@ -152,17 +155,6 @@ def _kl_terms_block(mu, logvar):
 
 
 @triton.jit
-def _noise_block(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                 size1, size2, size3, NOISE_IN_TENSOR: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    if NOISE_IN_TENSOR:
-        offsets = sample_offsets(batch_index, inner, z_sb, z_s0, z_s1, z_s2, z_s3, size1, size2, size3,
-                                 INNER_CONTIGUOUS)
-        return tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    return philox_normal_block(tl.load(seed_ptr), batch_index, first, BLOCK)
-
-
-@triton.jit
 def _reparameterize_kl_fwd_kernel(
     z_ptr, partial_ptr, mu_ptr, logvar_ptr, noise_ptr, seed_ptr,
     batch_start, inner_numel, num_blocks, size1, size2, size3,
@@ -170,7 +162,8 @@ def _reparameterize_kl_fwd_kernel(
     mu_sb, mu_s0, mu_s1, mu_s2, mu_s3,
     lv_sb, lv_s0, lv_s1, lv_s2, lv_s3,
     z_sb, z_s0, z_s1, z_s2, z_s3,
-    NOISE_IN_TENSOR: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
+    index_s0, index_s1, index_s2, index_s3,
+    NOISE_MODE: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     batch_index = batch_start + tl.program_id(1)
     first = tl.program_id(0).to(tl.int64) * BLOCK
@@ -182,8 +175,9 @@ def _reparameterize_kl_fwd_kernel(
                                 INNER_CONTIGUOUS)
     mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
     logvar = tl.load(logvar_ptr + lv_offsets, mask=mask, other=0.0).to(tl.float32)
-    eps = _noise_block(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                       size1, size2, size3, NOISE_IN_TENSOR, INNER_CONTIGUOUS, BLOCK)
+    eps = noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+                       index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS,
+                       BLOCK)
     z = mu + _exp_times_block(0.5 * logvar, eps)
     out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2, size3,
                                  INNER_CONTIGUOUS)
@@ -203,7 +197,8 @@ def _reparameterize_kl_bwd_kernel(
     lv_sb, lv_s0, lv_s1, lv_s2, lv_s3,
     z_sb, z_s0, z_s1, z_s2, z_s3,
     gz_sb, gz_s0, gz_s1, gz_s2, gz_s3,
-    NOISE_IN_TENSOR: tl.constexpr, HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr,
+    index_s0, index_s1, index_s2, index_s3,
+    NOISE_MODE: tl.constexpr, HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr,
     INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     batch_index = batch_start + tl.program_id(1)
@@ -219,8 +214,9 @@ def _reparameterize_kl_bwd_kernel(
         gz_offsets = sample_offsets(batch_index, inner, gz_sb, gz_s0, gz_s1, gz_s2, gz_s3, size1, size2, size3,
                                     INNER_CONTIGUOUS)
         grad_z = tl.load(grad_z_ptr + gz_offsets, mask=mask, other=0.0).to(tl.float32)
-        eps = _noise_block(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                           size1, size2, size3, NOISE_IN_TENSOR, INNER_CONTIGUOUS, BLOCK)
+        eps = noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+                           index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE,
+                           INNER_CONTIGUOUS, BLOCK)
         grad_mu += grad_z
         grad_logvar += 0.5 * _exp_times_block(0.5 * logvar, grad_z * eps)
     if HAS_GRAD_KL:
@@ -238,7 +234,8 @@ def _reparameterize_kl_bwd_kernel(
     tl.store(grad_logvar_ptr + gl_offsets, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
 
 
-_NO_STRIDES = (0,) * 5
+def _noise_source(noise: Optional[torch.Tensor]) -> str:
+    return "tensor" if noise is not None else "drawn"
 
 
 def _launch_forward(mu, logvar, noise, seed):
@@ -246,25 +243,22 @@ def _launch_forward(mu, logvar, noise, seed):
     batch = mu.shape[0]
     if mu.numel() == 0:
         return z, torch.zeros(batch, dtype=torch.float32, device=mu.device)
-    tensors = [z, mu, logvar] + ([noise] if noise is not None else [])
-    layout, tensors = per_sample_layout(tensors)
-    strides = list(layout.strides) + ([] if noise is not None else [_NO_STRIDES])
-    block, num_warps = elementwise_block(layout.inner_numel)
-    num_blocks = triton.cdiv(layout.inner_numel, block)
+    walk = SampleWalk({"z": z, "mu": mu, "logvar": logvar, "noise": noise}, ("z",), _noise_source(noise))
+    tensors = walk.tensors
     # one fp32 partial KL sum per (sample, block); with one block per sample they are the result itself
-    partials = torch.empty(batch * num_blocks, dtype=torch.float32, device=mu.device)
+    partials = torch.empty(batch * walk.num_blocks, dtype=torch.float32, device=mu.device)
     for start, count in batch_chunks(batch):
-        _reparameterize_kl_fwd_kernel[(num_blocks, count)](
-            tensors[0], partials, tensors[1], tensors[2],
-            tensors[3] if noise is not None else tensors[1],
+        _reparameterize_kl_fwd_kernel[(walk.num_blocks, count)](
+            tensors["z"], partials, tensors["mu"], tensors["logvar"], walk.tensor("noise", tensors["mu"]),
             seed if seed is not None else partials,
-            start, layout.inner_numel, num_blocks, *layout.inner_sizes[1:],
-            *strides[0], *strides[1], *strides[2], *strides[3],
-            NOISE_IN_TENSOR=noise is not None, INNER_CONTIGUOUS=layout.inner_contiguous,
-            BLOCK=block, num_warps=num_warps,
+            start, walk.layout.inner_numel, walk.num_blocks, *walk.layout.inner_sizes[1:],
+            *walk.strides("z"), *walk.strides("mu"), *walk.strides("logvar"), *walk.strides("noise"),
+            *walk.index_strides,
+            NOISE_MODE=walk.noise_mode, INNER_CONTIGUOUS=walk.layout.inner_contiguous,
+            BLOCK=walk.block, num_warps=walk.num_warps,
         )
-    kl = partials if num_blocks == 1 else partials.view(batch, num_blocks).sum(dim=1)
-    return tensors[0], kl
+    kl = partials if walk.num_blocks == 1 else partials.view(batch, walk.num_blocks).sum(dim=1)
+    return walk.output("z"), kl
 
 
 def _launch_backward(mu, logvar, noise, seed, grad_z, grad_kl):
@@ -272,25 +266,23 @@ def _launch_backward(mu, logvar, noise, seed, grad_z, grad_kl):
     grad_logvar = torch.empty_like(logvar)
     if mu.numel() == 0:
         return grad_mu, grad_logvar
-    named = {"grad_mu": grad_mu, "grad_logvar": grad_logvar, "mu": mu, "logvar": logvar}
-    named.update({name: t for name, t in (("noise", noise), ("grad_z", grad_z)) if t is not None})
-    layout, tensors = per_sample_layout(list(named.values()))
-    walked = dict(zip(named, tensors))
-    strides = dict(zip(named, layout.strides))
-    block, num_warps = elementwise_block(layout.inner_numel)
+    walk = SampleWalk({"grad_mu": grad_mu, "grad_logvar": grad_logvar, "mu": mu, "logvar": logvar, "noise": noise,
+                       "grad_z": grad_z}, ("grad_mu", "grad_logvar"), _noise_source(noise))
+    tensors = walk.tensors
     placeholder = mu  # stands in for pointers a constexpr branch never reads
-    for start, count in batch_chunks(layout.batch):
-        _reparameterize_kl_bwd_kernel[(triton.cdiv(layout.inner_numel, block), count)](
-            walked["grad_mu"], walked["grad_logvar"], walked["mu"], walked["logvar"],
-            walked.get("noise", placeholder), seed if seed is not None else placeholder,
-            walked.get("grad_z", placeholder), grad_kl if grad_kl is not None else placeholder,
-            start, layout.inner_numel, grad_kl.stride(0) if grad_kl is not None else 0, *layout.inner_sizes[1:],
-            *strides["grad_mu"], *strides["grad_logvar"], *strides["mu"], *strides["logvar"],
-            *strides.get("noise", _NO_STRIDES), *strides.get("grad_z", _NO_STRIDES),
-            NOISE_IN_TENSOR=noise is not None, HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
-            INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=block, num_warps=num_warps,
+    for start, count in batch_chunks(walk.layout.batch):
+        _reparameterize_kl_bwd_kernel[(walk.num_blocks, count)](
+            tensors["grad_mu"], tensors["grad_logvar"], tensors["mu"], tensors["logvar"],
+            walk.tensor("noise", placeholder), seed if seed is not None else placeholder,
+            walk.tensor("grad_z", placeholder), grad_kl if grad_kl is not None else placeholder,
+            start, walk.layout.inner_numel, grad_kl.stride(0) if grad_kl is not None else 0,
+            *walk.layout.inner_sizes[1:],
+            *walk.strides("grad_mu"), *walk.strides("grad_logvar"), *walk.strides("mu"), *walk.strides("logvar"),
+            *walk.strides("noise"), *walk.strides("grad_z"), *walk.index_strides,
+            NOISE_MODE=walk.noise_mode, HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
+            INNER_CONTIGUOUS=walk.layout.inner_contiguous, BLOCK=walk.block, num_warps=walk.num_warps,
         )
-    return walked["grad_mu"], walked["grad_logvar"]
+    return walk.output("grad_mu"), walk.output("grad_logvar")
 
 
 def compile_variants() -> list[CompileVariant]:
@@ -301,20 +293,23 @@ def compile_variants() -> list[CompileVariant]:
     variants = []
     for data_type in ("fp32", "fp16", "bf16"):
         variants.append(CompileVariant(_reparameterize_kl_fwd_kernel, {"*": f"*{data_type}", **seed},
-                                       dict(NOISE_IN_TENSOR=False, INNER_CONTIGUOUS=True, BLOCK=largest_block),
+                                       dict(NOISE_MODE=NOISE_PHILOX_BLOCK, INNER_CONTIGUOUS=True, BLOCK=largest_block),
                                        largest_warps))
         variants.append(CompileVariant(_reparameterize_kl_bwd_kernel, {"*": f"*{data_type}", **seed},
-                                       dict(NOISE_IN_TENSOR=False, HAS_GRAD_Z=True, HAS_GRAD_KL=True,
+                                       dict(NOISE_MODE=NOISE_PHILOX_BLOCK, HAS_GRAD_Z=True, HAS_GRAD_KL=True,
                                             INNER_CONTIGUOUS=True, BLOCK=largest_block), largest_warps))
     for block, num_warps in configs[:-1]:
         variants.append(CompileVariant(_reparameterize_kl_fwd_kernel, {"*": "*fp32", **seed},
-                                       dict(NOISE_IN_TENSOR=True, INNER_CONTIGUOUS=False, BLOCK=block), num_warps))
+                                       dict(NOISE_MODE=NOISE_TENSOR, INNER_CONTIGUOUS=False, BLOCK=block), num_warps))
     variants.append(CompileVariant(_reparameterize_kl_bwd_kernel, {"*": "*bf16", **seed},
-                                   dict(NOISE_IN_TENSOR=True, HAS_GRAD_Z=True, HAS_GRAD_KL=False,
+                                   dict(NOISE_MODE=NOISE_TENSOR, HAS_GRAD_Z=True, HAS_GRAD_KL=False,
                                         INNER_CONTIGUOUS=False, BLOCK=largest_block), largest_warps))
     variants.append(CompileVariant(_reparameterize_kl_bwd_kernel, {"*": "*fp16", **seed},
-                                   dict(NOISE_IN_TENSOR=False, HAS_GRAD_Z=False, HAS_GRAD_KL=True,
-                                        INNER_CONTIGUOUS=True, BLOCK=largest_block), largest_warps))
+                                   dict(NOISE_MODE=NOISE_PHILOX_GATHER, HAS_GRAD_Z=True, HAS_GRAD_KL=True,
+                                        INNER_CONTIGUOUS=False, BLOCK=largest_block), largest_warps))
+    variants.append(CompileVariant(_reparameterize_kl_fwd_kernel, {"*": "*bf16", **seed},
+                                   dict(NOISE_MODE=NOISE_PHILOX_GATHER, INNER_CONTIGUOUS=False,
+                                        BLOCK=largest_block), largest_warps))
     return variants
 
 
@@ -386,9 +381,9 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, noise: Optional
         kl[b] = -1/2 * sum_i (1 + logvar - mu^2 - exp(logvar))     over every non-batch dimension
 
     (Kingma & Welling 2014, eq. 10.) Differentiable in ``mu`` and ``logvar`` through both outputs; ``noise`` is
-    treated as a constant. When ``noise`` is None it is drawn from ``generator``: by Philox inside the kernel
-    (and regenerated in the backward, never stored) for ``impl="triton"``, by ``torch.randn`` for ``"eager"``, so
-    the two impls draw different noise.
+    treated as a constant. When ``noise`` is None it is drawn from a Philox key taken from ``generator``: inside
+    the kernel (and regenerated in the backward, never stored) for ``impl="triton"``, by
+    :func:`~genkernels.kernels.philox_normal` for ``"eager"``, so both impls draw the same noise.
 
     Args:
         mu, logvar: ``[batch, ...]`` posterior means and log-variances, same shape and dtype (fp32/fp16/bf16),
@@ -404,7 +399,7 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, noise: Optional
     impl = resolve_impl(impl, device, "reparameterize_kl")
     if impl == "eager":
         if noise is None:
-            noise = torch.randn(mu.shape, generator=generator, device=device, dtype=torch.float32)
+            noise = philox_normal(draw_philox_seed(device, generator), mu.shape)
         return _EagerReparameterizeKL.apply(mu, logvar, noise)
     seed = draw_philox_seed(device, generator) if noise is None else None
     return torch.ops.genkernels.reparameterize_kl(mu, logvar, noise, seed)

@@ -77,6 +77,29 @@ def philox_normal_at(seed, batch_index, index):
 
 
 @triton.jit
+def noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+                 index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE: tl.constexpr,
+                 INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
+    """fp32 noise of elements ``inner`` (from ``first``) of sample ``batch_index``, by the ``NOISE_MODE`` of a
+    :class:`genkernels.kernels.launch.SampleWalk`: read from ``noise_ptr`` (1), drawn four at a time when the walk
+    is in row-major order (2), or drawn element by element at the row-major index given by the ``index_s*``
+    strides (3); zeros for no noise (0)."""
+    if NOISE_MODE == 1:
+        offsets = sample_offsets(batch_index, inner, z_sb, z_s0, z_s1, z_s2, z_s3, size1, size2, size3,
+                                 INNER_CONTIGUOUS)
+        eps = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    elif NOISE_MODE == 2:
+        eps = philox_normal_block(tl.load(seed_ptr), batch_index, first, BLOCK)
+    elif NOISE_MODE == 3:
+        c0, c1, c2, c3 = unravel_inner(inner, size1, size2, size3)
+        index = strided_offset(c0, c1, c2, c3, index_s0, index_s1, index_s2, index_s3)
+        eps = philox_normal_at(tl.load(seed_ptr), batch_index, index)
+    else:
+        eps = tl.zeros((BLOCK,), tl.float32)
+    return eps
+
+
+@triton.jit
 def sigmoid(x):
     """Logistic function of fp32 ``x``, overflow-free for any magnitude: ``1 / (1 + exp(-x))`` for ``x >= 0`` and
     ``exp(x) / (1 + exp(x))`` below."""

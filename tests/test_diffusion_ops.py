@@ -15,6 +15,8 @@ from reference_checks import (
 
 from genkernels.kernels import NoiseSchedule, ddim_step, ddpm_step
 from genkernels.kernels.diffusion import PREDICTION_TYPES, ddim_step_reference, ddpm_step_reference
+from genkernels.kernels.launch import draw_philox_seed
+from genkernels.kernels.philox import philox_normal
 
 SCHEDULE = NoiseSchedule.linear()
 T = SCHEDULE.num_train_timesteps
@@ -369,6 +371,31 @@ def test_in_kernel_noise_does_not_depend_on_input_strides(device):
     strided_input = torch.zeros(3, 16, 20, device=device)[:, ::2]
     strided = _kernel_noise(strided_input, 300, torch.Generator(device).manual_seed(3))
     torch.testing.assert_close(contiguous, strided, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_in_kernel_noise_is_the_philox_normal_stream_of_the_drawn_seed(memory_format, device):
+    """Each element's draw is keyed by its row-major index (four at a time for NCHW, one by one for
+    channels_last), so philox_normal on the seed the generator gives reproduces it."""
+    sample = torch.zeros(3, 5, 6, 7, device=device).to(memory_format=memory_format)
+    drawn = _kernel_noise(sample, 300, torch.Generator(device).manual_seed(9))
+    seed = draw_philox_seed(torch.device(device), torch.Generator(device).manual_seed(9))
+    torch.testing.assert_close(drawn, philox_normal(seed, sample.shape).double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_eager_and_triton_draw_the_same_noise_from_one_generator(scheduler, device):
+    model_output, sample, _ = _inputs((2, 3, 4, 5), torch.float32, device)
+    sample = sample.to(memory_format=torch.channels_last)
+    outputs = {}
+    for impl in ("triton", "eager"):
+        generator = torch.Generator(device).manual_seed(5)
+        if scheduler == "ddpm":
+            outputs[impl] = ddpm_step(model_output, 600, sample, SCHEDULE, generator=generator, impl=impl)
+        else:
+            outputs[impl] = ddim_step(model_output, 600, sample, SCHEDULE, prev_timestep=500, eta=1.0,
+                                      generator=generator, impl=impl)
+    torch.testing.assert_close(outputs["triton"], outputs["eager"], rtol=1e-5, atol=1e-5)
 
 
 def test_no_noise_at_timestep_zero(device):

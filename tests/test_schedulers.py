@@ -57,28 +57,29 @@ def test_guided_ddim_loop_matches_diffusers_on_the_guided_output(impl):
     torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_ddpm_loop_matches_diffusers_with_the_same_noise():
-    # The eager path draws its noise with torch.randn from the generator, as diffusers does.
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_ddpm_loop_matches_diffusers_given_the_noise_diffusers_draws(impl):
+    """diffusers draws each step's noise with torch.randn from its generator (except at t = 0); the same draws,
+    passed as ``noise``, must give the same loop."""
     start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     theirs = _loop(diffusers.DDPMScheduler(), 20, start.clone(), generator=torch.Generator().manual_seed(3))
-    with use_impl("eager"):
-        ours = _loop(DDPMScheduler(), 20, start.clone(), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    scheduler, sample, draws = DDPMScheduler(), start.clone(), torch.Generator().manual_seed(3)
+    scheduler.set_timesteps(20)
+    with use_impl(impl):
+        for t in scheduler.timesteps.tolist():
+            noise = torch.randn(sample.shape, generator=draws) if t > 0 else None
+            sample = ddpm_step(_toy_model(sample, t), t, sample, scheduler.schedule,
+                               prev_timestep=scheduler.previous_timestep(t), noise=noise, clip_sample=True)
+    torch.testing.assert_close(sample, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_ddpm_loop_with_kernel_noise_matches_eager_given_the_same_noise():
+def test_ddpm_loop_draws_the_same_noise_under_both_impls():
+    """Without given noise both impls key their Philox stream by one seed drawn from the generator."""
     start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    noises = torch.randn(20, 2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     outputs = {}
     for impl in ("triton", "eager"):
-        scheduler, sample = DDPMScheduler(), start.clone()
-        scheduler.set_timesteps(20)
         with use_impl(impl):
-            for noise, t in zip(noises, scheduler.timesteps):
-                prev = scheduler.previous_timestep(int(t))
-                sample = ddpm_step(_toy_model(sample, t), int(t), sample, scheduler.schedule, prev_timestep=prev,
-                                   noise=noise, clip_sample=True)
-        outputs[impl] = sample
+            outputs[impl] = _loop(DDPMScheduler(), 20, start.clone(), generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(outputs["triton"], outputs["eager"], rtol=1e-5, atol=1e-5)
 
 
