@@ -43,7 +43,7 @@ from .launch import (
 )
 from .philox import philox_normal
 from .runtime import call_registered, compute_dtype, resolve_impl
-from .triton_helpers import noise_values, sample_offsets
+from .triton_helpers import noise_values, sample_block, sample_offsets
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -287,10 +287,7 @@ def _denoise_step_kernel(
     TIMESTEP_IN_TENSOR: tl.constexpr, PREV_TIMESTEP_IN_TENSOR: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr,
     GUIDANCE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    batch_index = batch_start + tl.program_id(1)
-    first = tl.program_id(0).to(tl.int64) * BLOCK
-    inner = first + tl.arange(0, BLOCK).to(tl.int64)
-    mask = inner < inner_numel
+    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
     # The bulk loads go first so that their latency overlaps the dependent gathers of the schedule terms below.
     mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
                                 INNER_CONTIGUOUS)

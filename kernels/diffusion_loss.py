@@ -53,7 +53,7 @@ from .launch import (
 )
 from .philox import philox_normal
 from .runtime import compute_dtype, resolve_impl
-from .triton_helpers import noise_values, sample_offsets
+from .triton_helpers import noise_values, sample_block, sample_offsets
 
 REDUCTIONS = ("mean", "sum", "none", "per_sample")
 _PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}
@@ -185,10 +185,7 @@ def _q_sample_kernel(
     NOISE_MODE: tl.constexpr, TIMESTEP_IN_TENSOR: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    batch_index = batch_start + tl.program_id(1)
-    first = tl.program_id(0).to(tl.int64) * BLOCK
-    inner = first + tl.arange(0, BLOCK).to(tl.int64)
-    mask = inner < inner_numel
+    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
     x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
                                INNER_CONTIGUOUS)
     x0 = tl.load(x0_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -217,10 +214,7 @@ def _diffusion_loss_fwd_kernel(
 ):
     """ELEMENTWISE: ``out = (model_output - target)^2``. Otherwise one partial sum of squared errors per program,
     and with WRITE_GRAD ``out = 2 * grad_scale * (model_output - target)``, the gradient of the reduced loss."""
-    batch_index = batch_start + tl.program_id(1)
-    first = tl.program_id(0).to(tl.int64) * BLOCK
-    inner = first + tl.arange(0, BLOCK).to(tl.int64)
-    mask = inner < inner_numel
+    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
     mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
                                 INNER_CONTIGUOUS)
     model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -259,10 +253,7 @@ def _diffusion_loss_bwd_kernel(
 ):
     """Backward of the elementwise loss: ``grad_mo = 2 (model_output - target) grad_loss`` recomputed from the
     inputs, and ``grad_x0 = -(d target / d x0) grad_mo``."""
-    batch_index = batch_start + tl.program_id(1)
-    first = tl.program_id(0).to(tl.int64) * BLOCK
-    inner = first + tl.arange(0, BLOCK).to(tl.int64)
-    mask = inner < inner_numel
+    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
     mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
                                 INNER_CONTIGUOUS)
     gl_offsets = sample_offsets(batch_index, inner, gl_sb, gl_s0, gl_s1, gl_s2, gl_s3, size1, size2, size3,

@@ -41,7 +41,7 @@ from .launch import (
 )
 from .philox import philox_normal
 from .runtime import compute_dtype, resolve_impl
-from .triton_helpers import noise_values, sample_offsets
+from .triton_helpers import noise_values, sample_block, sample_offsets
 
 LN2 = math.log(2.0)
 SQRT_HALF = math.sqrt(0.5)
@@ -165,10 +165,7 @@ def _reparameterize_kl_fwd_kernel(
     index_s0, index_s1, index_s2, index_s3,
     NOISE_MODE: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    batch_index = batch_start + tl.program_id(1)
-    first = tl.program_id(0).to(tl.int64) * BLOCK
-    inner = first + tl.arange(0, BLOCK).to(tl.int64)
-    mask = inner < inner_numel
+    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
     mu_offsets = sample_offsets(batch_index, inner, mu_sb, mu_s0, mu_s1, mu_s2, mu_s3, size1, size2, size3,
                                 INNER_CONTIGUOUS)
     lv_offsets = sample_offsets(batch_index, inner, lv_sb, lv_s0, lv_s1, lv_s2, lv_s3, size1, size2, size3,
@@ -201,10 +198,7 @@ def _reparameterize_kl_bwd_kernel(
     NOISE_MODE: tl.constexpr, HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr,
     INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    batch_index = batch_start + tl.program_id(1)
-    first = tl.program_id(0).to(tl.int64) * BLOCK
-    inner = first + tl.arange(0, BLOCK).to(tl.int64)
-    mask = inner < inner_numel
+    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
     lv_offsets = sample_offsets(batch_index, inner, lv_sb, lv_s0, lv_s1, lv_s2, lv_s3, size1, size2, size3,
                                 INNER_CONTIGUOUS)
     logvar = tl.load(logvar_ptr + lv_offsets, mask=mask, other=0.0).to(tl.float32)

@@ -27,6 +27,16 @@ def strided_offset(c0, c1, c2, c3, stride0, stride1, stride2, stride3):
 
 
 @triton.jit
+def sample_block(batch_start, inner_numel, BLOCK: tl.constexpr):
+    """The run of a per-sample elementwise kernel's program on grid ``(inner blocks, samples)``: its sample
+    ``batch_start + program_id(1)``, its first inner index, the int64 inner indices of its block and their mask."""
+    batch_index = batch_start + tl.program_id(1)
+    first = tl.program_id(0).to(tl.int64) * BLOCK
+    inner = first + tl.arange(0, BLOCK).to(tl.int64)
+    return batch_index, first, inner, inner < inner_numel
+
+
+@triton.jit
 def sample_offsets(batch_index, inner_index, batch_stride, stride0, stride1, stride2, stride3,
                    size1, size2, size3, INNER_CONTIGUOUS: tl.constexpr):
     """Offsets of elements ``inner_index`` (int64 block) of sample ``batch_index`` in one tensor of a
