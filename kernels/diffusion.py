@@ -41,7 +41,6 @@ from .launch import (
     draw_philox_seed,
     elementwise_block_configs,
 )
-from .philox import philox_normal
 from .runtime import call_registered, compute_dtype, resolve_impl
 from .triton_helpers import noise_values, sample_block, sample_offsets
 
@@ -618,9 +617,11 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
         schedule: the :class:`NoiseSchedule` the model was trained with.
         prev_timestep: the timestep to step to, below ``timestep`` (default ``timestep - 1``); negative means the
             final step.
-        noise: the Gaussian ``z`` to add; when None it is drawn from a Philox key taken from ``generator``:
-            inside the kernel, or by :func:`~genkernels.kernels.philox_normal` on the eager path, so both impls add
-            the same noise (keyed by each element's row-major index, whatever the layout).
+        noise: the Gaussian ``z`` to add; when None it is drawn from ``generator``: inside the kernel by Philox
+            (keyed by a seed taken from ``generator`` and each element's row-major index, whatever the layout; the
+            stream :func:`~genkernels.kernels.philox_normal` reproduces), or by ``torch.randn`` on the eager path,
+            as diffusers and a plain PyTorch loop draw it. The two impls therefore draw different noise; pass
+            ``noise`` to compare them.
         prediction_type: "epsilon", "sample" or "v_prediction".
         variance_type: "fixed_small" or "fixed_large".
         clip_sample, clip_sample_range: clamp ``x0`` to ``[-range, range]``.
@@ -652,7 +653,7 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
     needs_noise = t.tensor is not None or t.value > 0
     if impl == "eager":
         if noise is None and needs_noise:
-            noise = philox_normal(draw_philox_seed(device, generator), sample.shape)
+            noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
         return ddpm_step_reference(model_output, t.as_tensor(batch, device), sample, schedule,
                                    prev.as_tensor(batch, device), noise if needs_noise else None, prediction_type,
                                    variance_type, clip_sample, clip_sample_range, uncond_output, guidance_scale)
@@ -705,7 +706,7 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
         return torch.empty_like(sample)
     if impl == "eager":
         if noise is None and eta > 0:
-            noise = philox_normal(draw_philox_seed(device, generator), sample.shape)
+            noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
         return ddim_step_reference(model_output, t.as_tensor(batch, device), sample, schedule,
                                    prev.as_tensor(batch, device), noise, eta, prediction_type, clip_sample,
                                    clip_sample_range, set_alpha_to_one, use_clipped_model_output, uncond_output,

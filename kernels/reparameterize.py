@@ -39,7 +39,6 @@ from .launch import (
     draw_philox_seed,
     elementwise_block_configs,
 )
-from .philox import philox_normal
 from .runtime import compute_dtype, resolve_impl
 from .triton_helpers import noise_values, sample_block, sample_offsets
 
@@ -375,9 +374,10 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, noise: Optional
         kl[b] = -1/2 * sum_i (1 + logvar - mu^2 - exp(logvar))     over every non-batch dimension
 
     (Kingma & Welling 2014, eq. 10.) Differentiable in ``mu`` and ``logvar`` through both outputs; ``noise`` is
-    treated as a constant. When ``noise`` is None it is drawn from a Philox key taken from ``generator``: inside
-    the kernel (and regenerated in the backward, never stored) for ``impl="triton"``, by
-    :func:`~genkernels.kernels.philox_normal` for ``"eager"``, so both impls draw the same noise.
+    treated as a constant. When ``noise`` is None it is drawn from ``generator``: inside the kernel by Philox
+    (keyed by a seed and each element's row-major index; regenerated in the backward, never stored; the stream
+    :func:`~genkernels.kernels.philox_normal` reproduces) for ``impl="triton"``, by ``torch.randn`` for ``"eager"``
+    (what a plain PyTorch VAE does), so the two impls draw different noise.
 
     Args:
         mu, logvar: ``[batch, ...]`` posterior means and log-variances, same shape and dtype (fp32/fp16/bf16),
@@ -393,7 +393,7 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, noise: Optional
     impl = resolve_impl(impl, device, "reparameterize_kl")
     if impl == "eager":
         if noise is None:
-            noise = philox_normal(draw_philox_seed(device, generator), mu.shape)
+            noise = torch.randn(mu.shape, generator=generator, device=device, dtype=torch.float32)
         return _EagerReparameterizeKL.apply(mu, logvar, noise)
     seed = draw_philox_seed(device, generator) if noise is None else None
     return torch.ops.genkernels.reparameterize_kl(mu, logvar, noise, seed)

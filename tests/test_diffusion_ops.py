@@ -383,21 +383,6 @@ def test_in_kernel_noise_is_the_philox_normal_stream_of_the_drawn_seed(memory_fo
     torch.testing.assert_close(drawn, philox_normal(seed, sample.shape).double(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
-def test_eager_and_triton_draw_the_same_noise_from_one_generator(scheduler, device):
-    model_output, sample, _ = _inputs((2, 3, 4, 5), torch.float32, device)
-    sample = sample.to(memory_format=torch.channels_last)
-    outputs = {}
-    for impl in ("triton", "eager"):
-        generator = torch.Generator(device).manual_seed(5)
-        if scheduler == "ddpm":
-            outputs[impl] = ddpm_step(model_output, 600, sample, SCHEDULE, generator=generator, impl=impl)
-        else:
-            outputs[impl] = ddim_step(model_output, 600, sample, SCHEDULE, prev_timestep=500, eta=1.0,
-                                      generator=generator, impl=impl)
-    torch.testing.assert_close(outputs["triton"], outputs["eager"], rtol=1e-5, atol=1e-5)
-
-
 def test_no_noise_at_timestep_zero(device):
     model_output, sample, noise = _inputs((2, 64), torch.float32, device)
     with_noise = ddpm_step(model_output, 0, sample, SCHEDULE, noise=noise, impl="triton")

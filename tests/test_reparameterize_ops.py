@@ -11,6 +11,8 @@ from reference_checks import (
     random_tensor,
 )
 
+from genkernels.kernels.launch import draw_philox_seed
+from genkernels.kernels.philox import philox_normal
 from genkernels.kernels.reparameterize import (
     reparameterize_kl,
     reparameterize_kl_backward_reference,
@@ -229,16 +231,18 @@ def test_gradients_with_in_kernel_noise_match_eager_given_that_noise(dtype, devi
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_both_impls_draw_the_same_noise_from_one_generator(memory_format, device):
-    """Noise is keyed by each element's row-major index: the kernel (block draws for NCHW, per-element draws for
-    channels_last, in the forward and again in the backward) and philox_normal on the eager path agree."""
+def test_in_kernel_noise_is_the_philox_normal_stream_in_forward_and_backward(memory_format, device):
+    """Noise is keyed by each element's row-major index (block draws for NCHW, per-element draws for channels_last,
+    in the forward and again in the backward): the eager op given philox_normal of the same seed agrees."""
     mu, logvar, _ = _inputs((2, 6, 5, 3), torch.float32, device)
     mu = mu.to(memory_format=memory_format).requires_grad_()
     logvar = logvar.to(memory_format=memory_format).requires_grad_()
     weight_z = random_tensor((2, 6, 5, 3), torch.float32, 4, device)
+    seed = draw_philox_seed(torch.device(device), torch.Generator(device).manual_seed(13))
     results = []
-    for impl in ("triton", "eager"):
-        z, kl = reparameterize_kl(mu, logvar, generator=torch.Generator(device).manual_seed(13), impl=impl)
+    for impl, options in (("triton", dict(generator=torch.Generator(device).manual_seed(13))),
+                          ("eager", dict(noise=philox_normal(seed, mu.shape)))):
+        z, kl = reparameterize_kl(mu, logvar, impl=impl, **options)
         results.append((z, kl) + torch.autograd.grad((z * weight_z).sum() + kl.sum(), [mu, logvar]))
     for kernel, eager in zip(*results):
         torch.testing.assert_close(kernel, eager, rtol=1e-5, atol=1e-5)

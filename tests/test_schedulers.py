@@ -73,14 +73,13 @@ def test_ddpm_loop_matches_diffusers_given_the_noise_diffusers_draws(impl):
     torch.testing.assert_close(sample, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_ddpm_loop_draws_the_same_noise_under_both_impls():
-    """Without given noise both impls key their Philox stream by one seed drawn from the generator."""
+def test_eager_ddpm_loop_draws_its_noise_as_diffusers_does():
+    # The eager path draws its noise with torch.randn from the generator, as diffusers does.
     start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    outputs = {}
-    for impl in ("triton", "eager"):
-        with use_impl(impl):
-            outputs[impl] = _loop(DDPMScheduler(), 20, start.clone(), generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(outputs["triton"], outputs["eager"], rtol=1e-5, atol=1e-5)
+    theirs = _loop(diffusers.DDPMScheduler(), 20, start.clone(), generator=torch.Generator().manual_seed(3))
+    with use_impl("eager"):
+        ours = _loop(DDPMScheduler(), 20, start.clone(), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_add_noise_matches_diffusers():

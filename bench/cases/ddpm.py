@@ -1,7 +1,8 @@
 """DDPM U-Net cases: training throughput and sampling throughput (DDPM and DDIM loops), per provider.
 
-* ``diffusion.unet_train[<model>,b<batch>]``: one training step: ``DDPM.loss`` (timesteps drawn on the device, the
-  noise drawn inside the fused kernels from one seed), backward, Adam step. bf16 autocast with fp32 weights on the
+* ``diffusion.unet_train[<model>,b<batch>]``: one training step: ``DDPM.loss`` (timesteps drawn on the device; the
+  noise drawn inside the fused kernels from one seed for ``triton``, by ``torch.randn`` and passed in for the
+  others, as plain PyTorch does), backward, Adam step. bf16 autocast with fp32 weights on the
   GPU, fp32 on the CPU. Providers: ``eager`` and ``triton`` run the same model under
   :func:`~genkernels.kernels.use_impl`; ``compile`` is ``torch.compile`` of ``DDPM.loss`` under the eager impl.
   ``items`` = ``batch`` images per step.
@@ -72,8 +73,11 @@ def _train(model_name: str, batch: int):
             loss_fn = torch_compile(replica.loss) if compiled else replica.loss
 
             def step():
+                # plain PyTorch (eager, compile) draws the noise with torch.randn and reads it twice; the fused
+                # path draws it inside q_sample's kernel and regenerates it in the loss's
+                noise = {} if impl == "triton" else {"noise": torch.randn_like(images)}
                 with use_impl(impl), _autocast(device):
-                    loss = loss_fn(images)
+                    loss = loss_fn(images, **noise)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
