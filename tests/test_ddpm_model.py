@@ -438,12 +438,13 @@ def gpu_ddpm(num_classes=10) -> DDPM:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "eager"])
 @pytest.mark.parametrize("kwargs", [
     dict(sampler="ddpm"),
     dict(sampler="ddim", eta=0.5, guidance_scale=3.0, class_labels=torch.arange(4)),
     dict(sampler="ddim", inpaint=True),
 ])
-def test_cuda_graph_sampling_equals_the_plain_loop_and_never_synchronizes(kwargs):
+def test_cuda_graph_sampling_equals_the_plain_loop_and_never_synchronizes(kwargs, impl):
     model = gpu_ddpm()
     kwargs = dict(kwargs)
     if kwargs.pop("inpaint", False):
@@ -454,7 +455,7 @@ def test_cuda_graph_sampling_equals_the_plain_loop_and_never_synchronizes(kwargs
     if "class_labels" in kwargs:
         kwargs["class_labels"] = kwargs["class_labels"].cuda()
     results = []
-    with use_impl("triton"):
+    with use_impl(impl):
         model.sample(4, 3, progress=False, **kwargs)  # first call: kernel compilation, schedule tables on device
         torch.cuda.synchronize()
         for cuda_graph in (False, True, True):
