@@ -65,6 +65,17 @@ def check_same_device(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> torc
     return named[0][1].device
 
 
+def check_float_like(value: object, name: str, reference: torch.Tensor, reference_name: str, *,
+                     same_dtype: bool = False) -> torch.Tensor:
+    """Require a floating-point tensor with the shape of ``reference`` (and its dtype when ``same_dtype``): the
+    companion inputs of an elementwise op (noise, a second prediction, ...)."""
+    tensor = check_float_tensor(value, name)
+    check_same_shape(reference, reference_name, tensor, name)
+    if same_dtype:
+        check_same_dtype(reference, reference_name, tensor, name)
+    return tensor
+
+
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     """Require ``value`` to be one of the string ``choices``."""
     if not isinstance(value, str) or value not in choices:

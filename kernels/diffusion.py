@@ -19,14 +19,13 @@ import triton.language as tl
 from .checks import (
     check_bool,
     check_choice,
+    check_float_like,
     check_float_tensor,
     check_generator,
     check_int,
     check_min_rank,
     check_real,
     check_same_device,
-    check_same_dtype,
-    check_same_shape,
     check_tensor,
     describe,
 )
@@ -562,21 +561,14 @@ def _show(value) -> str:
 
 def _check_step_tensors(op: str, model_output, sample, noise, uncond_output, schedule, generator):
     check_float_tensor(sample, "sample")
-    check_float_tensor(model_output, "model_output")
     check_min_rank(sample, "sample", 1, "(batch first)")
-    check_same_shape(sample, "sample", model_output, "model_output")
-    check_same_dtype(sample, "sample", model_output, "model_output")
-    named = [("model_output", model_output), ("sample", sample)]
+    check_float_like(model_output, "model_output", sample, "sample", same_dtype=True)
     if noise is not None:
-        check_float_tensor(noise, "noise")
-        check_same_shape(sample, "sample", noise, "noise")
-        named.append(("noise", noise))
+        check_float_like(noise, "noise", sample, "sample")
     if uncond_output is not None:
-        check_float_tensor(uncond_output, "uncond_output")
-        check_same_shape(model_output, "model_output", uncond_output, "uncond_output")
-        check_same_dtype(model_output, "model_output", uncond_output, "uncond_output")
-        named.append(("uncond_output", uncond_output))
-    device = check_same_device(named)
+        check_float_like(uncond_output, "uncond_output", model_output, "model_output", same_dtype=True)
+    device = check_same_device([("model_output", model_output), ("sample", sample), ("noise", noise),
+                                ("uncond_output", uncond_output)])
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"{op}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     check_generator(generator, device, "sample")

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .checks import (
     check_choice,
+    check_float_like,
     check_float_tensor,
     check_generator,
     check_min_rank,
@@ -586,12 +587,6 @@ def _check_seed(seed: object, device: torch.device) -> torch.Tensor:
     return seed
 
 
-def _check_noise(noise: Optional[torch.Tensor], like: torch.Tensor, like_name: str) -> None:
-    if noise is not None:
-        check_float_tensor(noise, "noise")
-        check_same_shape(like, like_name, noise, "noise")
-
-
 def q_sample(x0: torch.Tensor, timestep, schedule: NoiseSchedule, *, noise: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None, seed: Optional[torch.Tensor] = None,
              impl: str = "auto") -> torch.Tensor:
@@ -616,7 +611,8 @@ def q_sample(x0: torch.Tensor, timestep, schedule: NoiseSchedule, *, noise: Opti
     """
     check_float_tensor(x0, "x0")
     check_min_rank(x0, "x0", 1, "[batch, ...]")
-    _check_noise(noise, x0, "x0")
+    if noise is not None:
+        check_float_like(noise, "noise", x0, "x0")
     device = check_same_device([("x0", x0), ("noise", noise)])
     _check_schedule(schedule, "q_sample")
     check_generator(generator, device, "x0")
@@ -675,7 +671,8 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timestep, sched
     check_float_tensor(x0, "x0")
     check_min_rank(model_output, "model_output", 1, "[batch, ...]")
     check_same_shape(model_output, "model_output", x0, "x0")
-    _check_noise(noise, model_output, "model_output")
+    if noise is not None:
+        check_float_like(noise, "noise", model_output, "model_output")
     device = check_same_device([("model_output", model_output), ("x0", x0), ("noise", noise)])
     _check_schedule(schedule, "diffusion_loss")
     if (noise is None) == (seed is None):

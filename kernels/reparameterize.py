@@ -22,12 +22,11 @@ import triton
 import triton.language as tl
 
 from .checks import (
+    check_float_like,
     check_float_tensor,
     check_generator,
     check_min_rank,
     check_same_device,
-    check_same_dtype,
-    check_same_shape,
 )
 from .launch import (
     NOISE_PHILOX_BLOCK,
@@ -352,16 +351,11 @@ _reparameterize_kl_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------------
 def _check_inputs(mu, logvar, noise, generator) -> torch.device:
     check_float_tensor(mu, "mu")
-    check_float_tensor(logvar, "logvar")
     check_min_rank(mu, "mu", 1, "[batch, ...]")
-    check_same_shape(mu, "mu", logvar, "logvar")
-    check_same_dtype(mu, "mu", logvar, "logvar")
-    named = [("mu", mu), ("logvar", logvar)]
+    check_float_like(logvar, "logvar", mu, "mu", same_dtype=True)
     if noise is not None:
-        check_float_tensor(noise, "noise")
-        check_same_shape(mu, "mu", noise, "noise")
-        named.append(("noise", noise))
-    device = check_same_device(named)
+        check_float_like(noise, "noise", mu, "mu")
+    device = check_same_device([("mu", mu), ("logvar", logvar), ("noise", noise)])
     check_generator(generator, device, "mu")
     return device
 
