@@ -9,7 +9,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Every op accepts these; the kernels take the first three and float64 runs the eager reference (runtime.choose_impl).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def describe(tensor: torch.Tensor) -> str:
@@ -105,11 +107,50 @@ def check_real(value: object, name: str, *, low: float | None = None, high: floa
     return number
 
 
-def check_int(value: object, name: str) -> int:
-    """Require a Python integer (not a bool)."""
+def check_int(value: object, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """Require a Python integer (not a bool), in ``[low, high]`` when those are given (``ValueError`` outside)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ValueError(f"{name}={value} is out of range; expected an int in {interval}")
     return value
+
+
+def check_integer_tensor(value: object, name: str) -> torch.Tensor:
+    """Require a tensor of an integer dtype (token ids, class labels, timesteps, pixel values)."""
+    tensor = check_tensor(value, name)
+    if tensor.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype ({', '.join(map(str, INTEGER_DTYPES))}); "
+                        f"got {describe(tensor)}")
+    return tensor
+
+
+def check_values(tensor: torch.Tensor, name: str, ok: torch.Tensor, expected: str) -> None:
+    """Require ``ok`` (a bool tensor of ``tensor``'s shape, computed from it) to be all true; ``expected`` says what the values
+    must be (``"lie in [0, 256)"``).
+
+    Where the values are on the host (a CPU tensor, not while torch.compile traces) this raises ``ValueError``
+    naming the first bad value. On a GPU a host check would synchronize the stream, so it becomes an asynchronous
+    device assert (a device-side error at the next synchronization, before any result can be used). ``meta``
+    tensors have no values and pass.
+    """
+    if tensor.device.type == "meta":
+        return
+    if tensor.device.type == "cpu" and not torch.compiler.is_compiling():
+        if tensor.numel() and not bool(ok.all()):
+            bad = tensor[~ok].reshape(-1)[0].item()
+            raise ValueError(f"{name} must {expected}; got a value {bad} in {describe(tensor)}")
+        return
+    torch._assert_async(ok.all(), f"{name} must {expected}")
+
+
+def check_in_range(tensor: torch.Tensor, name: str, low: float, high: float, *, high_inclusive: bool = False) -> None:
+    """Require every value of ``tensor`` in ``[low, high)`` (``[low, high]`` when ``high_inclusive``); NaN fails.
+    Host check or device assert as :func:`check_values`."""
+    upper = tensor <= high if high_inclusive else tensor < high
+    check_values(tensor, name, (tensor >= low) & upper,
+                 f"lie in [{low}, {high}{']' if high_inclusive else ')'}")
 
 
 def check_generator(generator: object, device: torch.device, owner: str) -> None:

@@ -40,7 +40,7 @@ from .launch import (
     draw_philox_seed,
     elementwise_block_configs,
 )
-from .runtime import call_registered, compute_dtype, resolve_impl
+from .runtime import compute_dtype, resolve_impl
 from .triton_helpers import noise_values, sample_block, sample_offsets
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -650,8 +650,8 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
                                    prev.as_tensor(batch, device), noise if needs_noise else None, prediction_type,
                                    variance_type, clip_sample, clip_sample_range, uncond_output, guidance_scale)
     seed = draw_philox_seed(device, generator) if noise is None and needs_noise else None
-    return call_registered(
-        torch.ops.genkernels.ddpm_step, _ddpm_step_launch, model_output, sample, noise, seed,
+    return torch.ops.genkernels.ddpm_step(
+        model_output, sample, noise, seed,
         schedule.kernel_table(device), t.tensor, t.value or 0, prev.tensor, prev.value or 0, prediction_type,
         variance_type, clip_sample, clip_sample_range, uncond_output, float(guidance_scale))
 
@@ -706,8 +706,8 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, schedu
     seed = draw_philox_seed(device, generator) if noise is None and eta > 0 else None
     if eta == 0:
         noise = None
-    return call_registered(
-        torch.ops.genkernels.ddim_step, _ddim_step_launch, model_output, sample, noise, seed,
+    return torch.ops.genkernels.ddim_step(
+        model_output, sample, noise, seed,
         schedule.kernel_table(device), t.tensor, t.value or 0, prev.tensor, prev.value or 0, eta, prediction_type,
         clip_sample, clip_sample_range, set_alpha_to_one, use_clipped_model_output, uncond_output,
         float(guidance_scale))

@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Optional, Sequence
 
+import contextlib
 import torch
 import triton
+
+from .runtime import interpreter_enabled
 
 MAX_INNER_DIMS = 4
 NO_STRIDES = (0,) * (1 + MAX_INNER_DIMS)
@@ -67,6 +70,38 @@ class CompileVariant:
             else:
                 types[name] = self.scalar_types.get(name, "i64")
         return types
+
+
+# Launch settings forced by tests (to reach a code path at a small shape), keyed by op name. Never part of an op's
+# schema: a registered op's arguments are what a user passes, and launchers read these through launch_setting().
+_forced_settings: dict[str, dict[str, object]] = {}
+
+
+@contextlib.contextmanager
+def force_launch_settings(op_name: str, **settings: object) -> Iterator[None]:
+    """Within the block, the launchers of ``op_name`` use ``settings`` (e.g. ``target_programs=1000`` to take
+    GroupNorm's split path at a tiny shape) in place of what they would pick. For tests and experiments."""
+    previous = _forced_settings.get(op_name)
+    _forced_settings[op_name] = {**(previous or {}), **settings}
+    try:
+        yield
+    finally:
+        if previous is None:
+            _forced_settings.pop(op_name)
+        else:
+            _forced_settings[op_name] = previous
+
+
+def launch_setting(op_name: str, name: str, default: object) -> object:
+    """The launch setting ``name`` of ``op_name``: forced by :func:`force_launch_settings`, else ``default``."""
+    return _forced_settings.get(op_name, {}).get(name, default)
+
+
+def native_dot(device: torch.device) -> bool:
+    """Whether kernels hand fp16/bf16 tiles to ``tl.dot`` as they are (compiled on a GPU) rather than upcast to
+    fp32 (the CPU interpreter multiplies 16-bit dot tiles wrongly); the ``NATIVE_DOT`` switch of
+    :func:`genkernels.kernels.triton_helpers.dot`."""
+    return device.type == "cuda" and not interpreter_enabled()
 
 
 def draw_philox_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -137,7 +172,7 @@ def per_sample_layout(tensors: Sequence[torch.Tensor]) -> tuple[PerSampleLayout,
     collapsed = collapse_inner_dims(shape, strides)
     if len(collapsed) > MAX_INNER_DIMS:
         first = tensors[0]
-        if not _is_dense(first):
+        if not is_dense(first):
             raise ValueError(f"cannot walk a first tensor of shape {list(first.shape)} and strides {first.stride()}")
         tensors = [first] + [torch.empty_like(first).copy_(t) for t in tensors[1:]]
         strides = [list(t.stride()) for t in tensors]
@@ -153,7 +188,7 @@ def per_sample_layout(tensors: Sequence[torch.Tensor]) -> tuple[PerSampleLayout,
     return layout, list(tensors)
 
 
-def _is_dense(tensor: torch.Tensor) -> bool:
+def is_dense(tensor: torch.Tensor) -> bool:
     """True when ``tensor`` covers its storage span without gaps or overlap (any dim order)."""
     expected = 1
     for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda p: p[1]):

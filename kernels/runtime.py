@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -59,6 +59,40 @@ def default_impl() -> str:
     return validate_impl_name(env.strip().lower(), f"environment variable {ENV_VAR}")
 
 
+# The dtypes the Triton kernels take (they compute in fp32 inside). float64 is accepted by every op, and runs the
+# eager reference in float64 (the test oracle, gradient checks): impl="auto" picks it, impl="triton" is refused.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def choose_impl(impl: str, op_name: str, tensors: dict, reasons: Sequence[str] = ()) -> str:
+    """The one place an op turns its ``impl`` argument into ``"triton"`` or ``"eager"``.
+
+    ``tensors`` maps argument names to the op's tensors (None entries are skipped); the first one's device decides.
+    ``reasons`` lists why the op's kernels cannot take these inputs (beyond device and dtype, which are checked
+    here). ``impl="auto"`` then runs the eager reference; ``impl="triton"`` raises ``ValueError`` listing every
+    reason, never a silent fallback. ``meta`` tensors take the registered op, whose fake kernel gives the output
+    shapes without reading any value.
+    """
+    validate_impl_name(impl)
+    named = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor)]
+    device = named[0][1].device
+    every_reason = list(reasons)
+    if not triton_can_run_on(device):
+        every_reason.insert(0, f"the tensors are on {device}: the kernels need a CUDA device, or Triton's CPU "
+                               "interpreter switched on with TRITON_INTERPRET=1 before triton is imported")
+    every_reason += [f"{name} is {t.dtype}: the kernels take {', '.join(map(str, KERNEL_DTYPES))} (fp32 math "
+                     "inside); float64 runs the eager reference" for name, t in named
+                     if t.is_floating_point() and t.dtype not in KERNEL_DTYPES]
+    requested = default_impl() if impl == "auto" else impl
+    if requested == "eager":
+        return "eager"
+    if requested == "triton" and every_reason:
+        listing = "; ".join(f"({k}) {r}" for k, r in enumerate(every_reason, 1))
+        raise ValueError(f"{op_name}: impl='triton' cannot run these inputs: {listing}. Use impl='eager' or "
+                         "impl='auto' to run the PyTorch reference")
+    return "eager" if every_reason else "triton"
+
+
 def resolve_impl(impl: str, device: torch.device, op_name: str) -> str:
     """Turn the ``impl`` a caller passed into ``"triton"`` or ``"eager"`` for tensors on ``device``.
 
@@ -80,18 +114,9 @@ def resolve_impl(impl: str, device: torch.device, op_name: str) -> str:
 
 def triton_can_run_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors that live on ``device``."""
-    if device.type == "cuda":
+    if device.type in ("cuda", "meta"):
         return True
     return device.type == "cpu" and interpreter_enabled()
-
-
-def call_registered(op, launcher, *args):
-    """Run a registered op: through the dispatcher while torch.compile traces (so the graph holds one opaque op),
-    else straight to its ``launcher``. The dispatcher costs ~10 us of host time per call, as long as a
-    memory-bound kernel on a few million elements runs; ops with an autograd formula always take the dispatcher."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    return launcher(*args)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

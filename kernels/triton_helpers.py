@@ -129,3 +129,21 @@ def tanh(x):
     series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
     magnitude = tl.where(a < 0.1, series, magnitude)
     return tl.where(x >= 0, magnitude, -magnitude)
+
+
+@triton.jit
+def dot(a, b, acc, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation, the one matrix product of every kernel.
+
+    ``NATIVE_DOT`` (compiled on a GPU): the operands go to the tensor cores in ``b``'s storage dtype (fp16/bf16
+    tiles as they are; ``a`` is cast to it). Off (the CPU interpreter, whose 16-bit dots are wrong): both operands
+    in fp32. ``IEEE``: fp32 operands multiply in full fp32 (FMA, exact); else in TF32 on the tensor cores (10-bit
+    mantissa, what PyTorch's fp32 convolutions use by default under ``torch.backends.cudnn.allow_tf32``).
+    """
+    if NATIVE_DOT:
+        if b.dtype == tl.float32:
+            if IEEE:
+                return tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
+            return tl.dot(a.to(tl.float32), b, acc, input_precision="tf32")
+        return tl.dot(a.to(b.dtype), b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
