@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterator, Sequence
 
 import torch
@@ -27,9 +28,31 @@ def validate_impl_name(impl: object, argument: str = "impl") -> str:
     return impl
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# Triton reads TRITON_INTERPRET when @triton.jit runs, that is when genkernels' kernel modules are imported (just
+# after this one): the kernels are interpreted functions exactly when it was on then. Setting it later changes
+# nothing about them, so the choice is taken once, here.
+_INTERPRETED_AT_IMPORT = _interpret_requested()
+
+
+def interpreter_enabled() -> bool:
+    """True when genkernels' Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` was set before
+    genkernels (and so triton) was imported."""
+    return _INTERPRETED_AT_IMPORT
+
+
+def interpreter_switched_on_late() -> bool:
+    """True when ``TRITON_INTERPRET=1`` is set now but was not when genkernels was imported (it has no effect)."""
+    return _interpret_requested() and not _INTERPRETED_AT_IMPORT
+
+
+LATE_INTERPRETER_MESSAGE = (
+    "TRITON_INTERPRET=1 was set after genkernels was imported, so its kernels were built for a GPU and cannot run "
+    "in Triton's CPU interpreter; set TRITON_INTERPRET=1 in the environment before the process imports genkernels, "
+    "triton or torch.compile (e.g. `TRITON_INTERPRET=1 python script.py`)")
 
 
 @contextlib.contextmanager
@@ -78,8 +101,9 @@ def choose_impl(impl: str, op_name: str, tensors: dict, reasons: Sequence[str] =
     device = named[0][1].device
     every_reason = list(reasons)
     if not triton_can_run_on(device):
-        every_reason.insert(0, f"the tensors are on {device}: the kernels need a CUDA device, or Triton's CPU "
-                               "interpreter switched on with TRITON_INTERPRET=1 before triton is imported")
+        every_reason.insert(0, LATE_INTERPRETER_MESSAGE if device.type == "cpu" and interpreter_switched_on_late()
+                            else f"the tensors are on {device}: the kernels need a CUDA device, or Triton's CPU "
+                                 "interpreter switched on with TRITON_INTERPRET=1 before triton is imported")
     every_reason += [f"{name} is {t.dtype}: the kernels take {', '.join(map(str, KERNEL_DTYPES))} (fp32 math "
                      "inside); float64 runs the eager reference" for name, t in named
                      if t.is_floating_point() and t.dtype not in KERNEL_DTYPES]
@@ -90,6 +114,9 @@ def choose_impl(impl: str, op_name: str, tensors: dict, reasons: Sequence[str] =
         listing = "; ".join(f"({k}) {r}" for k, r in enumerate(every_reason, 1))
         raise ValueError(f"{op_name}: impl='triton' cannot run these inputs: {listing}. Use impl='eager' or "
                          "impl='auto' to run the PyTorch reference")
+    if every_reason and device.type == "cpu" and interpreter_switched_on_late():
+        warnings.warn(f"{op_name} runs its eager reference: {LATE_INTERPRETER_MESSAGE}", RuntimeWarning,
+                      stacklevel=3)
     return "eager" if every_reason else "triton"
 
 
@@ -104,6 +131,8 @@ def resolve_impl(impl: str, device: torch.device, op_name: str) -> str:
     if impl == "auto":
         return "triton" if triton_can_run_on(device) else "eager"
     if impl == "triton" and not triton_can_run_on(device):
+        if device.type == "cpu" and interpreter_switched_on_late():
+            raise ValueError(f"{op_name}: impl='triton': {LATE_INTERPRETER_MESSAGE}")
         raise ValueError(
             f"{op_name}: impl='triton' needs tensors on a CUDA device (got device {device}), or Triton's CPU "
             "interpreter switched on with TRITON_INTERPRET=1 before triton is imported; use impl='eager' or "

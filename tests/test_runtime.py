@@ -1,4 +1,9 @@
 """Implementation selection (kernels/runtime.py) and launch helpers (kernels/launch.py)."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -10,7 +15,8 @@ from genkernels.kernels.launch import (
     elementwise_block_configs,
     per_sample_layout,
 )
-from genkernels.kernels.runtime import default_impl, resolve_impl
+from genkernels.kernels import runtime
+from genkernels.kernels.runtime import choose_impl, default_impl
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -35,17 +41,38 @@ def test_use_impl_restores_after_an_exception(monkeypatch):
     assert default_impl() == "auto"
 
 
-def test_environment_variable_sets_the_process_default(monkeypatch):
+def _on(device: str, dtype=torch.float32) -> dict:
+    """choose_impl's tensors argument: one tensor ``x`` on ``device`` (a stand-in for "cuda")."""
+    return {"x": _FakeCuda(dtype) if device == "cuda" else torch.empty(2, dtype=dtype, device=device)}
+
+
+class _FakeCuda:
+    """Stands in for a CUDA tensor (device and dtype only) on machines without a GPU."""
+
+    def __init__(self, dtype):
+        self.device, self.dtype = CUDA, dtype
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@pytest.fixture
+def fake_tensors(monkeypatch):
+    """Let choose_impl treat _FakeCuda objects as tensors."""
+    monkeypatch.setattr(runtime.torch, "Tensor", (torch.Tensor, _FakeCuda))
+
+
+def test_environment_variable_sets_the_process_default(monkeypatch, fake_tensors):
     monkeypatch.setenv("GENKERNELS_IMPL", "eager")
-    assert resolve_impl("auto", CUDA, "op") == "eager"
+    assert choose_impl("auto", "op", _on("cuda")) == "eager"
     with use_impl("triton"):
-        assert resolve_impl("auto", CUDA, "op") == "triton"
-    assert resolve_impl("triton", CUDA, "op") == "triton", "an explicit impl beats the environment"
+        assert choose_impl("auto", "op", _on("cuda")) == "triton"
+    assert choose_impl("triton", "op", _on("cuda")) == "triton", "an explicit impl beats the environment"
 
 
 def test_unknown_impl_names_are_rejected(monkeypatch):
     with pytest.raises(ValueError, match="impl='fast'.*auto, triton, eager"):
-        resolve_impl("fast", CPU, "op")
+        choose_impl("fast", "op", _on("cpu"))
     with pytest.raises(ValueError, match="use_impl"):
         with use_impl("cuda"):
             pass
@@ -54,20 +81,68 @@ def test_unknown_impl_names_are_rejected(monkeypatch):
         default_impl()
 
 
-def test_auto_picks_triton_on_cuda_and_eager_on_cpu_without_interpreter(monkeypatch):
+def test_auto_picks_triton_on_cuda_and_meta_and_eager_on_cpu_without_interpreter(monkeypatch, fake_tensors):
     monkeypatch.delenv("GENKERNELS_IMPL", raising=False)
-    assert resolve_impl("auto", CUDA, "op") == "triton"
+    assert choose_impl("auto", "op", _on("cuda")) == "triton"
+    assert choose_impl("auto", "op", _on("meta")) == "triton", "meta tensors take the registered op's fake"
+    monkeypatch.setattr(runtime, "_INTERPRETED_AT_IMPORT", False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert resolve_impl("auto", CPU, "op") == "eager"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_impl("auto", CPU, "op") == "triton"
+    assert choose_impl("auto", "op", _on("cpu")) == "eager"
+    monkeypatch.setattr(runtime, "_INTERPRETED_AT_IMPORT", True)
+    assert choose_impl("auto", "op", _on("cpu")) == "triton"
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(runtime, "_INTERPRETED_AT_IMPORT", False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="my_op: impl='triton' needs tensors on a CUDA device.*device cpu"):
-        resolve_impl("triton", CPU, "my_op")
-    assert resolve_impl("eager", CPU, "my_op") == "eager"
+    with pytest.raises(ValueError, match="my_op: impl='triton' cannot run these inputs: .*on cpu.*CUDA device"):
+        choose_impl("triton", "my_op", _on("cpu"))
+    assert choose_impl("eager", "my_op", _on("cpu")) == "eager"
+
+
+def test_float64_runs_the_reference_under_auto_and_is_refused_by_triton(monkeypatch, fake_tensors):
+    monkeypatch.delenv("GENKERNELS_IMPL", raising=False)
+    assert choose_impl("auto", "op", _on("cuda", torch.float64)) == "eager"
+    with pytest.raises(ValueError, match=r"op: impl='triton'.*x is torch.float64"):
+        choose_impl("triton", "op", _on("cuda", torch.float64))
+
+
+def test_every_reason_is_listed(monkeypatch):
+    monkeypatch.setattr(runtime, "_INTERPRETED_AT_IMPORT", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError) as raised:
+        choose_impl("triton", "op", {"x": torch.empty(2, dtype=torch.float64), "y": None},
+                    ["head_dim=300 is above 256"])
+    message = str(raised.value)
+    assert "(1) the tensors are on cpu" in message and "(2) head_dim=300" in message and "(3) x is" in message
+    assert choose_impl("auto", "op", {"x": torch.empty(2)}, ["head_dim=300 is above 256"]) == "eager"
+
+
+def test_interpreter_switched_on_after_import_is_explained():
+    """TRITON_INTERPRET=1 set after genkernels was imported cannot take effect: the message says so and what to
+    do, instead of triton's "0 active drivers"."""
+    script = textwrap.dedent("""
+        import os, warnings, torch
+        import genkernels.kernels as gk
+        os.environ["TRITON_INTERPRET"] = "1"
+        x = torch.randn(4, 3)
+        try:
+            gk.bias_act(x, impl="triton")
+        except ValueError as error:
+            print("ERROR:", error)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = gk.bias_act(x, act="relu")
+        print("AUTO:", bool(torch.equal(y, torch.relu(x) * 2 ** 0.5)), [str(w.message) for w in caught])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    error_line = next(line for line in run.stdout.splitlines() if line.startswith("ERROR:"))
+    assert "after genkernels was imported" in error_line and "before the process imports" in error_line
+    auto_line = next(line for line in run.stdout.splitlines() if line.startswith("AUTO:"))
+    assert auto_line.startswith("AUTO: True") and "after genkernels was imported" in auto_line
 
 
 def test_elementwise_blocks_cover_the_run_and_stay_in_range():
