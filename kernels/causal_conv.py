@@ -10,10 +10,14 @@ Kernels (tiled implicit GEMMs, ``tl.dot`` over channel blocks and the ``k`` taps
   ``grad_bias[co] = sum_{b, t} g[b, co, t]``, with the (batch, time) reduction split over programs into an fp32
   workspace that one small sum finishes (deterministic, no atomics).
 
-Dot precision: fp16/bf16 tiles go to ``tl.dot`` as they are (fp32 accumulation) on the GPU; fp32 tiles use the GPU's
-default tf32, like cuDNN's default for convolutions. The CPU interpreter multiplies bf16 tiles wrongly, so there
-(``NATIVE_DOT=False``) tiles are upcast to fp32 first; bf16 and fp16 values are exact in fp32 and tf32, so only
-the GPU's accumulation order differs.
+Dot precision (``triton_helpers.dot``): fp16/bf16 tiles go to ``tl.dot`` as they are (fp32 accumulation) on the
+GPU; fp32 tiles use TF32 when ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for its own fp32
+convolutions) and exact fp32 FMAs when it is not, read once per call. The CPU interpreter multiplies bf16 tiles
+wrongly, so there (``NATIVE_DOT=False``) tiles are upcast to fp32 and multiplied in full fp32.
+
+Index arithmetic is int64 wherever it can pass 2**31: tap shifts (``(k - 1 - j) * dilation``), shifted times, and
+every index times a stride. Launchers also clamp the dilation to the sequence length: a tap shifted by ``length``
+or more reads only the zero padding, whatever the exact shift, so the result is the same for any larger dilation.
 """
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import launch
 from .checks import FLOAT_DTYPES, check_float_tensor, check_int, check_same_device, check_same_dtype, describe
-from .launch import CompileVariant, batch_chunks
-from .runtime import compute_dtype, interpreter_enabled, resolve_impl
+from .launch import CompileVariant, batch_chunks, launch_setting
+from .runtime import KERNEL_DTYPES, choose_impl, compute_dtype, interpreter_enabled
+from .triton_helpers import dot
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -39,12 +45,25 @@ def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
         y[b, o, t] = bias[o] + sum_{i, j} W[o, i, j] * x[b, i, t - (k - 1 - j) * d],   x[b, i, s < 0] = 0
 
     i.e. ``F.conv1d`` of ``x`` left-padded by ``(k - 1) * d`` zeros. Computes in fp32 (fp64 for fp64 inputs) and
-    returns ``x``'s dtype.
+    returns ``x``'s dtype. A dilation of ``length`` or more is applied as ``length`` (a tap shifted that far reads
+    only padding either way), so a huge dilation never builds a huge padded copy. Empty reductions give the math's
+    value: zero input channels give the bias everywhere, and zero-size outputs keep their shape (and gradients).
     """
     dtype = compute_dtype(x.dtype)
+    xc, wc = x.to(dtype), weight.to(dtype)
+    bc = None if bias is None else bias.to(dtype)
+    batch, _, length = x.shape
+    out_channels = weight.shape[0]
+    if x.numel() == 0 or out_channels == 0:
+        # F.conv1d rejects these (zero out-channels, zero length) or drops the bias (zero in-channels). Every
+        # output sums nothing: the bias, or zeros; einsum keeps x and weight in the graph (zero gradients).
+        out = torch.einsum("oi,bit->bot", wc.sum(2), xc)
+        if bc is not None:
+            out = out + bc[None, :, None]
+        return out.to(x.dtype)
+    dilation = min(dilation, length)
     pad = (weight.shape[-1] - 1) * dilation
-    out = F.conv1d(F.pad(x.to(dtype), (pad, 0)), weight.to(dtype), None if bias is None else bias.to(dtype),
-                   dilation=dilation)
+    out = F.conv1d(F.pad(xc, (pad, 0)), wc, bc, dilation=dilation)
     return out.to(x.dtype)
 
 
@@ -57,41 +76,43 @@ def _causal_conv_kernel(
     c_in, c_out, length, dilation, batch_start,
     x_sb, x_sc, x_st, w_so, w_si, w_sk, bias_s, out_sb, out_sc, out_st, add_sb, add_sc, add_st,
     KSIZE: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
-    NATIVE_DOT: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_T: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """``out[b, o, t] = bias[o] + add[b, o, t] + sum_{i, j} W[o, i, j] x[b, i, t -+ (KSIZE-1-j) dilation]``
-    (minus: causal forward; plus with ``REVERSE``: the input gradient), one [BLOCK_CO, BLOCK_T] tile per program."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    (minus: causal forward; plus with ``REVERSE``: the input gradient), one [BLOCK_CO, BLOCK_T] tile per program.
+    Shifts, shifted times and every index times a stride are int64 (``tl.cast`` also takes the scalars the
+    launch specializes to the constant 1)."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    co = (tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)).to(tl.int64)
     batch = (batch_start + tl.program_id(2)).to(tl.int64)
     co_mask = co < c_out
     x_base = x_ptr + batch * x_sb
+    w_base = w_ptr + co[:, None] * w_so
+    dilation64 = tl.cast(dilation, tl.int64)
     acc = tl.zeros((BLOCK_CO, BLOCK_T), dtype=tl.float32)
     for j in tl.static_range(KSIZE):
-        shift = (KSIZE - 1 - j) * dilation
+        shift = (KSIZE - 1 - j) * dilation64
         if REVERSE:
             src = t + shift
         else:
             src = t - shift
         src_mask = (src >= 0) & (src < length)
+        w_tap = w_base + j * tl.cast(w_sk, tl.int64)
         for ci_start in range(0, c_in, BLOCK_CI):
-            ci = ci_start + tl.arange(0, BLOCK_CI)
+            ci = (ci_start + tl.arange(0, BLOCK_CI)).to(tl.int64)
             ci_mask = ci < c_in
-            w = tl.load(w_ptr + co[:, None].to(tl.int64) * w_so + ci[None, :] * w_si + j * w_sk,
-                        mask=co_mask[:, None] & ci_mask[None, :], other=0.0)
-            xs = tl.load(x_base + ci[:, None].to(tl.int64) * x_sc + src[None, :].to(tl.int64) * x_st,
+            w = tl.load(w_tap + ci[None, :] * w_si, mask=co_mask[:, None] & ci_mask[None, :], other=0.0)
+            xs = tl.load(x_base + ci[:, None] * x_sc + src[None, :] * x_st,
                          mask=ci_mask[:, None] & src_mask[None, :], other=0.0)
-            if NATIVE_DOT:
-                acc = tl.dot(w.to(xs.dtype), xs, acc)
-            else:
-                acc = tl.dot(w.to(tl.float32), xs.to(tl.float32), acc)
+            acc = dot(w, xs, acc, NATIVE_DOT, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co * bias_s, mask=co_mask, other=0.0).to(tl.float32)[:, None]
     out_mask = co_mask[:, None] & (t < length)[None, :]
     if HAS_ADD:
-        acc += tl.load(add_ptr + batch * add_sb + co[:, None].to(tl.int64) * add_sc + t[None, :].to(tl.int64) * add_st,
+        acc += tl.load(add_ptr + batch * add_sb + co[:, None] * add_sc + t[None, :] * add_st,
                        mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + batch * out_sb + co[:, None].to(tl.int64) * out_sc + t[None, :].to(tl.int64) * out_st,
+    tl.store(out_ptr + batch * out_sb + co[:, None] * out_sc + t[None, :] * out_st,
              acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -100,43 +121,40 @@ def _conv_weight_grad_kernel(
     grad_w_ptr, grad_b_ptr, g_ptr, x_ptr,
     batch, c_out, c_in, length, dilation, num_splits,
     g_sb, g_sc, g_st, x_sb, x_sc, x_st,
-    KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    KSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Split ``s`` of ``grad_W[co, ci, j] = sum_{b, t} g[b, co, t] x[b, ci, t - (KSIZE-1-j) dilation]`` into the
     contiguous fp32 workspace ``grad_w[s, co, ci, j]`` (and ``grad_b[s, co] = sum g``). Split ``s`` owns the
-    (batch, time-block) pairs ``r = s, s + num_splits, ...``."""
+    (batch, time-block) pairs ``r = s, s + num_splits, ...``. Index arithmetic as in ``_causal_conv_kernel``."""
     co_block = tl.program_id(0)
     ci_block = tl.program_id(1) // KSIZE
     j = tl.program_id(1) % KSIZE
     split = tl.program_id(2)
-    co = co_block * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    ci = ci_block * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    co = (co_block * BLOCK_CO + tl.arange(0, BLOCK_CO)).to(tl.int64)
+    ci = (ci_block * BLOCK_CI + tl.arange(0, BLOCK_CI)).to(tl.int64)
     co_mask = co < c_out
     ci_mask = ci < c_in
-    shift = (KSIZE - 1 - j) * dilation
-    time_blocks = tl.cdiv(length, BLOCK_T)
+    shift = (KSIZE - 1 - j).to(tl.int64) * tl.cast(dilation, tl.int64)
+    time_blocks = tl.cdiv(tl.cast(length, tl.int64), BLOCK_T)
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    for r in range(split, batch * time_blocks, num_splits):
-        b = (r // time_blocks).to(tl.int64)
+    for r in range(tl.cast(split, tl.int64), tl.cast(batch, tl.int64) * time_blocks, num_splits):
+        b = r // time_blocks
         t = (r % time_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
         src = t - shift
-        g = tl.load(g_ptr + b * g_sb + co[:, None].to(tl.int64) * g_sc + t[None, :].to(tl.int64) * g_st,
+        g = tl.load(g_ptr + b * g_sb + co[:, None] * g_sc + t[None, :] * g_st,
                     mask=co_mask[:, None] & (t < length)[None, :], other=0.0)
-        xs = tl.load(x_ptr + b * x_sb + ci[None, :].to(tl.int64) * x_sc + src[:, None].to(tl.int64) * x_st,
+        xs = tl.load(x_ptr + b * x_sb + ci[None, :] * x_sc + src[:, None] * x_st,
                      mask=ci_mask[None, :] & ((src >= 0) & (src < length))[:, None], other=0.0)
-        if NATIVE_DOT:
-            acc = tl.dot(g.to(xs.dtype), xs, acc)
-        else:
-            acc = tl.dot(g.to(tl.float32), xs.to(tl.float32), acc)
+        acc = dot(g, xs, acc, NATIVE_DOT, IEEE)
         if HAS_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), axis=1)
-    offsets = ((split * c_out + co[:, None]).to(tl.int64) * c_in + ci[None, :]) * KSIZE + j
+    offsets = ((tl.cast(split, tl.int64) * c_out + co[:, None]) * c_in + ci[None, :]) * KSIZE + j
     tl.store(grad_w_ptr + offsets, acc, mask=co_mask[:, None] & ci_mask[None, :])
     if HAS_BIAS:
         if (ci_block == 0) & (j == 0):
-            tl.store(grad_b_ptr + split * c_out + co, bias_acc, mask=co_mask)
+            tl.store(grad_b_ptr + tl.cast(split, tl.int64) * c_out + co, bias_acc, mask=co_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,9 +171,28 @@ def channel_block(channels: int) -> int:
     return max(16, min(MAX_CHANNEL_BLOCK, triton.next_power_of_2(max(channels, 1))))
 
 
-def native_dot() -> bool:
-    """Whether kernels hand fp16/bf16 tiles to ``tl.dot`` unconverted (everywhere but the CPU interpreter)."""
-    return not interpreter_enabled()
+def native_dot(device: Optional[torch.device] = None) -> bool:
+    """Whether kernels hand fp16/bf16 tiles to ``tl.dot`` unconverted: :func:`genkernels.kernels.launch.native_dot`
+    for ``device``. Without a device (the older call kernels/wavenet.py makes): everywhere but the interpreter."""
+    if device is None:
+        return not interpreter_enabled()
+    return launch.native_dot(device)
+
+
+def ieee_dot() -> bool:
+    """The ``IEEE`` switch of :func:`genkernels.kernels.triton_helpers.dot` for fp32 tiles: exact fp32 unless
+    ``torch.backends.cudnn.allow_tf32`` (PyTorch's default for fp32 convolutions) allows TF32. Read once per call."""
+    return not torch.backends.cudnn.allow_tf32
+
+
+def kernel_dilation(dilation: int, length: int) -> int:
+    """The dilation a launcher passes: ``min(dilation, length)``, the same result (a tap shifted by ``length`` or
+    more reads only zero padding) with shifts that stay far from int64 overflow however large ``dilation`` is.
+    Tests turn the clamp off (``force_launch_settings("causal_conv1d", clamp_dilation=False)``) to reach the
+    kernels' int64 shift arithmetic at a tiny length."""
+    if not launch_setting("causal_conv1d", "clamp_dilation", True):
+        return dilation
+    return max(1, min(dilation, length))
 
 
 def launch_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dilation: int, *,
@@ -164,7 +201,8 @@ def launch_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """``[batch, c_out, time]`` = the (reverse) causal convolution of ``x`` plus ``bias`` and ``add``.
 
     Forward: ``weight`` is ``[c_out, c_in, k]``. Reverse (input gradient): ``x`` is the output gradient and
-    ``weight`` the forward weight ``[c_in_fwd, c_out_fwd, k]``; its first two axes are swapped by strides."""
+    ``weight`` the forward weight ``[c_in_fwd, c_out_fwd, k]``; its first two axes are swapped by strides.
+    Every tensor may have any strides (stride 0 included). Zero input channels give ``bias + add``."""
     batch, c_in, length = x.shape
     ksize = weight.shape[2]
     w_so, w_si, w_sk = weight.stride()
@@ -181,57 +219,77 @@ def launch_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     for start, count in batch_chunks(batch):
         _causal_conv_kernel[(grid_t, grid_co, count)](
             out, x, weight, bias if bias is not None else weight, add if add is not None else x,
-            c_in, c_out, length, dilation, start,
+            c_in, c_out, length, kernel_dilation(dilation, length), start,
             *x.stride(), w_so, w_si, w_sk, bias.stride(0) if bias is not None else 0, *out.stride(), *add_strides,
             KSIZE=ksize, REVERSE=reverse, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
-            NATIVE_DOT=native_dot(), BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_T=CONV_BLOCK_T, num_warps=4,
+            NATIVE_DOT=native_dot(x.device), IEEE=ieee_dot(), BLOCK_CO=block_co, BLOCK_CI=block_ci,
+            BLOCK_T=CONV_BLOCK_T, num_warps=4,
         )
     return out
 
 
 def launch_conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, ksize: int, dilation: int,
                             with_bias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """fp32 ``(grad_weight [c_out, c_in, k], grad_bias [c_out] or None)`` of the causal convolution."""
+    """fp32 ``(grad_weight [c_out, c_in, k], grad_bias [c_out] or None)`` of the causal convolution.
+
+    The GPU splits the (batch, time) reduction over about ``TARGET_PROGRAMS`` programs; the interpreter does not
+    (its cost is programs x iterations). Tests force a split count with
+    ``force_launch_settings("causal_conv1d", weight_grad_splits=n)``."""
     batch, c_out, length = grad_out.shape
     c_in = x.shape[1]
     block_co, block_ci = channel_block(c_out), channel_block(c_in)
     tiles = triton.cdiv(c_out, block_co) * triton.cdiv(c_in, block_ci) * ksize
     reduction_steps = batch * triton.cdiv(length, CONV_BLOCK_T)
-    splits = max(1, min(reduction_steps, TARGET_PROGRAMS // tiles))
+    splits = max(1, min(reduction_steps, TARGET_PROGRAMS // max(1, tiles)))
     if interpreter_enabled():
-        splits = 1  # the interpreter's cost is programs x iterations: splitting only adds the final sum
+        splits = 1
+    splits = max(1, int(launch_setting("causal_conv1d", "weight_grad_splits", splits)))
     grad_w = torch.zeros((splits, c_out, c_in, ksize), device=x.device, dtype=torch.float32)
     grad_b = torch.zeros((splits, c_out), device=x.device, dtype=torch.float32) if with_bias else None
     if reduction_steps > 0 and c_out > 0 and c_in > 0:
         _conv_weight_grad_kernel[(triton.cdiv(c_out, block_co), triton.cdiv(c_in, block_ci) * ksize, splits)](
             grad_w, grad_b if with_bias else grad_w, grad_out, x,
-            batch, c_out, c_in, length, dilation, splits, *grad_out.stride(), *x.stride(),
-            KSIZE=ksize, HAS_BIAS=with_bias, NATIVE_DOT=native_dot(),
+            batch, c_out, c_in, length, kernel_dilation(dilation, length), splits, *grad_out.stride(), *x.stride(),
+            KSIZE=ksize, HAS_BIAS=with_bias, NATIVE_DOT=native_dot(x.device), IEEE=ieee_dot(),
             BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_T=CONV_BLOCK_T, num_warps=4,
         )
+    elif with_bias and c_out > 0:
+        grad_b[0] = grad_out.sum((0, 2), dtype=torch.float32)  # zero in-channels: the bias still has a gradient
     return grad_w.sum(0), (grad_b.sum(0) if with_bias else None)
 
 
 def compile_variants() -> list[CompileVariant]:
     """Each data dtype with native dots (the GPU path), both directions, with/without bias and addend, the block
-    sizes the launchers can pick (16, 32, 64 channels), and the interpreter's upcast path once."""
+    sizes the launchers can pick (16, 32, 64 channels), fp32 in TF32 and in exact fp32, the interpreter's upcast
+    path once, and once with every scalar a launch may specialize to the constant 1 (dilation, strides, sizes)."""
     variants = []
     for dtype in ("fp32", "fp16", "bf16"):
         for reverse, block in ((False, 64), (True, 16)):
             variants.append(CompileVariant(
                 _causal_conv_kernel, {"*": f"*{dtype}"},
                 dict(KSIZE=2 if not reverse else 3, REVERSE=reverse, HAS_BIAS=not reverse, HAS_ADD=reverse,
-                     NATIVE_DOT=True, BLOCK_CO=block, BLOCK_CI=64, BLOCK_T=CONV_BLOCK_T), 4))
+                     NATIVE_DOT=True, IEEE=reverse, BLOCK_CO=block, BLOCK_CI=64, BLOCK_T=CONV_BLOCK_T), 4))
         variants.append(CompileVariant(
             _conv_weight_grad_kernel, {"*": f"*{dtype}", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"},
-            dict(KSIZE=2, HAS_BIAS=True, NATIVE_DOT=True, BLOCK_CO=64, BLOCK_CI=32, BLOCK_T=CONV_BLOCK_T), 4))
+            dict(KSIZE=2, HAS_BIAS=True, NATIVE_DOT=True, IEEE=dtype == "fp32", BLOCK_CO=64, BLOCK_CI=32,
+                 BLOCK_T=CONV_BLOCK_T), 4))
     variants.append(CompileVariant(
         _causal_conv_kernel, {"*": "*bf16"},
-        dict(KSIZE=1, REVERSE=False, HAS_BIAS=True, HAS_ADD=False, NATIVE_DOT=False, BLOCK_CO=32, BLOCK_CI=16,
-             BLOCK_T=CONV_BLOCK_T), 4))
+        dict(KSIZE=1, REVERSE=False, HAS_BIAS=True, HAS_ADD=False, NATIVE_DOT=False, IEEE=True, BLOCK_CO=32,
+             BLOCK_CI=16, BLOCK_T=CONV_BLOCK_T), 4))
     variants.append(CompileVariant(
         _conv_weight_grad_kernel, {"*": "*bf16", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"},
-        dict(KSIZE=1, HAS_BIAS=False, NATIVE_DOT=False, BLOCK_CO=16, BLOCK_CI=64, BLOCK_T=CONV_BLOCK_T), 4))
+        dict(KSIZE=1, HAS_BIAS=False, NATIVE_DOT=False, IEEE=True, BLOCK_CO=16, BLOCK_CI=64,
+             BLOCK_T=CONV_BLOCK_T), 4))
+    ones = dict(c_in=1, c_out=1, length=1, dilation=1, x_st=1, w_sk=1, bias_s=1, out_st=1, add_st=1)
+    variants.append(CompileVariant(
+        _causal_conv_kernel, {"*": "*fp32"},
+        dict(KSIZE=3, REVERSE=False, HAS_BIAS=True, HAS_ADD=True, NATIVE_DOT=True, IEEE=False, BLOCK_CO=16,
+             BLOCK_CI=16, BLOCK_T=CONV_BLOCK_T, **ones), 4))
+    variants.append(CompileVariant(
+        _conv_weight_grad_kernel, {"*": "*fp16", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"},
+        dict(KSIZE=3, HAS_BIAS=True, NATIVE_DOT=True, IEEE=False, BLOCK_CO=16, BLOCK_CI=16, BLOCK_T=CONV_BLOCK_T,
+             batch=1, c_out=1, c_in=1, length=1, dilation=1, num_splits=1, g_st=1, x_st=1), 4))
     return variants
 
 
@@ -262,7 +320,7 @@ def _causal_conv1d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: 
 @_causal_conv1d_backward_op.register_fake
 def _causal_conv1d_backward_fake(grad_out, x, weight, dilation, with_bias):
     grad_b = weight.new_empty((weight.shape[0] if with_bias else 0,))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), grad_b
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), grad_b
 
 
 def _causal_conv1d_setup_context(ctx, inputs, output):
@@ -285,13 +343,15 @@ _causal_conv1d_op.register_autograd(_causal_conv1d_backward, setup_context=_caus
 # ----------------------------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------------------------
-# fp64 runs the eager reference only (it is the test oracle); the kernels take fp32/fp16/bf16.
-EAGER_DTYPES = FLOAT_DTYPES + (torch.float64,)
+# Every op takes FLOAT_DTYPES (fp64 included: runtime.choose_impl runs the eager reference for it). The name stays
+# for the modules that import it.
+EAGER_DTYPES = FLOAT_DTYPES
 
 
 def check_kernel_dtype(x: torch.Tensor, name: str, op: str) -> None:
-    """Reject fp64 for ``impl='triton'`` (the eager reference accepts it)."""
-    if x.dtype not in FLOAT_DTYPES:
+    """Reject dtypes the kernels do not take (fp64) on a direct kernel path; ops that go through
+    :func:`genkernels.kernels.runtime.choose_impl` get this (and every other reason) from it."""
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{op}: impl='triton' takes fp32/fp16/bf16; got {name} with {describe(x)}; "
                         "use impl='eager' for float64")
 
@@ -320,9 +380,7 @@ def check_conv_arguments(x: object, weight: object, bias: object, dilation: obje
             raise ValueError(f"{bias_name} must have shape [out_channels] = [{weight.shape[0]}]; got {describe(bias)}")
         check_same_dtype(x, x_name, bias, bias_name)
         named.append((bias_name, bias))
-    dilation = check_int(dilation, "dilation")
-    if dilation < 1:
-        raise ValueError(f"dilation must be >= 1; got {dilation}")
+    check_int(dilation, "dilation", low=1)
     return check_same_device(named)
 
 
@@ -336,18 +394,22 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Differentiable in ``x``, ``weight`` and ``bias`` (Triton backward kernels).
 
     Args:
-        x: ``[batch, in_channels, time]``, fp32/fp16/bf16 (fp64: eager only), any strides.
-        weight: ``[out_channels, in_channels, kernel_size]`` (``nn.Conv1d``'s layout), any kernel size >= 1.
-        bias: ``[out_channels]`` or None.
-        dilation: spacing of the taps, >= 1.
-        impl: "auto", "triton" or "eager".
+        x: ``[batch, in_channels, time]``, fp32/fp16/bf16/fp64, any strides (any size, 0 included: zero input
+            channels give the bias).
+        weight: ``[out_channels, in_channels, kernel_size]`` (``nn.Conv1d``'s layout), any kernel size >= 1, any
+            strides.
+        bias: ``[out_channels]`` or None, any stride.
+        dilation: spacing of the taps, any int >= 1 (a dilation of ``time`` or more leaves only the last tap).
+        impl: "auto", "triton" or "eager". fp64 runs the eager reference in fp64 (``impl="triton"`` raises
+            ``ValueError`` listing why); ``meta`` tensors take the registered op's fake (shapes only).
 
     Returns:
-        ``[batch, out_channels, time]`` in ``x``'s dtype (fp32 accumulation).
+        ``[batch, out_channels, time]`` in ``x``'s dtype, contiguous (fp32 accumulation; fp32 tiles in TF32 on a
+        GPU when ``torch.backends.cudnn.allow_tf32``, as PyTorch's own convolutions). NaN/Inf propagate as in
+        ``F.conv1d`` of the zero-padded input.
     """
-    device = check_conv_arguments(x, weight, bias, dilation)
-    impl = resolve_impl(impl, device, "causal_conv1d")
+    check_conv_arguments(x, weight, bias, dilation)
+    impl = choose_impl(impl, "causal_conv1d", {"x": x, "weight": weight, "bias": bias})
     if impl == "eager":
         return causal_conv1d_reference(x, weight, bias, dilation)
-    check_kernel_dtype(x, "x", "causal_conv1d")
     return torch.ops.genkernels.causal_conv1d(x, weight, bias, dilation)

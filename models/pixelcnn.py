@@ -23,19 +23,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genkernels.kernels.checks import check_int, describe
+from genkernels.kernels.checks import check_bool, check_generator, check_in_range, check_int, describe
 from genkernels.kernels.masked_conv import check_masked_conv2d_config, masked_conv2d
 
 NUM_CLASSES = 256
 
 
 def _square_kernel_size(kernel_size) -> int:
-    if isinstance(kernel_size, int):
-        return kernel_size
-    sizes = tuple(kernel_size)
-    if len(sizes) != 2 or sizes[0] != sizes[1]:
-        raise ValueError(f"kernel_size must be an int or a square pair; got {kernel_size!r}")
-    return sizes[0]
+    """An int ``k`` or a pair ``(k, k)`` of ints -> ``k`` (its value is checked by check_masked_conv2d_config)."""
+    if isinstance(kernel_size, (tuple, list)):
+        sizes = [check_int(k, "kernel_size") for k in kernel_size]
+        if len(sizes) != 2 or sizes[0] != sizes[1]:
+            raise ValueError(f"kernel_size must be an int or a square pair (k, k); got {kernel_size!r}")
+        return sizes[0]
+    return check_int(kernel_size, "kernel_size")
+
+
+def _image_size(image_size) -> tuple[int, int]:
+    """An int or an ``(height, width)`` pair of ints >= 1 -> ``(height, width)``."""
+    if isinstance(image_size, (tuple, list)):
+        if len(image_size) != 2:
+            raise ValueError(f"image_size must be an int or a (height, width) pair; got {image_size!r}")
+        return tuple(check_int(side, "image_size", low=1) for side in image_size)
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise TypeError(f"image_size must be an int or a (height, width) pair of ints, got "
+                        f"{type(image_size).__name__} {image_size!r}")
+    side = check_int(image_size, "image_size", low=1)
+    return side, side
 
 
 def _is_all(value, expected: int) -> bool:
@@ -48,14 +62,20 @@ class MaskedConv2d(nn.Conv2d):
     Takes ``nn.Conv2d``'s arguments plus ``mask_type`` ("A" excludes the centre tap, "B" includes it) and
     ``color_channels`` (1, or 3 for R, G, B channel thirds). The masked convolution is "same"-sized with stride 1,
     so ``stride``, ``dilation`` and ``groups`` must be 1, ``padding`` "same" (the default) or ``k // 2``, and
-    ``padding_mode`` "zeros"; other values raise ``ValueError``. The weight keeps its full ``[out, in, k, k]``
-    shape (so ``nn.Conv2d`` state dicts load); the masked entries are never read and get zero gradient.
+    ``padding_mode`` "zeros"; other values raise ``ValueError``. Channel counts are ints >= 1 and the kernel size
+    an odd int >= 1 (or a square pair), else ``TypeError``/``ValueError`` naming the argument. The weight keeps
+    its full ``[out, in, k, k]`` shape (so ``nn.Conv2d`` state dicts load); the masked entries are never read and
+    get zero gradient.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding="same", dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  mask_type: str = "B", color_channels: int = 1):
         size = _square_kernel_size(kernel_size)
+        check_int(in_channels, "in_channels", low=1)
+        check_int(out_channels, "out_channels", low=1)
+        check_masked_conv2d_config(out_channels, in_channels, size, mask_type, color_channels)
+        check_bool(bias, "bias")
         unsupported = []
         if not _is_all(stride, 1):
             unsupported.append(f"stride={stride!r} (must be 1)")
@@ -70,7 +90,6 @@ class MaskedConv2d(nn.Conv2d):
         if unsupported:
             raise ValueError("MaskedConv2d computes a 'same'-sized masked convolution; unsupported: "
                              + "; ".join(unsupported))
-        check_masked_conv2d_config(out_channels, in_channels, size, mask_type, color_channels)
         super().__init__(in_channels, out_channels, size, padding=size // 2, bias=bias, device=device, dtype=dtype)
         self.mask_type = mask_type
         self.color_channels = color_channels
@@ -108,7 +127,9 @@ class PixelCNN(nn.Module):
         output_channels: channels of the first 1x1 output convolution (divisible by 3 for RGB).
         image_size: ``(height, width)`` (or one int) that :meth:`sample` draws; ``forward`` takes any size.
 
-    One set of weights runs under every implementation (``genkernels.kernels.use_impl``).
+    Every argument is an int (``TypeError`` otherwise) in range (``ValueError`` naming it): ``hidden_channels`` and
+    ``output_channels`` >= 1 (multiples of 3 for RGB, so R, G, B get equal thirds), ``num_blocks`` >= 0, each side
+    of ``image_size`` >= 1. One set of weights runs under every implementation (``genkernels.kernels.use_impl``).
     """
 
     def __init__(self, in_channels: int = 1, hidden_channels: int = 64, num_blocks: int = 7,
@@ -117,11 +138,16 @@ class PixelCNN(nn.Module):
         in_channels = check_int(in_channels, "in_channels")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels={in_channels} is not supported; expected 1 (grey) or 3 (RGB)")
-        for name, value in (("hidden_channels", hidden_channels), ("num_blocks", num_blocks),
-                            ("output_channels", output_channels)):
-            if check_int(value, name) < (0 if name == "num_blocks" else 1):
-                raise ValueError(f"{name} must be positive; got {value}")
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        check_int(hidden_channels, "hidden_channels", low=1)
+        check_int(num_blocks, "num_blocks", low=0)
+        check_int(output_channels, "output_channels", low=1)
+        if in_channels == 3:
+            reasons = [f"{name}={value} is not divisible by 3" for name, value in
+                       (("hidden_channels", hidden_channels), ("output_channels", output_channels)) if value % 3]
+            if reasons:
+                raise ValueError("in_channels=3 splits every layer's channels into R, G, B thirds: "
+                                 + "; ".join(reasons))
+        height, width = _image_size(image_size)
         self.in_channels = in_channels
         self.image_size = (height, width)
         colors = in_channels
@@ -134,12 +160,15 @@ class PixelCNN(nn.Module):
     # Density
     # ------------------------------------------------------------------------------------------------------------
     def _check_images(self, x: torch.Tensor) -> None:
+        """``x``: an integer tensor ``[batch, C, H, W]`` of pixel values in [0, 255]: a host ``ValueError`` for CPU
+        tensors, an asynchronous device assert on a GPU (no sync), nothing for ``meta`` tensors."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"x must hold integer pixel values in [0, 255] (e.g. uint8); got {describe(x)}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [batch, {self.in_channels}, height, width]; got {describe(x)}")
+        check_in_range(x, "x (pixel values)", 0, NUM_CLASSES - 1, high_inclusive=True)
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         """Pixel values 0..255 -> [-1, 1] in the parameters' dtype."""
@@ -154,8 +183,10 @@ class PixelCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, 256, channels, H, W]`` of ``p(x[:, c, h, w] | earlier sub-pixels)``.
 
-        ``x``: integer pixel values in [0, 255], ``[batch, channels, H, W]``. The class dimension comes second,
-        as ``F.cross_entropy(logits, x.long())`` expects.
+        ``x``: integer pixel values in [0, 255], ``[batch, channels, H, W]`` (a float tensor raises
+        ``TypeError``; a value outside [0, 255] raises ``ValueError`` for a CPU tensor and trips an asynchronous
+        device assert on a GPU, never a silent rescale). The class dimension comes second, as
+        ``F.cross_entropy(logits, x.long())`` expects.
         """
         self._check_images(x)
         stream = self.input_conv(self._scale(x))
@@ -185,11 +216,11 @@ class PixelCNN(nn.Module):
         ``use_cache=False`` runs the whole network per sub-pixel; ``use_cache=True`` computes only the pixel being
         drawn, from per-layer caches (module docstring). Given the same logits both give the same images.
         """
-        n = check_int(n, "n")
-        if n < 0:
-            raise ValueError(f"n must be >= 0; got {n}")
+        n = check_int(n, "n", low=0)
+        check_bool(use_cache, "use_cache")
         height, width = self.image_size
         device = self.input_conv.weight.device
+        check_generator(generator, device, "the model")
         uniforms = torch.rand((height, width, self.in_channels, n), generator=generator, device=device)
         images = torch.zeros((n, self.in_channels, height, width), dtype=torch.int64, device=device)
         if n == 0:

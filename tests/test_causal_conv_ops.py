@@ -5,6 +5,7 @@ from reference_checks import assert_close_to_reference, random_tensor
 
 import genkernels.kernels.causal_conv as causal_conv_module
 from genkernels.kernels.causal_conv import causal_conv1d, causal_conv1d_reference
+from genkernels.kernels.launch import force_launch_settings
 
 
 def _inputs(batch, c_in, c_out, length, ksize, dtype, device, seed=0, with_bias=True):
@@ -66,13 +67,13 @@ def test_non_contiguous_inputs(device):
     _check_forward_and_gradients(x, weight, bias, 4)
 
 
-def test_weight_gradient_split_over_programs(device, monkeypatch):
+def test_weight_gradient_split_over_programs(device):
     """The GPU launcher splits the (batch, time) reduction of the weight gradient over programs; the interpreter
-    does not by default, so force the GPU choice (fp32: the same dot path) and check the split sum."""
-    monkeypatch.setattr(causal_conv_module, "interpreter_enabled", lambda: False)
+    does not by default, so force a split count (a test knob outside the op's schema) and check the split sum."""
     grad_out = random_tensor((3, 4, 200), torch.float32, 0, device)
     x = random_tensor((3, 5, 200), torch.float32, 1, device)
-    grad_w, grad_b = causal_conv_module.launch_conv_weight_grad(grad_out, x, 2, 3, True)
+    with force_launch_settings("causal_conv1d", weight_grad_splits=4):
+        grad_w, grad_b = causal_conv_module.launch_conv_weight_grad(grad_out, x, 2, 3, True)
     xd = x.double().requires_grad_()
     weight = torch.zeros(4, 5, 2, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
@@ -92,19 +93,110 @@ def test_empty_batch_and_empty_time(device):
         assert grad_x.shape == x.shape and torch.equal(grad_w, torch.zeros_like(grad_w))
 
 
+def _tap_sum(x, weight, bias, dilation):
+    """The definition in fp64, tap by tap: a tap shifted by ``s >= length`` reads only zero padding."""
+    batch, _, length = x.shape
+    c_out, _, ksize = weight.shape
+    x, weight = x.double(), weight.double()
+    expected = torch.zeros((batch, c_out, length), dtype=torch.float64, device=x.device)
+    if bias is not None:
+        expected += bias.double()[None, :, None]
+    for j in range(ksize):
+        shift = (ksize - 1 - j) * dilation
+        shifted = torch.zeros_like(x)
+        if shift < length:
+            shifted[:, :, shift:] = x[:, :, :length - shift]
+        expected += torch.einsum("oi,bit->bot", weight[:, :, j], shifted)
+    return expected
+
+
 def test_reference_equals_tap_sum_definition():
     """The reference (F.conv1d on a left-padded input) against the definition, tap by tap in fp64."""
     x = random_tensor((2, 3, 30), torch.float64, 0)
     weight = random_tensor((4, 3, 3), torch.float64, 1)
     bias = random_tensor((4,), torch.float64, 2)
-    dilation = 5
-    expected = bias[None, :, None].expand(2, 4, 30).clone()
-    for j in range(3):
-        shift = (3 - 1 - j) * dilation
-        shifted = torch.zeros_like(x)
-        shifted[:, :, shift:] = x[:, :, :30 - shift]
-        expected += torch.einsum("oi,bit->bot", weight[:, :, j], shifted)
-    torch.testing.assert_close(causal_conv1d_reference(x, weight, bias, dilation), expected)
+    for dilation in (5, 14, 15, 29, 30, 31, 2**40):
+        torch.testing.assert_close(causal_conv1d_reference(x, weight, bias, dilation),
+                                   _tap_sum(x, weight, bias, dilation))
+
+
+@pytest.mark.parametrize("clamp", [True, False], ids=["launcher", "kernel_int64"])
+@pytest.mark.parametrize("ksize,dilation", [(3, 2**31 - 1), (3, 2**30), (5, 2**30 + 1), (2, 2**31), (3, 2**45)])
+def test_huge_dilation_reads_only_zero_padding(ksize, dilation, clamp, device):
+    """Regression: tap shifts were int32, so (k - 1 - j) * dilation wrapped for dilations from 2**30 and the
+    kernel read the future (3 taps, dilation 2**31 - 1: the shift 2**32 - 2 wrapped to -2). At a tiny length
+    only the last tap sees the sequence. Checked through the launcher (which clamps the dilation to the length)
+    and with the clamp off, so that the kernels' own int64 shift arithmetic is what keeps the result right."""
+    x, weight, bias = _inputs(2, 3, 4, 6, ksize, torch.float32, device)
+    with force_launch_settings("causal_conv1d", clamp_dilation=clamp):
+        _check_forward_and_gradients(x, weight, bias, dilation)
+        out = causal_conv1d(x, weight, bias, dilation=dilation, impl="triton")
+    expected = _tap_sum(x, weight, bias, dilation)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    last_tap_only = torch.einsum("oi,bit->bot", weight[:, :, -1].double(), x.double()) + bias.double()[None, :, None]
+    torch.testing.assert_close(expected, last_tap_only)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("batch,c_in,c_out,length", [(2, 0, 4, 7), (2, 3, 0, 7), (2, 3, 4, 0), (0, 3, 4, 7),
+                                                     (0, 0, 0, 0)])
+def test_zero_size_dims(batch, c_in, c_out, length, impl, device):
+    """Regression (eager): zero in-channels gave [2, 0, 7] instead of the bias [2, 4, 7]; zero out-channels or
+    length raised. Both impls give the math's shape and values (the bias where the reduction is empty) and its
+    gradients (the bias gradient sums the output gradient; x and weight get zeros)."""
+    x = random_tensor((batch, c_in, length), torch.float32, 0, device).requires_grad_()
+    weight = random_tensor((c_out, c_in, 2), torch.float32, 1, device).requires_grad_()
+    bias = random_tensor((c_out,), torch.float32, 2, device).requires_grad_()
+    out = causal_conv1d(x, weight, bias, dilation=3, impl=impl)
+    assert out.shape == (batch, c_out, length) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _tap_sum(x.detach(), weight.detach(), bias.detach(), 3))
+    grad_out = random_tensor(out.shape, torch.float32, 3, device)
+    grad_x, grad_w, grad_b = torch.autograd.grad(out, (x, weight, bias), grad_out)
+    assert grad_x.shape == x.shape and grad_w.shape == weight.shape
+    if c_in == 0 or batch * length == 0 or c_out == 0:
+        assert torch.equal(grad_x, torch.zeros_like(x)) and torch.equal(grad_w, torch.zeros_like(weight))
+    torch.testing.assert_close(grad_b, grad_out.sum((0, 2)))
+
+
+def test_any_strides_expanded_and_sliced(device):
+    """Stride-0 (expanded) x, weight and bias, and a bias sliced from a wider one, forward and gradients."""
+    x = random_tensor((1, 3, 13), torch.float32, 0, device).expand(2, 3, 13)
+    weight = random_tensor((1, 3, 2), torch.float32, 1, device).expand(4, 3, 2)
+    bias = random_tensor((1,), torch.float32, 2, device).expand(4)
+    assert 0 in x.stride() and 0 in weight.stride() and bias.stride() == (0,)
+    _check_forward_and_gradients(x, weight, bias, 2)
+    sliced_bias = random_tensor((12,), torch.float32, 2, device)[1::3]
+    channels_last_like = random_tensor((2, 13, 3), torch.float32, 0, device).permute(0, 2, 1)
+    _check_forward_and_gradients(channels_last_like, weight.contiguous(), sliced_bias, 5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN matmuls
+def test_nan_and_inf_propagate_as_in_the_padded_conv(device):
+    """NaN in x reaches exactly the outputs whose taps read it; an Inf weight multiplies the zero padding too,
+    so (as in F.conv1d of the padded input) its output channel is NaN wherever padding is read."""
+    x, weight, bias = _inputs(1, 3, 4, 20, 3, torch.float32, device)
+    x[0, 1, 7] = float("nan")
+    weight[2, 0, 0] = float("inf")
+    out = {impl: causal_conv1d(x, weight, bias, dilation=4, impl=impl) for impl in ("triton", "eager")}
+    padded = torch.nn.functional.conv1d(torch.nn.functional.pad(x.double(), (8, 0)), weight.double(),
+                                        bias.double(), dilation=4)
+    for got in out.values():
+        assert torch.equal(torch.isnan(got), torch.isnan(padded))
+        assert torch.equal(torch.isinf(got), torch.isinf(padded))
+        finite = torch.isfinite(padded)
+        torch.testing.assert_close(got[finite].double(), padded[finite], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(padded[0, 0, 7]) and not torch.isnan(padded[0, 0, 6])  # the NaN reaches t = 7, 11, 15
+
+
+def test_meta_tensors_give_shapes_through_the_fake(device):
+    x = torch.empty(2, 3, 11, device="meta", requires_grad=True)
+    weight = torch.empty(5, 3, 2, device="meta", requires_grad=True)
+    bias = torch.empty(5, device="meta", requires_grad=True)
+    for impl in ("auto", "triton"):
+        out = causal_conv1d(x, weight, bias, dilation=2, impl=impl)
+        assert out.shape == (2, 5, 11) and out.device.type == "meta"
+        grads = torch.autograd.grad(out.sum(), (x, weight, bias))
+        assert [g.shape for g in grads] == [x.shape, weight.shape, bias.shape]
 
 
 def test_output_is_causal(device):
@@ -164,9 +256,14 @@ def test_rejects_bad_input(case, error, names):
         causal_conv1d(x, weight, bias, dilation=dilation)
 
 
-def test_triton_rejects_float64(device):
+def test_float64_runs_the_reference_and_triton_says_why_not(device):
+    """fp64 is accepted: impl="auto" runs the eager reference in fp64; impl="triton" raises ValueError naming the
+    dtype (runtime.choose_impl), never a silent fallback."""
     x, weight, bias = (t.double().to(device) for t in _good())
-    with pytest.raises(TypeError, match="x"):
+    out = causal_conv1d(x, weight, bias, dilation=2)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, causal_conv1d_reference(x, weight, bias, 2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="x is torch.float64"):
         causal_conv1d(x, weight, bias, impl="triton")
 
 
@@ -188,14 +285,25 @@ def test_compiles_with_fullgraph(device):
         return causal_conv1d(torch.tanh(causal_conv1d(x, w1, None, dilation=1, impl="triton")), w2, None,
                              dilation=2, impl="triton").square().sum()
 
-    x = torch.randn(2, 3, 21, device=device, requires_grad=True)
-    w1 = torch.randn(4, 3, 2, device=device, requires_grad=True)
-    w2 = torch.randn(3, 4, 3, device=device, requires_grad=True)
-    compiled = torch.compile(stacked, fullgraph=True, backend="aot_eager")
-    got = torch.autograd.grad(compiled(x, w1, w2), (x, w1, w2))
-    expected = torch.autograd.grad(stacked(x, w1, w2), (x, w1, w2))
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(stacked, fullgraph=True, dynamic=True, backend="aot_eager")
+    for length in (21, 10):
+        x = torch.randn(2, 3, length, device=device, requires_grad=True)
+        w1 = torch.randn(4, 3, 2, device=device, requires_grad=True)
+        w2 = torch.randn(3, 4, 3, device=device, requires_grad=True)
+        got = torch.autograd.grad(compiled(x, w1, w2), (x, w1, w2))
+        expected = torch.autograd.grad(stacked(x, w1, w2), (x, w1, w2))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_reference_compiles_with_dynamic_shapes(device):
+    """The eager path (its zero-size and dilation-clamp branches are on shapes only) under
+    torch.compile(fullgraph=True, dynamic=True)."""
+    compiled = torch.compile(lambda x, w, b: causal_conv1d(x, w, b, dilation=4, impl="eager"), fullgraph=True,
+                             dynamic=True, backend="aot_eager")
+    for length in (9, 3, 0):
+        x, weight, bias = _inputs(2, 3, 4, length, 3, torch.float32, device)
+        torch.testing.assert_close(compiled(x, weight, bias), causal_conv1d_reference(x, weight, bias, 4))
 
 
 @pytest.mark.gpu
@@ -203,3 +311,26 @@ def test_compiles_with_fullgraph(device):
 def test_wavenet_sized_shapes_on_gpu(dtype, device):
     x, weight, bias = _inputs(16, 64, 128, 16000, 2, dtype, device)
     _check_forward_and_gradients(x, weight, bias, 512)
+
+
+@pytest.mark.gpu
+def test_fp32_follows_cudnn_allow_tf32(device, monkeypatch):
+    """fp32 tiles multiply in TF32 when torch.backends.cudnn.allow_tf32 is set (PyTorch's default for its own fp32
+    convolutions, read once per call) and in exact fp32 when it is off; both within the tolerance rule of cuDNN
+    under the same setting."""
+    x, weight, bias = _inputs(4, 64, 64, 1000, 2, torch.float32, device)
+    reference = causal_conv1d_reference(x.double(), weight.double(), bias.double(), 8)
+    # TF32 keeps 10 of fp32's 23 mantissa bits: each product is off by less than 2**-9 of its magnitude.
+    tf32_bound = 2.0**-9 * causal_conv1d_reference(x.double().abs(), weight.double().abs(), None, 8) + 1e-4
+    errors = {}
+    for allow in (False, True):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        out = causal_conv1d(x, weight, bias, dilation=8, impl="triton")
+        error = (out.double() - reference).abs()
+        if allow:
+            assert (error <= tf32_bound).all()
+        else:
+            cudnn = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (8, 0)), weight, bias, dilation=8)
+            assert_close_to_reference(out, reference, cudnn)
+        errors[allow] = error.max().item()
+    assert errors[True] > 4 * errors[False]

@@ -1,9 +1,12 @@
 """PixelCNN masked convolution (kernels/masked_conv.py) against fp64 F.conv2d on the masked weight."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from reference_checks import assert_close_to_reference, random_tensor
 
+from genkernels.kernels.launch import force_launch_settings
 from genkernels.kernels.masked_conv import kept_taps, masked_conv2d, masked_conv2d_mask, masked_conv2d_reference
 
 
@@ -68,11 +71,16 @@ def test_mask_matches_definition_and_counts_kept_taps():
                 assert kept_taps(k, mask_type, colors) == taps_used
 
 
-def test_reference_is_conv_on_masked_weight():
-    x, weight, b = _inputs((2, 6, 5, 4), 9, 5, torch.float64, "cpu")
-    mask = _mask_from_definition(9, 6, 5, "A", 3)
-    torch.testing.assert_close(masked_conv2d_reference(x, weight, b, "A", 3),
-                               F.conv2d(x, weight * mask, b, padding=2), rtol=0, atol=0)
+@pytest.mark.parametrize("k, mask_type, colors", [(5, "A", 3), (3, "B", 3), (3, "B", 1), (1, "A", 3), (1, "B", 1),
+                                                   (7, "A", 1), (1, "A", 1)])
+def test_reference_is_conv_on_masked_weight(k, mask_type, colors):
+    """The reference sums only the kept taps (rows above, the centre row's left part, the centre by colour group):
+    in fp64 it equals F.conv2d on the masked weight up to the order of the sum."""
+    for height, width in ((5, 4), (1, 1), (1, 3)):
+        x, weight, b = _inputs((2, 6, height, width), 9, k, torch.float64, "cpu")
+        mask = _mask_from_definition(9, 6, k, mask_type, colors)
+        torch.testing.assert_close(masked_conv2d_reference(x, weight, b, mask_type, colors),
+                                   F.conv2d(x, weight * mask, b, padding=k // 2), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mask_type", ["A", "B"])
@@ -128,6 +136,56 @@ def test_empty_batch(device):
     assert grad_x.shape == x.shape and torch.equal(grad_w, torch.zeros_like(weight))
 
 
+def _sees(mask, out_channel, row, col, in_channel, q_row, q_col):
+    """Whether output (out_channel, row, col) reads input (in_channel, q_row, q_col) through a kept tap."""
+    pad = mask.shape[-1] // 2
+    dy, dx = q_row - row + pad, q_col - col + pad
+    inside = 0 <= dy < mask.shape[-1] and 0 <= dx < mask.shape[-1]
+    return inside and bool(mask[out_channel, in_channel, dy, dx])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN matmuls
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("mask_type, colors, k", [("A", 3, 3), ("B", 3, 3), ("A", 1, 5), ("B", 1, 3), ("B", 3, 1)])
+def test_masked_taps_are_never_read(mask_type, colors, k, impl, device):
+    """Regression: eager multiplied weight * mask (NaN/Inf in a masked weight entry spread to every output) and
+    read every tap of x (a NaN pixel reached outputs the mask hides from it); the triton path multiplied hidden
+    colour channels of the centre pixel by the zero weights of masked pairs (NaN * 0). Under both impls: NaN in
+    every masked weight entry changes nothing (and the masked entries get exactly zero, finite gradient), a NaN or
+    Inf sub-pixel reaches exactly the outputs whose kept taps read it, and a NaN output gradient exactly the
+    input gradients of what that output reads."""
+    x, weight, b = _inputs((1, 6, 5, 6), 6, k, torch.float32, device)
+    mask = _mask_from_definition(6, 6, k, mask_type, colors).to(device).bool()
+    run = lambda x_, w_: masked_conv2d(x_, w_, b, mask_type=mask_type, color_channels=colors, impl=impl)
+    clean = run(x, weight)
+    poisoned_weight = torch.where(mask, weight, float("nan")).requires_grad_()
+    out = run(x, poisoned_weight)
+    assert torch.equal(out, clean)
+    (grad_w,) = torch.autograd.grad(out, poisoned_weight, torch.ones_like(out))
+    assert torch.isfinite(grad_w).all() and torch.equal(grad_w[~mask], torch.zeros_like(grad_w[~mask]))
+    q_row, q_col = 2, 3
+    for in_channel, value in ((2, float("nan")), (3, float("inf")), (0, float("-inf"))):
+        changed = x.clone()
+        changed[0, in_channel, q_row, q_col] = value
+        got = run(changed, weight)
+        seen = torch.tensor([[[_sees(mask, o, r, c, in_channel, q_row, q_col) for c in range(6)] for r in range(5)]
+                             for o in range(6)], device=device)
+        assert torch.equal(~torch.isfinite(got[0]), seen), f"input channel {in_channel}"
+        assert torch.equal(got[0][~seen], clean[0][~seen])
+    # The input gradient reads the weight transposed: a NaN output gradient at (o, q) reaches exactly the inputs
+    # that output o reads at q, and the masked weight gradient stays exactly zero.
+    for out_channel in (1, 4):
+        leaves = [x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()]
+        out = run(*leaves)
+        grad_out = torch.ones_like(out)
+        grad_out[0, out_channel, q_row, q_col] = float("nan")
+        grad_x, grad_w = torch.autograd.grad(out, leaves, grad_out)
+        read = torch.tensor([[[_sees(mask, out_channel, q_row, q_col, i, r, c) for c in range(6)] for r in range(5)]
+                             for i in range(6)], device=device)
+        assert torch.equal(torch.isnan(grad_x[0]), read), f"output channel {out_channel}"
+        assert torch.equal(grad_w[~mask], torch.zeros_like(grad_w[~mask]))
+
+
 @pytest.mark.parametrize("mask_type", ["A", "B"])
 def test_causality(mask_type, device):
     """Changing the G input of pixel q changes no output the mask hides from it: every output before q in raster
@@ -150,6 +208,74 @@ def test_causality(mask_type, device):
         assert not at_q[2:4].any()
     assert at_q[4:].all()
     assert differs[:, q[0] + 1, q[1]].all()  # the pixel below sees q through the row above
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("shape, out_channels", [((2, 0, 5, 6), 6), ((2, 3, 5, 6), 0), ((2, 3, 0, 6), 6),
+                                                 ((2, 3, 5, 0), 6), ((0, 3, 5, 6), 6), ((0, 0, 0, 0), 0)])
+def test_zero_size_dims(shape, out_channels, impl, device):
+    """Regression (eager): zero in-channels gave [2, 0, 5, 6] instead of the bias [2, 6, 5, 6]; zero
+    out-channels, height or width raised. Both impls give the math's shape and values (the bias where the
+    reduction is empty) and its gradients (the bias gradient sums the output gradient; x and weight get zeros)."""
+    x, weight, b = _inputs(shape, out_channels, 3, torch.float32, device)
+    leaves = [t.requires_grad_() for t in (x, weight, b)]
+    out = masked_conv2d(*leaves, mask_type="A", color_channels=3, impl=impl)
+    assert out.shape == (shape[0], out_channels) + shape[2:] and out.dtype == torch.float32
+    assert torch.equal(out, b.detach()[None, :, None, None].expand(out.shape))
+    grad_out = random_tensor(out.shape, torch.float32, 3, device)
+    grad_x, grad_w, grad_b = torch.autograd.grad(out, leaves, grad_out)
+    assert torch.equal(grad_x, torch.zeros_like(x)) and torch.equal(grad_w, torch.zeros_like(weight))
+    torch.testing.assert_close(grad_b, grad_out.sum((0, 2, 3)))
+
+
+def test_any_strides_expanded_and_channels_last_weight(device):
+    """Stride-0 (expanded) x, weight and bias, and a channels_last weight, forward and gradients."""
+    x = random_tensor((1, 3, 5, 6), torch.float32, 0, device).expand(2, 3, 5, 6)
+    weight = random_tensor((6, 3, 3, 3), torch.float32, 1, device)
+    bias = random_tensor((1,), torch.float32, 2, device).expand(6)
+    for w in (weight[:1].expand(6, 3, 3, 3), weight.contiguous(memory_format=torch.channels_last)):
+        results = {}
+        for impl in ("triton", "eager"):
+            leaves = [t.detach().requires_grad_() for t in (w, bias)]
+            out = masked_conv2d(x, *leaves, mask_type="B", color_channels=3, impl=impl)
+            results[impl] = (out,) + torch.autograd.grad(out, leaves, torch.ones_like(out))
+        doubles = [t.detach().double().requires_grad_() for t in (w, bias)]
+        mask = _mask_from_definition(6, 3, 3, "B", 3).to(device)
+        ref = F.conv2d(x.double(), doubles[0] * mask, doubles[1], padding=1)
+        reference = (ref,) + torch.autograd.grad(ref, doubles, torch.ones_like(ref))
+        for name, got, eager, expected in zip(("output", "grad_weight", "grad_bias"), results["triton"],
+                                              results["eager"], reference):
+            assert_close_to_reference(got, expected, eager, name)
+
+
+def test_weight_gradient_split_over_programs(device):
+    """The GPU launcher splits the weight gradient's pixel reduction over programs; force a split count here
+    (a test knob outside the op's schema) so the interpreter runs the split sum too."""
+    with force_launch_settings("masked_conv2d", weight_grad_splits=3):
+        _check((2, 3, 7, 6), 6, 3, "A", 3, torch.float32, device)
+
+
+def test_float64_runs_the_reference_and_triton_says_why_not(device):
+    """fp64 is accepted: impl="auto" runs the eager reference in fp64; impl="triton" raises ValueError naming the
+    dtype (runtime.choose_impl), never a silent fallback."""
+    x, weight, b = _inputs((1, 3, 4, 5), 6, 3, torch.float64, device)
+    out = masked_conv2d(x, weight, b, mask_type="A", color_channels=3)
+    assert out.dtype == torch.float64
+    mask = _mask_from_definition(6, 3, 3, "A", 3).to(device)
+    torch.testing.assert_close(out, F.conv2d(x, weight * mask, b, padding=1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="x is torch.float64"):
+        masked_conv2d(x, weight, b, impl="triton")
+
+
+def test_meta_tensors_give_shapes_through_the_fake():
+    x = torch.empty(2, 3, 5, 4, device="meta", requires_grad=True)
+    weight = torch.empty(6, 3, 3, 3, device="meta", requires_grad=True)
+    bias = torch.empty(6, device="meta", requires_grad=True)
+    for impl in ("auto", "triton"):
+        out = masked_conv2d(x, weight, bias, mask_type="A", color_channels=3, impl=impl)
+        assert out.shape == (2, 6, 5, 4) and out.device.type == "meta"
+        grads = torch.autograd.grad(out.sum(), (x, weight, bias))
+        assert [g.shape for g in grads] == [x.shape, weight.shape, bias.shape]
 
 
 def test_bad_input():
@@ -183,25 +309,34 @@ def test_opcheck(device):
     x, weight, b = _inputs((1, 3, 3, 4), 6, 3, torch.float32, device)
     args = (x.requires_grad_(), weight.requires_grad_(), b.requires_grad_(), "A", 3)
     torch.library.opcheck(torch.ops.genkernels.masked_conv2d.default, args)
+    grad_out = random_tensor((1, 6, 3, 4), torch.float32, 5, device)
+    torch.library.opcheck(torch.ops.genkernels.masked_conv2d_input_grad.default, (grad_out, weight.detach(), "B", 3))
+    torch.library.opcheck(torch.ops.genkernels.masked_conv2d_weight_grad.default,
+                          (grad_out, x.detach(), weight.detach(), "A", 3))
 
 
 def test_compiles_with_fullgraph(device):
-    """Two masked layers and their backward in one aot_eager graph, matching the uncompiled run."""
+    """Two masked layers and their backward in one aot_eager graph with dynamic shapes, under both impls,
+    matching the uncompiled run."""
     x, weight, b = _inputs((1, 3, 4, 5), 6, 3, torch.float32, device)
     weight2 = random_tensor((3, 6, 1, 1), torch.float32, 9, device)
 
-    def layers(x, weight, weight2):
-        hidden = masked_conv2d(x, weight, b, mask_type="A", color_channels=3, impl="triton")
-        return masked_conv2d(torch.relu(hidden), weight2, mask_type="B", color_channels=3, impl="triton")
+    def layers(x, weight, weight2, impl):
+        hidden = masked_conv2d(x, weight, b, mask_type="A", color_channels=3, impl=impl)
+        return masked_conv2d(torch.relu(hidden), weight2, mask_type="B", color_channels=3, impl=impl)
 
-    compiled = torch.compile(layers, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (compiled, layers):
-        args = [t.detach().clone().requires_grad_() for t in (x, weight, weight2)]
-        out = fn(*args)
-        results.append((out,) + torch.autograd.grad(out.square().sum(), args))
-    for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for impl in ("triton", "eager"):
+        compiled = torch.compile(functools.partial(layers, impl=impl), fullgraph=True, dynamic=True,
+                                 backend="aot_eager")
+        for height in (4, 6):
+            inputs = [x[:, :, :1].expand(-1, -1, height, -1), weight, weight2]
+            results = []
+            for fn in (compiled, functools.partial(layers, impl=impl)):
+                args = [t.detach().clone().requires_grad_() for t in inputs]
+                out = fn(*args)
+                results.append((out,) + torch.autograd.grad(out.square().sum(), args))
+            for got, expected in zip(*results):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -209,3 +344,26 @@ def test_compiles_with_fullgraph(device):
 def test_pixelcnn_size_on_gpu(dtype, device):
     _check((8, 96, 32, 32), 96, 7, "A", 3, dtype, device)
     _check((8, 128, 33, 31), 128, 3, "B", 1, dtype, device)
+
+
+@pytest.mark.gpu
+def test_fp32_follows_cudnn_allow_tf32(device, monkeypatch):
+    """fp32 tiles multiply in TF32 when torch.backends.cudnn.allow_tf32 is set (PyTorch's default for its own fp32
+    convolutions, read once per call) and in exact fp32 when it is off; both within the tolerance rule of cuDNN
+    under the same setting."""
+    x, weight, b = _inputs((4, 64, 16, 16), 64, 3, torch.float32, device)
+    mask = _mask_from_definition(64, 64, 3, "B", 1).to(device)
+    reference = F.conv2d(x.double(), weight.double() * mask, b.double(), padding=1)
+    # TF32 keeps 10 of fp32's 23 mantissa bits: each product is off by less than 2**-9 of its magnitude.
+    tf32_bound = 2.0**-9 * F.conv2d(x.double().abs(), weight.double().abs() * mask, None, padding=1) + 1e-4
+    errors = {}
+    for allow in (False, True):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        out = masked_conv2d(x, weight, b, mask_type="B", impl="triton")
+        error = (out.double() - reference).abs()
+        if allow:
+            assert (error <= tf32_bound).all()
+        else:
+            assert_close_to_reference(out, reference, F.conv2d(x, weight * mask.float(), b, padding=1))
+        errors[allow] = error.max().item()
+    assert errors[True] > 4 * errors[False]

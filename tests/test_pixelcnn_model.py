@@ -28,8 +28,9 @@ def test_masked_conv2d_is_a_drop_in_conv2d():
     layer.load_state_dict(conv.state_dict())
     x = torch.randn(2, 6, 5, 4)
     mask = masked_conv2d_mask(9, 6, 3, "A", 3)
+    expected = F.conv2d(x.double(), conv.weight.double() * mask.double(), conv.bias.double(), padding=1)
     with use_impl("eager"):
-        torch.testing.assert_close(layer(x), F.conv2d(x, conv.weight * mask, conv.bias, padding=1))
+        assert_close_to_reference(layer(x), expected, F.conv2d(x, conv.weight * mask, conv.bias, padding=1))
     assert "mask_type=A" in repr(layer)
     assert MaskedConv2d(3, 3, (5, 5), padding=2, bias=False).bias is None
 
@@ -58,8 +59,79 @@ def test_pixelcnn_rejects_bad_input():
         model(_images((1, 1, 4, 4), 0))
     with pytest.raises(ValueError, match="in_channels"):
         PixelCNN(2)
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(ValueError, match="n=-1"):
         model.sample(-1)
+    with pytest.raises(TypeError, match="n must be an int"):
+        model.sample(2.0)
+    with pytest.raises(TypeError, match="use_cache"):
+        model.sample(1, use_cache=1)
+    with pytest.raises(TypeError, match="generator"):
+        model.sample(1, generator=0)
+
+
+@pytest.mark.parametrize("bad", [256, -1, 1000])
+def test_pixelcnn_rejects_pixels_outside_0_to_255(bad):
+    """Regression: pixel values outside 0..255 were silently rescaled (256 became 1.008). Integer pixels are
+    range-checked (a host ValueError for CPU tensors, an asynchronous device assert on a GPU)."""
+    model = _model(1)
+    x = _images((2, 1, 4, 4), 0)
+    x[1, 0, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"x \(pixel values\) must lie in \[0, 255\]"):
+        model(x)
+    with pytest.raises(ValueError, match="pixel values"):
+        model.loss(x)
+    with use_impl("eager"):
+        assert model(x.clamp(0, 255).to(torch.uint8)).shape == (2, 256, 1, 4, 4)  # uint8 0..255 is accepted
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(image_size=2.5), TypeError, "image_size"),
+    (dict(image_size=0), ValueError, "image_size"),
+    (dict(image_size=(4, 0)), ValueError, "image_size"),
+    (dict(image_size=(4, 4.0)), TypeError, "image_size"),
+    (dict(image_size=(4, 4, 4)), ValueError, "image_size"),
+    (dict(image_size="28"), TypeError, "image_size"),
+    (dict(image_size=True), TypeError, "image_size"),
+    (dict(hidden_channels=0), ValueError, "hidden_channels"),
+    (dict(hidden_channels=-2), ValueError, "hidden_channels"),
+    (dict(hidden_channels=4.0), TypeError, "hidden_channels"),
+    (dict(num_blocks=-1), ValueError, "num_blocks"),
+    (dict(num_blocks=1.5), TypeError, "num_blocks"),
+    (dict(output_channels=0), ValueError, "output_channels"),
+    (dict(output_channels="256"), TypeError, "output_channels"),
+    (dict(in_channels=True), TypeError, "in_channels"),
+    (dict(in_channels=3, hidden_channels=4, output_channels=9), ValueError, "hidden_channels=4"),
+    (dict(in_channels=3, hidden_channels=3, output_channels=10), ValueError, "output_channels=10"),
+])
+def test_pixelcnn_rejects_bad_configuration(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        PixelCNN(**kwargs)
+
+
+@pytest.mark.parametrize("args, kwargs, error, name", [
+    ((0, 3, 3), {}, ValueError, "in_channels"),
+    ((3, -3, 3), {}, ValueError, "out_channels"),
+    ((3.0, 3, 3), {}, TypeError, "in_channels"),
+    ((3, 3, 0), {}, ValueError, "kernel_size"),
+    ((3, 3, -1), {}, ValueError, "kernel_size"),
+    ((3, 3, 2.5), {}, TypeError, "kernel_size"),
+    ((3, 3, (3, 5)), {}, ValueError, "kernel_size"),
+    ((3, 3, (3,)), {}, ValueError, "kernel_size"),
+    ((3, 3, True), {}, TypeError, "kernel_size"),
+    ((3, 3, 3), dict(mask_type=1), ValueError, "mask_type"),
+    ((3, 3, 3), dict(color_channels=2), ValueError, "color_channels"),
+    ((3, 3, 3), dict(color_channels="3"), TypeError, "color_channels"),
+    ((3, 3, 3), dict(bias="yes"), TypeError, "bias"),
+])
+def test_masked_conv2d_rejects_bad_configuration(args, kwargs, error, name):
+    with pytest.raises(error, match=name):
+        MaskedConv2d(*args, **kwargs)
+
+
+def test_masked_conv2d_accepts_a_square_pair_and_rgb_defaults():
+    assert MaskedConv2d(3, 6, (3, 3), color_channels=3).kernel_size == (3, 3)
+    model = PixelCNN(3, hidden_channels=3, num_blocks=1, output_channels=6, image_size=(2, 3))
+    assert model.image_size == (2, 3)
 
 
 def test_logits_layout_and_loss_in_bits_per_dim():
@@ -136,6 +208,18 @@ def test_cached_sampling_gives_exactly_the_naive_samples(impl, colors, size, hid
     assert torch.equal(cached, naive)
     assert 0 <= int(naive.min()) and int(naive.max()) <= 255
     assert naive.unique().numel() > 2  # an untrained model draws spread-out values, not a constant image
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_loss_compiles_with_fullgraph_and_dynamic_shapes(impl):
+    """PixelCNN's loss (the pixel range check included: a device-style assert while tracing) under
+    torch.compile(fullgraph=True, dynamic=True), at two image sizes."""
+    model = _model(1)
+    with use_impl(impl):
+        compiled = torch.compile(model.loss, fullgraph=True, dynamic=True, backend="aot_eager")
+        for size in ((4, 4), (5, 3)):
+            x = _images((2, 1) + size, 4)
+            torch.testing.assert_close(compiled(x), model.loss(x), rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_zero_images():
