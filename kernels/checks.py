@@ -148,8 +148,10 @@ def check_values(tensor: torch.Tensor, name: str, ok: torch.Tensor, expected: st
 def check_in_range(tensor: torch.Tensor, name: str, low: float, high: float, *, high_inclusive: bool = False) -> None:
     """Require every value of ``tensor`` in ``[low, high)`` (``[low, high]`` when ``high_inclusive``); NaN fails.
     Host check or device assert as :func:`check_values`."""
-    upper = tensor <= high if high_inclusive else tensor < high
-    check_values(tensor, name, (tensor >= low) & upper,
+    # narrow integer dtypes compare in int64: a bound they cannot hold (uint8 < 256) would wrap
+    wide = tensor.to(torch.int64) if tensor.dtype in INTEGER_DTYPES and tensor.dtype != torch.int64 else tensor
+    upper = wide <= high if high_inclusive else wide < high
+    check_values(tensor, name, (wide >= low) & upper,
                  f"lie in [{low}, {high}{']' if high_inclusive else ')'}")
 
 
@@ -159,6 +161,6 @@ def check_generator(generator: object, device: torch.device, owner: str) -> None
         return
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if generator.device.type != device.type:
+    if generator.device.type != device.type and device.type != "meta":  # meta tensors draw nothing
         raise ValueError(f"generator is on {generator.device} but {owner} is on {device}; "
                          f"pass a generator of {owner}'s device")

@@ -21,29 +21,35 @@ Conditioning (``V c`` above): a global ``c [batch, C]`` or local ``c [batch, C, 
 ``cond_weight [2D, C]`` with one PyTorch GEMM outside the kernel; the kernel adds the projection before the gate.
 
 Incremental step (Fast WaveNet, Paine et al. 2016): see :class:`WaveNetCache` for the cache layout.
+
+Dots: :func:`genkernels.kernels.triton_helpers.dot` with ``IEEE=True`` everywhere: fp16/bf16 tiles go to the tensor
+cores as they are, fp32 tiles multiply in full fp32 (not tf32), so an fp32 model samples the same values from the
+cached step and from the layered forward, whose logits would otherwise differ by tf32 rounding. Index arithmetic is
+int64 (tap shifts ``(k - 1 - j) * dilation`` pass 2**31 for dilations near 2**30), and every tensor argument may
+have any strides (weights and biases too) and any size, 0 included.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .causal_conv import (
-    EAGER_DTYPES,
-    causal_conv1d_reference,
-    check_conv_arguments,
-    check_kernel_dtype,
-    launch_causal_conv,
-    launch_conv_weight_grad,
-    native_dot,
+from .causal_conv import launch_causal_conv, launch_conv_weight_grad
+from .checks import (
+    FLOAT_DTYPES,
+    check_float_tensor,
+    check_int,
+    check_same_device,
+    check_same_dtype,
+    describe,
 )
-from .checks import check_float_tensor, check_int, check_same_device, check_same_dtype, describe
-from .launch import CompileVariant, batch_chunks
-from .runtime import compute_dtype, resolve_impl
-from .triton_helpers import sigmoid, tanh
+from .launch import CompileVariant, batch_chunks, native_dot
+from .runtime import choose_impl, compute_dtype
+from .triton_helpers import dot, sigmoid, tanh
 
 # The fused kernels keep all D gate channels of a time tile in registers.
 MAX_GATE_CHANNELS = 256
@@ -65,8 +71,31 @@ def _add_cond(h: torch.Tensor, cond_proj: Optional[torch.Tensor]) -> torch.Tenso
 
 def gated_activation(h: torch.Tensor) -> torch.Tensor:
     """``tanh(filter) * sigmoid(gate)`` with ``h = [filter ; gate]`` split along channels (eq. 2)."""
-    filt, gate = h.chunk(2, dim=1)
-    return torch.tanh(filt) * torch.sigmoid(gate)
+    half = h.shape[1] // 2
+    return torch.tanh(h[:, :half]) * torch.sigmoid(h[:, half:])
+
+
+def _dilated_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dilation: int) -> torch.Tensor:
+    """``h[b, o, t] = bias[o] + sum_{i, j} W[o, i, j] x[b, i, t - (k - 1 - j) d]`` with zeros before ``t = 0``, in
+    ``x``'s dtype (the caller picks the compute dtype), for every size including 0 in any dim (no input channels:
+    the bias) and any dilation: taps that reach before the start multiply zeros, as the padded convolution does,
+    without materializing a padding longer than the sequence."""
+    batch, channels, length = x.shape
+    out_channels, _, ksize = weight.shape
+    pad = (ksize - 1) * dilation
+    if min(batch, channels, out_channels, length) > 0 and pad <= length:
+        return F.conv1d(F.pad(x, (pad, 0)), weight, bias, dilation=dilation)
+    h = bias[None, :, None].expand(batch, out_channels, length)
+    for j in range(ksize):
+        back = (ksize - 1 - j) * dilation
+        if back == 0:
+            tap = x
+        elif back >= length:
+            tap = torch.zeros_like(x)
+        else:
+            tap = F.pad(x[:, :, :length - back], (back, 0))
+        h = h + torch.einsum("oi,bit->bot", weight[:, :, j], tap)
+    return h
 
 
 def wavenet_residual_layer_reference(x, conv_weight, conv_bias, residual_weight, residual_bias, skip_weight,
@@ -77,10 +106,11 @@ def wavenet_residual_layer_reference(x, conv_weight, conv_bias, residual_weight,
         residual = x + W_res z + b_res,  skip = W_skip z + b_skip
 
     ``residual_weight``/``skip_weight`` are ``[out, D]``; ``cond_proj`` is ``[batch, 2D]`` (global) or
-    ``[batch, 2D, time]`` (local) or None. Computes in fp32 (fp64 for fp64 inputs); returns ``x``'s dtype.
+    ``[batch, 2D, time]`` (local) or None. Computes in fp32 (fp64 for fp64 inputs); returns ``x``'s dtype. Any size
+    may be 0 (an empty reduction gives the bias, e.g. ``skip = b_skip`` for ``D = 0``).
     """
     dtype = compute_dtype(x.dtype)
-    h = _add_cond(causal_conv1d_reference(x.to(dtype), conv_weight.to(dtype), conv_bias.to(dtype), dilation),
+    h = _add_cond(_dilated_causal_conv(x.to(dtype), conv_weight.to(dtype), conv_bias.to(dtype), dilation),
                   cond_proj)
     z = gated_activation(h)
     residual = x.to(dtype) + torch.einsum("od,bdt->bot", residual_weight.to(dtype), z) \
@@ -93,18 +123,6 @@ def wavenet_residual_layer_reference(x, conv_weight, conv_bias, residual_weight,
 # Triton kernels: the fused layer
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dot(a, b, acc, NATIVE_DOT: tl.constexpr):
-    """``acc + a @ b``: operands in ``b``'s storage dtype on the GPU, fp32 in the interpreter (see causal_conv).
-    fp32 operands multiply in full fp32 (not tf32): an fp32 model then samples the same values from the cached
-    step and from the layered forward, whose logits would otherwise differ by tf32 rounding."""
-    if NATIVE_DOT:
-        if b.dtype == tl.float32:
-            return tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
-        return tl.dot(a.to(b.dtype), b, acc)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-
-
-@triton.jit
 def _residual_layer_fwd_kernel(
     res_ptr, skip_ptr, h_ptr, x_ptr, wc_ptr, bc_ptr, cond_ptr, wr_ptr, br_ptr, ws_ptr, bs_ptr,
     channels, gate_channels, skip_channels, length, dilation, batch_start,
@@ -113,83 +131,83 @@ def _residual_layer_fwd_kernel(
     KSIZE: tl.constexpr, HAS_COND: tl.constexpr, STORE_H: tl.constexpr, NATIVE_DOT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One [all channels, BLOCK_T] time tile of one sample: conv -> gate -> residual and skip projections."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """One [all channels, BLOCK_T] time tile of one sample: conv -> gate -> residual and skip projections.
+    Every index product (tap shifts ``(k - 1 - j) * dilation``, offsets times strides) is int64."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     batch = (batch_start + tl.program_id(1)).to(tl.int64)
     t_mask = t < length
-    t64 = t.to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
     d_mask = d < gate_channels
+    gate_rows = tl.cast(gate_channels, tl.int64)  # the gate half starts gate_channels rows down
     x_base = x_ptr + batch * x_sb
 
     # h = dilated causal conv: filter and gate halves as two [BLOCK_D, BLOCK_T] accumulators
     filt = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
     gate = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
     for j in tl.static_range(KSIZE):
-        src = t - (KSIZE - 1 - j) * dilation
+        src = t - (KSIZE - 1 - j) * tl.cast(dilation, tl.int64)
         src_mask = (src >= 0) & t_mask
         for c_start in range(0, channels, BLOCK_C):
-            c = c_start + tl.arange(0, BLOCK_C)
+            c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < channels
-            xs = tl.load(x_base + c[:, None].to(tl.int64) * x_sc + src[None, :].to(tl.int64) * x_st,
+            xs = tl.load(x_base + c[:, None] * x_sc + src[None, :] * x_st,
                          mask=c_mask[:, None] & src_mask[None, :], other=0.0)
             w_offsets = d[:, None] * wc_so + c[None, :] * wc_si + j * wc_sk
             w_mask = d_mask[:, None] & c_mask[None, :]
-            filt = _dot(tl.load(wc_ptr + w_offsets, mask=w_mask, other=0.0), xs, filt, NATIVE_DOT)
-            gate = _dot(tl.load(wc_ptr + gate_channels * wc_so + w_offsets, mask=w_mask, other=0.0), xs, gate,
-                        NATIVE_DOT)
+            filt = dot(tl.load(wc_ptr + w_offsets, mask=w_mask, other=0.0), xs, filt, NATIVE_DOT, True)
+            gate = dot(tl.load(wc_ptr + gate_rows * wc_so + w_offsets, mask=w_mask, other=0.0), xs, gate,
+                       NATIVE_DOT, True)
     filt += tl.load(bc_ptr + d * bc_s, mask=d_mask, other=0.0).to(tl.float32)[:, None]
-    gate += tl.load(bc_ptr + (gate_channels + d) * bc_s, mask=d_mask, other=0.0).to(tl.float32)[:, None]
+    gate += tl.load(bc_ptr + (gate_rows + d) * bc_s, mask=d_mask, other=0.0).to(tl.float32)[:, None]
     dt_mask = d_mask[:, None] & t_mask[None, :]
     if HAS_COND:  # global conditioning arrives with cond_st == 0
-        cond_offsets = batch * cond_sb + d[:, None].to(tl.int64) * cond_sc + t64[None, :] * cond_st
+        cond_offsets = batch * cond_sb + d[:, None] * cond_sc + t[None, :] * cond_st
         filt += tl.load(cond_ptr + cond_offsets, mask=dt_mask, other=0.0).to(tl.float32)
-        gate += tl.load(cond_ptr + gate_channels * cond_sc + cond_offsets, mask=dt_mask, other=0.0).to(tl.float32)
+        gate += tl.load(cond_ptr + gate_rows * cond_sc + cond_offsets, mask=dt_mask, other=0.0).to(tl.float32)
     if STORE_H:  # h is a fresh contiguous [batch, 2D, time]
-        h_offsets = (batch * 2 * gate_channels + d[:, None]) * length + t64[None, :]
+        h_offsets = (batch * 2 * gate_rows + d[:, None]) * length + t[None, :]
         tl.store(h_ptr + h_offsets, filt.to(h_ptr.dtype.element_ty), mask=dt_mask)
-        tl.store(h_ptr + gate_channels * length + h_offsets, gate.to(h_ptr.dtype.element_ty), mask=dt_mask)
+        tl.store(h_ptr + gate_rows * length + h_offsets, gate.to(h_ptr.dtype.element_ty), mask=dt_mask)
     z = tanh(filt) * sigmoid(gate)
     z = tl.where(dt_mask, z, 0.0).to(x_ptr.dtype.element_ty)
 
     # residual = x + W_res z + b_res, one block of output channels at a time
     for c_start in range(0, channels, BLOCK_C):
-        c = c_start + tl.arange(0, BLOCK_C)
+        c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
         c_mask = c < channels
         w = tl.load(wr_ptr + c[:, None] * wr_so + d[None, :] * wr_si, mask=c_mask[:, None] & d_mask[None, :],
                     other=0.0)
-        out = _dot(w, z, tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32), NATIVE_DOT)
+        out = dot(w, z, tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32), NATIVE_DOT, True)
         out += tl.load(br_ptr + c * br_s, mask=c_mask, other=0.0).to(tl.float32)[:, None]
         out_mask = c_mask[:, None] & t_mask[None, :]
-        out += tl.load(x_base + c[:, None].to(tl.int64) * x_sc + t64[None, :] * x_st, mask=out_mask,
-                       other=0.0).to(tl.float32)
-        tl.store(res_ptr + batch * res_sb + c[:, None].to(tl.int64) * res_sc + t64[None, :] * res_st,
+        out += tl.load(x_base + c[:, None] * x_sc + t[None, :] * x_st, mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(res_ptr + batch * res_sb + c[:, None] * res_sc + t[None, :] * res_st,
                  out.to(res_ptr.dtype.element_ty), mask=out_mask)
-    # skip = W_skip z + b_skip
+    # skip = W_skip z + b_skip (just the bias when D = 0)
     for s_start in range(0, skip_channels, BLOCK_C):
-        s = s_start + tl.arange(0, BLOCK_C)
+        s = (s_start + tl.arange(0, BLOCK_C)).to(tl.int64)
         s_mask = s < skip_channels
         w = tl.load(ws_ptr + s[:, None] * ws_so + d[None, :] * ws_si, mask=s_mask[:, None] & d_mask[None, :],
                     other=0.0)
-        out = _dot(w, z, tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32), NATIVE_DOT)
+        out = dot(w, z, tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32), NATIVE_DOT, True)
         out += tl.load(bs_ptr + s * bs_s, mask=s_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(skip_ptr + batch * skip_sb + s[:, None].to(tl.int64) * skip_sc + t64[None, :] * skip_st,
+        tl.store(skip_ptr + batch * skip_sb + s[:, None] * skip_sc + t[None, :] * skip_st,
                  out.to(skip_ptr.dtype.element_ty), mask=s_mask[:, None] & t_mask[None, :])
 
 
 @triton.jit
 def _accumulate_transposed_projection(acc, g_ptr, g_sb, g_sc, g_st, w_ptr, w_so, w_si, out_channels, batch, d,
-                                      d_mask, t64, t_mask, NATIVE_DOT: tl.constexpr, BLOCK_C: tl.constexpr):
+                                      d_mask, t, t_mask, NATIVE_DOT: tl.constexpr, BLOCK_C: tl.constexpr):
     """``acc + W^T g`` for a 1x1 projection ``W`` ``[out_channels, D]`` and the gradient ``g`` of its output
-    ``[out_channels, time]`` at sample ``batch``, rows ``d`` and times ``t64`` of the tile."""
+    ``[out_channels, time]`` at sample ``batch``, rows ``d`` and times ``t`` (int64) of the tile."""
     for c_start in range(0, out_channels, BLOCK_C):
-        c = c_start + tl.arange(0, BLOCK_C)
+        c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
         c_mask = c < out_channels
-        g = tl.load(g_ptr + batch * g_sb + c[:, None].to(tl.int64) * g_sc + t64[None, :] * g_st,
+        g = tl.load(g_ptr + batch * g_sb + c[:, None] * g_sc + t[None, :] * g_st,
                     mask=c_mask[:, None] & t_mask[None, :], other=0.0)
         w_t = tl.load(w_ptr + c[None, :] * w_so + d[:, None] * w_si, mask=c_mask[None, :] & d_mask[:, None],
                       other=0.0)
-        acc = _dot(w_t, g, acc, NATIVE_DOT)
+        acc = dot(w_t, g, acc, NATIVE_DOT, True)
     return acc
 
 
@@ -203,28 +221,28 @@ def _residual_layer_bwd_gate_kernel(
     """Backward pass 1: ``dz = W_res^T g_res + W_skip^T g_skip``, then through the gate:
     ``d filter = dz * sigmoid(gate) * (1 - tanh(filter)^2)``, ``d gate = dz * tanh(filter) * s (1 - s)``.
     Writes ``dh`` and ``z`` (both fresh contiguous tensors) for the input- and weight-gradient passes."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     batch = (batch_start + tl.program_id(1)).to(tl.int64)
     t_mask = t < length
-    t64 = t.to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
     d_mask = d < gate_channels
+    gate_rows = tl.cast(gate_channels, tl.int64)
     dz = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
     dz = _accumulate_transposed_projection(dz, g_res_ptr, g_res_sb, g_res_sc, g_res_st, wr_ptr, wr_so, wr_si,
-                                           channels, batch, d, d_mask, t64, t_mask, NATIVE_DOT, BLOCK_C)
+                                           channels, batch, d, d_mask, t, t_mask, NATIVE_DOT, BLOCK_C)
     dz = _accumulate_transposed_projection(dz, g_skip_ptr, g_skip_sb, g_skip_sc, g_skip_st, ws_ptr, ws_so, ws_si,
-                                           skip_channels, batch, d, d_mask, t64, t_mask, NATIVE_DOT, BLOCK_C)
+                                           skip_channels, batch, d, d_mask, t, t_mask, NATIVE_DOT, BLOCK_C)
     dt_mask = d_mask[:, None] & t_mask[None, :]
-    h_offsets = (batch * 2 * gate_channels + d[:, None]) * length + t64[None, :]
+    h_offsets = (batch * 2 * gate_rows + d[:, None]) * length + t[None, :]
     filt = tl.load(h_ptr + h_offsets, mask=dt_mask, other=0.0).to(tl.float32)
-    gate = tl.load(h_ptr + gate_channels * length + h_offsets, mask=dt_mask, other=0.0).to(tl.float32)
+    gate = tl.load(h_ptr + gate_rows * length + h_offsets, mask=dt_mask, other=0.0).to(tl.float32)
     tanh_f = tanh(filt)
     sig_g = sigmoid(gate)
     d_filt = dz * sig_g * (1.0 - tanh_f * tanh_f)
     d_gate = dz * tanh_f * sig_g * (1.0 - sig_g)
     tl.store(dh_ptr + h_offsets, d_filt.to(dh_ptr.dtype.element_ty), mask=dt_mask)
-    tl.store(dh_ptr + gate_channels * length + h_offsets, d_gate.to(dh_ptr.dtype.element_ty), mask=dt_mask)
-    z_offsets = (batch * gate_channels + d[:, None]) * length + t64[None, :]
+    tl.store(dh_ptr + gate_rows * length + h_offsets, d_gate.to(dh_ptr.dtype.element_ty), mask=dt_mask)
+    z_offsets = (batch * gate_rows + d[:, None]) * length + t[None, :]
     tl.store(z_ptr + z_offsets, (tanh_f * sig_g).to(z_ptr.dtype.element_ty), mask=dt_mask)
 
 
@@ -245,7 +263,7 @@ def _launch_residual_layer_forward(x, conv_weight, conv_bias, cond_proj, residua
     residual = torch.empty_like(x, memory_format=torch.contiguous_format)
     skip = x.new_empty((batch, skip_channels, length))
     h = x.new_empty((batch, 2 * gate_channels, length) if save_h else (0,))
-    if x.numel() == 0 or length == 0:
+    if batch == 0 or length == 0:  # every output is empty; any other zero size (R, D, S) still writes the rest
         return residual, skip, h
     if cond_proj is None:
         cond_strides = (0, 0, 0)
@@ -262,10 +280,21 @@ def _launch_residual_layer_forward(x, conv_weight, conv_bias, cond_proj, residua
             *x.stride(), *conv_weight.stride(), *residual_weight.stride(), *skip_weight.stride(),
             conv_bias.stride(0), residual_bias.stride(0), skip_bias.stride(0), *cond_strides,
             *residual.stride(), *skip.stride(),
-            KSIZE=conv_weight.shape[2], HAS_COND=cond_proj is not None, STORE_H=save_h, NATIVE_DOT=native_dot(),
-            BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C, BLOCK_T=block_t, num_warps=4,
+            KSIZE=conv_weight.shape[2], HAS_COND=cond_proj is not None, STORE_H=save_h,
+            NATIVE_DOT=native_dot(x.device), BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C, BLOCK_T=block_t, num_warps=4,
         )
     return residual, skip, h
+
+
+def _weight_and_bias_grad(grad_out: torch.Tensor, x: torch.Tensor, ksize: int,
+                          dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 gradients of a causal conv's weight ``[c_out, c_in, k]`` and bias ``[c_out]``; an empty reduction
+    (no samples, time steps or input channels) or no output channels gives zeros and the bias its plain sum."""
+    batch, c_out, length = grad_out.shape
+    if min(batch, c_out, x.shape[1], length) == 0:
+        grad_w = torch.zeros((c_out, x.shape[1], ksize), device=x.device, dtype=torch.float32)
+        return grad_w, grad_out.sum((0, 2), dtype=torch.float32)
+    return launch_conv_weight_grad(grad_out, x, ksize, dilation, True)
 
 
 def _launch_residual_layer_backward(grad_residual, grad_skip, x, h, conv_weight, residual_weight, skip_weight,
@@ -275,18 +304,19 @@ def _launch_residual_layer_backward(grad_residual, grad_skip, x, h, conv_weight,
     dh = x.new_empty((batch, 2 * gate_channels, length))
     z = x.new_empty((batch, gate_channels, length))
     block_d, block_t = _layer_blocks(gate_channels)
-    if x.numel() > 0:
+    if batch > 0 and length > 0:
         for start, count in batch_chunks(batch):
             _residual_layer_bwd_gate_kernel[(triton.cdiv(length, block_t), count)](
                 dh, z, h, grad_residual, grad_skip, residual_weight, skip_weight,
                 channels, gate_channels, skip_weight.shape[0], length, start,
                 *grad_residual.stride(), *grad_skip.stride(), *residual_weight.stride(), *skip_weight.stride(),
-                NATIVE_DOT=native_dot(), BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C, BLOCK_T=block_t, num_warps=4,
+                NATIVE_DOT=native_dot(x.device), BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C, BLOCK_T=block_t,
+                num_warps=4,
             )
     grad_x = launch_causal_conv(dh, conv_weight, None, dilation, reverse=True, add=grad_residual)
-    grad_wc, grad_bc = launch_conv_weight_grad(dh, x, conv_weight.shape[2], dilation, True)
-    grad_wr, grad_br = launch_conv_weight_grad(grad_residual, z, 1, 1, True)
-    grad_ws, grad_bs = launch_conv_weight_grad(grad_skip, z, 1, 1, True)
+    grad_wc, grad_bc = _weight_and_bias_grad(dh, x, conv_weight.shape[2], dilation)
+    grad_wr, grad_br = _weight_and_bias_grad(grad_residual, z, 1, 1)
+    grad_ws, grad_bs = _weight_and_bias_grad(grad_skip, z, 1, 1)
     return grad_x, dh, grad_wc, grad_bc, grad_wr[..., 0], grad_br, grad_ws[..., 0], grad_bs
 
 
@@ -303,22 +333,25 @@ def _wavenet_step_kernel(
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Time step ``position`` of every residual layer for BLOCK_B samples; each layer's taps are read from its
-    ring buffer before the layer's input is written to it, and the skip sum is written once at the end."""
-    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    ring buffer before the layer's input is written to it, and the skip sum is written once at the end. Index
+    arithmetic is int64 (the table's dilations, offsets and queue lengths are int64)."""
+    b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b < batch
-    b64 = b.to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    d = tl.arange(0, BLOCK_D)
-    s = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C).to(tl.int64)
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    s = tl.arange(0, BLOCK_S).to(tl.int64)
     c_mask = c < channels
     d_mask = d < gate_channels
     s_mask = s < skip_channels
+    gate_rows = tl.cast(gate_channels, tl.int64)
+    now = tl.cast(position, tl.int64)
     bc_mask = b_mask[:, None] & c_mask[None, :]
     cd_mask = c_mask[:, None] & d_mask[None, :]
-    x = tl.load(x_ptr + b64[:, None] * x_sb + c[None, :] * x_sc, mask=bc_mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b[:, None] * x_sb + c[None, :] * x_sc, mask=bc_mask, other=0.0).to(tl.float32)
     skip = tl.zeros((BLOCK_B, BLOCK_S), dtype=tl.float32)
-    cache_rows = b64[:, None] * cache_sb + c[None, :] * cache_sc
-    for layer in range(num_layers):
+    cache_rows = b[:, None] * cache_sb + c[None, :] * cache_sc
+    for layer_index in range(num_layers):
+        layer = tl.cast(layer_index, tl.int64)
         dilation = tl.load(table_ptr + 3 * layer)
         first_slot = tl.load(table_ptr + 3 * layer + 1)
         queue = tl.load(table_ptr + 3 * layer + 2)
@@ -331,38 +364,38 @@ def _wavenet_step_kernel(
                 tap = x.to(cache_ptr.dtype.element_ty)
             else:
                 back = (KSIZE - 1 - j) * dilation
-                valid = position >= back
-                slot = first_slot + tl.where(valid, (position - back) % queue, 0)
-                tap_mask = bc_mask & (tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int32) + back <= position)
+                valid = now >= back
+                slot = first_slot + tl.where(valid, (now - back) % queue, 0)
+                tap_mask = bc_mask & (tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int64) + back <= now)
                 tap = tl.load(cache_ptr + slot * cache_ss + cache_rows, mask=tap_mask, other=0.0)
             w_offsets = d[None, :] * wc_so + c[:, None] * wc_si + j * wc_sk  # [C, D] = W[d, c, j]^T
-            filt = _dot(tap, tl.load(wc_layer + w_offsets, mask=cd_mask, other=0.0), filt, NATIVE_DOT)
-            gate = _dot(tap, tl.load(wc_layer + gate_channels * wc_so + w_offsets, mask=cd_mask, other=0.0), gate,
-                        NATIVE_DOT)
+            filt = dot(tap, tl.load(wc_layer + w_offsets, mask=cd_mask, other=0.0), filt, NATIVE_DOT, True)
+            gate = dot(tap, tl.load(wc_layer + gate_rows * wc_so + w_offsets, mask=cd_mask, other=0.0), gate,
+                       NATIVE_DOT, True)
         if KSIZE > 1:
-            slot = first_slot + position % queue
+            slot = first_slot + now % queue
             tl.store(cache_ptr + slot * cache_ss + cache_rows, x.to(cache_ptr.dtype.element_ty), mask=bc_mask)
         filt += tl.load(bc_ptr + layer * bc_sl + d * bc_so, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        gate += tl.load(bc_ptr + layer * bc_sl + (gate_channels + d) * bc_so, mask=d_mask, other=0.0).to(
+        gate += tl.load(bc_ptr + layer * bc_sl + (gate_rows + d) * bc_so, mask=d_mask, other=0.0).to(
             tl.float32)[None, :]
         if HAS_COND:
-            cond_offsets = layer * cond_sl + b64[:, None] * cond_sb + d[None, :] * cond_sc
+            cond_offsets = layer * cond_sl + b[:, None] * cond_sb + d[None, :] * cond_sc
             bd_mask = b_mask[:, None] & d_mask[None, :]
             filt += tl.load(cond_ptr + cond_offsets, mask=bd_mask, other=0.0).to(tl.float32)
-            gate += tl.load(cond_ptr + cond_offsets + gate_channels * cond_sc, mask=bd_mask, other=0.0).to(tl.float32)
+            gate += tl.load(cond_ptr + cond_offsets + gate_rows * cond_sc, mask=bd_mask, other=0.0).to(tl.float32)
         z = tanh(filt) * sigmoid(gate)
         z = tl.where(d_mask[None, :], z, 0.0).to(cache_ptr.dtype.element_ty)
         w_res = tl.load(wr_ptr + layer * wr_sl + c[None, :] * wr_so + d[:, None] * wr_si,
                         mask=d_mask[:, None] & c_mask[None, :], other=0.0)  # [D, C]
-        x = _dot(z, w_res, x, NATIVE_DOT)
+        x = dot(z, w_res, x, NATIVE_DOT, True)
         x += tl.load(br_ptr + layer * br_sl + c * br_so, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         # the layered forward stores each residual output in the model's dtype: round the same way
         x = x.to(cache_ptr.dtype.element_ty).to(tl.float32)
         w_skip = tl.load(ws_ptr + layer * ws_sl + s[None, :] * ws_so + d[:, None] * ws_si,
                          mask=d_mask[:, None] & s_mask[None, :], other=0.0)  # [D, S]
-        skip = _dot(z, w_skip, skip, NATIVE_DOT)
+        skip = dot(z, w_skip, skip, NATIVE_DOT, True)
         skip += tl.load(bs_ptr + layer * bs_sl + s * bs_so, mask=s_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(skip_out_ptr + b64[:, None] * skip_sb + s[None, :] * skip_sc, skip.to(skip_out_ptr.dtype.element_ty),
+    tl.store(skip_out_ptr + b[:, None] * skip_sb + s[None, :] * skip_sc, skip.to(skip_out_ptr.dtype.element_ty),
              mask=b_mask[:, None] & s_mask[None, :])
 
 
@@ -390,7 +423,7 @@ def _launch_wavenet_step(x, cache_buffer, layer_table, position, conv_weight, co
         *x.stride(), *cache_buffer.stride(), *conv_weight.stride(), *conv_bias.stride(), *cond_strides,
         *residual_weight.stride(), *residual_bias.stride(), *skip_weight.stride(), *skip_bias.stride(),
         *skip.stride(),
-        KSIZE=ksize, HAS_COND=cond_proj is not None, NATIVE_DOT=native_dot(),
+        KSIZE=ksize, HAS_COND=cond_proj is not None, NATIVE_DOT=native_dot(x.device),
         BLOCK_B=STEP_BLOCK_B, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_S=block_s,
         num_warps=_step_num_warps(block_c, block_d, block_s),
     )
@@ -478,7 +511,7 @@ def _residual_layer_setup_context(ctx, inputs, output):
 
 def _residual_layer_backward(ctx, grad_residual, grad_skip, _grad_h):
     x, h, conv_weight, residual_weight, skip_weight = ctx.saved_tensors
-    if h.numel() == 0 and x.numel() > 0:
+    if h.dim() != 3:  # the forward kept no pre-activation (the placeholder [0])
         raise RuntimeError("wavenet_residual_layer was called with save_for_backward=False; cannot differentiate")
     if grad_residual is None:
         grad_residual = torch.zeros_like(x)
@@ -518,7 +551,7 @@ def _wavenet_step_fake(x, cache_buffer, layer_table, position, conv_weight, conv
 # ----------------------------------------------------------------------------------------------------------------
 def _as_projection(weight: object, name: str, out_channels: Optional[int], in_channels: int) -> torch.Tensor:
     """A 1x1 projection weight as ``[out, in]``: accepts ``[out, in]`` or ``nn.Conv1d``'s ``[out, in, 1]``."""
-    check_float_tensor(weight, name, EAGER_DTYPES)
+    check_float_tensor(weight, name)
     if weight.dim() == 3 and weight.shape[2] == 1:
         weight = weight[..., 0]
     if weight.dim() != 2 or weight.shape[1] != in_channels or (out_channels is not None
@@ -531,10 +564,24 @@ def _as_projection(weight: object, name: str, out_channels: Optional[int], in_ch
 def _bias_or_zeros(bias: object, name: str, size: int, like: torch.Tensor) -> torch.Tensor:
     if bias is None:
         return like.new_zeros((size,))
-    check_float_tensor(bias, name, EAGER_DTYPES)
+    check_float_tensor(bias, name)
     if bias.dim() != 1 or bias.shape[0] != size:
         raise ValueError(f"{name} must have shape [{size}]; got {describe(bias)}")
     return bias
+
+
+def _check_layer_conv(x: object, conv_weight: object) -> int:
+    """Validate ``x [batch, R, time]`` and ``conv_weight [2D, R, k]``; returns ``D`` (0 is allowed)."""
+    check_float_tensor(x, "x")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D [batch, residual_channels, time]; got {describe(x)}")
+    check_float_tensor(conv_weight, "conv_weight")
+    if conv_weight.dim() != 3 or conv_weight.shape[1] != x.shape[1] or conv_weight.shape[2] < 1 \
+            or conv_weight.shape[0] % 2 != 0:
+        raise ValueError(f"conv_weight must be [2D, R, k] with R = x.shape[1] = {x.shape[1]}, an even number 2D of "
+                         f"output channels (filter and gate halves) and k >= 1; got {describe(conv_weight)}")
+    check_same_dtype(x, "x", conv_weight, "conv_weight")
+    return conv_weight.shape[0] // 2
 
 
 def _cond_projection(cond, cond_weight, gate_width: int, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -544,7 +591,7 @@ def _cond_projection(cond, cond_weight, gate_width: int, x: torch.Tensor) -> Opt
     if cond is None or cond_weight is None:
         missing = "cond" if cond is None else "cond_weight"
         raise ValueError(f"{missing} is None: conditioning needs both cond and cond_weight")
-    check_float_tensor(cond, "cond", EAGER_DTYPES)
+    check_float_tensor(cond, "cond")
     check_same_dtype(x, "x", cond, "cond")
     if cond.dim() not in (2, 3) or cond.shape[0] != x.shape[0] or (cond.dim() == 3 and cond.shape[2] != x.shape[2]):
         raise ValueError(f"cond must be [batch, C] = [{x.shape[0]}, C] (global) or [batch, C, time] = "
@@ -570,44 +617,42 @@ def wavenet_residual_layer(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias
     Forward is one pass over the activations, backward three (see the module docstring).
 
     Args:
-        x: ``[batch, R, time]`` (R residual channels), fp32/fp16/bf16, any strides.
+        x: ``[batch, R, time]`` (R residual channels), fp32/fp16/bf16 (fp64 runs the eager reference), any strides.
         conv_weight: ``[2D, R, k]``: the first D output channels are the filter, the last D the gate; any k >= 1.
         conv_bias: ``[2D]`` or None.
         residual_weight: ``[R, D]`` or ``[R, D, 1]``; residual_bias ``[R]`` or None.
         skip_weight: ``[S, D]`` or ``[S, D, 1]``; skip_bias ``[S]`` or None.
-        dilation: spacing of the causal taps, >= 1.
+        dilation: spacing of the causal taps, an int >= 1 (any size: taps before the start read zeros).
         cond, cond_weight: optional conditioning ``c``: global ``[batch, C]`` or local ``[batch, C, time]``,
             projected by ``cond_weight [2D, C]`` (or ``[2D, C, 1]``) and added to ``h`` before the gate.
         impl: "auto", "triton" or "eager".
 
+    Every tensor may have any strides (weights and biases included) and any size may be 0: an empty reduction
+    gives the math's value (``R = 0``: ``h`` is the bias; ``D = 0``: ``skip_out = b_skip``).
+
     Returns:
         ``(residual_out [batch, R, time], skip_out [batch, S, time])`` in ``x``'s dtype.
     """
-    device = check_conv_arguments(x, conv_weight, conv_bias, dilation, weight_name="conv_weight",
-                                  bias_name="conv_bias")
+    gate_channels = _check_layer_conv(x, conv_weight)
     two_d, channels = conv_weight.shape[0], x.shape[1]
-    if two_d % 2 != 0 or two_d == 0:
-        raise ValueError(f"conv_weight must have an even number 2D > 0 of output channels (filter and gate halves);"
-                         f" got {describe(conv_weight)}")
-    gate_channels = two_d // 2
+    dilation = check_int(dilation, "dilation", low=1)
     residual_weight = _as_projection(residual_weight, "residual_weight", channels, gate_channels)
     skip_weight = _as_projection(skip_weight, "skip_weight", None, gate_channels)
     conv_bias = _bias_or_zeros(conv_bias, "conv_bias", two_d, conv_weight)
     residual_bias = _bias_or_zeros(residual_bias, "residual_bias", channels, residual_weight)
     skip_bias = _bias_or_zeros(skip_bias, "skip_bias", skip_weight.shape[0], skip_weight)
-    named = [("residual_weight", residual_weight), ("residual_bias", residual_bias), ("skip_weight", skip_weight),
-             ("skip_bias", skip_bias)]
-    for name, tensor in named:
+    named = {"x": x, "conv_weight": conv_weight, "conv_bias": conv_bias, "residual_weight": residual_weight,
+             "residual_bias": residual_bias, "skip_weight": skip_weight, "skip_bias": skip_bias}
+    for name, tensor in named.items():
         check_same_dtype(x, "x", tensor, name)
-    check_same_device([("x", x)] + named)
+    check_same_device(named.items())
     cond_proj = _cond_projection(cond, cond_weight, two_d, x)
-    impl = resolve_impl(impl, device, "wavenet_residual_layer")
-    if impl == "triton":
-        check_kernel_dtype(x, "x", "wavenet_residual_layer")
-    if impl == "triton" and gate_channels > MAX_GATE_CHANNELS:
-        raise ValueError(f"wavenet_residual_layer: impl='triton' keeps the D = {gate_channels} gate channels of "
-                         f"conv_weight {describe(conv_weight)} in registers and supports D <= {MAX_GATE_CHANNELS};"
-                         " use impl='eager'")
+    reasons = []
+    if gate_channels > MAX_GATE_CHANNELS:
+        reasons.append(f"the kernels keep the D = {gate_channels} gate channels of conv_weight {describe(conv_weight)}"
+                       f" in registers and take D <= {MAX_GATE_CHANNELS}")
+    # every tensor was checked to share x's dtype and device: x stands for them all in the dtype and device reasons
+    impl = choose_impl(impl, "wavenet_residual_layer", {"x": x}, reasons)
     if impl == "eager":
         return wavenet_residual_layer_reference(x, conv_weight, conv_bias, residual_weight, residual_bias,
                                                 skip_weight, skip_bias, dilation, cond_proj)
@@ -628,22 +673,35 @@ class WaveNetCache:
     ``offset_l + t mod q_l``. A step at time ``t`` reads tap ``j < k - 1`` (time ``t - (k - 1 - j) d_l``) from
     its slot before writing time ``t``; the extra slot keeps that write off every slot the step reads. Taps before
     time 0 are zeros (masked), so the buffer needs no initialization. ``layer_table`` (int64
-    ``[layers, 3]``, on the device) holds ``(d_l, offset_l, q_l)``; ``position`` is the next time step.
+    ``[layers, 3]``, on the device) holds ``(d_l, offset_l, q_l)``, and ``offsets``/``queues`` the same numbers on
+    the host; ``position`` is the next time step.
+
+    Args:
+        dilations: the layers' dilations, a non-empty sequence of ints >= 1.
+        kernel_size: the width ``k >= 1`` of the layers' dilated convolutions.
+        batch_size: sequences generated together (>= 0); channels: the residual width ``R`` (>= 0).
+        device, dtype: where the queues live and their floating-point dtype (the model's).
     """
 
     def __init__(self, dilations: Sequence[int], kernel_size: int, batch_size: int, channels: int,
                  device=None, dtype: torch.dtype = torch.float32):
-        self.dilations = tuple(check_int(d, "dilations[i]") for d in dilations)
-        if not self.dilations or min(self.dilations) < 1:
-            raise ValueError(f"dilations must be a non-empty sequence of ints >= 1; got {list(dilations)}")
-        self.kernel_size = check_int(kernel_size, "kernel_size")
-        if self.kernel_size < 1:
-            raise ValueError(f"kernel_size must be >= 1; got {kernel_size}")
-        queues = [(self.kernel_size - 1) * d + 1 for d in self.dilations]
-        offsets = [sum(queues[:i]) for i in range(len(queues))]
-        self.layer_table = torch.tensor(list(zip(self.dilations, offsets, queues)), dtype=torch.int64,
+        if isinstance(dilations, (str, bytes)) or not isinstance(dilations, Sequence):
+            raise TypeError(f"dilations must be a sequence of ints >= 1 (a list or tuple), got "
+                            f"{type(dilations).__name__} {dilations!r}")
+        self.dilations = tuple(check_int(d, f"dilations[{i}]", low=1) for i, d in enumerate(dilations))
+        if not self.dilations:
+            raise ValueError("dilations must be a non-empty sequence of ints >= 1; got an empty sequence")
+        self.kernel_size = check_int(kernel_size, "kernel_size", low=1)
+        batch_size = check_int(batch_size, "batch_size", low=0)
+        channels = check_int(channels, "channels", low=0)
+        if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be a floating-point torch.dtype ({', '.join(map(str, FLOAT_DTYPES))}); "
+                            f"got {dtype!r}")
+        self.queues = tuple((self.kernel_size - 1) * d + 1 for d in self.dilations)
+        self.offsets = tuple(sum(self.queues[:i]) for i in range(len(self.queues)))
+        self.layer_table = torch.tensor(list(zip(self.dilations, self.offsets, self.queues)), dtype=torch.int64,
                                         device=device)
-        self.buffer = torch.empty((sum(queues), batch_size, channels), device=device, dtype=dtype)
+        self.buffer = torch.empty((sum(self.queues), batch_size, channels), device=device, dtype=dtype)
         self.position = 0
 
     @property
@@ -658,17 +716,18 @@ class WaveNetCache:
 def wavenet_step_reference(x, cache: WaveNetCache, conv_weight, conv_bias, residual_weight, residual_bias,
                            skip_weight, skip_bias, cond_proj=None) -> torch.Tensor:
     """One time step of a stack of residual layers in plain PyTorch, updating ``cache`` (Fast WaveNet):
-    for each layer ``l``, with ``x^(t-s)`` read from the layer's queue,
+    for each layer ``l``, with ``x^(t-s)`` read from the layer's queue (zeros before time 0),
 
         h = sum_j W_conv[l, :, :, j] x^(t - (k-1-j) d_l) + b_conv[l] (+ cond_proj[l]),  z = tanh(h_f) sigmoid(h_g)
         x <- x + W_res[l] z + b_res[l],   skip += W_skip[l] z + b_skip[l]
 
-    and the layer's input at time ``t`` is pushed to its queue. Returns the skip sum ``[batch, S]``."""
+    and the layer's input at time ``t`` is pushed to its queue. Returns the skip sum ``[batch, S]``. Reads the
+    layer table from the cache's host copy (no device read: works on ``meta`` tensors too)."""
     dtype = compute_dtype(x.dtype)
     ksize, t = cache.kernel_size, cache.position
     current = x.to(dtype)
     skip = torch.zeros((x.shape[0], skip_weight.shape[1]), device=x.device, dtype=dtype)
-    for layer, (dilation, first, queue) in enumerate(cache.layer_table.tolist()):
+    for layer, (dilation, first, queue) in enumerate(zip(cache.dilations, cache.offsets, cache.queues)):
         h = conv_bias[layer].to(dtype).expand(x.shape[0], -1)
         for j in range(ksize):
             back = (ksize - 1 - j) * dilation
@@ -676,8 +735,8 @@ def wavenet_step_reference(x, cache: WaveNetCache, conv_weight, conv_bias, resid
                 tap = current
             elif t >= back:
                 tap = cache.buffer[first + (t - back) % queue].to(dtype)
-            else:
-                continue
+            else:  # before time 0: zeros, multiplied as the layered forward's padding is
+                tap = torch.zeros_like(current)
             h = h + tap @ conv_weight[layer, :, :, j].to(dtype).T
         if ksize > 1:
             cache.buffer[first + t % queue] = current.to(cache.buffer.dtype)
@@ -691,7 +750,7 @@ def wavenet_step_reference(x, cache: WaveNetCache, conv_weight, conv_bias, resid
 
 
 def _check_stacked(tensor: object, name: str, shape: tuple, x: torch.Tensor) -> None:
-    check_float_tensor(tensor, name, EAGER_DTYPES)
+    check_float_tensor(tensor, name)
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)}; got {describe(tensor)}")
     check_same_dtype(x, "x", tensor, name)
@@ -707,17 +766,18 @@ def wavenet_step(x: torch.Tensor, cache: WaveNetCache, conv_weight: torch.Tensor
     One kernel launch for all layers; ``cache.position`` advances by one.
 
     Args:
-        x: ``[batch, R]``: the first layer's input at this time step.
+        x: ``[batch, R]``: the first layer's input at this time step (fp64 runs the eager reference).
         cache: the queues, made for these layers' dilations and kernel size, ``x``'s batch, channels and dtype.
         conv_weight ``[L, 2D, R, k]``, conv_bias ``[L, 2D]``, residual_weight ``[L, R, D]``,
-        residual_bias ``[L, R]``, skip_weight ``[L, S, D]``, skip_bias ``[L, S]``: the layers' weights stacked.
+        residual_bias ``[L, R]``, skip_weight ``[L, S, D]``, skip_bias ``[L, S]``: the layers' weights stacked,
+            any strides.
         cond_proj: ``[L, batch, 2D]``, each layer's global conditioning projection, or None.
         impl: "auto", "triton" or "eager".
 
     Returns:
         the skip sum ``sum_l skip_l`` at this time step, ``[batch, S]`` in ``x``'s dtype.
     """
-    check_float_tensor(x, "x", EAGER_DTYPES)
+    check_float_tensor(x, "x")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [batch, channels]; got {describe(x)}")
     if not isinstance(cache, WaveNetCache):
@@ -726,7 +786,7 @@ def wavenet_step(x: torch.Tensor, cache: WaveNetCache, conv_weight: torch.Tensor
     if (cache.batch_size, cache.channels) != (batch, channels) or cache.buffer.dtype != x.dtype:
         raise ValueError(f"cache was made for batch {cache.batch_size}, {cache.channels} channels, dtype "
                          f"{cache.buffer.dtype}; x has {describe(x)}")
-    check_float_tensor(conv_weight, "conv_weight", EAGER_DTYPES)
+    check_float_tensor(conv_weight, "conv_weight")
     if conv_weight.dim() != 4 or conv_weight.shape[0] != len(cache.dilations) or conv_weight.shape[2] != channels \
             or conv_weight.shape[3] != cache.kernel_size or conv_weight.shape[1] % 2 != 0:
         raise ValueError(f"conv_weight must be [layers, 2D, R, k] = [{len(cache.dilations)}, 2D, {channels}, "
@@ -734,31 +794,36 @@ def wavenet_step(x: torch.Tensor, cache: WaveNetCache, conv_weight: torch.Tensor
     layers, two_d = conv_weight.shape[:2]
     gate_channels = two_d // 2
     check_same_dtype(x, "x", conv_weight, "conv_weight")
-    check_float_tensor(skip_weight, "skip_weight", EAGER_DTYPES)
+    check_float_tensor(skip_weight, "skip_weight")
     skip_channels = skip_weight.shape[1] if skip_weight.dim() == 3 else -1
     _check_stacked(conv_bias, "conv_bias", (layers, two_d), x)
     _check_stacked(residual_weight, "residual_weight", (layers, channels, gate_channels), x)
     _check_stacked(residual_bias, "residual_bias", (layers, channels), x)
     _check_stacked(skip_weight, "skip_weight", (layers, skip_channels, gate_channels), x)
     _check_stacked(skip_bias, "skip_bias", (layers, skip_channels), x)
-    named = [("x", x), ("cache.buffer", cache.buffer), ("conv_weight", conv_weight), ("conv_bias", conv_bias),
-             ("residual_weight", residual_weight), ("residual_bias", residual_bias), ("skip_weight", skip_weight),
-             ("skip_bias", skip_bias)]
+    named = {"x": x, "cache.buffer": cache.buffer, "conv_weight": conv_weight, "conv_bias": conv_bias,
+             "residual_weight": residual_weight, "residual_bias": residual_bias, "skip_weight": skip_weight,
+             "skip_bias": skip_bias}
     if cond_proj is not None:
         _check_stacked(cond_proj, "cond_proj", (layers, batch, two_d), x)
-        named.append(("cond_proj", cond_proj))
-    device = check_same_device(named)
-    impl = resolve_impl(impl, device, "wavenet_step")
-    if impl == "triton":
-        check_kernel_dtype(x, "x", "wavenet_step")
+        named["cond_proj"] = cond_proj
+    check_same_device(list(named.items()) + [("cache.layer_table", cache.layer_table)])
+    reasons = []
+    if x.dtype in MAX_STEP_CHANNELS:
         limit = MAX_STEP_CHANNELS[x.dtype]
-        reasons = [f"{name}={value} > {bound}" for name, value, bound in (
+        wide = [f"{name}={value} > {bound}" for name, value, bound in (
             ("R", channels, limit), ("D", gate_channels, limit), ("S", skip_channels, MAX_STEP_SKIP_CHANNELS))
             if value > bound]
-        if reasons:
-            raise ValueError(f"wavenet_step: impl='triton' keeps a layer's weights on chip and supports R, D <= "
-                             f"{limit} for {x.dtype} and S <= {MAX_STEP_SKIP_CHANNELS}; got {', '.join(reasons)} "
-                             "(conv_weight, skip_weight); use impl='eager'")
+        if wide:
+            reasons.append(f"the kernel keeps a layer's weights on chip and takes R, D <= {limit} for {x.dtype} and "
+                           f"S <= {MAX_STEP_SKIP_CHANNELS}; got {', '.join(wide)} (conv_weight "
+                           f"{describe(conv_weight)}, skip_weight {describe(skip_weight)})")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in named.values()):
+        wanting = [name for name, t in named.items() if t.requires_grad]
+        reasons.append(f"{', '.join(wanting)} require(s) grad: the step kernel has no backward (it is for sampling, "
+                       "under torch.no_grad()); the eager reference differentiates")
+    impl = choose_impl(impl, "wavenet_step", {"x": x}, reasons)  # the rest share x's dtype and device
+    if impl == "triton":
         skip = torch.ops.genkernels.wavenet_step(x, cache.buffer, cache.layer_table, cache.position, conv_weight,
                                                  conv_bias, cond_proj, residual_weight, residual_bias,
                                                  skip_weight, skip_bias)

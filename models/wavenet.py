@@ -14,28 +14,48 @@ sample;
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genkernels.kernels.causal_conv import causal_conv1d
-from genkernels.kernels.checks import check_int, check_real, describe
+from genkernels.kernels.checks import (
+    check_bool,
+    check_float_tensor,
+    check_in_range,
+    check_int,
+    check_integer_tensor,
+    check_real,
+    describe,
+)
 from genkernels.kernels.wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # mu-law companding
 # ----------------------------------------------------------------------------------------------------------------
+def _check_classes(classes: torch.Tensor, name: str, num_classes: int) -> None:
+    """Every value of the integer tensor ``classes`` in ``[0, num_classes)``: a host ``ValueError`` for CPU
+    tensors, an asynchronous device assert on a GPU. Narrow dtypes are compared in int32, where the bound is
+    representable (a uint8 tensor compared with 256 would compare with 256 wrapped to 0)."""
+    check_in_range(classes.to(torch.int32) if classes.element_size() < 4 else classes, name, 0, num_classes)
+
+
 def mu_law_encode(audio: torch.Tensor, quantization_channels: int = 256) -> torch.Tensor:
     """Audio in [-1, 1] to integer classes in [0, Q) (ITU-T G.711 mu-law; WaveNet Sec. 2.2), ``mu = Q - 1``:
 
         f(x) = sign(x) * ln(1 + mu |x|) / ln(1 + mu),    class = round((f(x) + 1) / 2 * mu)
 
-    Values outside [-1, 1] are clipped first. Returns int64 classes of ``audio``'s shape."""
-    mu = quantization_channels - 1
-    x = audio.to(torch.float64).clamp(-1.0, 1.0)
+    ``audio``: a floating-point tensor with every value in [-1, 1] (NaN, +-Inf and values outside are rejected:
+    a ``ValueError`` for CPU tensors, a device assert on a GPU); ``quantization_channels``: an int ``Q >= 2``.
+    Returns int64 classes of ``audio``'s shape."""
+    check_float_tensor(audio, "audio")
+    mu = check_int(quantization_channels, "quantization_channels", low=2) - 1
+    check_in_range(audio, "audio", -1.0, 1.0, high_inclusive=True)
+    x = audio.to(torch.float64)
     companded = torch.sign(x) * torch.log1p(mu * x.abs()) / math.log1p(mu)
     return torch.round((companded + 1) / 2 * mu).to(torch.int64)
 
@@ -45,7 +65,11 @@ def mu_law_decode(classes: torch.Tensor, quantization_channels: int = 256) -> to
 
         y = 2 * class / mu - 1,    x = sign(y) * ((1 + mu)^|y| - 1) / mu
 
-    Returns float32."""
+    ``classes``: an integer tensor with every value in [0, Q) (checked: a ``ValueError`` for CPU tensors, a device
+    assert on a GPU); ``quantization_channels``: an int ``Q >= 2``. Returns float32."""
+    check_integer_tensor(classes, "classes")
+    quantization_channels = check_int(quantization_channels, "quantization_channels", low=2)
+    _check_classes(classes, "classes", quantization_channels)
     mu = quantization_channels - 1
     y = 2 * classes.to(torch.float64) / mu - 1
     return (torch.sign(y) * (torch.pow(1.0 + mu, y.abs()) - 1) / mu).to(torch.float32)
@@ -123,17 +147,32 @@ class WaveNet(nn.Module):
             (10 layers: 1..512).
         dilations: an explicit list instead of the stacks.
         global_cond_channels: width of an optional global conditioning vector (e.g. a speaker embedding), 0 = none.
+
+    Every size is an int: ``num_classes >= 2``, the widths, ``kernel_size``, ``num_stacks`` and
+    ``layers_per_stack >= 1`` (a zero-width layer computes nothing), ``global_cond_channels >= 0``; ``dilations``
+    a non-empty sequence of ints >= 1. Anything else raises an error that names the argument.
     """
 
     def __init__(self, num_classes: int = 256, residual_channels: int = 64, dilation_channels: int = 64,
                  skip_channels: int = 256, kernel_size: int = 2, num_stacks: int = 3, layers_per_stack: int = 10,
                  dilations: Optional[Sequence[int]] = None, global_cond_channels: int = 0):
         super().__init__()
+        num_classes = check_int(num_classes, "num_classes", low=2)
+        residual_channels = check_int(residual_channels, "residual_channels", low=1)
+        dilation_channels = check_int(dilation_channels, "dilation_channels", low=1)
+        skip_channels = check_int(skip_channels, "skip_channels", low=1)
+        kernel_size = check_int(kernel_size, "kernel_size", low=1)
+        num_stacks = check_int(num_stacks, "num_stacks", low=1)
+        layers_per_stack = check_int(layers_per_stack, "layers_per_stack", low=1)
+        global_cond_channels = check_int(global_cond_channels, "global_cond_channels", low=0)
         if dilations is None:
             dilations = [2**i for i in range(layers_per_stack)] * num_stacks
-        self.dilations = tuple(check_int(d, "dilations[i]") for d in dilations)
-        if not self.dilations or min(self.dilations) < 1:
-            raise ValueError(f"dilations must be a non-empty list of ints >= 1; got {list(dilations)}")
+        elif isinstance(dilations, (str, bytes)) or not isinstance(dilations, Sequence):
+            raise TypeError(f"dilations must be None or a sequence of ints >= 1 (a list or tuple), got "
+                            f"{type(dilations).__name__} {dilations!r}")
+        self.dilations = tuple(check_int(d, f"dilations[{i}]", low=1) for i, d in enumerate(dilations))
+        if not self.dilations:
+            raise ValueError("dilations must be a non-empty sequence of ints >= 1; got an empty sequence")
         self.num_classes = num_classes
         self.kernel_size = kernel_size
         self.global_cond_channels = global_cond_channels
@@ -154,6 +193,8 @@ class WaveNet(nn.Module):
             if cond is not None:
                 raise ValueError("cond was given but the model has global_cond_channels=0")
             return
+        if cond is not None:
+            check_float_tensor(cond, "cond")
         if cond is None or cond.dim() != 2 or tuple(cond.shape) != (batch, self.global_cond_channels):
             got = "None" if cond is None else describe(cond)
             raise ValueError(f"cond must be [batch, global_cond_channels] = [{batch}, "
@@ -166,13 +207,21 @@ class WaveNet(nn.Module):
             return F.linear(hidden, self.output2.weight[..., 0], self.output2.bias)
         return self.output2(F.relu(self.output1(F.relu(skip))))
 
+    def _check_classes(self, x: object) -> torch.Tensor:
+        check_integer_tensor(x, "x")
+        if x.dim() != 2:
+            raise ValueError(f"x must be integer classes [batch, time]; got {describe(x)}")
+        # a host ValueError for CPU tensors; on a GPU an asynchronous device assert (no sync)
+        _check_classes(x, "x", self.num_classes)
+        return x
+
     def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x``: int64 classes ``[batch, time]`` -> logits ``[batch, num_classes, time]``; ``logits[..., t]``
-        predicts ``x[:, t + 1]`` from ``x[:, :t + 1]``. ``cond``: ``[batch, global_cond_channels]`` or None."""
-        if x.dim() != 2 or x.dtype != torch.int64:
-            raise ValueError(f"x must be int64 classes [batch, time]; got {describe(x)}")
+        """``x``: integer classes in ``[0, num_classes)``, ``[batch, time]`` -> logits ``[batch, num_classes,
+        time]``; ``logits[..., t]`` predicts ``x[:, t + 1]`` from ``x[:, :t + 1]``. ``cond``:
+        ``[batch, global_cond_channels]`` or None."""
+        self._check_classes(x)
         self._check_cond(cond, x.shape[0])
-        h = self.embedding(x).transpose(1, 2)  # [batch, R, time], a strided view the kernels read as is
+        h = self.embedding(x.long()).transpose(1, 2)  # [batch, R, time], a strided view the kernels read as is
         skip_sum = None
         for layer in self.layers:
             h, skip = layer(h, cond)
@@ -180,9 +229,10 @@ class WaveNet(nn.Module):
         return self._head(skip_sum)
 
     def loss(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean next-sample cross entropy in nats: ``-log p(x[t + 1] | x[<= t])`` over ``t < time - 1``."""
+        """Mean next-sample cross entropy in nats: ``-log p(x[t + 1] | x[<= t])`` over ``t < time - 1``; ``x`` is
+        range-checked as in :meth:`forward` (it holds the targets too)."""
         logits = self.forward(x, cond)
-        return F.cross_entropy(logits[:, :, :-1].float(), x[:, 1:])
+        return F.cross_entropy(logits[:, :, :-1].float(), x[:, 1:].long())
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation
@@ -212,6 +262,7 @@ class WaveNet(nn.Module):
         if num_samples < 0 or batch_size < 0:
             raise ValueError(f"num_samples and batch_size must be >= 0; got {num_samples}, {batch_size}")
         temperature = check_real(temperature, "temperature", low=0.0, low_inclusive=False)
+        use_cache = check_bool(use_cache, "use_cache")
         self._check_cond(cond, batch_size)
         device = self.embedding.weight.device
         current = torch.full((batch_size,), self.num_classes // 2, dtype=torch.int64, device=device)

@@ -74,13 +74,51 @@ def test_mu_law_round_trips():
     gaps = torch.cat([levels[1:] - levels[:-1], levels[-1:] - levels[-2:-1]])
     widest = torch.maximum(gaps[encoded], gaps[(encoded - 1).clamp(min=0)])
     assert bool(((decoded - audio).abs() <= widest).all())
-    assert mu_law_encode(torch.tensor([0.0, 2.0, -3.0])).tolist() == [128, 255, 0]
+    assert mu_law_encode(torch.tensor([0.0, 1.0, -1.0])).tolist() == [128, 255, 0]
 
 
 def test_mu_law_matches_closed_form_at_a_point():
     x = torch.tensor([0.5], dtype=torch.float64)
     companded = math.log1p(255 * 0.5) / math.log1p(255)
     assert mu_law_encode(x).item() == round((companded + 1) / 2 * 255)
+
+
+def test_mu_law_other_quantizations_and_integer_dtypes():
+    for levels in (2, 16, 1024):
+        classes = torch.arange(levels, dtype=torch.int32)
+        audio = mu_law_decode(classes, levels)
+        assert audio[0] == -1 and audio[-1] == 1
+        assert torch.equal(mu_law_encode(audio, levels), classes.long())
+    assert torch.equal(mu_law_decode(torch.arange(256, dtype=torch.uint8)), mu_law_decode(torch.arange(256)))
+    assert mu_law_encode(torch.tensor([0.25], dtype=torch.bfloat16)).dtype == torch.int64
+
+
+@pytest.mark.parametrize("audio,levels,error,name", [
+    (torch.tensor([0.0, float("nan")]), 256, ValueError, "audio"),  # encoded to INT64_MIN before
+    (torch.tensor([0.5, 1.5]), 256, ValueError, "audio"),
+    (torch.tensor([float("-inf")]), 256, ValueError, "audio"),
+    (torch.tensor([0, 1]), 256, TypeError, "audio"),
+    ([0.0, 0.5], 256, TypeError, "audio"),
+    (torch.tensor([0.5]), 1, ValueError, "quantization_channels"),
+    (torch.tensor([0.5]), 256.0, TypeError, "quantization_channels"),
+])
+def test_mu_law_encode_rejects_bad_input(audio, levels, error, name):
+    with pytest.raises(error, match=name):
+        mu_law_encode(audio, levels)
+
+
+@pytest.mark.parametrize("classes,levels,error,name", [
+    (torch.tensor([0, 256]), 256, ValueError, "classes"),  # decoded outside [-1, 1] before
+    (torch.tensor([-1, 3]), 256, ValueError, "classes"),
+    (torch.tensor([5]), 4, ValueError, "classes"),
+    (torch.tensor([0.0, 1.0]), 256, TypeError, "classes"),
+    ([0, 1], 256, TypeError, "classes"),
+    (torch.tensor([0]), 0, ValueError, "quantization_channels"),
+    (torch.tensor([0]), "256", TypeError, "quantization_channels"),
+])
+def test_mu_law_decode_rejects_bad_input(classes, levels, error, name):
+    with pytest.raises(error, match=name):
+        mu_law_decode(classes, levels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,8 +198,10 @@ def test_generate_rejects_bad_arguments():
         model.generate(3, temperature=0.0)
     with pytest.raises(ValueError, match="cond"):
         model.generate(3, cond=torch.randn(1, 2))
-    with pytest.raises(ValueError, match="x"):
+    with pytest.raises(TypeError, match="x"):
         model(torch.randn(1, 10))
+    with pytest.raises(TypeError, match="use_cache"):
+        model.generate(3, use_cache=1)
 
 
 def test_short_training_converges_under_both_impls(device):
@@ -183,3 +223,87 @@ def test_short_training_converges_under_both_impls(device):
         curves[impl] = losses
     assert curves["triton"][-1] < 0.6 * curves["triton"][0]
     torch.testing.assert_close(torch.tensor(curves["triton"]), torch.tensor(curves["eager"]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs,error,name", [
+    (dict(num_classes=16.0), TypeError, "num_classes"),
+    (dict(num_classes=1), ValueError, "num_classes"),
+    (dict(residual_channels=0), ValueError, "residual_channels"),  # gave garbage logits (an unwritten skip)
+    (dict(residual_channels=8.0), TypeError, "residual_channels"),
+    (dict(dilation_channels=-1), ValueError, "dilation_channels"),
+    (dict(skip_channels=0), ValueError, "skip_channels"),
+    (dict(kernel_size=0), ValueError, "kernel_size"),
+    (dict(kernel_size=True), TypeError, "kernel_size"),
+    (dict(num_stacks=0, dilations=None), ValueError, "num_stacks"),
+    (dict(layers_per_stack=-2, dilations=None), ValueError, "layers_per_stack"),
+    (dict(dilations=[1, 0]), ValueError, "dilations"),
+    (dict(dilations=[1, 2.0]), TypeError, "dilations"),
+    (dict(dilations=[]), ValueError, "dilations"),
+    (dict(dilations="124"), TypeError, "dilations"),
+    (dict(global_cond_channels=-1), ValueError, "global_cond_channels"),
+])
+def test_model_rejects_bad_configuration(kwargs, error, name):
+    options = dict(residual_channels=8, dilation_channels=8, skip_channels=16, kernel_size=2, dilations=(1, 2))
+    options.update(kwargs)
+    with pytest.raises(error, match=name):
+        WaveNet(**options)
+
+
+@pytest.mark.parametrize("case,error", [
+    ("list", TypeError), ("float", TypeError), ("rank", ValueError), ("too_big", ValueError),
+    ("negative", ValueError),
+])
+def test_forward_and_loss_range_check_the_classes(case, error):
+    """Classes are checked on the host for CPU tensors (on a GPU: a device assert, no sync) before the embedding
+    or the cross entropy sees them."""
+    model = _tiny_wavenet("cpu")
+    x = _classes(2, 9, "cpu")
+    bad = {"list": x.tolist(), "float": x.float(), "rank": x[None],
+           "too_big": x.clone().index_fill_(1, torch.tensor([4]), 256),
+           "negative": x.clone().index_fill_(1, torch.tensor([8]), -1)}[case]
+    with pytest.raises(error, match="x"):
+        model(bad)
+    with pytest.raises(error, match="x"):
+        model.loss(bad)
+
+
+def test_forward_takes_any_integer_dtype_and_rejects_bad_cond():
+    model = _tiny_wavenet("cpu", global_cond_channels=2)
+    x = _classes(2, 9, "cpu")
+    cond = torch.randn(2, 2)
+    with use_impl("eager"), torch.no_grad():
+        expected = model(x, cond)
+        for dtype in (torch.uint8, torch.int16, torch.int32):
+            assert torch.equal(model(x.to(dtype), cond), expected)
+        assert torch.isfinite(model.loss(x.to(torch.int32), cond))
+    with pytest.raises(TypeError, match="cond"):
+        model(x, cond.tolist())
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_meta_model_gives_shapes(impl):
+    """A model on the meta device: logits and generated samples get their shapes, with no host read."""
+    model = _tiny_wavenet("cpu").to("meta")
+    x = torch.zeros(2, 9, dtype=torch.int64, device="meta")
+    with use_impl(impl), torch.no_grad():
+        assert model(x).shape == (2, 256, 9)
+        for use_cache in (True, False):
+            samples = model.generate(3, batch_size=2, use_cache=use_cache)
+            assert samples.shape == (2, 3) and samples.device.type == "meta"
+
+
+def test_model_compiles_with_fullgraph_and_dynamic_shapes(device):
+    """Forward and loss under torch.compile(fullgraph=True, dynamic=True): the class range check becomes a device
+    assert inside the graph (no host sync), and still fires."""
+    model = _tiny_wavenet(device, num_classes=16, dilations=(1, 2))
+    x = torch.randint(0, 16, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    with use_impl("triton"):
+        forward = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+        torch.testing.assert_close(forward(x), model(x), rtol=0, atol=0)
+        loss = torch.compile(model.loss, fullgraph=True, dynamic=True, backend="aot_eager")
+        torch.testing.assert_close(loss(x), model.loss(x), rtol=1e-6, atol=1e-6)
+        if device == "cpu":  # on a GPU the assert is a device-side error that ends the process's CUDA context
+            bad = x.clone()
+            bad[0, 3] = 16
+            with pytest.raises(RuntimeError, match="x must lie in"):
+                forward(bad)
