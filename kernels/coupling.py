@@ -27,24 +27,23 @@ writes ``dx`` and ``da``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .checks import (
-    FLOAT_DTYPES,
     check_bool,
     check_choice,
+    check_float_like,
     check_float_tensor,
     check_min_rank,
     check_same_device,
-    check_same_dtype,
-    check_same_shape,
-    describe,
 )
 from .launch import MAX_GRID_YZ, CompileVariant, batch_chunks, elementwise_block, per_sample_layout
-from .runtime import compute_dtype, default_impl, resolve_impl
+from .runtime import choose_impl, compute_dtype
 from .triton_helpers import sample_offsets, sigmoid
 
 SCALE_FNS = ("exp", "sigmoid")
@@ -98,7 +97,7 @@ def _softplus(t):
     one_plus = 1.0 + e
     rounds_to_one = one_plus == 1.0
     log1p = tl.where(rounds_to_one, e, tl.log(one_plus) * e / tl.where(rounds_to_one, 1.0, one_plus - 1.0))
-    return tl.maximum(t, 0.0) + log1p
+    return tl.maximum(t, 0.0, propagate_nan=tl.PropagateNan.ALL) + log1p
 
 
 @triton.jit
@@ -175,8 +174,8 @@ def _affine_coupling_bwd_kernel(
     u_sb, u_s0, u_s1, u_s2, u_s3,
     a_sb, a_s0, a_s1, a_s2, a_s3,
     gy_sb, gy_s0, gy_s1, gy_s2, gy_s3,
-    SIGMOID: tl.constexpr, REVERSE: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
-    SAMPLES: tl.constexpr,
+    SIGMOID: tl.constexpr, REVERSE: tl.constexpr, HAS_GRAD_Y: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr,
+    BLOCK: tl.constexpr, SAMPLES: tl.constexpr,
 ):
     batch_index = (batch_start + tl.program_id(1) * SAMPLES + tl.arange(0, SAMPLES))[:, None]
     inner = (tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64))[None, :]
@@ -187,21 +186,29 @@ def _affine_coupling_bwd_kernel(
                                INNER_CONTIGUOUS)
     a_offsets = sample_offsets(batch_index, inner, a_sb, a_s0, a_s1, a_s2, a_s3, size1, size2, size3,
                                INNER_CONTIGUOUS)
-    gy_offsets = sample_offsets(batch_index, inner, gy_sb, gy_s0, gy_s1, gy_s2, gy_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    # saved = x (forward direction) or the output y (reverse direction)
-    saved = tl.load(saved_ptr + u_offsets, mask=mask, other=0.0).to(tl.float32)
     raw = tl.load(log_scale_ptr + a_offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_y = tl.load(grad_y_ptr + gy_offsets, mask=mask, other=0.0).to(tl.float32)
     grad_logdet = tl.load(grad_logdet_ptr + batch_index.to(tl.int64) * grad_logdet_stride, mask=in_batch,
                           other=0.0).to(tl.float32)
 
     _, multiplier, dlog = _scale_terms(raw, SIGMOID, REVERSE)
-    grad_x = grad_y * multiplier
-    if REVERSE:
-        grad_a = -(grad_y * saved + grad_logdet) * dlog
+    if HAS_GRAD_Y:
+        gy_offsets = sample_offsets(batch_index, inner, gy_sb, gy_s0, gy_s1, gy_s2, gy_s3, size1, size2, size3,
+                                    INNER_CONTIGUOUS)
+        # saved = x (forward direction) or the output y (reverse direction)
+        saved = tl.load(saved_ptr + u_offsets, mask=mask, other=0.0).to(tl.float32)
+        grad_y = tl.load(grad_y_ptr + gy_offsets, mask=mask, other=0.0).to(tl.float32)
+        grad_x = grad_y * multiplier
+        if REVERSE:
+            grad_a = -(grad_y * saved + grad_logdet) * dlog
+        else:
+            grad_a = (grad_x * saved + grad_logdet) * dlog
     else:
-        grad_a = (grad_x * saved + grad_logdet) * dlog
+        # only logdet was used: y's terms are dropped, not multiplied by a zero gradient (inf * 0 = NaN)
+        grad_x = tl.zeros_like(raw)
+        if REVERSE:
+            grad_a = -grad_logdet * dlog
+        else:
+            grad_a = grad_logdet * dlog
 
     gx_offsets = sample_offsets(batch_index, inner, gx_sb, gx_s0, gx_s1, gx_s2, gx_s3, size1, size2, size3,
                                 INNER_CONTIGUOUS)
@@ -251,19 +258,24 @@ def _launch_forward(x, log_scale, shift, scale_fn: str, reverse: bool):
 def _launch_backward(grad_y, grad_logdet, saved, log_scale, scale_fn: str, reverse: bool):
     # grad_log_scale takes grad_x's layout: in the one layout per_sample_layout cannot walk (rank > 5, scattered
     # strides) it returns a dense copy of every tensor after the first, and the kernel writes and we return ga_.
+    # grad_y None: only logdet was used (the kernel drops y's terms).
     grad_x = torch.empty_like(saved)
     grad_a = torch.empty_like(grad_x)
     if saved.numel() == 0:
         return grad_x, grad_a
-    layout, (gx_, ga_, u_, a_, gy_) = per_sample_layout([grad_x, grad_a, saved, log_scale, grad_y])
+    walked = [grad_x, grad_a, saved, log_scale] + ([grad_y] if grad_y is not None else [])
+    layout, tensors = per_sample_layout(walked)
+    gx_, ga_, u_, a_ = tensors[:4]
+    gy_ = tensors[4] if grad_y is not None else u_  # a pointer the HAS_GRAD_Y=False branch never reads
+    gy_strides = layout.strides[4] if grad_y is not None else layout.strides[2]
     block, samples, num_warps = _tile_config(layout.inner_numel)
     for start, end, grid in _grids(layout, block, samples):
         _affine_coupling_bwd_kernel[grid](
             gx_, ga_, u_, a_, gy_, grad_logdet,
             start, end, layout.inner_numel, grad_logdet.stride(0), *layout.inner_sizes[1:],
-            *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.strides[3], *layout.strides[4],
-            SIGMOID=scale_fn == "sigmoid", REVERSE=reverse, INNER_CONTIGUOUS=layout.inner_contiguous,
-            BLOCK=block, SAMPLES=samples, num_warps=num_warps,
+            *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.strides[3], *gy_strides,
+            SIGMOID=scale_fn == "sigmoid", REVERSE=reverse, HAS_GRAD_Y=grad_y is not None,
+            INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=block, SAMPLES=samples, num_warps=num_warps,
         )
     return gx_, ga_
 
@@ -274,7 +286,8 @@ def compile_variants() -> list[CompileVariant]:
     variants = []
     for kernel in (_affine_coupling_fwd_kernel, _affine_coupling_bwd_kernel):
         pointers = {"partial_ptr": "*fp32", "grad_logdet_ptr": "*fp32"}
-        base = dict(SIGMOID=False, REVERSE=False, INNER_CONTIGUOUS=True)
+        backward = kernel is _affine_coupling_bwd_kernel
+        base = dict(SIGMOID=False, REVERSE=False, INNER_CONTIGUOUS=True, **({"HAS_GRAD_Y": True} if backward else {}))
 
         def variant(data_type, config, **switches):
             block, samples, num_warps = config
@@ -285,6 +298,9 @@ def compile_variants() -> list[CompileVariant]:
         variants += [variant("fp16", configs[-1], SIGMOID=True, INNER_CONTIGUOUS=False),
                      variant("bf16", configs[-1], REVERSE=True),
                      variant("bf16", configs[0], SIGMOID=True, REVERSE=True)]
+        if backward:
+            variants += [variant("fp32", configs[-1], HAS_GRAD_Y=False),
+                         variant("fp16", configs[0], SIGMOID=True, REVERSE=True, HAS_GRAD_Y=False)]
     return variants
 
 
@@ -303,7 +319,7 @@ def _affine_coupling_fake(x, log_scale, shift, scale_fn, reverse):
 
 
 @torch.library.custom_op("genkernels::affine_coupling_backward", mutates_args=())
-def _affine_coupling_backward_op(grad_y: torch.Tensor, grad_logdet: torch.Tensor, saved: torch.Tensor,
+def _affine_coupling_backward_op(grad_y: Optional[torch.Tensor], grad_logdet: torch.Tensor, saved: torch.Tensor,
                                  log_scale: torch.Tensor, scale_fn: str,
                                  reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_backward(grad_y, grad_logdet, saved, log_scale, scale_fn, reverse)
@@ -319,18 +335,23 @@ def _setup_context(ctx, inputs, output):
     x, log_scale, _, scale_fn, reverse = inputs
     y, _ = output
     ctx.scale_fn, ctx.reverse = scale_fn, reverse
+    # an unused output's gradient stays None (not a zero tensor), so the backward drops its terms
+    ctx.set_materialize_grads(False)
     # The reverse gradient of log_scale needs y = (x - shift) / scale: keeping y saves reading x and shift.
     ctx.save_for_backward(y if reverse else x, log_scale)
 
 
 def _backward(ctx, grad_y, grad_logdet):
     saved, log_scale = ctx.saved_tensors
-    grad_y = torch.zeros_like(saved) if grad_y is None else grad_y
     if grad_logdet is None:
+        # added to y's term, never multiplied into one: a zero gradient is exact here
         grad_logdet = saved.new_zeros((saved.shape[0],), dtype=torch.float32)
     grad_x, grad_a = torch.ops.genkernels.affine_coupling_backward(grad_y, grad_logdet.float(), saved, log_scale,
                                                                    ctx.scale_fn, ctx.reverse)
-    grad_shift = -grad_x if ctx.reverse else grad_y
+    if grad_y is None:
+        grad_shift = torch.zeros_like(grad_x)
+    else:
+        grad_shift = -grad_x if ctx.reverse else grad_y
     return grad_x, grad_a, grad_shift, None, None
 
 
@@ -341,30 +362,14 @@ _affine_coupling_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function
 # ----------------------------------------------------------------------------------------------------------------
 def _check_inputs(x, log_scale, shift, scale_fn, reverse) -> torch.device:
-    dtypes = FLOAT_DTYPES + (torch.float64,)
-    for name, tensor in (("x", x), ("log_scale", log_scale), ("shift", shift)):
-        check_float_tensor(tensor, name, dtypes)
+    check_float_tensor(x, "x")
     check_min_rank(x, "x", 2, "[batch, ...]")
-    check_same_shape(x, "x", log_scale, "log_scale")
-    check_same_shape(x, "x", shift, "shift")
-    check_same_dtype(x, "x", log_scale, "log_scale")
-    check_same_dtype(x, "x", shift, "shift")
+    check_float_like(log_scale, "log_scale", x, "x", same_dtype=True)
+    check_float_like(shift, "shift", x, "x", same_dtype=True)
     device = check_same_device([("x", x), ("log_scale", log_scale), ("shift", shift)])
     check_choice(scale_fn, "scale_fn", SCALE_FNS)
     check_bool(reverse, "reverse")
     return device
-
-
-def _resolve(impl: str, x: torch.Tensor) -> str:
-    """``resolve_impl``, plus: float64 tensors (gradient checks, Jacobians) run the reference, since the kernels
-    compute in fp32; asking for the kernels explicitly on float64 is an error."""
-    resolved = resolve_impl(impl, x.device, "affine_coupling")
-    if x.dtype != torch.float64:
-        return resolved
-    if (default_impl() if impl == "auto" else impl) == "triton":
-        raise ValueError(f"affine_coupling: impl='triton' supports float32, float16 and bfloat16 (fp32 math); "
-                         f"got x with {describe(x)}; use impl='eager' or 'auto' for float64")
-    return "eager"
 
 
 def affine_coupling(x: torch.Tensor, log_scale: torch.Tensor, shift: torch.Tensor, *, scale_fn: str = "exp",
@@ -378,8 +383,8 @@ def affine_coupling(x: torch.Tensor, log_scale: torch.Tensor, shift: torch.Tenso
     ``shift`` through both outputs.
 
     Args:
-        x: the half being transformed, ``[batch, ...]`` (at least 2-D), fp32/fp16/bf16 (fp64: reference only),
-            any strides.
+        x: the half being transformed, ``[batch, ...]`` (at least 2-D, any sizes including 0: an empty sample's
+            logdet is 0), fp32/fp16/bf16 for the kernels (fp64 runs the reference in fp64), any strides.
         log_scale: the conditioner's raw scale output, same shape, dtype and device as ``x``.
         shift: the conditioner's shift output, same shape, dtype and device as ``x``.
         scale_fn: "exp" or "sigmoid".
@@ -389,8 +394,11 @@ def affine_coupling(x: torch.Tensor, log_scale: torch.Tensor, shift: torch.Tenso
     Returns:
         ``(y, logdet)``: ``y`` with the shape and dtype of ``x``; ``logdet`` of shape ``[batch]`` in fp32 (fp64 for
         fp64 inputs).
+
+    NaN and +-Inf follow the formulas above under both impls (``inf * 0 = NaN``, as plain PyTorch): a gradient
+    that only flows from ``logdet`` leaves ``y``'s terms out rather than multiplying them by zero.
     """
     _check_inputs(x, log_scale, shift, scale_fn, reverse)
-    if _resolve(impl, x) == "eager":
+    if choose_impl(impl, "affine_coupling", {"x": x, "log_scale": log_scale, "shift": shift}) == "eager":
         return affine_coupling_reference(x, log_scale, shift, scale_fn, reverse)
     return torch.ops.genkernels.affine_coupling(x, log_scale, shift, scale_fn, reverse)

@@ -38,7 +38,7 @@ from .launch import (
     draw_philox_seed,
     elementwise_block_configs,
 )
-from .runtime import compute_dtype, resolve_impl
+from .runtime import choose_impl, compute_dtype
 from .triton_helpers import noise_values, sample_block, sample_offsets
 
 LN2 = math.log(2.0)
@@ -47,6 +47,8 @@ SQRT_HALF = math.sqrt(0.5)
 EXP_PRODUCT_IN_LOG_ABOVE = 64.0
 # Below this |logvar| the KL term exp(l) - 1 - l is summed as its Taylor series (exp would cancel).
 SERIES_BELOW = 0.5
+# Above this logvar the KL term exp(l) - 1 - l is exp(l) to the last digit of fp64 (1 + l < 1e-26 exp(l)).
+EXP_ONLY_ABOVE = 64.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,13 +60,16 @@ def _kl_terms(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     ``sum_{k>=2} l^k / k!`` (to ``k = 9``, relative error < 1e-7) where ``exp(l) - 1 - l`` would cancel. In fp64
     (the test oracle) ``expm1(l) - l``."""
     half_mu = m * SQRT_HALF
+    # above EXP_ONLY_ABOVE, 1 + l is below the last digit of exp(l) (fp32 and fp64): the term is exp(l) / 2, and
+    # stays +inf at l = +inf (the KL of an infinite variance) where exp(l) - 1 - l would be inf - inf = NaN
+    exp_only = torch.exp(l - LN2)
     if l.dtype == torch.float64:
-        return half_mu * half_mu + 0.5 * (torch.expm1(l) - l)
+        return half_mu * half_mu + torch.where(l > EXP_ONLY_ABOVE, exp_only, 0.5 * (torch.expm1(l) - l))
     series = torch.zeros_like(l)
     for k in range(9, 1, -1):
         series = (series + 1.0 / math.factorial(k)) * l
     series = series * l
-    direct = torch.exp(l - LN2) - 0.5 - 0.5 * l
+    direct = torch.where(l > EXP_ONLY_ABOVE, exp_only, exp_only - 0.5 - 0.5 * l)
     return half_mu * half_mu + torch.where(l.abs() < SERIES_BELOW, 0.5 * series, direct)
 
 
@@ -95,17 +100,27 @@ def reparameterize_kl_reference(mu: torch.Tensor, logvar: torch.Tensor, noise: t
 
 
 def reparameterize_kl_backward_reference(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor,
-                                         grad_z: torch.Tensor, grad_kl: torch.Tensor):
+                                         grad_z: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor]):
     """The gradients the kernels compute, in closed form:
 
         dL/dmu     = grad_z + grad_kl[b] * mu
         dL/dlogvar = grad_z * exp(logvar / 2) * eps / 2 + grad_kl[b] * (exp(logvar) - 1) / 2
+
+    A gradient that is None (that output unused) drops its terms, as autograd does: they are not multiplied by a
+    zero gradient, which would turn an infinite ``eps`` or ``mu`` into NaN.
     """
     dtype = compute_dtype(mu.dtype)
-    m, l, eps, gz = mu.to(dtype), logvar.to(dtype), noise.to(dtype), grad_z.to(dtype)
-    gkl = grad_kl.to(dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
-    grad_mu = gz + gkl * m
-    grad_logvar = 0.5 * _exp_times(0.5 * l, gz * eps) + _exp_times(l - LN2, gkl) - 0.5 * gkl
+    m, l = mu.to(dtype), logvar.to(dtype)
+    grad_mu = torch.zeros_like(m)
+    grad_logvar = torch.zeros_like(l)
+    if grad_z is not None:
+        gz = grad_z.to(dtype)
+        grad_mu = grad_mu + gz
+        grad_logvar = grad_logvar + 0.5 * _exp_times(0.5 * l, gz * noise.to(dtype))
+    if grad_kl is not None:
+        gkl = grad_kl.to(dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
+        grad_mu = grad_mu + gkl * m
+        grad_logvar = grad_logvar + _exp_times(l - LN2, gkl) - 0.5 * gkl
     return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
 
 
@@ -116,6 +131,7 @@ class _EagerReparameterizeKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, noise):
         ctx.save_for_backward(mu, logvar, noise)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its terms are dropped
         return reparameterize_kl_reference(mu, logvar, noise)
 
     @staticmethod
@@ -130,7 +146,8 @@ class _EagerReparameterizeKL(torch.autograd.Function):
 @triton.jit
 def _exp_times_block(v, c):
     """``exp(v) * c`` in fp32, finite whenever the product is (see ``_exp_times``)."""
-    direct = tl.exp(tl.minimum(v, 64.0)) * c
+    # NaN v must stay NaN (tl.minimum returns the non-NaN operand by default)
+    direct = tl.exp(tl.minimum(v, 64.0, propagate_nan=tl.PropagateNan.ALL)) * c
     in_log = tl.exp(v + tl.log(tl.abs(c)))
     return tl.where(v > 64.0, tl.where(c < 0, -in_log, in_log), direct)
 
@@ -147,7 +164,9 @@ def _kl_terms_block(mu, logvar):
     series = (series + 1.0 / 24.0) * logvar
     series = (series + 1.0 / 6.0) * logvar
     series = (series + 0.5) * logvar * logvar
-    direct = tl.exp(logvar - 0.6931471805599453) - 0.5 - 0.5 * logvar
+    exp_only = tl.exp(logvar - 0.6931471805599453)
+    # exp(l) / 2 alone above EXP_ONLY_ABOVE: +inf at l = +inf, not inf - inf
+    direct = tl.where(logvar > 64.0, exp_only, exp_only - 0.5 - 0.5 * logvar)
     half_mu = mu * 0.7071067811865476
     return half_mu * half_mu + tl.where(tl.abs(logvar) < 0.5, 0.5 * series, direct)
 
@@ -334,6 +353,7 @@ def _reparameterize_kl_backward_fake(mu, logvar, noise, seed, grad_z, grad_kl):
 def _setup_context(ctx, inputs, output):
     mu, logvar, noise, seed = inputs
     ctx.save_for_backward(mu, logvar, noise, seed)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the kernel drops its terms
 
 
 def _backward(ctx, grad_z, grad_kl):
@@ -374,20 +394,24 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, *, noise: Optional
     (what a plain PyTorch VAE does), so the two impls draw different noise.
 
     Args:
-        mu, logvar: ``[batch, ...]`` posterior means and log-variances, same shape and dtype (fp32/fp16/bf16),
-            any strides.
+        mu, logvar: ``[batch, ...]`` posterior means and log-variances, same shape and dtype (fp32/fp16/bf16 for
+            the kernels; fp64 runs the reference in fp64), any strides and sizes (an empty sample's KL is 0).
         noise: the standard normal ``eps`` to use, shape of ``mu``, any float dtype; None to draw it.
         generator: the ``torch.Generator`` the noise (or its Philox key) is drawn from.
         impl: "auto", "triton" or "eager".
 
     Returns:
-        ``(z, kl)``: ``z`` in ``mu``'s dtype and layout, ``kl`` of shape ``[batch]`` in fp32.
+        ``(z, kl)``: ``z`` in ``mu``'s dtype and layout, ``kl`` of shape ``[batch]`` in fp32 (fp64 for fp64 inputs).
+
+    NaN in ``mu``, ``logvar`` or ``noise`` gives NaN in ``z`` and ``kl`` (and their gradients) where plain PyTorch
+    does; ``kl`` is ``+inf`` for ``logvar = +-inf`` or ``mu = +-inf`` (an infinite KL), and ``z`` follows
+    ``mu + exp(logvar / 2) * eps`` (``inf * 0 = NaN``).
     """
     device = _check_inputs(mu, logvar, noise, generator)
-    impl = resolve_impl(impl, device, "reparameterize_kl")
+    impl = choose_impl(impl, "reparameterize_kl", {"mu": mu, "logvar": logvar, "noise": noise})
     if impl == "eager":
         if noise is None:
-            noise = torch.randn(mu.shape, generator=generator, device=device, dtype=torch.float32)
+            noise = torch.randn(mu.shape, generator=generator, device=device, dtype=compute_dtype(mu.dtype))
         return _EagerReparameterizeKL.apply(mu, logvar, noise)
     seed = draw_philox_seed(device, generator) if noise is None else None
     return torch.ops.genkernels.reparameterize_kl(mu, logvar, noise, seed)

@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genkernels.kernels.checks import check_bool, check_choice, check_int, check_real, check_tensor, describe
+from genkernels.kernels.checks import (
+    check_bool,
+    check_choice,
+    check_float_tensor,
+    check_int,
+    check_real,
+    check_tensor,
+    describe,
+)
 
 from .layers import BatchNormAct2d, Conv2dBiasAct, ConvTranspose2dBiasAct
 
@@ -55,6 +63,8 @@ class DCGANGenerator(nn.Module):
 
     def __init__(self, latent_dim: int = 100, channels: int = 3, image_size: int = 64, base_channels: int = 64):
         super().__init__()
+        for name, value in (("latent_dim", latent_dim), ("channels", channels), ("base_channels", base_channels)):
+            check_int(value, name, low=1)
         upsamplings = _upsamplings(image_size)
         self.latent_dim, self.channels, self.image_size = latent_dim, channels, image_size
         widths = [base_channels * 2 ** (upsamplings - 1 - i) for i in range(upsamplings)]
@@ -76,6 +86,9 @@ class DCGANDiscriminator(nn.Module):
 
     def __init__(self, channels: int = 3, image_size: int = 64, base_channels: int = 64, alpha: float = 0.2):
         super().__init__()
+        for name, value in (("channels", channels), ("base_channels", base_channels)):
+            check_int(value, name, low=1)
+        alpha = check_real(alpha, "alpha")
         downsamplings = _upsamplings(image_size)
         self.channels, self.image_size = channels, image_size
         widths = [base_channels * 2 ** i for i in range(downsamplings)]
@@ -115,6 +128,8 @@ def check_images(x: object, name: str, channels: int, image_size: int) -> torch.
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, loss: str = "non_saturating"):
     """Batch mean of ``softplus(-D(x)) + softplus(D(G(z)))`` (non-saturating) or
     ``relu(1 - D(x)) + relu(1 + D(G(z)))`` (hinge), in fp32 whatever the logits' dtype."""
+    check_float_tensor(real_logits, "real_logits")
+    check_float_tensor(fake_logits, "fake_logits")
     check_choice(loss, "loss", LOSSES)
     real_logits, fake_logits = real_logits.float(), fake_logits.float()
     if loss == "hinge":
@@ -124,6 +139,7 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, los
 
 def generator_loss(fake_logits: torch.Tensor, loss: str = "non_saturating") -> torch.Tensor:
     """Batch mean of ``softplus(-D(G(z)))`` (non-saturating) or ``-D(G(z))`` (hinge), in fp32."""
+    check_float_tensor(fake_logits, "fake_logits")
     check_choice(loss, "loss", LOSSES)
     fake_logits = fake_logits.float()
     if loss == "hinge":
@@ -136,8 +152,13 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor, gamma: float) -> tu
 
     Returns ``(penalty, real_logits)``: the logits of the same forward pass, so a discriminator step that also needs
     ``D(real)`` runs it once. The input gradient is taken with ``create_graph=True``, so ``penalty.backward()``
-    differentiates through it (second-order gradients of every layer).
+    differentiates through it (second-order gradients of every layer). ``gamma`` is a finite number >= 0.
     """
+    if not callable(discriminator):
+        raise TypeError(f"discriminator must be a module (or callable) mapping images to logits; got "
+                        f"{type(discriminator).__name__}")
+    check_float_tensor(real, "real")
+    gamma = check_real(gamma, "gamma", low=0.0)
     real = real.detach().requires_grad_(True)
     logits = discriminator(real)
     (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
@@ -150,6 +171,7 @@ def truncated_normal(shape, threshold: float, generator: Optional[torch.Generato
     """Standard normal samples conditioned on ``|z| <= threshold`` (the distribution that redrawing every entry
     beyond the threshold until it falls inside converges to), drawn exactly in one pass by inverse-CDF sampling:
     ``z = sqrt(2) * erfinv(erf(threshold / sqrt(2)) * (2u - 1))`` with ``u ~ U(0, 1)``, computed in float64."""
+    threshold = check_real(threshold, "threshold", low=0.0, low_inclusive=False)
     u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
     inside = math.erf(threshold / math.sqrt(2.0))
     z = math.sqrt(2.0) * torch.erfinv(inside * (2 * u - 1))
@@ -187,8 +209,7 @@ class DCGAN(nn.Module):
         super().__init__()
         for name, value in (("latent_dim", latent_dim), ("channels", channels), ("base_channels", base_channels),
                             ("r1_every", r1_every)):
-            if check_int(value, name) < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
+            check_int(value, name, low=1)
         self.loss_type = check_choice(loss, "loss", LOSSES)
         self.r1_gamma = check_real(r1_gamma, "r1_gamma", low=0.0)
         self.r1_every = r1_every
@@ -206,9 +227,7 @@ class DCGAN(nn.Module):
     def latents(self, n: int, generator: Optional[torch.Generator] = None,
                 truncation: Optional[float] = None, truncation_mode: str = "resample") -> torch.Tensor:
         """``[n, latent_dim]`` latents from N(0, I); with ``truncation`` every entry lies in ``[-t, t]``."""
-        n = check_int(n, "n")
-        if n < 0:
-            raise ValueError(f"n={n} must be >= 0")
+        n = check_int(n, "n", low=0)
         check_choice(truncation_mode, "truncation_mode", TRUNCATION_MODES)
         device = next(self.generator.parameters()).device
         shape = (n, self.latent_dim)

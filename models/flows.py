@@ -6,6 +6,9 @@ Every layer is a bijection on ``[batch, channels, height, width]`` tensors with 
     inverse(y) -> x
 
 so a stack of layers gives ``log p(x) = log N(z; 0, I) + sum of the layers' logdets`` (Dinh et al. 2017, eq. 3).
+Layers and models take floating-point tensors only (a ``TypeError`` otherwise): 8-bit images are turned into the
+model's continuous space by :meth:`MultiScaleFlow.dequantize` (or scored directly by
+:meth:`MultiScaleFlow.bits_per_dim`), which take integer pixel values in [0, 255].
 The multi-scale :class:`Split` factors half of the channels out as latents and standardizes them under a learned
 Gaussian prior conditioned on the other half (Glow's "split" with a learned prior), which is itself an affine
 bijection, so every latent of a :class:`MultiScaleFlow` is standard normal. The affine coupling transforms and
@@ -21,6 +24,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from genkernels.kernels.checks import (
+    check_bool,
+    check_choice,
+    check_generator,
+    check_int,
+    check_real,
+    check_tensor,
+    check_values,
+    describe,
+)
 from genkernels.kernels.coupling import SCALE_FNS, affine_coupling
 from genkernels.kernels.runtime import compute_dtype
 
@@ -33,11 +46,36 @@ def _spatial_size(x: torch.Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
-def _check_image(x: torch.Tensor, name: str, channels: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 3 or x.shape[1] != channels:
-        raise ValueError(f"{name} must have shape [batch, {channels}, ...spatial]; got shape {list(x.shape)}")
+def _check_image(x: object, name: str, channels: int, hint: str = "") -> torch.Tensor:
+    """Require a floating-point ``[batch, channels, height, width]`` tensor (``hint`` is added to a dtype error)."""
+    x = check_tensor(x, name)
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{name} must have shape [batch, {channels}, height, width]; got {describe(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (flows are bijections of real-valued images); "
+                        f"got {describe(x)}{hint}")
+    return x
+
+
+def _check_same_batch_and_spatial(reference: torch.Tensor, reference_name: str, other: torch.Tensor,
+                                  other_name: str, channels: int) -> None:
+    expected = [reference.shape[0], channels] + list(reference.shape[2:])
+    if list(other.shape) != expected:
+        raise ValueError(f"{other_name} must have shape {expected} (the batch and spatial size of "
+                         f"{reference_name}, {channels} channels); got {describe(other)}")
+
+
+def check_image_shape(image_shape: object, name: str = "image_shape") -> tuple[int, int, int]:
+    """Require ``(channels, height, width)``: a sequence of three positive ints."""
+    if isinstance(image_shape, (str, bytes, torch.Tensor)) or not isinstance(image_shape, Sequence):
+        raise TypeError(f"{name} must be a sequence (channels, height, width) of 3 ints; got "
+                        f"{type(image_shape).__name__} {image_shape!r}")
+    if len(image_shape) != 3:
+        raise ValueError(f"{name} must be (channels, height, width), 3 ints; got {tuple(image_shape)!r} "
+                         f"({len(image_shape)} entries)")
+    for label, value in zip(("channels", "height", "width"), image_shape):
+        check_int(value, f"{name} {label}", low=1)
+    return tuple(image_shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,8 +93,8 @@ class ActNorm(nn.Module):
 
     def __init__(self, num_channels: int, eps: float = 1e-6):
         super().__init__()
-        self.num_channels = num_channels
-        self.eps = eps
+        self.num_channels = check_int(num_channels, "num_channels", low=1)
+        self.eps = check_real(eps, "eps", low=0.0, low_inclusive=False)
         self.loc = nn.Parameter(torch.zeros(num_channels))
         self.log_scale = nn.Parameter(torch.zeros(num_channels))
         self.register_buffer("initialized", torch.tensor(False))
@@ -79,6 +117,7 @@ class ActNorm(nn.Module):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """Set ``loc`` and ``log_scale`` from the per-channel statistics of the batch ``x``."""
+        _check_image(x, "x", self.num_channels)
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dim=dims)
         std = x.std(dim=dims, unbiased=False)
@@ -112,7 +151,8 @@ class InvConv1x1(nn.Module):
 
     def __init__(self, num_channels: int, generator: Optional[torch.Generator] = None):
         super().__init__()
-        self.num_channels = num_channels
+        self.num_channels = check_int(num_channels, "num_channels", low=1)
+        check_generator(generator, torch.device("cpu"), "the initial weight")
         rotation = torch.linalg.qr(torch.randn(num_channels, num_channels, generator=generator))[0]
         permutation, lower, upper = torch.linalg.lu(rotation)
         diagonal = torch.diagonal(upper)
@@ -146,14 +186,22 @@ class Squeeze(nn.Module):
     ``logdet = 0``. Channel ``4c + 2i + j`` of the output holds pixel ``(2h + i, 2w + j)`` of channel ``c``."""
 
     def forward(self, x: torch.Tensor):
+        x = check_tensor(x, "x")
+        if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"Squeeze needs x of shape [batch, channels, height, width] with an even height and "
+                             f"width; got {describe(x)}")
+        _check_image(x, "x", x.shape[1])
         batch, channels, height, width = x.shape
-        if height % 2 or width % 2:
-            raise ValueError(f"Squeeze needs an even height and width; got x of shape {list(x.shape)}")
         y = x.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 1, 3, 5, 2, 4)
         y = y.reshape(batch, channels * 4, height // 2, width // 2)
         return y, x.new_zeros(batch, dtype=compute_dtype(x.dtype))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        y = check_tensor(y, "y")
+        if y.dim() != 4 or y.shape[1] % 4:
+            raise ValueError(f"Squeeze.inverse needs y of shape [batch, 4 * channels, height, width] (channels a "
+                             f"multiple of 4); got {describe(y)}")
+        _check_image(y, "y", y.shape[1])
         batch, channels, height, width = y.shape
         x = y.view(batch, channels // 4, 2, 2, height, width).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(batch, channels // 4, height * 2, width * 2)
@@ -164,6 +212,8 @@ class ZeroConv2d(nn.Conv2d):
     identity ("exp") or a constant scale ("sigmoid")."""
 
     def __init__(self, in_channels: int, out_channels: int):
+        check_int(in_channels, "in_channels", low=1)
+        check_int(out_channels, "out_channels", low=1)
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.weight)
         nn.init.zeros_(self.bias)
@@ -171,6 +221,9 @@ class ZeroConv2d(nn.Conv2d):
 
 def conditioner_network(in_channels: int, hidden_channels: int, out_channels: int) -> nn.Sequential:
     """Glow's coupling network: conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialized conv3x3."""
+    for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels),
+                        ("out_channels", out_channels)):
+        check_int(value, name, low=1)
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden_channels, kernel_size=3, padding=1), nn.ReLU(),
         nn.Conv2d(hidden_channels, hidden_channels, kernel_size=1), nn.ReLU(),
@@ -204,12 +257,13 @@ class AffineCoupling(nn.Module):
     def __init__(self, num_channels: int, hidden_channels: int = 64, *, mask: str = "channel", parity: int = 0,
                  scale_fn: str = "sigmoid", conditioner: Optional[nn.Module] = None):
         super().__init__()
-        if mask not in MASKS:
-            raise ValueError(f"mask={mask!r} is not supported; expected one of {MASKS}")
-        if scale_fn not in SCALE_FNS:
-            raise ValueError(f"scale_fn={scale_fn!r} is not supported; expected one of {SCALE_FNS}")
-        if parity not in (0, 1):
-            raise ValueError(f"parity must be 0 or 1; got {parity!r}")
+        check_int(num_channels, "num_channels", low=1)
+        check_int(hidden_channels, "hidden_channels", low=1)
+        check_choice(mask, "mask", MASKS)
+        check_choice(scale_fn, "scale_fn", SCALE_FNS)
+        check_int(parity, "parity", low=0, high=1)
+        if conditioner is not None and not isinstance(conditioner, nn.Module):
+            raise TypeError(f"conditioner must be an nn.Module or None; got {type(conditioner).__name__}")
         if mask == "checkerboard" and scale_fn != "exp":
             raise ValueError("mask='checkerboard' needs scale_fn='exp' (masked pixels need log-scale 0 <=> s = 1)")
         if mask == "channel" and num_channels < 2:
@@ -222,6 +276,7 @@ class AffineCoupling(nn.Module):
             kept, changed = num_channels, num_channels
         self.conditioner = conditioner if conditioner is not None else \
             conditioner_network(kept, hidden_channels, 2 * changed)
+        self.changed_channels = changed
         self.log_scale_factor = nn.Parameter(torch.ones(changed, 1, 1)) if scale_fn == "exp" else None
 
     def _halves(self, x: torch.Tensor):
@@ -232,20 +287,27 @@ class AffineCoupling(nn.Module):
     def _join(self, kept: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
         return torch.cat([kept, changed] if self.parity == 0 else [changed, kept], dim=1)
 
-    def _scale_and_shift(self, kept: torch.Tensor, mask: Optional[torch.Tensor]):
+    def _scale_and_shift(self, kept: torch.Tensor, keep: Optional[torch.Tensor]):
         out = self.conditioner(kept)
+        expected = [kept.shape[0], 2 * self.changed_channels] + list(kept.shape[2:])
+        if not isinstance(out, torch.Tensor) or list(out.shape) != expected:
+            got = describe(out) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"conditioner must map the kept part {list(kept.shape)} to {expected} (raw log-scales, "
+                             f"then shifts); got {got}")
         raw_log_scale, shift = out.chunk(2, dim=1)
         if self.log_scale_factor is not None:
             raw_log_scale = self.log_scale_factor * torch.tanh(raw_log_scale)
-        if mask is not None:
-            raw_log_scale, shift = raw_log_scale * (1 - mask), shift * (1 - mask)
+        if keep is not None:
+            # kept pixels get log-scale 0 and shift 0, selected (never multiplied by 0: inf * 0 = NaN)
+            raw_log_scale, shift = torch.where(keep, 0.0, raw_log_scale), torch.where(keep, 0.0, shift)
         return raw_log_scale, shift
 
     def _transform(self, x: torch.Tensor, reverse: bool):
         _check_image(x, "y" if reverse else "x", self.num_channels)
         if self.mask == "checkerboard":
-            mask = checkerboard_mask(x.shape[2], x.shape[3], self.parity, x)
-            log_scale, shift = self._scale_and_shift(x * mask, mask)
+            keep = checkerboard_mask(x.shape[2], x.shape[3], self.parity, x) != 0
+            # the conditioner sees the kept pixels only (the changed ones are selected away, not multiplied by 0)
+            log_scale, shift = self._scale_and_shift(torch.where(keep, x, 0.0), keep)
             return affine_coupling(x, log_scale, shift, scale_fn=self.scale_fn, reverse=reverse)
         kept, changed = self._halves(x)
         log_scale, shift = self._scale_and_shift(kept, None)
@@ -273,8 +335,8 @@ class Split(nn.Module):
 
     def __init__(self, num_channels: int, learned_prior: bool = True):
         super().__init__()
-        if num_channels < 2:
-            raise ValueError(f"Split needs at least 2 channels; got num_channels={num_channels}")
+        check_int(num_channels, "num_channels", low=2)  # a kept and a factored-out part
+        check_bool(learned_prior, "learned_prior")
         self.num_channels = num_channels
         self.kept_channels = num_channels // 2
         factored = num_channels - self.kept_channels
@@ -294,6 +356,10 @@ class Split(nn.Module):
         return h, eps, logdet
 
     def inverse(self, h: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        _check_image(h, "h", self.kept_channels)
+        eps = check_tensor(eps, "eps")
+        _check_same_batch_and_spatial(h, "h", eps, "eps", self.num_channels - self.kept_channels)
+        _check_image(eps, "eps", self.num_channels - self.kept_channels)
         if self.prior is not None:
             mean, log_std = self._mean_and_log_std(h)
             eps, _ = affine_coupling(eps, log_std, mean, scale_fn="exp", reverse=False)
@@ -307,17 +373,28 @@ class LearnedPrior(nn.Module):
 
     def __init__(self, shape: Sequence[int]):
         super().__init__()
-        self.mean = nn.Parameter(torch.zeros(shape))
-        self.log_std = nn.Parameter(torch.zeros(shape))
+        if isinstance(shape, (str, bytes, torch.Tensor)) or not isinstance(shape, Sequence) or not shape:
+            raise TypeError(f"shape must be a non-empty sequence of ints (one sample's shape, e.g. (C, H, W)); got "
+                            f"{type(shape).__name__} {shape!r}")
+        for i, size in enumerate(shape):
+            check_int(size, f"shape[{i}]", low=1)
+        self.shape = tuple(shape)
+        self.mean = nn.Parameter(torch.zeros(self.shape))
+        self.log_std = nn.Parameter(torch.zeros(self.shape))
 
-    def _expanded(self, z: torch.Tensor):
-        return self.log_std.expand_as(z), self.mean.expand_as(z)
+    def _expanded(self, z: object, name: str):
+        z = check_tensor(z, name)
+        if tuple(z.shape[1:]) != self.shape or z.dim() != len(self.shape) + 1:
+            raise ValueError(f"{name} must have shape [batch, {', '.join(map(str, self.shape))}]; got {describe(z)}")
+        if not z.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {describe(z)}")
+        return z, self.log_std.expand_as(z), self.mean.expand_as(z)
 
     def forward(self, z: torch.Tensor):
-        return affine_coupling(z, *self._expanded(z), scale_fn="exp", reverse=True)
+        return affine_coupling(*self._expanded(z, "z"), scale_fn="exp", reverse=True)
 
     def inverse(self, eps: torch.Tensor) -> torch.Tensor:
-        return affine_coupling(eps, *self._expanded(eps), scale_fn="exp", reverse=False)[0]
+        return affine_coupling(*self._expanded(eps, "eps"), scale_fn="exp", reverse=False)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,7 +412,11 @@ class MultiScaleFlow(nn.Module):
     def __init__(self, image_shape: Sequence[int], layers: Sequence[nn.Module],
                  top_prior: Optional[nn.Module] = None):
         super().__init__()
-        self.image_shape = tuple(image_shape)
+        self.image_shape = check_image_shape(image_shape)
+        if isinstance(layers, nn.Module) or not all(isinstance(layer, nn.Module) for layer in layers):
+            raise TypeError("layers must be a sequence of nn.Module bijections")
+        if top_prior is not None and not isinstance(top_prior, nn.Module):
+            raise TypeError(f"top_prior must be an nn.Module or None; got {type(top_prior).__name__}")
         self.layers = nn.ModuleList(layers)
         self.top_prior = top_prior
         self.latent_shapes = self._latent_shapes()
@@ -358,10 +439,13 @@ class MultiScaleFlow(nn.Module):
         return math.prod(self.image_shape)
 
     def forward(self, x: torch.Tensor):
-        _check_image(x, "x", self.image_shape[0])
-        if tuple(x.shape[1:]) != self.image_shape:
+        x = check_tensor(x, "x")
+        if tuple(x.shape[1:]) != self.image_shape or x.dim() != 4:
             raise ValueError(f"x must have shape [batch, {', '.join(map(str, self.image_shape))}]; "
-                             f"got shape {list(x.shape)}")
+                             f"got {describe(x)}")
+        _check_image(x, "x", self.image_shape[0],
+                     hint=": x lives in the model's continuous space; turn 8-bit images (integers 0..255) into it "
+                          "with dequantize(images), or score them directly with bits_per_dim(images)")
         logdet = x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
         latents = []
         h = x
@@ -380,9 +464,11 @@ class MultiScaleFlow(nn.Module):
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """The image whose latent is ``z`` (``[batch, C*H*W]``), the exact inverse of :meth:`forward`."""
-        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[1] != self.num_dims:
-            got = list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"z must have shape [batch, {self.num_dims}]; got {got}")
+        z = check_tensor(z, "z")
+        if z.dim() != 2 or z.shape[1] != self.num_dims:
+            raise ValueError(f"z must have shape [batch, {self.num_dims}]; got {describe(z)}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor; got {describe(z)}")
         sizes = [math.prod(shape) for shape in self.latent_shapes]
         latents = [chunk.reshape((z.shape[0],) + shape)
                    for chunk, shape in zip(torch.split(z, sizes, dim=1), self.latent_shapes)]
@@ -401,7 +487,11 @@ class MultiScaleFlow(nn.Module):
 
     def dequantize(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Uniform dequantization of 8-bit ``images`` (integers 0..255, any dtype) into the model's space:
-        ``x = (images + u) / 256 - 1/2`` with ``u ~ U[0, 1)`` per dimension (Theis et al. 2016)."""
+        ``x = (images + u) / 256 - 1/2`` with ``u ~ U[0, 1)`` per dimension (Theis et al. 2016). ``images`` is
+        ``[batch, C, H, W]`` (the model's ``image_shape``) of integer values in [0, 255], in an integer or a
+        floating-point dtype (a host ``ValueError`` for CPU tensors, an asynchronous device assert on a GPU)."""
+        self._check_pixels(images)
+        check_generator(generator, images.device, "images")
         dtype = self._parameter_dtype()
         noise = torch.rand(images.shape, generator=generator, device=images.device, dtype=dtype)
         return (images.to(dtype) + noise) / NUM_BINS - 0.5
@@ -412,9 +502,9 @@ class MultiScaleFlow(nn.Module):
             bpd = -(log p(x) - D log 256) / (D log 2),   x = dequantize(images)
 
         (``- D log 256`` is the log-determinant of mapping ``[0, 256)^D`` to the model's unit cube). Its mean
-        over the data upper-bounds the discrete model's negative log-likelihood in bits.
+        over the data upper-bounds the discrete model's negative log-likelihood in bits. ``images`` as in
+        :meth:`dequantize`: integer values in [0, 255].
         """
-        _check_image(images, "images", self.image_shape[0])
         log_density = self.log_prob(self.dequantize(images, generator)) - self.num_dims * math.log(NUM_BINS)
         return -log_density / (self.num_dims * math.log(2))
 
@@ -422,13 +512,25 @@ class MultiScaleFlow(nn.Module):
     def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``n`` images in the model's space: ``x = inverse(temperature * eps)``, ``eps ~ N(0, I)``; a temperature
         below 1 samples the typical set more tightly (Glow, section 5.2)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int; got {n!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0; got {temperature!r}")
+        check_int(n, "n", low=0)
+        check_real(temperature, "temperature", low=0.0)
+        check_generator(generator, next(self.parameters()).device, "the model")
         parameter = next(self.parameters())
         eps = torch.randn((n, self.num_dims), generator=generator, device=parameter.device, dtype=parameter.dtype)
         return self.inverse(eps * temperature)
+
+    def _check_pixels(self, images: object) -> None:
+        images = check_tensor(images, "images")
+        if tuple(images.shape[1:]) != self.image_shape or images.dim() != 4:
+            raise ValueError(f"images must have shape [batch, {', '.join(map(str, self.image_shape))}]; "
+                             f"got {describe(images)}")
+        if images.dtype == torch.bool or images.is_complex():
+            raise TypeError(f"images must hold 8-bit pixel values (integers 0..255) in an integer or floating-point "
+                            f"dtype; got {describe(images)}")
+        ok = (images >= 0) & (images <= NUM_BINS - 1)
+        if images.is_floating_point():
+            ok = ok & (images == torch.floor(images))
+        check_values(images, "images", ok, f"hold 8-bit pixel values: integers in [0, {NUM_BINS - 1}]")
 
     def _parameter_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

@@ -10,7 +10,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from .flows import ActNorm, AffineCoupling, InvConv1x1, LearnedPrior, MultiScaleFlow, Split, Squeeze
+from genkernels.kernels.checks import check_generator, check_int
+
+from .flows import (
+    ActNorm,
+    AffineCoupling,
+    InvConv1x1,
+    LearnedPrior,
+    MultiScaleFlow,
+    Split,
+    Squeeze,
+    check_image_shape,
+)
 
 
 class Glow(MultiScaleFlow):
@@ -21,9 +32,10 @@ class Glow(MultiScaleFlow):
 
     def __init__(self, image_shape: Sequence[int] = (3, 32, 32), num_levels: int = 3, depth: int = 8,
                  hidden_channels: int = 128, generator: Optional[torch.Generator] = None):
-        channels, height, width = image_shape
-        if num_levels < 1 or depth < 1:
-            raise ValueError(f"num_levels and depth must be >= 1; got {num_levels} and {depth}")
+        channels, height, width = check_image_shape(image_shape)
+        for name, value in (("num_levels", num_levels), ("depth", depth), ("hidden_channels", hidden_channels)):
+            check_int(value, name, low=1)
+        check_generator(generator, torch.device("cpu"), "the initial 1x1 convolution weights")
         factor = 2 ** num_levels
         if height % factor or width % factor:
             raise ValueError(f"height and width must be divisible by 2**num_levels = {factor}; "

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .flows import AffineCoupling, MultiScaleFlow, Split, Squeeze
+from genkernels.kernels.checks import check_int
+
+from .flows import AffineCoupling, MultiScaleFlow, Split, Squeeze, check_image_shape
 
 CHECKERBOARD_PER_SCALE = 3
 CHANNEL_PER_SCALE = 3
@@ -28,9 +30,9 @@ class RealNVP(MultiScaleFlow):
     ``log_prob``, ``bits_per_dim`` and ``sample``."""
 
     def __init__(self, image_shape: Sequence[int] = (3, 32, 32), num_scales: int = 2, hidden_channels: int = 64):
-        channels, height, width = image_shape
-        if num_scales < 1:
-            raise ValueError(f"num_scales must be >= 1; got {num_scales}")
+        channels, height, width = check_image_shape(image_shape)
+        check_int(num_scales, "num_scales", low=1)
+        check_int(hidden_channels, "hidden_channels", low=1)
         factor = 2 ** (num_scales - 1)
         if height % factor or width % factor:
             raise ValueError(f"height and width must be divisible by 2**(num_scales - 1) = {factor}; "

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genkernels.kernels.checks import check_choice, check_int, check_real, check_tensor, describe
+from genkernels.kernels.checks import check_choice, check_in_range, check_int, check_real, check_tensor, describe
 from genkernels.kernels.reparameterize import reparameterize_kl
 
 from .dcgan import check_images, check_latents
@@ -87,8 +87,7 @@ class VAE(nn.Module):
                  variance: str = "fixed", sigma: float = 1.0):
         super().__init__()
         for name, value in (("channels", channels), ("image_size", image_size), ("latent_dim", latent_dim)):
-            if check_int(value, name) < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
+            check_int(value, name, low=1)
         self.channels, self.image_size, self.latent_dim = channels, image_size, latent_dim
         self.likelihood = check_choice(likelihood, "likelihood", LIKELIHOODS)
         self.variance = check_choice(variance, "variance", VARIANCES)
@@ -124,9 +123,14 @@ class VAE(nn.Module):
                 raise ValueError(f"image_size={self.image_size} cannot be halved (it must be even and >= 8); "
                                  "pass hidden_channels to choose the depth")
             return widths
+        if isinstance(hidden_channels, (str, bytes, torch.Tensor)) or not isinstance(hidden_channels, Sequence):
+            raise TypeError(f"hidden_channels must be a sequence of ints (the encoder widths); got "
+                            f"{type(hidden_channels).__name__} {hidden_channels!r}")
         widths = tuple(hidden_channels)
-        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        if not widths:
             raise ValueError(f"hidden_channels={hidden_channels!r} must be a non-empty sequence of positive ints")
+        for i, width in enumerate(widths):
+            check_int(width, f"hidden_channels[{i}]", low=1)
         if self.image_size % 2 ** len(widths):
             raise ValueError(f"image_size={self.image_size} must be divisible by 2**len(hidden_channels) = "
                              f"{2 ** len(widths)}")
@@ -165,9 +169,23 @@ class VAE(nn.Module):
         z, _, mu, logvar = self._posterior_sample(x, noise, generator)
         return self.decode(z), mu, logvar
 
+    def _check_targets(self, x: torch.Tensor, name: str = "x") -> None:
+        """Bernoulli targets are probabilities: every value in [0, 1] (a host ``ValueError`` for CPU tensors, an
+        asynchronous device assert on a GPU)."""
+        if self.likelihood == "bernoulli":
+            check_in_range(x, name, 0.0, 1.0, high_inclusive=True)
+
     def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``-log p(x | z)`` per image ``[batch]`` for the decoder's output ``params`` (see the module doc), in fp32
-        whatever the decoder's dtype (e.g. under autocast)."""
+        whatever the decoder's dtype (e.g. under autocast). Bernoulli targets ``x`` must lie in [0, 1]."""
+        params = check_tensor(params, "params")
+        self._check_images(x)
+        if params.shape != x.shape:
+            raise ValueError(f"params must have the shape of x {list(x.shape)}; got {describe(params)}")
+        self._check_targets(x)
+        return self._nll(params, x)
+
+    def _nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         params, x = params.float(), x.float()
         if self.likelihood == "bernoulli":
             nll = F.binary_cross_entropy_with_logits(params, x, reduction="none")
@@ -179,20 +197,20 @@ class VAE(nn.Module):
     def loss(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None) -> VAELoss:
         """The beta-weighted negative ELBO of the batch ``x`` and its two terms (batch means), with one posterior
-        sample per image (``noise`` = its standard-normal draw, drawn when not given)."""
+        sample per image (``noise`` = its standard-normal draw, drawn when not given). With the Bernoulli likelihood
+        the pixels of ``x`` must lie in [0, 1] (``ValueError`` for CPU tensors, a device assert on a GPU)."""
         if self._check_images(x).shape[0] == 0:
             raise ValueError(f"x must hold at least one image to average a loss over; got {describe(x)}")
+        self._check_targets(x)
         z, kl, _, _ = self._posterior_sample(x, noise, generator)
-        reconstruction = self.reconstruction_nll(self.decode(z), x).mean()
+        reconstruction = self._nll(self.decode(z), x).mean()
         kl = kl.float().mean()
         return VAELoss(reconstruction + self.beta * kl, reconstruction, kl)
 
     @torch.no_grad()
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``n`` images: the likelihood's mean at ``z ~ N(0, I)``."""
-        n = check_int(n, "n")
-        if n < 0:
-            raise ValueError(f"n={n} must be >= 0")
+        n = check_int(n, "n", low=0)
         device = self.to_posterior.weight.device
         z = torch.randn(n, self.latent_dim, generator=generator, device=device)
         return self.mean_image(self.decode(z))
@@ -215,9 +233,7 @@ class VAE(nn.Module):
         x_a, x_b = check_tensor(x_a, "x_a"), check_tensor(x_b, "x_b")
         if x_a.shape != x_b.shape:
             raise ValueError(f"x_b must have the shape of x_a {list(x_a.shape)}; got {describe(x_b)}")
-        steps = check_int(steps, "steps")
-        if steps < 2:
-            raise ValueError(f"steps={steps} must be >= 2 (the two endpoints)")
+        steps = check_int(steps, "steps", low=2)  # the two endpoints at least
         single = x_a.dim() == 3
         batch_a, batch_b = (x_a[None], x_b[None]) if single else (x_a, x_b)
         mu_a, _ = self.encode(self._check_images(batch_a, "x_a"))

@@ -196,10 +196,96 @@ def test_use_impl_and_float64(device):
     expected = affine_coupling_reference(x, log_scale, shift)
     for result in (affine_coupling(x, log_scale, shift), affine_coupling(x, log_scale, shift, impl="eager")):
         torch.testing.assert_close(result, expected, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="impl='triton'.*x with shape"):
+    with pytest.raises(ValueError, match="impl='triton' cannot run these inputs.*x is torch.float64.*"
+                                         "log_scale is torch.float64.*shift is torch.float64"):
         affine_coupling(x, log_scale, shift, impl="triton")
     with use_impl("triton"), pytest.raises(ValueError, match="float64"):
         affine_coupling(x, log_scale, shift)
+    inputs = [t.clone().requires_grad_() for t in (x, log_scale, shift)]
+    for scale_fn in SCALE_FNS:
+        assert torch.autograd.gradcheck(lambda *v: affine_coupling(*v, scale_fn=scale_fn, reverse=True), inputs)
+
+
+SPECIAL = (0.0, 1.5, -1.0, float("nan"), float("inf"), float("-inf"))
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("scale_fn", SCALE_FNS)
+@pytest.mark.parametrize("reverse", DIRECTIONS)
+@pytest.mark.parametrize("used", ["both", "y", "logdet"])
+def test_nan_and_inf_give_the_reference_pattern(impl, scale_fn, reverse, used, device):
+    """Every combination of special values in (x, log_scale, shift): y, logdet and the three gradients are NaN
+    exactly where the fp64 reference under autograd is, +-Inf where it is, numbers elsewhere. When only logdet is
+    used, y's terms must not enter the gradients as inf * 0 (they did: the unused output's gradient was a zero
+    tensor multiplied into exp(log_scale))."""
+    grid = torch.cartesian_prod(*(torch.tensor(SPECIAL, dtype=torch.float64),) * 3).to(device)
+    columns = [grid[:, k:k + 1] for k in range(3)]
+    results = []
+    for fn, dtype in ((lambda *v, **o: affine_coupling(*v, impl=impl, **o), torch.float32),
+                      (affine_coupling_reference, torch.float64)):
+        inputs = [c.to(dtype).requires_grad_() for c in columns]
+        y, logdet = fn(*inputs, scale_fn=scale_fn, reverse=reverse)
+        loss = {"both": y.sum() + logdet.sum(), "y": y.sum(), "logdet": logdet.sum()}[used]
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+        results.append([y.detach(), logdet.detach(), *grads])
+    for name, got, expected in zip(("y", "logdet", "grad_x", "grad_log_scale", "grad_shift"), *results):
+        got, expected = got.double().flatten(), expected.flatten()
+        assert torch.equal(got.isnan(), expected.isnan()), f"{name}: NaN pattern differs"
+        infinite = expected.isinf()
+        assert torch.equal(got[infinite], expected[infinite]), name
+        finite = torch.isfinite(expected)
+        torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_expanded_inputs_with_stride_zero(impl, device):
+    x = random_tensor((1, 3, 5), torch.float32, 0, device).expand(4, 3, 5)
+    log_scale = random_tensor((5,), torch.float32, 1, device).expand(4, 3, 5)
+    shift = random_tensor((4, 3, 1), torch.float32, 2, device).expand(4, 3, 5)
+    for scale_fn, reverse in (("exp", False), ("sigmoid", True)):
+        inputs = [t.detach().requires_grad_() for t in (x, log_scale, shift)]
+        y, logdet = affine_coupling(*inputs, scale_fn=scale_fn, reverse=reverse, impl=impl)
+        grads = torch.autograd.grad((y * y).sum() + logdet.sum(), inputs)
+        dense = [t.contiguous().double().requires_grad_() for t in (x, log_scale, shift)]
+        y_ref, logdet_ref = affine_coupling_reference(*dense, scale_fn, reverse)
+        expected = torch.autograd.grad((y_ref * y_ref).sum() + logdet_ref.sum(), dense)
+        for got, want in zip((y, logdet) + grads, (y_ref, logdet_ref) + expected):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (3, 0, 4), (3, 4, 0), (2, 0)])
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_zero_size_in_every_dim_gives_the_reference_shapes_and_a_zero_logdet(shape, impl, device):
+    inputs = [t.requires_grad_() for t in _inputs(shape, torch.float32, device)]
+    y, logdet = affine_coupling(*inputs, scale_fn="sigmoid", impl=impl)
+    assert y.shape == shape and logdet.shape == (shape[0],) and (logdet == 0).all()
+    grads = torch.autograd.grad(y.sum() + logdet.sum(), inputs, allow_unused=True)
+    assert all(g is None or g.shape == shape for g in grads)
+
+
+def test_meta_tensors_give_the_output_shapes_through_the_fake():
+    inputs = [torch.empty(3, 4, 5, device="meta", requires_grad=True) for _ in range(3)]
+    y, logdet = affine_coupling(*inputs, scale_fn="sigmoid", reverse=True)
+    assert y.device.type == "meta" and y.shape == (3, 4, 5) and logdet.shape == (3,)
+    grads = torch.autograd.grad(y.sum() + logdet.sum(), inputs)
+    assert all(g.shape == (3, 4, 5) and g.device.type == "meta" for g in grads)
+
+
+def test_compiles_with_dynamic_shapes(device):
+    def step(x, log_scale, shift):
+        y, logdet = affine_coupling(x, log_scale, shift, scale_fn="sigmoid", impl="triton")
+        return y.square().sum() + logdet.sum()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in ((2, 3, 5), (3, 4, 7)):
+        results = []
+        for fn in (compiled, step):
+            inputs = [t.requires_grad_() for t in _inputs(shape, torch.float32, device)]
+            loss = fn(*inputs)
+            results.append((loss,) + torch.autograd.grad(loss, inputs))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -232,6 +318,8 @@ def test_opcheck(scale_fn, reverse, device):
     grad_y, grad_logdet = torch.randn(2, 3, 5, device=device), torch.randn(2, device=device)
     torch.library.opcheck(torch.ops.genkernels.affine_coupling_backward.default,
                           (grad_y, grad_logdet, x.detach(), log_scale.detach(), scale_fn, reverse))
+    torch.library.opcheck(torch.ops.genkernels.affine_coupling_backward.default,
+                          (None, grad_logdet, x.detach(), log_scale.detach(), scale_fn, reverse))
 
 
 def test_compiles_with_fullgraph(device):

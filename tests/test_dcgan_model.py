@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkernels.kernels import use_impl
-from genkernels.models.dcgan import DCGAN, discriminator_loss, generator_loss, truncated_normal
+from genkernels.models.dcgan import (
+    DCGAN,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    discriminator_loss,
+    generator_loss,
+    r1_penalty,
+    truncated_normal,
+)
 from genkernels.models.layers import BatchNormAct2d, Conv2dBiasAct, ConvTranspose2dBiasAct
 from reference_checks import assert_close_to_reference
 
@@ -323,6 +331,34 @@ BAD_INPUT = [
     (lambda model: model.train_step(torch.zeros(0, 3, 16, 16), *_sgd(model)), ValueError,
      "real must hold at least one image"),
     (lambda model: model.train_step(torch.zeros(2, 3, 8, 8), *_sgd(model)), ValueError, r"real must have shape"),
+    (lambda model: _tiny_gan(latent_dim=0), ValueError, "latent_dim=0"),
+    (lambda model: _tiny_gan(base_channels=-8), ValueError, "base_channels=-8"),
+    (lambda model: _tiny_gan(channels=3.0), TypeError, "channels must be an int"),
+    (lambda model: _tiny_gan(r1_gamma=float("nan")), ValueError, "r1_gamma=nan"),
+    (lambda model: DCGANGenerator(latent_dim=0, image_size=16), ValueError, "latent_dim=0"),
+    (lambda model: DCGANGenerator(latent_dim=8, channels=0, image_size=16), ValueError, "channels=0"),
+    (lambda model: DCGANGenerator(latent_dim=8, image_size=16, base_channels=0), ValueError, "base_channels=0"),
+    (lambda model: DCGANGenerator(latent_dim=8.0, image_size=16), TypeError, "latent_dim must be an int"),
+    (lambda model: DCGANGenerator(image_size=16.0), TypeError, "image_size must be an int"),
+    (lambda model: DCGANDiscriminator(channels=-1, image_size=16), ValueError, "channels=-1"),
+    (lambda model: DCGANDiscriminator(image_size=16, base_channels=0), ValueError, "base_channels=0"),
+    (lambda model: DCGANDiscriminator(image_size=16, base_channels=4.0), TypeError, "base_channels must be an int"),
+    (lambda model: DCGANDiscriminator(image_size=16, alpha=float("inf")), ValueError, "alpha=inf"),
+    (lambda model: discriminator_loss([0.5], torch.zeros(2)), TypeError, "real_logits must be a torch.Tensor"),
+    (lambda model: discriminator_loss(torch.zeros(2), [0.5]), TypeError, "fake_logits must be a torch.Tensor"),
+    (lambda model: discriminator_loss(torch.zeros(2, dtype=torch.long), torch.zeros(2)), TypeError,
+     "real_logits must have a floating-point dtype"),
+    (lambda model: generator_loss((0.5, 1.0)), TypeError, "fake_logits must be a torch.Tensor"),
+    (lambda model: generator_loss(torch.zeros(2), loss="wgan"), ValueError, "loss='wgan'"),
+    (lambda model: r1_penalty(model.discriminator, torch.zeros(2, 3, 16, 16), float("nan")), ValueError,
+     "gamma=nan"),
+    (lambda model: r1_penalty(model.discriminator, torch.zeros(2, 3, 16, 16), -1.0), ValueError, "gamma=-1.0"),
+    (lambda model: r1_penalty(model.discriminator, torch.zeros(2, 3, 16, 16), "1"), TypeError,
+     "gamma must be a real number"),
+    (lambda model: r1_penalty(model.discriminator, [0.0], 1.0), TypeError, "real must be a torch.Tensor"),
+    (lambda model: r1_penalty("D", torch.zeros(2, 3, 16, 16), 1.0), TypeError, "discriminator must be a module"),
+    (lambda model: truncated_normal((2, 3), float("nan")), ValueError, "threshold=nan"),
+    (lambda model: truncated_normal((2, 3), 0.0), ValueError, "threshold=0.0"),
 ]
 
 

@@ -288,32 +288,176 @@ def test_training_converges_with_the_same_curve_under_both_impls(name):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bad input
+# Bad input: one case per rejection, each naming the argument
 # ---------------------------------------------------------------------------------------------------------------
-def test_rejects_bad_layer_arguments():
-    with pytest.raises(ValueError, match="checkerboard.*scale_fn='exp'"):
-        AffineCoupling(4, mask="checkerboard", scale_fn="sigmoid")
-    with pytest.raises(ValueError, match="mask='stripes'"):
-        AffineCoupling(4, mask="stripes")
-    with pytest.raises(ValueError, match="scale_fn='tanh'"):
-        AffineCoupling(4, scale_fn="tanh")
-    with pytest.raises(ValueError, match="even height and width"):
-        Squeeze()(torch.zeros(1, 2, 3, 4))
-    with pytest.raises(ValueError, match=r"x must have shape \[batch, 4, ...spatial\]; got shape \[1, 3, 2, 2\]"):
-        ActNorm(4)(torch.zeros(1, 3, 2, 2))
+def _tiny_realnvp():
+    return RealNVP((3, 4, 4), num_scales=1, hidden_channels=4)
 
 
-def test_rejects_bad_model_arguments():
-    with pytest.raises(ValueError, match="divisible by 2\\*\\*num_levels = 8"):
-        Glow((3, 12, 12), num_levels=3)
-    with pytest.raises(ValueError, match="divisible by 2\\*\\*\\(num_scales - 1\\) = 4"):
-        RealNVP((3, 6, 6), num_scales=3)
-    model = RealNVP((3, 4, 4), num_scales=1, hidden_channels=4)
-    with pytest.raises(ValueError, match=r"x must have shape \[batch, 3, 4, 4\]; got shape \[2, 3, 8, 8\]"):
-        model(torch.zeros(2, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"z must have shape \[batch, 48\]; got \[2, 47\]"):
-        model.inverse(torch.zeros(2, 47))
-    with pytest.raises(ValueError, match="n must be a non-negative int"):
-        model.sample(-1)
-    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
-        model.sample(1, temperature=-1.0)
+def _tiny_glow():
+    return Glow((3, 4, 4), num_levels=1, depth=1, hidden_channels=4, generator=torch.Generator().manual_seed(0))
+
+
+BAD_LAYER_ARGUMENTS = [
+    (lambda: AffineCoupling(4, mask="checkerboard", scale_fn="sigmoid"), ValueError, "checkerboard.*scale_fn='exp'"),
+    (lambda: AffineCoupling(4, mask="stripes"), ValueError, "mask='stripes'"),
+    (lambda: AffineCoupling(4, scale_fn="tanh"), ValueError, "scale_fn='tanh'"),
+    (lambda: AffineCoupling(0, mask="checkerboard", scale_fn="exp"), ValueError, "num_channels=0"),
+    (lambda: AffineCoupling(1), ValueError, "num_channels=1"),
+    (lambda: AffineCoupling(4, 0), ValueError, "hidden_channels=0"),
+    (lambda: AffineCoupling(4, -3), ValueError, "hidden_channels=-3"),
+    (lambda: AffineCoupling(4.0), TypeError, "num_channels must be an int"),
+    (lambda: AffineCoupling(4, 8.0), TypeError, "hidden_channels must be an int"),
+    (lambda: AffineCoupling(4, parity=2), ValueError, "parity=2"),
+    (lambda: AffineCoupling(4, conditioner=lambda x: x), TypeError, "conditioner must be an nn.Module"),
+    (lambda: ActNorm(0), ValueError, "num_channels=0"),
+    (lambda: ActNorm(2.5), TypeError, "num_channels must be an int"),
+    (lambda: ActNorm(4, eps=-1.0), ValueError, "eps=-1.0"),
+    (lambda: ActNorm(4, eps=0.0), ValueError, "eps=0.0"),
+    (lambda: ActNorm(4, eps=float("nan")), ValueError, "eps=nan"),
+    (lambda: InvConv1x1(0), ValueError, "num_channels=0"),
+    (lambda: InvConv1x1(-2), ValueError, "num_channels=-2"),
+    (lambda: InvConv1x1(4, generator=3), TypeError, "generator must be a torch.Generator"),
+    (lambda: Split(1), ValueError, "num_channels=1"),
+    (lambda: Split(4.0), TypeError, "num_channels must be an int"),
+    (lambda: Split(4, learned_prior=1), TypeError, "learned_prior must be a bool"),
+    (lambda: LearnedPrior((4, 0, 4)), ValueError, r"shape\[1\]=0"),
+    (lambda: LearnedPrior((4, 2.0, 4)), TypeError, r"shape\[1\] must be an int"),
+    (lambda: LearnedPrior(4), TypeError, "shape must be a non-empty sequence"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_LAYER_ARGUMENTS,
+                         ids=[str(i) for i in range(len(BAD_LAYER_ARGUMENTS))])
+def test_layer_constructors_reject_bad_arguments(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+BAD_LAYER_INPUTS = [
+    (lambda: Squeeze()(torch.zeros(1, 2, 3, 4)), ValueError, r"even height and width; got shape \[1, 2, 3, 4\]"),
+    (lambda: Squeeze()(torch.zeros(1, 2, 4, 5)), ValueError, r"x of shape.*even.*got shape \[1, 2, 4, 5\]"),
+    (lambda: Squeeze()(torch.zeros(2, 4, 4)), ValueError, r"x of shape \[batch, channels, height, width\]"),
+    (lambda: Squeeze()([1.0]), TypeError, "x must be a torch.Tensor"),
+    (lambda: Squeeze()(torch.zeros(1, 2, 4, 4, dtype=torch.int64)), TypeError, "x must be a floating-point"),
+    (lambda: Squeeze().inverse(torch.zeros(1, 6, 2, 2)), ValueError, r"y of shape \[batch, 4 \* channels"),
+    (lambda: ActNorm(4)(torch.zeros(1, 3, 2, 2)), ValueError,
+     r"x must have shape \[batch, 4, height, width\]; got shape \[1, 3, 2, 2\]"),
+    (lambda: ActNorm(4)(torch.zeros(1, 4, 2, 2, dtype=torch.uint8)), TypeError, "x must be a floating-point"),
+    (lambda: InvConv1x1(4)(torch.zeros(4, 2, 2)), ValueError, r"x must have shape \[batch, 4, height, width\]"),
+    (lambda: AffineCoupling(4, 4, mask="checkerboard", scale_fn="exp")(torch.zeros(2, 4, 5)), ValueError,
+     r"x must have shape \[batch, 4, height, width\]; got shape \[2, 4, 5\]"),
+    (lambda: AffineCoupling(4, 4, mask="checkerboard", scale_fn="exp").inverse(torch.zeros(2, 3, 4, 4)),
+     ValueError, r"y must have shape \[batch, 4, height, width\]"),
+    (lambda: AffineCoupling(4, conditioner=torch.nn.Conv2d(2, 3, 1))(torch.zeros(1, 4, 2, 2)), ValueError,
+     r"conditioner must map the kept part \[1, 2, 2, 2\] to \[1, 4, 2, 2\]"),
+    (lambda: Split(4).inverse(torch.zeros(2, 2, 3, 3), torch.zeros(2, 3, 3, 3)), ValueError,
+     r"eps must have shape \[2, 2, 3, 3\]"),
+    (lambda: Split(4).inverse(torch.zeros(2, 2, 3, 3), torch.zeros(2, 2, 3, 4)), ValueError,
+     r"eps must have shape \[2, 2, 3, 3\]"),
+    (lambda: Split(4).inverse(torch.zeros(2, 3, 3, 3), torch.zeros(2, 2, 3, 3)), ValueError,
+     r"h must have shape \[batch, 2, height, width\]"),
+    (lambda: Split(4).inverse(torch.zeros(2, 2, 3, 3), None), TypeError, "eps must be a torch.Tensor"),
+    (lambda: LearnedPrior((4, 2, 2))(torch.zeros(3, 4, 2, 3)), ValueError,
+     r"z must have shape \[batch, 4, 2, 2\]; got shape \[3, 4, 2, 3\]"),
+    (lambda: LearnedPrior((4, 2, 2)).inverse(torch.zeros(4, 2, 2)), ValueError, r"eps must have shape \[batch, 4"),
+    (lambda: LearnedPrior((4, 2, 2))(torch.zeros(3, 4, 2, 2, dtype=torch.int32)), TypeError,
+     "z must be a floating-point"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_LAYER_INPUTS, ids=[str(i) for i in range(len(BAD_LAYER_INPUTS))])
+def test_layers_reject_bad_inputs_up_front(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+BAD_MODEL_ARGUMENTS = [
+    (lambda: Glow((3, 12, 12), num_levels=3), ValueError, "divisible by 2\\*\\*num_levels = 8"),
+    (lambda: RealNVP((3, 6, 6), num_scales=3), ValueError, "divisible by 2\\*\\*\\(num_scales - 1\\) = 4"),
+    (lambda: Glow(image_shape=(1, 4)), ValueError, r"image_shape must be \(channels, height, width\).*\(1, 4\)"),
+    (lambda: RealNVP(image_shape=(3, 4, 4, 1)), ValueError, "image_shape must be \\(channels, height, width\\)"),
+    (lambda: Glow(image_shape=32), TypeError, "image_shape must be a sequence"),
+    (lambda: Glow(image_shape=(3, 8.0, 8)), TypeError, "image_shape height must be an int"),
+    (lambda: RealNVP(image_shape=(0, 4, 4)), ValueError, "image_shape channels=0"),
+    (lambda: Glow((3, 4, 4), num_levels=0), ValueError, "num_levels=0"),
+    (lambda: Glow((3, 4, 4), num_levels=1.0), TypeError, "num_levels must be an int"),
+    (lambda: Glow((3, 4, 4), num_levels=1, depth=0), ValueError, "depth=0"),
+    (lambda: Glow((3, 4, 4), num_levels=1, depth=2.0), TypeError, "depth must be an int"),
+    (lambda: Glow((3, 4, 4), num_levels=1, depth=1, hidden_channels=0), ValueError, "hidden_channels=0"),
+    (lambda: RealNVP((3, 4, 4), num_scales=0), ValueError, "num_scales=0"),
+    (lambda: RealNVP((3, 4, 4), num_scales=2.0), TypeError, "num_scales must be an int"),
+    (lambda: RealNVP((3, 4, 4), num_scales=1, hidden_channels=-1), ValueError, "hidden_channels=-1"),
+    (lambda: RealNVP((3, 4, 4), num_scales=1, hidden_channels=4.5), TypeError, "hidden_channels must be an int"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_MODEL_ARGUMENTS,
+                         ids=[str(i) for i in range(len(BAD_MODEL_ARGUMENTS))])
+def test_model_constructors_reject_bad_arguments(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+BAD_MODEL_INPUTS = [
+    (lambda model: model(torch.zeros(2, 3, 8, 8)), ValueError,
+     r"x must have shape \[batch, 3, 4, 4\]; got shape \[2, 3, 8, 8\]"),
+    (lambda model: model(torch.zeros(2, 3, 4, 4, dtype=torch.uint8)), TypeError,
+     "x must be a floating-point tensor.*dequantize"),
+    (lambda model: model(torch.zeros(2, 3, 4, 4, dtype=torch.int64)), TypeError, "x must be a floating-point"),
+    (lambda model: model.log_prob(torch.zeros(2, 3, 4, 4, dtype=torch.int64)), TypeError, "x must be a floating"),
+    (lambda model: model.inverse(torch.zeros(2, 47)), ValueError,
+     r"z must have shape \[batch, 48\]; got shape \[2, 47\]"),
+    (lambda model: model.inverse(torch.zeros(2, 48, dtype=torch.int64)), TypeError, "z must be a floating-point"),
+    (lambda model: model.sample(-1), ValueError, "n=-1"),
+    (lambda model: model.sample(2.0), TypeError, "n must be an int"),
+    (lambda model: model.sample(1, temperature=-1.0), ValueError, "temperature=-1.0"),
+    (lambda model: model.sample(1, temperature=float("nan")), ValueError, "temperature=nan"),
+    (lambda model: model.bits_per_dim(torch.full((2, 3, 4, 4), 256)), ValueError,
+     r"images must hold 8-bit pixel values: integers in \[0, 255\]; got a value 256"),
+    (lambda model: model.bits_per_dim(torch.full((2, 3, 4, 4), -1)), ValueError, "images must hold 8-bit pixel"),
+    (lambda model: model.bits_per_dim(torch.full((2, 3, 4, 4), 0.5)), ValueError,
+     "images must hold 8-bit pixel values.*got a value 0.5"),
+    (lambda model: model.bits_per_dim(torch.full((2, 3, 4, 4), float("nan"))), ValueError,
+     "images must hold 8-bit pixel values"),
+    (lambda model: model.bits_per_dim(torch.zeros(2, 3, 4, 4, dtype=torch.bool)), TypeError, "images must hold 8-bit"),
+    (lambda model: model.bits_per_dim(torch.zeros(2, 3, 4)), ValueError, r"images must have shape \[batch, 3, 4, 4\]"),
+    (lambda model: model.bits_per_dim([0, 1]), TypeError, "images must be a torch.Tensor"),
+    (lambda model: model.dequantize(torch.full((2, 3, 4, 4), 300)), ValueError, "images must hold 8-bit pixel"),
+]
+
+
+@pytest.mark.parametrize("name, build", [("realnvp", _tiny_realnvp), ("glow", _tiny_glow)])
+@pytest.mark.parametrize("call, error, message", BAD_MODEL_INPUTS, ids=[str(i) for i in range(len(BAD_MODEL_INPUTS))])
+def test_models_reject_bad_inputs_up_front(call, error, message, name, build):
+    with pytest.raises(error, match=message):
+        call(build())
+
+
+def test_bits_per_dim_takes_integer_valued_float_pixels_like_integer_ones():
+    model = _tiny_realnvp()
+    images = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    expected = model.bits_per_dim(images, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model.bits_per_dim(images.float(), torch.Generator().manual_seed(1)), expected)
+    edges = torch.tensor([0, 255]).repeat(48)[:48].reshape(1, 3, 4, 4)
+    assert torch.isfinite(model.bits_per_dim(edges)).all()
+
+
+def test_checkerboard_coupling_ignores_nan_and_inf_in_the_pixels_it_changes():
+    """The conditioner sees the kept pixels only: a NaN or Inf in a changed pixel stays in that pixel (the mask
+    selects it away rather than multiplying it by 0, which gave NaN everywhere the conditioner's 3x3 convs reach)."""
+    layer = _perturb(AffineCoupling(2, 8, mask="checkerboard", parity=0, scale_fn="exp"), seed=3)
+    x = _images((1, 2, 4, 4), seed=4)
+    changed = (0, 0, 0, 1)  # h + w + parity odd: a pixel this coupling changes
+    for value in (float("nan"), float("inf")):
+        poisoned = x.clone()
+        poisoned[changed] = value
+        for impl in ("triton", "eager"):
+            with use_impl(impl):
+                y, logdet = layer(poisoned)
+                clean, clean_logdet = layer(x)
+            others = torch.ones_like(y, dtype=torch.bool)
+            others[changed] = False
+            torch.testing.assert_close(y[others], clean[others])
+            torch.testing.assert_close(logdet, clean_logdet)
+            assert y[changed].isnan() if value != value else y[changed].isinf()

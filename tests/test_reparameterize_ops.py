@@ -148,6 +148,55 @@ def test_extreme_logvar_stays_finite_where_the_fp64_result_is(impl, device):
         assert (value[~representable].abs() == math.inf).all()
 
 
+SPECIAL = (0.0, 1.0, -1.5, float("nan"), float("inf"), float("-inf"))
+
+
+def _special_value_grid(device):
+    """Every combination of special values in ``(mu, logvar, noise)``, one per row of ``[216, 1]`` tensors."""
+    grid = torch.cartesian_prod(*(torch.tensor(SPECIAL, dtype=torch.float64),) * 3).to(device)
+    return grid[:, 0:1], grid[:, 1:2], grid[:, 2:3]
+
+
+def _plain_pytorch(mu, logvar, noise):
+    """The textbook formulas, as a plain PyTorch VAE writes them."""
+    z = mu + torch.exp(0.5 * logvar) * noise
+    kl = -0.5 * (1 + logvar - mu.square() - torch.exp(logvar)).sum(dim=1)
+    return z, kl
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("used", ["both", "z", "kl"])
+def test_nan_and_inf_give_the_plain_pytorch_pattern(impl, used, device):
+    """NaN in gives NaN out in z, kl and both gradients exactly where plain PyTorch (fp64 autograd) gives NaN,
+    +-Inf where it gives +-Inf, numbers where it gives numbers; the one difference is kl at logvar = +inf, where
+    plain PyTorch's inf - inf is NaN and the KL of an infinite variance is +inf. A NaN logvar used to give
+    z = -1.36e27 (tl.minimum dropped the NaN) and an output that is not used must not bring its inf * 0 terms in."""
+    mu, logvar, noise = _special_value_grid(device)
+    results = []
+    for fn, dtype in ((lambda m, l, n: reparameterize_kl(m, l, noise=n, impl=impl), torch.float32),
+                      (_plain_pytorch, torch.float64)):
+        m, l = mu.to(dtype).requires_grad_(), logvar.to(dtype).requires_grad_()
+        z, kl = fn(m, l, noise.to(dtype))
+        loss = {"both": z.sum() + kl.sum(), "z": z.sum(), "kl": kl.sum()}[used]
+        results.append([z.detach(), kl.detach(), *torch.autograd.grad(loss, [m, l])])
+    infinite_kl = (logvar[:, 0] == math.inf) & ~mu[:, 0].isnan()
+    results[1][1] = torch.where(infinite_kl, math.inf, results[1][1])
+    for name, got, expected in zip(("z", "kl", "grad_mu", "grad_logvar"), *results):
+        got, expected = got.double().flatten(), expected.flatten()
+        assert torch.equal(got.isnan(), expected.isnan()), f"{name}: NaN pattern differs"
+        finite = torch.isfinite(expected)
+        assert torch.equal(got[~finite & ~expected.isnan()], expected[~finite & ~expected.isnan()]), name
+        torch.testing.assert_close(got[finite], expected[finite], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_nan_logvar_gives_nan_not_a_huge_number(device):
+    mu = torch.zeros(1, 3, device=device)
+    logvar = torch.tensor([[float("nan"), 0.0, float("nan")]], device=device)
+    noise = torch.tensor([[-1.0, 1.0, 0.0]], device=device)
+    z, kl = reparameterize_kl(mu, logvar, noise=noise, impl="triton")
+    assert z[0, 0].isnan() and z[0, 2].isnan() and z[0, 1] == 1.0 and kl.isnan().all()
+
+
 def test_inputs_inside_larger_buffers_are_read_only_in_bounds(device):
     # Views into NaN-filled buffers: any read outside a view would turn the result into NaN.
     def embedded(values):
@@ -171,6 +220,60 @@ def test_empty_and_one_dimensional_inputs(shape, impl, device):
     assert z.shape == mu.shape and kl.shape == (shape[0],) and kl.dtype == torch.float32
     _, expected_kl = reparameterize_kl_reference(mu.double(), logvar.double(), noise.double())
     torch.testing.assert_close(kl.double(), expected_kl, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (3, 0, 4), (3, 4, 0), (0,)])
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_zero_size_in_every_dim_gives_the_reference_shapes_and_a_zero_kl(shape, impl, device):
+    mu, logvar, noise = (t.requires_grad_() for t in _inputs(shape, torch.float32, device))
+    z, kl = reparameterize_kl(mu, logvar, noise=noise, impl=impl)
+    assert z.shape == shape and kl.shape == (shape[0],) and (kl == 0).all()
+    grads = torch.autograd.grad(z.sum() + kl.sum(), [mu, logvar], allow_unused=True)
+    assert all(g is None or g.shape == shape for g in grads)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_expanded_inputs_with_stride_zero(impl, device):
+    """Broadcast views (stride 0 in the batch or the inner dims) read each element where it is."""
+    mu = random_tensor((1, 7), torch.float32, 0, device).expand(3, 7)
+    logvar = random_tensor((7,), torch.float32, 1, device).expand(3, 7)
+    noise = random_tensor((3, 1), torch.float32, 2, device).expand(3, 7)
+    mu_g, logvar_g = mu.detach().requires_grad_(), logvar.detach().requires_grad_()
+    z, kl = reparameterize_kl(mu_g, logvar_g, noise=noise, impl=impl)
+    grads = torch.autograd.grad((z * z).sum() + kl.sum(), [mu_g, logvar_g])
+    dense = [t.contiguous().double().requires_grad_() for t in (mu, logvar)]
+    z_ref, kl_ref = reparameterize_kl_reference(*dense, noise.contiguous().double())
+    expected = torch.autograd.grad((z_ref * z_ref).sum() + kl_ref.sum(), dense)
+    for got, want in zip((z, kl) + grads, (z_ref, kl_ref) + expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_runs_the_reference_in_float64_and_triton_refuses_it(device):
+    mu, logvar, noise = _inputs((3, 7), torch.float64, device)
+    expected = reparameterize_kl_reference(mu, logvar, noise)
+    for impl in ("auto", "eager"):
+        z, kl = reparameterize_kl(mu, logvar, noise=noise, impl=impl)
+        assert z.dtype == kl.dtype == torch.float64
+        torch.testing.assert_close((z, kl), expected, rtol=0, atol=0)
+    z, _ = reparameterize_kl(mu, logvar, generator=torch.Generator(device).manual_seed(0))
+    assert z.dtype == torch.float64
+    m, l = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: reparameterize_kl(a, b, noise=noise), (m, l))
+    with pytest.raises(ValueError, match="impl='triton' cannot run these inputs.*mu is torch.float64"):
+        reparameterize_kl(mu, logvar, noise=noise, impl="triton")
+    with pytest.raises(ValueError, match="noise is torch.float64"):
+        reparameterize_kl(mu.float(), logvar.float(), noise=noise, impl="triton")
+
+
+@pytest.mark.parametrize("with_noise", [True, False])
+def test_meta_tensors_give_the_output_shapes_through_the_fake(with_noise):
+    mu = torch.empty(3, 4, 5, device="meta", requires_grad=True)
+    logvar = torch.empty(3, 4, 5, device="meta", requires_grad=True)
+    noise = torch.empty(3, 4, 5, device="meta") if with_noise else None
+    z, kl = reparameterize_kl(mu, logvar, noise=noise)
+    assert z.device.type == kl.device.type == "meta" and z.shape == (3, 4, 5) and kl.shape == (3,)
+    grads = torch.autograd.grad(z.sum() + kl.sum(), [mu, logvar])
+    assert all(g.shape == (3, 4, 5) and g.device.type == "meta" for g in grads)
 
 
 def test_offsets_past_2_31_elements_are_computed_in_int64(device):
@@ -298,6 +401,23 @@ def test_compiles_with_fullgraph(device):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_compiles_with_dynamic_shapes(device):
+    def step(mu, logvar, noise):
+        z, kl = reparameterize_kl(mu, logvar, noise=noise, impl="triton")
+        return z.square().sum() + kl.sum()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch, width in ((2, 5), (3, 7)):
+        mu, logvar, noise = _inputs((batch, width), torch.float32, device)
+        results = []
+        for fn in (compiled, step):
+            m, l = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+            loss = fn(m, l, noise)
+            results.append((loss,) + torch.autograd.grad(loss, [m, l]))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one test per rejection, each naming the argument
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +441,7 @@ def test_rejects_bad_dtypes(device):
     with pytest.raises(TypeError, match="logvar must have the dtype of mu"):
         reparameterize_kl(mu, logvar.half())
     with pytest.raises(TypeError, match="noise must have a floating-point dtype"):
-        reparameterize_kl(mu, logvar, noise=noise.double())
+        reparameterize_kl(mu, logvar, noise=noise.long())
 
 
 def test_rejects_tensors_on_different_devices(device):

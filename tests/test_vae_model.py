@@ -216,7 +216,25 @@ def test_drawn_noise_is_reproducible_with_a_generator_and_varies_without(impl):
 BAD_INPUT = [
     (lambda model: VAE(image_size=28, hidden_channels=(8, 8, 8)), ValueError, "image_size=28 must be divisible"),
     (lambda model: VAE(image_size=27), ValueError, "image_size=27 cannot be halved"),
-    (lambda model: VAE(hidden_channels=(8, 0)), ValueError, "hidden_channels="),
+    (lambda model: VAE(hidden_channels=(8, 0)), ValueError, r"hidden_channels\[1\]=0"),
+    (lambda model: VAE(hidden_channels=(8, -4)), ValueError, r"hidden_channels\[1\]=-4"),
+    (lambda model: VAE(hidden_channels=(8, 16.0)), TypeError, r"hidden_channels\[1\] must be an int"),
+    (lambda model: VAE(hidden_channels=()), ValueError, r"hidden_channels=\(\) must be a non-empty"),
+    (lambda model: VAE(hidden_channels=32), TypeError, "hidden_channels must be a sequence of ints"),
+    (lambda model: VAE(channels=0), ValueError, "channels=0"),
+    (lambda model: VAE(channels=-1), ValueError, "channels=-1"),
+    (lambda model: VAE(channels=1.0), TypeError, "channels must be an int"),
+    (lambda model: VAE(image_size=28.0), TypeError, "image_size must be an int"),
+    (lambda model: VAE(latent_dim=16.0), TypeError, "latent_dim must be an int"),
+    (lambda model: VAE(beta=float("nan")), ValueError, "beta=nan"),
+    (lambda model: model.loss(_images() * 2), ValueError, r"x must lie in \[0.0, 1.0\]; got a value 1\.\d+"),
+    (lambda model: model.loss(_images() - 0.5), ValueError, r"x must lie in \[0.0, 1.0\]; got a value -0\.\d+"),
+    (lambda model: model.loss(torch.full((2, 1, 16, 16), float("nan"))), ValueError, r"x must lie in \[0.0, 1.0\]"),
+    (lambda model: model.reconstruction_nll(torch.zeros(2, 1, 16, 16), torch.full((2, 1, 16, 16), 1.5)), ValueError,
+     r"x must lie in \[0.0, 1.0\]"),
+    (lambda model: model.reconstruction_nll(torch.zeros(2, 1, 16, 8), _images(2)), ValueError,
+     r"params must have the shape of x \[2, 1, 16, 16\]"),
+    (lambda model: model.sample(2.0), TypeError, "n must be an int"),
     (lambda model: VAE(likelihood="poisson"), ValueError, "likelihood='poisson'"),
     (lambda model: VAE(variance="diagonal"), ValueError, "variance='diagonal'"),
     (lambda model: VAE(beta=-1.0), ValueError, "beta=-1.0"),
@@ -238,6 +256,14 @@ BAD_INPUT = [
 def test_bad_input_is_rejected(call, error, message):
     with pytest.raises(error, match=message):
         call(_tiny_vae())
+
+
+def test_bernoulli_targets_on_the_edges_of_0_1_are_accepted_and_gaussian_targets_are_not_range_checked():
+    model, noise = _tiny_vae(), _noise(2)
+    edges = (_images(2) > 0.5).float()  # binary images: 0 and 1 exactly
+    assert torch.isfinite(model.loss(edges, noise=noise).loss)
+    gaussian = _tiny_vae(likelihood="gaussian")
+    assert torch.isfinite(gaussian.loss(_images(2) * 4 - 2, noise=noise).loss)
 
 
 def _dataset() -> torch.Tensor:
