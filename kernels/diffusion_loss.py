@@ -2,10 +2,13 @@
 
 ``q_sample`` noises a clean batch, ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` (Ho et al. 2020, eq. 4; diffusers'
 ``add_noise``), drawing ``eps`` inside the kernel when none is given. ``diffusion_loss`` forms the training target
-(``eps``, ``x0`` or ``v``) and the mean squared error against the network's output in one pass, and writes the
-gradient of the loss w.r.t. the output in the same pass (the fused-loss trick of Liger-Kernel), so the backward
-is a scale by the incoming gradient. When the noise came from a seed it is regenerated from that seed instead of
-read: the loss pass reads only ``model_output`` and ``x0``.
+(``eps``, ``x0`` or ``v``) and the mean squared error against the network's output in one pass. For an fp32
+output it writes the gradient of the loss w.r.t. the output in the same pass (the fused-loss trick of
+Liger-Kernel), so the backward is a scale by the incoming gradient; for fp16/bf16 outputs the backward recomputes
+it from the inputs with the incoming gradient (a loss scaler's 2**16) applied in fp32 before the one rounding, as
+plain PyTorch's autograd does (a 16-bit gradient stored before that scale loses its digits to underflow). When
+the noise came from a seed it is regenerated from that seed instead of read: the loss pass reads only
+``model_output`` and ``x0``.
 
 Noise stream: element ``[b, *idx]`` gets draw ``i mod 4`` of Philox group ``i div 4`` of sample ``b``, ``i`` the
 row-major index of ``idx`` (the convention of every in-kernel draw, see :class:`~genkernels.kernels.launch.SampleWalk`;
@@ -35,13 +38,7 @@ from .checks import (
     check_tensor,
     describe,
 )
-from .diffusion import (
-    PREDICTION_TYPES,
-    NoiseSchedule,
-    _batch_stride,
-    _check_timesteps,
-    _schedule_terms,
-)
+from .diffusion import PREDICTION_TYPES, NoiseSchedule, batch_stride, check_timesteps, schedule_terms
 from .launch import (
     NOISE_PHILOX_BLOCK,
     NOISE_PHILOX_GATHER,
@@ -53,7 +50,7 @@ from .launch import (
     elementwise_block_configs,
 )
 from .philox import philox_normal
-from .runtime import compute_dtype, resolve_impl
+from .runtime import choose_impl, compute_dtype
 from .triton_helpers import noise_values, sample_block, sample_offsets
 
 REDUCTIONS = ("mean", "sum", "none", "per_sample")
@@ -65,7 +62,7 @@ _PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}
 # ----------------------------------------------------------------------------------------------------------------
 def _sqrt_alpha_beta(schedule: NoiseSchedule, like: torch.Tensor, timestep: torch.Tensor):
     """``sqrt(a_t)`` and ``sqrt(1 - a_t)`` per sample, in ``like``'s compute dtype, shaped to broadcast over it."""
-    alpha, _, beta, _ = _schedule_terms(schedule, like, timestep, timestep, True)
+    alpha, _, beta, _ = schedule_terms(schedule, like, timestep, timestep, True)
     return alpha.sqrt(), beta.sqrt()
 
 
@@ -236,10 +233,10 @@ def _diffusion_loss_fwd_kernel(
             tl.store(out_ptr + out_offsets, (2.0 * grad_scale * diff).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["timestep_value"])
+@triton.jit(do_not_specialize=["timestep_value", "grad_scale"])
 def _diffusion_loss_bwd_kernel(
     grad_mo_ptr, grad_x0_ptr, grad_loss_ptr, model_output_ptr, x0_ptr, noise_ptr, seed_ptr, table_ptr,
-    timestep_ptr, timestep_value, timestep_stride, num_train_timesteps,
+    timestep_ptr, timestep_value, timestep_stride, num_train_timesteps, grad_scale,
     batch_start, inner_numel, size1, size2, size3,
     gm_sb, gm_s0, gm_s1, gm_s2, gm_s3,
     gx_sb, gx_s0, gx_s1, gx_s2, gx_s3,
@@ -249,24 +246,29 @@ def _diffusion_loss_bwd_kernel(
     z_sb, z_s0, z_s1, z_s2, z_s3,
     l_s0, l_s1, l_s2, l_s3,
     PREDICTION: tl.constexpr, WRITE_GRAD_MO: tl.constexpr, WRITE_GRAD_X0: tl.constexpr,
-    NOISE_MODE: tl.constexpr, TIMESTEP_IN_TENSOR: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    GRAD_PER_SAMPLE: tl.constexpr, NOISE_MODE: tl.constexpr, TIMESTEP_IN_TENSOR: tl.constexpr,
+    INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Backward of the elementwise loss: ``grad_mo = 2 (model_output - target) grad_loss`` recomputed from the
-    inputs, and ``grad_x0 = -(d target / d x0) grad_mo``."""
+    """The loss's gradients recomputed from the inputs: ``grad_mo = 2 grad_scale (model_output - target)
+    grad_loss`` and ``grad_x0 = -(d target / d x0) grad_mo``, in fp32 until the store. ``grad_loss`` is the
+    elementwise upstream gradient, or with GRAD_PER_SAMPLE one value per sample (``gl_sb`` apart: 0 for the
+    scalar of "mean"/"sum"), and ``grad_scale`` the reduction's ``1/N``."""
     batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
     mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
                                 INNER_CONTIGUOUS)
-    gl_offsets = sample_offsets(batch_index, inner, gl_sb, gl_s0, gl_s1, gl_s2, gl_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
     model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_loss = tl.load(grad_loss_ptr + gl_offsets, mask=mask, other=0.0).to(tl.float32)
+    if GRAD_PER_SAMPLE:
+        grad_loss = tl.load(grad_loss_ptr + batch_index.to(tl.int64) * gl_sb).to(tl.float32)
+    else:
+        gl_offsets = sample_offsets(batch_index, inner, gl_sb, gl_s0, gl_s1, gl_s2, gl_s3, size1, size2, size3,
+                                    INNER_CONTIGUOUS)
+        grad_loss = tl.load(grad_loss_ptr + gl_offsets, mask=mask, other=0.0).to(tl.float32)
     target, x0_coef = _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_value,
                                  timestep_stride, num_train_timesteps, batch_index, first, inner, mask,
                                  x_sb, x_s0, x_s1, x_s2, x_s3, z_sb, z_s0, z_s1, z_s2, z_s3, l_s0, l_s1, l_s2, l_s3,
                                  size1, size2, size3, PREDICTION, NOISE_MODE, TIMESTEP_IN_TENSOR, INNER_CONTIGUOUS,
                                  BLOCK)
-    grad_mo = 2.0 * (model_output - target) * grad_loss
+    grad_mo = 2.0 * grad_scale * (model_output - target) * grad_loss
     if WRITE_GRAD_MO:
         gm_offsets = sample_offsets(batch_index, inner, gm_sb, gm_s0, gm_s1, gm_s2, gm_s3, size1, size2, size3,
                                     INNER_CONTIGUOUS)
@@ -293,7 +295,7 @@ def _launch_q_sample(x0, noise, seed, table, timestep, timestep_value):
         _q_sample_kernel[(walk.num_blocks, count)](
             tensors["out"], tensors["x0"], tensors.get("noise", tensors["x0"]),
             seed if seed is not None else table, table, timestep if timestep is not None else table,
-            timestep_value, _batch_stride(timestep), table.shape[1], start, layout.inner_numel,
+            timestep_value, batch_stride(timestep), table.shape[1], start, layout.inner_numel,
             *layout.inner_sizes[1:],
             *walk.strides("out"), *walk.strides("x0"), *walk.strides("noise"), *walk.index_strides,
             NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
@@ -331,14 +333,14 @@ def _launch_loss_forward(model_output, x0, noise, seed, table, timestep, timeste
     tensors, layout = walk.tensors, walk.layout
     partials = torch.empty(1 if elementwise else batch * walk.num_blocks, dtype=torch.float32,
                            device=model_output.device)
-    grad_scale = {"mean": 1.0 / numel, "sum": 1.0, "per_sample": 1.0 / inner_numel, "none": 1.0}[reduction]
+    grad_scale = _grad_scale(reduction, numel, inner_numel)
     placeholder = tensors["model_output"]  # stands in for pointers a constexpr branch never reads
     for start, count in batch_chunks(batch):
         _diffusion_loss_fwd_kernel[(walk.num_blocks, count)](
             tensors.get("out", placeholder), partials, tensors["model_output"], tensors["x0"],
             tensors.get("noise", placeholder), seed if seed is not None else table, table,
             timestep if timestep is not None else table,
-            timestep_value, _batch_stride(timestep), table.shape[1], grad_scale,
+            timestep_value, batch_stride(timestep), table.shape[1], grad_scale,
             start, layout.inner_numel, walk.num_blocks, *layout.inner_sizes[1:],
             *walk.strides("out"), *walk.strides("model_output"), *walk.strides("x0"),
             *walk.strides("noise"), *walk.index_strides,
@@ -364,36 +366,52 @@ def _reduce(partials: torch.Tensor, reduction: str, numel: int, inner_numel: int
     return total / numel if numel else torch.full_like(total, float("nan"))
 
 
+def _grad_scale(reduction: str, numel: int, inner_numel: int) -> float:
+    """d(reduced loss) / d(squared error of one element): ``1/N`` for "mean", ``1/inner`` for "per_sample"."""
+    return {"mean": 1.0 / max(numel, 1), "per_sample": 1.0 / max(inner_numel, 1)}.get(reduction, 1.0)
+
+
 def _launch_loss_backward(grad_loss, model_output, x0, noise, seed, table, timestep, timestep_value,
-                          prediction_type, need_grad_mo, need_grad_x0):
+                          prediction_type, reduction, need_grad_mo, need_grad_x0):
     write_grad_x0 = need_grad_x0 and prediction_type != "epsilon"
     grad_mo = torch.empty_like(model_output) if need_grad_mo else model_output.new_empty(0)
     grad_x0 = torch.empty_like(x0) if write_grad_x0 else x0.new_empty(0)
     if model_output.numel() == 0 or not (need_grad_mo or write_grad_x0):
         return grad_mo, grad_x0
+    per_sample_grad = reduction != "none"  # grad_loss is the scalar ("mean", "sum") or [batch] ("per_sample")
     named = {}
     if need_grad_mo:
         named["grad_mo"] = grad_mo
     if write_grad_x0:
         named["grad_x0"] = grad_x0
-    named.update(grad_loss=grad_loss, model_output=model_output, x0=x0)
+    if not per_sample_grad:
+        named["grad_loss"] = grad_loss
+    named.update(model_output=model_output, x0=x0)
     if noise is not None:
         named["noise"] = noise
     walk = SampleWalk(named, ("grad_mo", "grad_x0"), "tensor" if noise is not None else "drawn")
     tensors, layout = walk.tensors, walk.layout
+    if per_sample_grad:
+        grad_loss_strides = (grad_loss.stride(0) if grad_loss.dim() == 1 and grad_loss.shape[0] > 1 else 0,
+                             0, 0, 0, 0)
+    else:
+        grad_loss_strides = walk.strides("grad_loss")
+    numel = model_output.numel()
+    grad_scale = _grad_scale(reduction, numel, numel // model_output.shape[0])
     placeholder = tensors["model_output"]
     for start, count in batch_chunks(layout.batch):
         _diffusion_loss_bwd_kernel[(walk.num_blocks, count)](
-            tensors.get("grad_mo", placeholder), tensors.get("grad_x0", placeholder), tensors["grad_loss"],
-            tensors["model_output"], tensors["x0"], tensors.get("noise", placeholder),
-            seed if seed is not None else table, table, timestep if timestep is not None else table,
-            timestep_value, _batch_stride(timestep), table.shape[1], start, layout.inner_numel,
+            tensors.get("grad_mo", placeholder), tensors.get("grad_x0", placeholder),
+            tensors.get("grad_loss", grad_loss), tensors["model_output"], tensors["x0"],
+            tensors.get("noise", placeholder), seed if seed is not None else table, table,
+            timestep if timestep is not None else table,
+            timestep_value, batch_stride(timestep), table.shape[1], grad_scale, start, layout.inner_numel,
             *layout.inner_sizes[1:],
-            *walk.strides("grad_mo"), *walk.strides("grad_x0"), *walk.strides("grad_loss"),
+            *walk.strides("grad_mo"), *walk.strides("grad_x0"), *grad_loss_strides,
             *walk.strides("model_output"), *walk.strides("x0"), *walk.strides("noise"),
             *walk.index_strides,
             PREDICTION=_PREDICTION_CODES[prediction_type], WRITE_GRAD_MO=need_grad_mo, WRITE_GRAD_X0=write_grad_x0,
-            NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
+            GRAD_PER_SAMPLE=per_sample_grad, NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
             INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=walk.block, num_warps=walk.num_warps,
         )
     return (walk.output("grad_mo") if need_grad_mo else grad_mo,
@@ -427,13 +445,18 @@ def compile_variants() -> list[CompileVariant]:
         CompileVariant(_diffusion_loss_fwd_kernel, bf16, dict(switched, PREDICTION=1, ELEMENTWISE=True,
                                                               WRITE_GRAD=False), largest_warps, scalars),
         CompileVariant(_diffusion_loss_bwd_kernel, bf16, dict(base, PREDICTION=2, WRITE_GRAD_MO=True,
-                                                              WRITE_GRAD_X0=True, NOISE_MODE=NOISE_PHILOX_BLOCK),
-                       largest_warps),
+                                                              WRITE_GRAD_X0=True, GRAD_PER_SAMPLE=True,
+                                                              NOISE_MODE=NOISE_PHILOX_BLOCK),
+                       largest_warps, scalars),
         CompileVariant(_diffusion_loss_bwd_kernel, {"*": "*fp16", **index_pointers},
-                       dict(switched, PREDICTION=0, WRITE_GRAD_MO=True, WRITE_GRAD_X0=False,
-                            NOISE_MODE=NOISE_TENSOR), largest_warps),
+                       dict(switched, PREDICTION=0, WRITE_GRAD_MO=True, WRITE_GRAD_X0=False, GRAD_PER_SAMPLE=False,
+                            NOISE_MODE=NOISE_TENSOR), largest_warps, scalars),
+        CompileVariant(_diffusion_loss_bwd_kernel, {"*": "*fp16", **index_pointers},
+                       dict(base, PREDICTION=1, WRITE_GRAD_MO=True, WRITE_GRAD_X0=True, GRAD_PER_SAMPLE=True,
+                            NOISE_MODE=NOISE_TENSOR), largest_warps, scalars),
         CompileVariant(_diffusion_loss_bwd_kernel, {"*": "*fp32", **index_pointers},
-                       dict(switched, PREDICTION=1, WRITE_GRAD_MO=False, WRITE_GRAD_X0=True), largest_warps),
+                       dict(switched, PREDICTION=1, WRITE_GRAD_MO=False, WRITE_GRAD_X0=True, GRAD_PER_SAMPLE=False),
+                       largest_warps, scalars),
     ]
     return variants
 
@@ -514,38 +537,44 @@ def _diffusion_loss_fake(model_output, x0, noise, seed, table, timestep, timeste
 def _diffusion_loss_backward_op(grad_loss: torch.Tensor, model_output: torch.Tensor, x0: torch.Tensor,
                                 noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], table: torch.Tensor,
                                 timestep: Optional[torch.Tensor], timestep_value: int, prediction_type: str,
-                                need_grad_mo: bool, need_grad_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the elementwise loss (recomputed from the inputs); empty tensors where not needed."""
+                                reduction: str, need_grad_mo: bool,
+                                need_grad_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the loss recomputed from the inputs, ``grad_loss`` being the upstream gradient of the
+    ``reduction``'s output (elementwise, ``[batch]`` or a scalar); empty tensors where not needed."""
     return _launch_loss_backward(grad_loss, model_output, x0, noise, seed, table, timestep, timestep_value,
-                                 prediction_type, need_grad_mo, need_grad_x0)
+                                 prediction_type, reduction, need_grad_mo, need_grad_x0)
 
 
 @_diffusion_loss_backward_op.register_fake
 def _diffusion_loss_backward_fake(grad_loss, model_output, x0, noise, seed, table, timestep, timestep_value,
-                                  prediction_type, need_grad_mo, need_grad_x0):
+                                  prediction_type, reduction, need_grad_mo, need_grad_x0):
     grad_mo = torch.empty_like(model_output) if need_grad_mo else model_output.new_empty(0)
     write_grad_x0 = need_grad_x0 and prediction_type != "epsilon"
     return grad_mo, torch.empty_like(x0) if write_grad_x0 else x0.new_empty(0)
 
 
 def _loss_setup_context(ctx, inputs, output):
-    model_output, x0, noise, seed, table, timestep, timestep_value, prediction_type, reduction, _ = inputs
+    model_output, x0, noise, seed, table, timestep, timestep_value, prediction_type, reduction, grad_dtype = inputs
     ctx.timestep_value, ctx.prediction_type, ctx.reduction = timestep_value, prediction_type, reduction
     ctx.mo_dtype, ctx.x0_dtype = model_output.dtype, x0.dtype
-    if reduction == "none":
-        ctx.save_for_backward(model_output, x0, noise, seed, table, timestep)
-    else:
+    ctx.stored = reduction != "none" and grad_dtype is not None
+    if ctx.stored:
         ctx.save_for_backward(output[1], table, timestep)
+    else:
+        # the epsilon target does not read x0: model_output stands in for it (never read) so x0 can be freed
+        x0_read = model_output if prediction_type == "epsilon" else x0
+        ctx.save_for_backward(model_output, x0_read, noise, seed, table, timestep)
 
 
 def _loss_backward(ctx, grad_loss, _grad_of_stored_grad):
     need_mo, need_x0 = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_x0 = need_x0 and ctx.prediction_type != "epsilon"  # the epsilon target does not depend on x0
-    if ctx.reduction == "none":
-        grad_mo, grad_x0 = torch.ops.genkernels.diffusion_loss_backward(
-            grad_loss, *ctx.saved_tensors, ctx.timestep_value, ctx.prediction_type, need_mo, need_x0)
-    else:
+    if ctx.stored:
         grad_mo, grad_x0 = _scale_stored_gradient(ctx, grad_loss, need_mo, need_x0)
+    else:
+        grad_mo, grad_x0 = torch.ops.genkernels.diffusion_loss_backward(
+            grad_loss, *ctx.saved_tensors, ctx.timestep_value, ctx.prediction_type, ctx.reduction, need_mo,
+            need_x0)
     return (grad_mo if need_mo else None, grad_x0 if need_x0 else None) + (None,) * 8
 
 
@@ -596,7 +625,8 @@ def q_sample(x0: torch.Tensor, timestep, schedule: NoiseSchedule, *, noise: Opti
         x_t = sqrt(a_t) * x0 + sqrt(1 - a_t) * eps,      a_t = schedule.alphas_cumprod[t], per sample
 
     Args:
-        x0: clean samples ``[batch, ...]``, fp32/fp16/bf16, any strides.
+        x0: clean samples ``[batch, ...]``, fp32/fp16/bf16 (fp64 runs the eager reference in fp64), any
+            strides.
         timestep: a Python int or an integer tensor of shape ``[]`` or ``[batch]``.
         schedule: the :class:`NoiseSchedule`.
         noise: the standard normal ``eps`` (shape of ``x0``, any float dtype), read when given.
@@ -623,9 +653,9 @@ def q_sample(x0: torch.Tensor, timestep, schedule: NoiseSchedule, *, noise: Opti
         if generator is not None:
             raise ValueError("q_sample: pass seed or generator, not both (the seed already fixes the noise)")
         _check_seed(seed, device)
-    t = _check_timesteps(timestep, "timestep", x0.shape[0], device, schedule.num_train_timesteps,
-                         allow_negative=False)
-    impl = resolve_impl(impl, device, "q_sample")
+    t = check_timesteps(timestep, "timestep", x0.shape[0], device, schedule.num_train_timesteps,
+                        allow_negative=False)
+    impl = choose_impl(impl, "q_sample", {"x0": x0, "noise": noise})
     if noise is None and seed is None:
         seed = draw_philox_seed(device, generator)
     if impl == "eager":
@@ -646,14 +676,17 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timestep, sched
                = sqrt(a_t) eps - sqrt(1 - a_t) x0      ("v_prediction", Salimans & Ho 2022)
         loss   = reduce((model_output - target)^2)
 
-    The gradient w.r.t. ``model_output`` (``2 (model_output - target) / N`` for "mean") is written in the forward
-    pass when it will be needed, so the backward only scales it by the incoming gradient. ``x0`` gets the
-    gradient ``-(d target / d x0) * grad_model_output`` (``d target / d x0`` = 0, 1 or ``-sqrt(1 - a_t)``);
-    ``noise`` gets none.
+    For an fp32 ``model_output`` the gradient w.r.t. it (``2 (model_output - target) / N`` for "mean") is
+    written in fp32 in the forward pass when it will be needed, so the backward only scales it by the incoming
+    gradient; for fp16/bf16 outputs the backward recomputes it with the incoming gradient (a loss scaler's
+    2**16) applied in fp32 before rounding, as accurate as plain PyTorch's. ``x0`` gets the gradient
+    ``-(d target / d x0) * grad_model_output`` (``d target / d x0`` = 0, 1 or ``-sqrt(1 - a_t)``); ``noise``
+    gets none.
 
     Args:
-        model_output: the network's prediction ``[batch, ...]``, fp32/fp16/bf16, any strides.
-        x0: the clean samples, shape of ``model_output``, fp32/fp16/bf16 (may differ from ``model_output``'s).
+        model_output: the network's prediction ``[batch, ...]``, fp32/fp16/bf16 (fp64 runs the eager reference
+            in fp64), any strides.
+        x0: the clean samples, shape of ``model_output``, a float dtype (may differ from ``model_output``'s).
         timestep: the timesteps ``x_t`` was noised to: a Python int or an integer tensor ``[]`` / ``[batch]``.
         schedule: the :class:`NoiseSchedule`.
         noise: the ``eps`` that :func:`q_sample` used, read from memory; or
@@ -683,8 +716,8 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timestep, sched
     check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
     check_choice(reduction, "reduction", REDUCTIONS)
     batch = model_output.shape[0]
-    t = _check_timesteps(timestep, "timestep", batch, device, schedule.num_train_timesteps, allow_negative=False)
-    impl = resolve_impl(impl, device, "diffusion_loss")
+    t = check_timesteps(timestep, "timestep", batch, device, schedule.num_train_timesteps, allow_negative=False)
+    impl = choose_impl(impl, "diffusion_loss", {"model_output": model_output, "x0": x0, "noise": noise})
     if impl == "eager":
         if noise is None:
             noise = philox_normal(seed, model_output.shape)
@@ -697,14 +730,22 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timestep, sched
 
 
 def _stored_gradient_dtype(model_output, x0, prediction_type, reduction) -> Optional[torch.dtype]:
-    """The dtype the forward stores d(loss)/d(model_output) in: None when no gradient will be asked for (or the
-    loss is elementwise, whose backward recomputes), ``model_output``'s dtype, or fp32 when ``x0`` also wants its
-    gradient (a scale of the same buffer) in a wider dtype than ``model_output``'s."""
+    """The dtype the forward stores d(loss)/d(model_output) in, or None for no stored gradient.
+
+    None when no gradient will be asked for, when the loss is elementwise, and when ``model_output`` is 16-bit:
+    the backward then recomputes the gradient from the inputs (``diffusion_loss_backward``), scaled by the
+    upstream gradient in fp32 before the one rounding to the output's dtype, as plain PyTorch's autograd does.
+    Stored in fp16 before that scale, ``2 (model_output - target) / N`` is ~1e-6 for a training batch: fp16
+    subnormals there have a spacing of 6e-8, so a GradScaler's 2**16 multiplied percent-level errors and
+    zeros. An fp32 buffer would keep the digits but write 4 bytes per element in the forward and read them back
+    in the backward, on top of the 2-byte gradient write; recomputing reads the 2-byte inputs again instead (a
+    seeded noise is regenerated, not read), less memory traffic in all but the case of an fp32 noise tensor, and
+    the saved 16-bit model_output (with x0 for the "sample" and "v" targets) takes about the memory a 16-bit
+    gradient buffer would. fp32 outputs keep the stored fp32
+    gradient (the fused-loss trick): exact, and the backward is one scale."""
     if reduction == "none" or not torch.is_grad_enabled():
         return None
     x0_grad = x0.requires_grad and prediction_type != "epsilon"
-    if not (model_output.requires_grad or x0_grad):
+    if not (model_output.requires_grad or x0_grad) or model_output.dtype != torch.float32:
         return None
-    if x0_grad and torch.promote_types(model_output.dtype, x0.dtype) != model_output.dtype:
-        return torch.float32
-    return model_output.dtype
+    return torch.float32

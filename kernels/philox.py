@@ -24,9 +24,12 @@ intermediate leaves the int64 range.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
+
+from .checks import check_int, check_integer_tensor, describe
 
 MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A = 0xD2511F53
@@ -79,20 +82,68 @@ def pair_uniform_to_normal(u_a: torch.Tensor, u_b: torch.Tensor) -> tuple[torch.
     return radius * torch.cos(theta), radius * torch.sin(theta)
 
 
-def philox_normal(seed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def _check_seed(seed: object, device: object) -> torch.Tensor:
+    """The seed as a 0-d int64 tensor: a one-element integer tensor (on its own device), or a Python int in the
+    int64 range (on ``device``, default CPU). Floats and bools are refused, never truncated."""
+    if isinstance(seed, torch.Tensor):
+        check_integer_tensor(seed, "seed")
+        if seed.numel() != 1:
+            raise ValueError(f"seed must have exactly one element; got {describe(seed)}")
+        if device is not None:
+            wanted = torch.device(device)
+            if wanted.type != seed.device.type or wanted.index not in (None, seed.device.index):
+                raise ValueError(f"seed is on {seed.device} but device={wanted} was given; pass one or the other")
+        return seed.reshape(()).to(torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a one-element integer tensor, got {type(seed).__name__} {seed!r}")
+    check_int(seed, "seed", low=-2**63, high=2**63 - 1)
+    return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
+def _check_shape(shape: object) -> tuple:
+    """``shape`` as a tuple of non-negative sizes (ints, or symbolic sizes while torch.compile traces)."""
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a sequence of ints (a tuple, list or torch.Size), got "
+                        f"{type(shape).__name__} {shape!r}")
+    sizes = []
+    for k, size in enumerate(shape):
+        if isinstance(size, (bool, torch.Tensor, float)):
+            raise TypeError(f"shape must hold ints; got {type(size).__name__} {size!r} at position {k} of "
+                            f"{tuple(shape)!r}")
+        if not isinstance(size, (int, torch.SymInt)):
+            if not hasattr(size, "__index__"):
+                raise TypeError(f"shape must hold ints; got {type(size).__name__} {size!r} at position {k} of "
+                                f"{tuple(shape)!r}")
+            size = operator.index(size)  # e.g. a numpy integer
+        # (while torch.compile traces, sizes may be symbolic: a tensor's sizes, never negative)
+        if not torch.compiler.is_compiling() and size < 0:
+            raise ValueError(f"shape must hold sizes >= 0; got {size} at position {k} of {tuple(shape)!r}")
+        sizes.append(size)
+    if len(sizes) == 0:
+        raise ValueError("philox_normal: shape must have a batch dimension; got shape ()")
+    return tuple(sizes)
+
+
+def philox_normal(seed: torch.Tensor | int, shape: Sequence[int], *, device=None) -> torch.Tensor:
     """Standard normal fp32 noise of ``shape`` (batch first) on ``seed``'s device: exactly the draws the kernels
-    make with ``philox_normal_block`` for the one-element int64 ``seed`` (up to an ulp of ``log``/``cos``/``sin``).
+    make with ``philox_normal_block`` for the int64 ``seed`` (up to an ulp of ``log``/``cos``/``sin``).
 
     Element ``[b, *idx]`` is draw ``i mod 4`` of Philox group ``i div 4`` of sample ``b``, ``i`` the row-major
     index of ``idx``; so the noise of an element depends on the seed and the shape only, never on strides.
+
+    Args:
+        seed: a one-element integer tensor (any shape, e.g. from ``draw_philox_seed``; read as int64 on its own
+            device, no host sync), or a Python int in ``[-2**63, 2**63)``. A float is refused (``TypeError``),
+            never truncated.
+        shape: a sequence of at least one non-negative int, batch first.
+        device: for a Python-int seed, the device of the noise (default CPU); for a tensor seed it must be the
+            seed's device, or None.
     """
-    shape = tuple(int(size) for size in shape)
-    if len(shape) == 0:
-        raise ValueError("philox_normal: shape must have a batch dimension; got shape ()")
+    shape = _check_shape(shape)
+    seed = _check_seed(seed, device)
     device = seed.device
     batch, inner = shape[0], math.prod(shape[1:])
     groups = -(-inner // 4)
-    seed = seed.reshape(()).to(torch.int64)
     key = (seed & MASK32, (seed >> 32) & MASK32)
     group = torch.arange(groups, dtype=torch.int64, device=device).reshape(1, groups)
     sample = torch.arange(batch, dtype=torch.int64, device=device).reshape(batch, 1)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from reference_checks import ATOL_FLOOR, DTYPES, assert_close_to_reference, max_abs_error, random_tensor
 
 from genkernels.kernels.bias_act import ACTIVATIONS, bias_act, bias_act_reference
@@ -84,8 +85,16 @@ def _by_hand(act, s, alpha):
         "silu": lambda: s / (1 + torch.exp(-s)),
         "elu": lambda: torch.where(s > 0, s, alpha * (torch.exp(s) - 1)),
         "softplus": lambda: torch.log(1 + torch.exp(s)),
-        "gelu": lambda: 0.5 * s * (1 + torch.tanh(math.sqrt(2 / math.pi) * (s + 0.044715 * s**3))),
+        "gelu": lambda: s * s.clone().apply_(lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))),
+        "gelu_tanh": lambda: 0.5 * s * (1 + torch.tanh(math.sqrt(2 / math.pi) * (s + 0.044715 * s**3))),
+        "selu": lambda: 1.0507009873554805 * torch.where(s > 0, s, 1.6732632423543772 * (torch.exp(s) - 1)),
+        "swish": lambda: s / (1 + torch.exp(-s)),
     }[act]()
+
+
+# StyleGAN2's activation table (torch_utils/ops/bias_act.py): default gains, and what each backward reads
+STYLEGAN2_DEFAULT_GAINS = {"linear": 1, "relu": math.sqrt(2), "lrelu": math.sqrt(2), "tanh": 1, "sigmoid": 1,
+                           "elu": 1, "selu": 1, "softplus": 1, "swish": math.sqrt(2)}
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -93,7 +102,7 @@ def test_reference_matches_textbook_formulas_and_default_gains(act):
     x = random_tensor((3, 4, 5), torch.float64, 0, scale=3.0)
     bias = random_tensor((4,), torch.float64, 1)
     spec = ACTIVATIONS[act]
-    expected_gain = math.sqrt(2) if act in ("relu", "lrelu") else 1.0
+    expected_gain = STYLEGAN2_DEFAULT_GAINS.get(act, 1.0)
     assert spec.default_gain == expected_gain
     assert spec.default_alpha == {"lrelu": 0.2, "elu": 1.0}.get(act, 0.0)
     s = x + bias.reshape(1, 4, 1)
@@ -107,7 +116,8 @@ def test_reference_matches_textbook_formulas_and_default_gains(act):
 def test_activation_table_records_what_the_backward_reads():
     # relu, lrelu, tanh, sigmoid, elu and softplus have derivatives that are functions of their output
     assert {name for name, spec in ACTIVATIONS.items() if spec.ref == "y"} == {
-        "relu", "lrelu", "tanh", "sigmoid", "elu", "softplus"}
+        "relu", "lrelu", "tanh", "sigmoid", "elu", "selu", "softplus"}
+    assert set(STYLEGAN2_DEFAULT_GAINS) < set(ACTIVATIONS)
     assert {name for name, spec in ACTIVATIONS.items() if not spec.has_second_grad} == {"linear", "relu", "lrelu"}
 
 
@@ -154,7 +164,7 @@ def test_every_activation_fp32(act, clamp, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("act", ["lrelu", "tanh", "gelu", "softplus"])
+@pytest.mark.parametrize("act", ["lrelu", "tanh", "gelu", "gelu_tanh", "selu", "softplus"])
 def test_half_precision(dtype, act, device):
     x = random_tensor((2, 6, 5, 3), dtype, 0, device, scale=2.0)
     bias = random_tensor((6,), dtype, 1, device)
@@ -179,6 +189,10 @@ LAYOUTS = {
     "transposed_hw": lambda x: x.transpose(-1, -2).contiguous().transpose(-1, -2),
     "channel_slice": lambda x: torch.cat([x, x], dim=1)[:, ::2],
     "size_one": lambda x: x[:1, :, :1, :1].contiguous(),
+    # not dense: copied once into a contiguous layout
+    "expanded_channels": lambda x: x[:, :1].expand(x.shape),
+    "expanded_width": lambda x: x[..., :1].expand(x.shape),
+    "sliced_width": lambda x: torch.cat([x, x], dim=-1)[..., 1::2],
 }
 
 
@@ -188,8 +202,8 @@ def test_layouts(layout, act, device):
     x = LAYOUTS[layout](random_tensor((2, 5, 9, 7), torch.float32, 0, device))
     bias = random_tensor((5,), torch.float32, 1, device)
     y = _check(x, bias, act=act)[0]
-    if layout == "channel_slice":
-        assert y.is_contiguous()  # a sliced view is copied once into a dense layout
+    if layout in ("channel_slice", "expanded_channels", "expanded_width", "sliced_width"):
+        assert y.is_contiguous()  # a view with gaps or repeats is copied once into a dense layout
     else:
         # dense layouts, channels_last included, are kept (strides of size-1 dims carry no layout)
         assert all(sy == sx for sy, sx, n in zip(y.stride(), x.stride(), x.shape) if n > 1)
@@ -225,6 +239,194 @@ def test_extreme_values(act, device):
         error = (k.double() - r)[finite].abs()
         tolerance = 1e-5 * r[finite].abs() + (1e-5 * r.abs().max() if "bias" in name else 1e-6)
         assert (error <= tolerance).all(), (act, name, k, r)
+
+
+NAN, INF = float("nan"), float("inf")
+SPECIAL_VALUES = [NAN, INF, -INF, -1e30, -3.0, -0.0, 0.0, 0.7, 25.0, 1e30]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("clamp", [None, 0.4])
+def test_nan_and_inf_give_what_pytorch_gives(act, clamp, device):
+    """NaN and +-Inf in x (and a NaN bias for a whole channel): the output and the first- and second-order
+    gradients are NaN exactly where PyTorch's autograd of the reference (fp64) gives NaN, +-Inf where it gives
+    +-Inf, and the same numbers elsewhere. relu/elu/clamp used to turn a NaN into a number (tl.maximum drops
+    NaN), and the clamp's gradient used to hide a NaN derivative that PyTorch's keeps."""
+    x = torch.tensor(SPECIAL_VALUES, device=device).reshape(1, 1, -1).repeat(2, 2, 1)
+    bias = torch.tensor([0.0, NAN], device=device)
+    ones = [torch.ones_like(x), torch.ones_like(x), torch.ones_like(bias)]
+    kernel = _first_and_second_order(lambda xx, bb: bias_act(xx, bb, act=act, clamp=clamp, impl="triton"), x,
+                                     bias, *ones)
+    reference = _first_and_second_order(lambda xx, bb: bias_act_reference(xx, bb, 1, act, None, None, clamp),
+                                        x.double(), bias.double(), *(t.double() for t in ones))
+    undefined = torch.zeros_like(x, dtype=torch.bool)
+    if act in ("elu", "selu"):
+        # torch's elu backward at a NaN input is NaN in its vectorized loop and the gradient itself in its scalar
+        # loop (and on CUDA): either is PyTorch's. The kernel gives NaN there.
+        undefined = (x + bias.reshape(1, 2, 1)).isnan()
+        assert kernel[1][undefined].isnan().all()
+    for name, k, r in zip(NAMES, kernel, reference):
+        if k.shape == undefined.shape:
+            k, r = k[~undefined], r[~undefined]
+        elif "bias" in name and act in ("elu", "selu"):
+            continue  # sums over the undefined elements
+        assert torch.equal(k.isnan(), r.isnan()), (act, name, k, r)
+        fits = r.abs() <= torch.finfo(torch.float32).max  # fp64 values beyond fp32's range are inf in fp32
+        assert torch.equal(k[~fits & ~r.isnan()], r[~fits & ~r.isnan()].float()), (act, name, k, r)
+        finite = fits & ~r.isnan()
+        if not finite.any():
+            continue
+        tolerance = 1e-5 * r[finite].abs() + (1e-5 * r[finite].abs().max() if "bias" in name else 1e-6)
+        assert ((k[finite].double() - r[finite]).abs() <= tolerance).all(), (act, name, k, r)
+
+
+def test_nan_stays_nan_through_relu_elu_and_clamp(device):
+    """The cases of the issue, against plain PyTorch: a NaN is not turned into 0 or into -clamp."""
+    x = torch.tensor([[NAN, -1.0, 2.0]], device=device)
+    for act, torch_fn in (("relu", torch.relu), ("elu", F.elu), ("selu", F.selu)):
+        y = bias_act(x, act=act, gain=1.0, clamp=1.5, impl="triton")
+        torch.testing.assert_close(y, torch_fn(x).clamp(-1.5, 1.5), equal_nan=True)
+        assert torch.isnan(y[0, 0])
+    xx = x.clone().requires_grad_()
+    for act, torch_fn in (("relu", torch.relu), ("tanh", torch.tanh), ("silu", F.silu)):
+        (dx,) = torch.autograd.grad(bias_act(xx, act=act, gain=1.0, impl="triton").sum(), xx)
+        (expected,) = torch.autograd.grad(torch_fn(xx.double()).sum(), xx)
+        torch.testing.assert_close(dx, expected.float(), equal_nan=True)  # relu passes dy at NaN, as torch
+    # an Inf upstream gradient where relu is flat: torch selects 0 (threshold_backward), never Inf * 0 = NaN
+    dy = torch.full_like(x, float("inf"))
+    for clamp in (None, 1.5):
+        (dx,) = torch.autograd.grad(bias_act(xx, act="relu", gain=1.0, clamp=clamp, impl="triton"), xx, dy)
+        (expected,) = torch.autograd.grad(torch.relu(xx) if clamp is None else torch.relu(xx).clamp(-1.5, 1.5),
+                                          xx, dy)
+        torch.testing.assert_close(dx, expected, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The exact GELU, gelu_tanh, selu and swish against plain PyTorch
+# ---------------------------------------------------------------------------------------------------------------
+TORCH_ACTIVATIONS = {
+    "gelu": lambda s: F.gelu(s),
+    "gelu_tanh": lambda s: F.gelu(s, approximate="tanh"),
+    "selu": F.selu,
+    "swish": lambda s: torch.sigmoid(s) * s * math.sqrt(2),
+    "silu": F.silu,
+}
+
+
+@pytest.mark.parametrize("act", TORCH_ACTIVATIONS)
+def test_new_activations_match_plain_pytorch_to_second_order(act, device):
+    """bias_act(x, b, act) in place of PyTorch's own function of x + b: outputs, gradients and the gradient of a
+    gradient penalty (double backward) against PyTorch's autograd in fp64. ``gelu`` is the exact erf GELU
+    (F.gelu's default); it used to be the tanh approximation, 5e-4 away."""
+    x = random_tensor((3, 5, 13), torch.float32, 0, device, scale=3.0)
+    bias = random_tensor((5,), torch.float32, 1, device)
+    weight, direction_x = random_tensor(x.shape, torch.float32, 2, device), random_tensor(x.shape, torch.float32, 3,
+                                                                                            device)
+    direction_bias = random_tensor(bias.shape, torch.float32, 4, device)
+    kernel = _first_and_second_order(lambda xx, bb: bias_act(xx, bb, act=act, impl="triton"), x, bias, weight,
+                                     direction_x, direction_bias)
+    plain = _first_and_second_order(lambda xx, bb: TORCH_ACTIVATIONS[act](xx + bb.reshape(1, -1, 1)),
+                                    x.double(), bias.double(), weight.double(), direction_x.double(),
+                                    direction_bias.double())
+    for name, k, r in zip(NAMES, kernel, plain):
+        scale = max(1.0, r.abs().max().item())
+        assert max_abs_error(k, r) <= 2e-5 * scale, (act, name, max_abs_error(k, r))
+
+
+def test_gelu_is_not_the_tanh_approximation(device):
+    x = torch.linspace(-4, 4, 101, device=device).reshape(1, -1)
+    exact = bias_act(x, act="gelu", impl="triton")
+    approximate = bias_act(x, act="gelu_tanh", impl="triton")
+    assert max_abs_error(exact, F.gelu(x.double())) < 1e-6
+    assert max_abs_error(approximate, F.gelu(x.double(), approximate="tanh")) < 1e-6
+    assert max_abs_error(exact, approximate) > 1e-4
+
+
+def test_swish_is_silu_with_the_stylegan2_gain(device):
+    x = random_tensor((2, 3, 7), torch.float32, 0, device)
+    bias = random_tensor((3,), torch.float32, 1, device)
+    swish = bias_act(x, bias, act="swish", impl="triton")
+    torch.testing.assert_close(swish, bias_act(x, bias, act="silu", gain=math.sqrt(2), impl="triton"), rtol=0,
+                               atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strides: the 1-D bias read through its stride, x and dy of any strides
+# ---------------------------------------------------------------------------------------------------------------
+def _bias_views(channels, device):
+    """Biases inside NaN-filled buffers: every other element (stride 2), and one element expanded (stride 0).
+    Read as if contiguous, they pick up NaN (or read past the buffer)."""
+    values = random_tensor((channels,), torch.float32, 1, device)
+    strided = torch.full((2 * channels + 3,), NAN, device=device)[1::2][:channels]
+    strided.copy_(values)
+    single = torch.full((channels + 4,), NAN, device=device)
+    single[2] = 0.4
+    return {"strided": strided, "expanded": single[2:3].expand(channels)}
+
+
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+@pytest.mark.parametrize("dim", [1, -1])
+@pytest.mark.parametrize("act", ["lrelu", "gelu", "tanh"])
+def test_bias_of_any_stride(view, dim, act, device):
+    x = random_tensor((3, 5, 7) if dim == 1 else (3, 4, 5), torch.float32, 0, device)
+    bias = _bias_views(5, device)[view]
+    assert bias.stride(0) == (2 if view == "strided" else 0)
+    _check(x, bias, dim=dim, act=act, clamp=0.9)
+
+
+def test_the_sliced_bias_of_the_issue(device):
+    x = random_tensor((2, 3, 4), torch.float32, 0, device)
+    bias = random_tensor((6,), torch.float32, 1, device)[::2]
+    for act in ("linear", "relu", "silu"):
+        torch.testing.assert_close(bias_act(x, bias, act=act, impl="triton"),
+                                   bias_act_reference(x, bias.contiguous(), 1, act), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["silu", "elu"])
+def test_expanded_input_and_gradient(act, device):
+    """x expanded with stride 0 (copied once), and the stride-0 gradient that ``y.sum()`` sends back."""
+    x = random_tensor((3, 1, 7), torch.float32, 0, device).expand(3, 4, 7)
+    bias = random_tensor((4,), torch.float32, 1, device)
+    results = []
+    for impl in ("triton", "eager"):
+        xx, bb = x.detach().requires_grad_(), bias.clone().requires_grad_()
+        y = bias_act(xx, bb, act=act, impl=impl)
+        results.append((y,) + torch.autograd.grad(y.sum(), [xx, bb]))
+    for kernel, eager in zip(*results):
+        torch.testing.assert_close(kernel, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_one_dimensional_input_with_bias(device):
+    """bias along the only dim: its gradient is dx itself (a sum over no dims, which torch's sum(dim=[]) would
+    take over every dim)."""
+    x = random_tensor((9,), torch.float32, 0, device)
+    bias = random_tensor((9,), torch.float32, 1, device)
+    _check(x, bias, dim=0, act="softplus")
+
+
+@pytest.mark.parametrize("shape,dim", [((2, 0, 3), 1), ((0, 4), 1), ((3, 4, 0), 1), ((0,), 0)])
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_zero_size_dims(shape, dim, impl, device):
+    x = torch.zeros(shape, device=device, requires_grad=True)
+    bias = torch.zeros(shape[dim], device=device, requires_grad=True)
+    y = bias_act(x, bias, dim=dim, act="gelu", clamp=1.0, impl=impl)
+    assert y.shape == x.shape
+    dx, dbias = torch.autograd.grad(y.sum(), [x, bias])
+    assert dx.shape == x.shape and torch.equal(dbias, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("act", ["gelu", "tanh"])
+def test_meta_inputs_give_shapes_through_the_fake(act):
+    """A meta input under impl="auto" takes the registered op, whose fake gives the output's shape and layout
+    (no value is read), forward and backward."""
+    x = torch.empty(2, 5, 3, 4, device="meta").contiguous(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.empty(5, device="meta", requires_grad=True)
+    y = bias_act(x, bias, act=act, clamp=1.0)
+    assert y.device.type == "meta" and y.shape == x.shape and y.stride() == x.stride()
+    dx, dbias = torch.autograd.grad(y.sum(), [x, bias], create_graph=True)
+    assert dx.shape == x.shape and dbias.shape == bias.shape
+    (d2x,) = torch.autograd.grad(dx.sum(), [x])
+    assert d2x.shape == x.shape
 
 
 @pytest.mark.parametrize("impl", ["triton", "eager"])
@@ -267,19 +469,20 @@ def _op_inputs(device):
     return x, bias, torch.ones_like(x) * 0.3
 
 
-@pytest.mark.parametrize("act, clamp", [("gelu", 0.5), ("tanh", None)])
+@pytest.mark.parametrize("act, clamp", [("gelu", 0.5), ("tanh", None), ("gelu_tanh", None), ("swish", 1.0)])
 def test_opcheck_forward(act, clamp, device):
     x, bias, _ = _op_inputs(device)
     torch.library.opcheck(torch.ops.genkernels.bias_act.default,
                           (x.requires_grad_(), bias.requires_grad_(), 1, act, 0.0, 1.0, clamp))
 
 
-@pytest.mark.parametrize("act, ref", [("silu", "x"), ("elu", "y")])
-def test_opcheck_gradient_ops(act, ref, device):
+@pytest.mark.parametrize("act, ref", [("silu", "x"), ("elu", "y"), ("gelu", "x"), ("selu", "y")])
+@pytest.mark.parametrize("mask_first", [True, False])
+def test_opcheck_gradient_ops(act, ref, mask_first, device):
     x, bias, dy = _op_inputs(device)
     y = bias_act(x, bias, act=act, impl="triton")
     refs = (x, bias, None) if ref == "x" else (None, None, y)
-    args = (1, act, 1.0, 1.0, 0.9)
+    args = (1, act, 1.0, 1.0, 0.9, mask_first)
     torch.library.opcheck(torch.ops.genkernels.bias_act_grad.default,
                           (dy.requires_grad_(),) + tuple(t if t is None else t.requires_grad_() for t in refs) + args)
     plain = tuple(t if t is None else t.detach() for t in refs)  # the second derivative is not differentiable
@@ -291,7 +494,7 @@ def test_compiles_with_fullgraph(device):
         return bias_act(x * 2, bias, act="lrelu", clamp=3.0, impl="triton").square().sum()
 
     x, bias, _ = _op_inputs(device)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
     results = []
     for fn in (compiled, layer):
         xx, bb = x.clone().requires_grad_(), bias.clone().requires_grad_()
@@ -330,8 +533,21 @@ def test_rejects_bad_dtypes(device):
         bias_act(x.long(), bias)
     with pytest.raises(TypeError, match="bias must have the dtype of x"):
         bias_act(x, bias.half())
-    with pytest.raises(TypeError, match="x must have a floating-point dtype.*torch.float64"):
-        bias_act(x.double(), bias.double())
+    with pytest.raises(TypeError, match="bias must have a floating-point dtype"):
+        bias_act(x, bias.int())
+
+
+def test_fp64_runs_the_reference_and_triton_refuses_it(device):
+    """The op contract's fp64 policy: accepted under impl="auto"/"eager" (the reference in fp64, differentiable
+    twice), refused by impl="triton" with the reason named."""
+    x, bias = (t.double() for t in _good(device))
+    y = bias_act(x, bias, act="gelu", clamp=0.5)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.gelu(x + bias.reshape(1, 3, 1)).clamp(-0.5, 0.5), rtol=1e-12, atol=1e-12)
+    xx, bb = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, b: bias_act(a, b, act="selu", gain=0.8), (xx, bb))
+    with pytest.raises(ValueError, match="impl='triton' cannot run.*x is torch.float64"):
+        bias_act(x, bias, impl="triton")
 
 
 def test_rejects_tensors_on_different_devices(device):
@@ -342,8 +558,10 @@ def test_rejects_tensors_on_different_devices(device):
 
 def test_rejects_unknown_activation(device):
     x, bias = _good(device)
-    with pytest.raises(ValueError, match="act='swish' is not supported; expected one of 'linear'"):
-        bias_act(x, bias, act="swish")
+    with pytest.raises(ValueError, match="act='mish' is not supported; expected one of 'linear'"):
+        bias_act(x, bias, act="mish")
+    with pytest.raises(ValueError, match="act=None is not supported"):
+        bias_act(x, bias, act=None)
 
 
 def test_rejects_negative_clamp(device):
@@ -360,6 +578,12 @@ def test_rejects_bad_alpha_and_gain(device):
         bias_act(x, bias, act="elu", alpha=0.0)
     with pytest.raises(TypeError, match="gain must be a real number"):
         bias_act(x, bias, gain="2")
+    with pytest.raises(ValueError, match="gain=nan is out of range"):
+        bias_act(x, bias, gain=float("nan"))
+    with pytest.raises(ValueError, match="alpha=inf is out of range"):
+        bias_act(x, bias, act="elu", alpha=float("inf"))
+    with pytest.raises(TypeError, match="clamp must be a real number"):
+        bias_act(x, bias, clamp=torch.tensor(1.0))
 
 
 def test_rejects_unknown_impl(device):

@@ -135,3 +135,60 @@ def test_philox_normal_rank_one_and_empty_shapes():
 def test_philox_normal_rejects_a_shape_without_batch():
     with pytest.raises(ValueError, match="shape"):
         philox_normal(torch.tensor([1]), ())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seed and shape checks
+# ---------------------------------------------------------------------------------------------------------------
+def test_philox_normal_takes_an_int_seed_or_any_integer_tensor():
+    expected = philox_normal(torch.tensor([99], dtype=torch.int64), (3, 7))
+    for seed in (99, torch.tensor(99), torch.tensor([[99]], dtype=torch.int32), torch.tensor([99], dtype=torch.uint8)):
+        torch.testing.assert_close(philox_normal(seed, (3, 7)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(philox_normal(-3, [2, 5]), philox_normal(torch.tensor([-3]), (2, 5)), rtol=0, atol=0)
+    for seed in (2**63 - 1, -2**63):
+        assert philox_normal(seed, torch.Size([2, 4])).shape == (2, 4)
+
+
+@pytest.mark.parametrize("seed", [1.0, 2.5, torch.tensor([1.0]), torch.tensor(3.0, dtype=torch.float64), True,
+                                  torch.tensor([True]), "7", None])
+def test_philox_normal_rejects_a_non_integer_seed(seed):
+    """A float seed used to be truncated silently (2.5 and 2.9 drew the same noise)."""
+    with pytest.raises(TypeError, match="seed"):
+        philox_normal(seed, (2, 3))
+
+
+@pytest.mark.parametrize("seed", [2**63, -2**63 - 1, torch.tensor([1, 2]), torch.zeros(0, dtype=torch.int64)])
+def test_philox_normal_rejects_a_seed_out_of_range_or_of_several_elements(seed):
+    with pytest.raises(ValueError, match="seed"):
+        philox_normal(seed, (2, 3))
+
+
+@pytest.mark.parametrize("shape,error", [
+    (5, TypeError), ("23", TypeError), (torch.tensor([2, 3]), TypeError), ((2.0, 3), TypeError),
+    ((2, 3.5), TypeError), ((True, 3), TypeError), ((2, -1), ValueError), ((-1,), ValueError), ((), ValueError),
+    (None, TypeError),
+])
+def test_philox_normal_rejects_a_bad_shape(shape, error):
+    with pytest.raises(error, match="shape"):
+        philox_normal(torch.tensor([1]), shape)
+
+
+def test_philox_normal_device_of_an_int_seed_and_meta_seeds():
+    assert philox_normal(5, (2, 3)).device.type == "cpu"
+    meta = philox_normal(5, (2, 3), device="meta")
+    assert meta.device.type == "meta" and meta.shape == (2, 3)
+    on_meta = philox_normal(torch.empty(1, dtype=torch.int64, device="meta"), (4, 0, 2))
+    assert on_meta.device.type == "meta" and on_meta.shape == (4, 0, 2)
+    with pytest.raises(ValueError, match="seed is on cpu but device=meta"):
+        philox_normal(torch.tensor([1]), (2, 3), device="meta")
+
+
+def test_philox_normal_compiles_with_dynamic_shapes():
+    def noisy(seed, x):
+        return x + philox_normal(seed, x.shape)
+
+    compiled = torch.compile(noisy, fullgraph=True, dynamic=True, backend="aot_eager")
+    seed = torch.tensor([11])
+    for shape in ((2, 5), (3, 4, 7)):
+        x = torch.zeros(shape)
+        torch.testing.assert_close(compiled(seed, x), noisy(seed, x), rtol=0, atol=0)
