@@ -31,7 +31,9 @@ from genkernels.kernels.checks import (
     check_choice,
     check_float_tensor,
     check_generator,
+    check_in_range,
     check_int,
+    check_integer_tensor,
     check_real,
     check_tensor,
     describe,
@@ -128,13 +130,10 @@ class DDPM(nn.Module):
         num_train = self.num_train_timesteps
         if timesteps is None:
             return torch.randint(0, num_train, (batch,), device=device, generator=generator)
-        check_tensor(timesteps, "timesteps")
-        if timesteps.dtype.is_floating_point or timesteps.dtype.is_complex or timesteps.dtype == torch.bool:
-            raise TypeError(f"timesteps must be an integer tensor; got {describe(timesteps)}")
+        check_integer_tensor(timesteps, "timesteps")
         if timesteps.shape != (batch,) or timesteps.device != device:
             raise ValueError(f"timesteps must have shape [batch] = [{batch}] on {device}; got {describe(timesteps)}")
-        _check_values(timesteps, (timesteps >= 0) & (timesteps < num_train),
-                      f"timesteps must lie in [0, {num_train})")
+        check_in_range(timesteps, "timesteps", 0, num_train)
         return timesteps
 
     def _training_labels(self, class_labels, batch: int, device: torch.device, generator) -> Optional[torch.Tensor]:
@@ -428,16 +427,6 @@ def _check_like(tensor: object, name: str, reference: torch.Tensor, reference_na
                          f"{reference.device}); got {describe(tensor)}")
 
 
-def _check_values(tensor: torch.Tensor, ok: torch.Tensor, message: str) -> None:
-    """Raise ``ValueError`` where ``ok`` is not all true: on the host for CPU tensors, and as an asynchronous device
-    assert otherwise (a host check would synchronize with the GPU)."""
-    if tensor.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(ok.all()):
-            raise ValueError(f"{message}; got {describe(tensor)} with values {tensor.flatten()[:16].tolist()}")
-    else:
-        torch._assert_async(ok.all(), message)
-
-
 def _check_mask(mask: object, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """An inpainting mask ``[n, 1 or C, H, W]`` (float or bool, values in [0, 1]) in the sample's dtype."""
     check_tensor(mask, "mask")
@@ -448,6 +437,6 @@ def _check_mask(mask: object, shape: tuple[int, ...], device: torch.device, dtyp
     if mask.device != device:
         raise ValueError(f"mask must be on the model's device {device}; got {describe(mask)}")
     if mask.dtype != torch.bool:
-        check_float_tensor(mask, "mask", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
-        _check_values(mask, (mask >= 0) & (mask <= 1), "mask values must lie in [0, 1]")
+        check_float_tensor(mask, "mask")
+        check_in_range(mask, "mask", 0, 1, high_inclusive=True)
     return mask.to(dtype)

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkernels.kernels.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, flash_attention
-from genkernels.kernels.checks import check_float_tensor, check_int, check_real, check_tensor, describe
+from genkernels.kernels.checks import (
+    check_float_tensor,
+    check_int,
+    check_integer_tensor,
+    check_real,
+    check_values,
+    describe,
+)
 
 from .layers import GroupNormAct, LinearBiasAct
 
@@ -44,6 +51,8 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     ``emb[:, k] = sin(t * w_k)`` and ``emb[:, half + k] = cos(t * w_k)`` (a zero column is appended for odd ``dim``).
     ``timesteps`` is ``[batch]``, integer or float.
     """
+    dim = _positive(dim, "dim")
+    max_period = check_real(max_period, "max_period", low=0.0, low_inclusive=False)
     half = dim // 2
     exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) / max(half - 1, 1)
     frequencies = torch.exp(-math.log(max_period) * exponent)
@@ -60,6 +69,11 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, num_groups: int,
                  eps: float):
         super().__init__()
+        in_channels, out_channels = _positive(in_channels, "in_channels"), _positive(out_channels, "out_channels")
+        temb_channels = _positive(temb_channels, "temb_channels")
+        dropout = check_real(dropout, "dropout", low=0.0, high=1.0)
+        num_groups = _groups(num_groups, {"in_channels": in_channels, "out_channels": out_channels})
+        eps = check_real(eps, "eps", low=0.0, low_inclusive=False)
         self.norm1 = GroupNormAct(num_groups, in_channels, eps=eps, activation="silu")
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.temb_proj = nn.Linear(temb_channels, out_channels)
@@ -87,6 +101,10 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, num_heads: int, num_groups: int, eps: float):
         super().__init__()
+        channels = _positive(channels, "channels")
+        num_heads = _head_count(channels, _positive(num_heads, "num_heads"), 1)
+        num_groups = _groups(num_groups, {"channels": channels})
+        eps = check_real(eps, "eps", low=0.0, low_inclusive=False)
         self.num_heads = num_heads
         self.norm = GroupNormAct(num_groups, channels, eps=eps, activation=None)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -121,6 +139,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
+        channels = _positive(channels, "channels")
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +151,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
+        channels = _positive(channels, "channels")
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,6 +232,9 @@ class UNet(nn.Module):
         dropout = check_real(dropout, "dropout", low=0.0, high=1.0)
         norm_eps = check_real(norm_eps, "norm_eps", low=0.0, low_inclusive=False)
         num_groups = _positive(num_groups, "num_groups")
+        if num_heads is not None:
+            num_heads = _positive(num_heads, "num_heads")
+        num_head_channels = _positive(num_head_channels, "num_head_channels")
         widths = [self.base_channels * m for m in self.channel_mult]
         self._check_sizes(widths, num_groups)
         level_sides = [self.image_size // 2**i for i in range(len(widths))]
@@ -361,20 +384,13 @@ class UNet(nn.Module):
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         if self.num_classes is None:
             raise ValueError("class_labels were given but the network is unconditional (num_classes=None)")
-        check_tensor(class_labels, "class_labels")
-        if class_labels.dtype.is_floating_point or class_labels.dtype.is_complex or class_labels.dtype == torch.bool:
-            raise TypeError(f"class_labels must be an integer tensor; got {describe(class_labels)}")
+        check_integer_tensor(class_labels, "class_labels")
         if class_labels.shape != (batch,):
             raise ValueError(f"class_labels must have shape [batch] = [{batch}]; got {describe(class_labels)}")
         if class_labels.device != device:
             raise ValueError(f"class_labels must be on x's device ({device}); got {describe(class_labels)}")
-        in_range = (class_labels >= 0) & (class_labels <= self.num_classes)
-        if device.type == "cpu" and not torch.compiler.is_compiling():
-            if not bool(in_range.all()):
-                raise ValueError(f"class_labels must lie in [0, num_classes={self.num_classes}] (num_classes is the "
-                                 f"null class); got {class_labels.tolist()}")
-        else:
-            torch._assert_async(in_range.all(), "class_labels out of range [0, num_classes]")
+        check_values(class_labels, "class_labels", (class_labels >= 0) & (class_labels <= self.num_classes),
+                     f"lie in [0, num_classes={self.num_classes}] (num_classes is the null class)")
         return class_labels
 
 
@@ -388,6 +404,15 @@ def _positive(value: object, name: str) -> int:
     if number < 1:
         raise ValueError(f"{name}={number} must be a positive integer")
     return number
+
+
+def _groups(num_groups: object, widths: dict) -> int:
+    """GroupNorm's group count: a positive int dividing every width it normalizes (``{name: width}``)."""
+    groups = _positive(num_groups, "num_groups")
+    for name, width in widths.items():
+        if width % groups:
+            raise ValueError(f"num_groups={groups} must divide {name}={width}")
+    return groups
 
 
 def _sequence(value: object, name: str) -> tuple:

@@ -3,6 +3,7 @@ the sampling loops against hand-written scheduler loops (DDIM, DDPM, guidance), 
 reproducibility, a short convergence run under both impls, bad input, and CUDA-graph sampling on the GPU."""
 import copy
 
+import diffusers
 import pytest
 import torch
 
@@ -199,6 +200,25 @@ def test_ddpm_sampling_is_reproducible_with_a_seeded_generator_and_matches_the_s
     torch.testing.assert_close(runs[0], x, rtol=0, atol=0)
 
 
+def test_trailing_ddpm_sampling_walks_diffusers_steps_and_gives_its_samples():
+    """7 trailing steps of 40 (7 does not divide 40): every step lands on the next listed timestep, as in
+    diffusers' DDPMScheduler (it used to step by 40 // 7 = 5, off the list, and end at 0 instead of -1)."""
+    model = tiny_ddpm()
+    theirs = diffusers.DDPMScheduler(num_train_timesteps=NUM_TRAIN, beta_start=1e-3, beta_end=0.2,
+                                     timestep_spacing="trailing", clip_sample=True)
+    theirs.set_timesteps(7)
+    expected = [(t, int(theirs.previous_timestep(t))) for t in theirs.timesteps.tolist()]
+    assert model._steps("ddpm", 7, "trailing", True, 1.0, None) == expected
+    with use_impl("eager"):  # noise drawn with torch.randn from the generator, as diffusers draws it
+        ours = model.sample(2, 7, timestep_spacing="trailing", generator=torch.Generator().manual_seed(7),
+                            progress=False)
+        generator = torch.Generator().manual_seed(7)
+        x = torch.randn(2, 3, 8, 8, generator=generator)
+        for t in theirs.timesteps:
+            x = theirs.step(model.unet(x, t), t, x, generator=generator).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+
+
 def test_sampling_under_triton_follows_eager_for_ddim():
     model = tiny_ddpm(num_classes=3)
     noise = random_tensor((2, 3, 8, 8), torch.float32, seed=8)
@@ -369,7 +389,8 @@ def test_loss_compiles_as_one_graph_with_the_fused_ops():
     (dict(init=torch.zeros(2, 1, 8, 8)), ValueError, r"init must be \[batch, 3, H, W\]"),
     (dict(init=torch.zeros(2, 3, 8, 8), strength=1.5), ValueError, "strength"),
     (dict(init=torch.zeros(2, 3, 8, 8), mask=torch.zeros(2, 2, 8, 8)), ValueError, "mask must have shape"),
-    (dict(init=torch.zeros(2, 3, 8, 8), mask=torch.full((2, 1, 8, 8), 2.0)), ValueError, "mask values"),
+    (dict(init=torch.zeros(2, 3, 8, 8), mask=torch.full((2, 1, 8, 8), 2.0)), ValueError, r"mask must lie in \[0, 1\]"),
+    (dict(init=torch.zeros(2, 3, 8, 8), mask=torch.full((2, 1, 8, 8), float("nan"))), ValueError, "mask must lie"),
     (dict(init=torch.zeros(2, 3, 8, 8), mask=torch.zeros(2, 1, 8, 8, dtype=torch.int64)), TypeError, "mask"),
     (dict(noise=torch.zeros(2, 3, 4, 4)), ValueError, "noise must have shape"),
     (dict(cuda_graph=True), ValueError, "cuda_graph=True needs the model on a CUDA device"),
@@ -399,7 +420,8 @@ def test_sample_rejects_bad_class_arguments(kwargs, error, argument):
     (dict(x0=torch.zeros(2, 3, 8)), ValueError, "x0 must be"),
     (dict(noise=torch.zeros(2, 3, 4, 4)), ValueError, "noise must have the shape"),
     (dict(timesteps=torch.tensor([0, NUM_TRAIN])), ValueError, "timesteps must lie"),
-    (dict(timesteps=torch.tensor([0.0, 1.0])), TypeError, "timesteps must be an integer tensor"),
+    (dict(timesteps=torch.tensor([0.0, 1.0])), TypeError, "timesteps must have an integer dtype"),
+    (dict(timesteps=torch.tensor([-1, 0])), ValueError, r"timesteps must lie in \[0, 40\); got a value -1"),
     (dict(timesteps=torch.tensor([0])), ValueError, r"timesteps must have shape \[batch\]"),
     (dict(reduction="max"), ValueError, "reduction='max'"),
     (dict(class_labels=torch.tensor([0, 1])), ValueError, "class_labels were given"),

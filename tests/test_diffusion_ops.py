@@ -433,7 +433,7 @@ def test_rejects_prev_timestep_not_before_timestep(device):
     model_output, sample, _ = _good(device)
     with pytest.raises(ValueError, match="prev_timestep=5 must be smaller than timestep=5"):
         ddpm_step(model_output, 5, sample, SCHEDULE, prev_timestep=5)
-    with pytest.raises(ValueError, match=r"prev_timestep must be smaller than timestep.*\[3, 9\]"):
+    with pytest.raises(ValueError, match=r"prev_timestep must be smaller than timestep.*\[4, 8\].*value 9"):
         ddim_step(model_output.cpu(), torch.tensor([4, 8]), sample.cpu(), SCHEDULE, prev_timestep=torch.tensor([3, 9]))
 
 
@@ -445,7 +445,7 @@ def test_rejects_timestep_tensor_of_wrong_length(device):
 
 def test_rejects_float_timestep_tensor(device):
     model_output, sample, _ = _good(device)
-    with pytest.raises(TypeError, match="timestep must be an int or an integer tensor"):
+    with pytest.raises(TypeError, match="timestep must have an integer dtype"):
         ddpm_step(model_output, torch.tensor([1.0, 2.0], device=device), sample, SCHEDULE)
     with pytest.raises(TypeError, match="timestep must be an int"):
         ddpm_step(model_output, 3.0, sample, SCHEDULE)
@@ -583,3 +583,318 @@ def test_sampling_loop_is_captured_in_a_cuda_graph():
     graph.replay()
     assert torch.isfinite(first).all()
     assert (first - out).abs().mean() > 1e-3, "each replay draws new noise"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradients: the fused step differentiates like the eager reference (it used to return a detached result)
+# ---------------------------------------------------------------------------------------------------------------
+_GRAD_SHAPE = (4, 3, 5, 7)
+# per-sample steps: the first, a middle one, DDPM's noiseless t = 0, and final steps to a_prev = 1
+_GRAD_TIMESTEPS = ([999, 500, 1, 0], [960, 480, 0, -1])
+_DDIM_GRAD_OPTIONS = [dict(eta=0.0), dict(eta=0.6, set_alpha_to_one=False, use_clipped_model_output=True),
+                      dict(eta=1.0)]
+
+
+def _call_step(scheduler, impl, model_output, sample, noise, uncond, guidance, **options):
+    t, prev = (torch.tensor(v, device=sample.device) for v in _GRAD_TIMESTEPS)
+    guided = dict(uncond_output=uncond, guidance_scale=3.5) if guidance else {}
+    step = ddpm_step if scheduler == "ddpm" else ddim_step
+    return step(model_output, t, sample, SCHEDULE, prev_timestep=prev, noise=noise, impl=impl, **guided, **options)
+
+
+def _check_step_gradients(scheduler, dtype, device, guidance=False, layout=None, **options):
+    values = [random_tensor(_GRAD_SHAPE, dtype, seed, device) for seed in range(4)]
+    grad_out = random_tensor(_GRAD_SHAPE, dtype, 9, device)
+
+    def gradients(impl, cast):
+        inputs = [cast(v).requires_grad_() for v in values]
+        laid = [layout(x) if layout is not None else x for x in inputs]
+        out = _call_step(scheduler, impl, *laid, guidance, **options)
+        assert out.requires_grad
+        wanted = inputs if guidance else inputs[:3]
+        return torch.autograd.grad(out, wanted, cast(grad_out), allow_unused=True)
+
+    kernel = gradients("triton", lambda v: v.clone())
+    eager = gradients("eager", lambda v: v.clone())
+    reference = gradients("eager", lambda v: v.double())
+    for name, k, e, r in zip(("model_output", "sample", "noise", "uncond_output"), kernel, eager, reference):
+        assert (k is None) == (e is None) == (r is None), name
+        if k is not None:
+            assert k.dtype == e.dtype and k.shape == e.shape, name
+            assert_close_to_reference(k, r, e)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("guidance", [False, True])
+def test_ddpm_step_gradients_match_autograd_of_the_reference(prediction_type, variance_type, clip_sample, guidance,
+                                                              device):
+    _check_step_gradients("ddpm", torch.float32, device, guidance, prediction_type=prediction_type,
+                          variance_type=variance_type, clip_sample=clip_sample, clip_sample_range=0.8)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("options", _DDIM_GRAD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("guidance", [False, True])
+def test_ddim_step_gradients_match_autograd_of_the_reference(prediction_type, options, clip_sample, guidance,
+                                                              device):
+    _check_step_gradients("ddim", torch.float32, device, guidance, prediction_type=prediction_type,
+                          clip_sample=clip_sample, clip_sample_range=0.8, **options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_step_gradients_in_every_dtype(dtype, scheduler, device):
+    options = dict(eta=0.5) if scheduler == "ddim" else {}
+    _check_step_gradients(scheduler, dtype, device, True, prediction_type="v_prediction", clip_sample=True,
+                          **options)
+
+
+_GRAD_LAYOUTS = {
+    "channels_last": lambda x: x.to(memory_format=torch.channels_last),
+    "transposed": lambda x: x.transpose(2, 3).contiguous().transpose(2, 3),
+    "sliced": lambda x: torch.cat([x, x], dim=1)[:, ::2],
+    "batch_sliced": lambda x: torch.cat([x, x], dim=0)[::2],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_GRAD_LAYOUTS))
+def test_step_gradients_on_strided_inputs(layout, device):
+    _check_step_gradients("ddim", torch.float32, device, True, layout=_GRAD_LAYOUTS[layout], eta=0.4,
+                          clip_sample=True)
+    _check_step_gradients("ddpm", torch.float32, device, False, layout=_GRAD_LAYOUTS[layout],
+                          prediction_type="sample", clip_sample=True)
+
+
+def test_step_gradient_of_a_sum_reads_an_expanded_gradient_and_only_the_inputs_that_need_one(device):
+    model_output, sample, noise = _inputs((3, 2, 9), torch.float32, device)
+    sample.requires_grad_()
+    results = {}
+    for impl in ("triton", "eager"):
+        sample.grad = None
+        ddpm_step(model_output, torch.tensor([30, 20, 0], device=device), sample, SCHEDULE, noise=noise,
+                  clip_sample=True, impl=impl).sum().backward()  # d sum / d out is an expanded (stride 0) tensor
+        results[impl] = sample.grad.clone()
+    torch.testing.assert_close(results["triton"], results["eager"], rtol=1e-5, atol=1e-6)
+    assert model_output.grad is None and noise.grad is None
+
+
+def test_gradients_pass_through_the_compiled_step(device):
+    def step(model_output, sample):
+        return ddim_step(model_output, 600, sample, SCHEDULE, prev_timestep=550, clip_sample=True, impl="triton")
+
+    model_output, sample, _ = _inputs((2, 3, 8), torch.float32, device)
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    grads = []
+    for fn in (compiled, step):
+        inputs = [model_output.clone().requires_grad_(), sample.clone().requires_grad_()]
+        fn(*inputs).square().sum().backward()
+        grads.append([x.grad for x in inputs])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NaN and +-Inf: NaN stays NaN through the clamp; a term with a zero coefficient is left out, never 0 * Inf
+# ---------------------------------------------------------------------------------------------------------------
+def _with_specials(shape, dtype, device):
+    """Inputs with +Inf, -Inf and NaN in sample, model_output and noise, each at positions of its own."""
+    model_output, sample, noise = _inputs(shape, dtype, device)
+    for k, tensor in enumerate((sample, model_output, noise)):
+        flat = tensor.view(shape[0], -1)
+        for j, value in enumerate((math.inf, -math.inf, math.nan)):
+            flat[:, 3 * k + j] = value
+    return model_output, sample, noise
+
+
+def _check_special(scheduler, shape, timestep, prev_timestep, device, **options):
+    model_output, sample, noise = _with_specials(shape, torch.float32, device)
+    step = ddpm_step if scheduler == "ddpm" else ddim_step
+    outs = [step(m, timestep, x, SCHEDULE, prev_timestep=prev_timestep, noise=z, impl=impl, **options)
+            for impl, (m, x, z) in (("triton", (model_output, sample, noise)), ("eager", (model_output, sample, noise)),
+                                    ("eager", (model_output.double(), sample.double(), noise.double())))]
+    assert_close_to_reference(*outs[0::2], outs[1])
+    return outs[0]
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_step_special_values_follow_the_reference(prediction_type, clip_sample, variance_type, device):
+    _check_special("ddpm", (4, 12), torch.tensor([999, 500, 1, 0], device=device),
+                   torch.tensor([960, 480, 0, -1], device=device), device, prediction_type=prediction_type,
+                   clip_sample=clip_sample, variance_type=variance_type)
+    _check_special("ddpm", (2, 12), 0, None, device, prediction_type=prediction_type, clip_sample=clip_sample)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("options", _DDIM_GRAD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_ddim_step_special_values_follow_the_reference(prediction_type, clip_sample, options, device):
+    _check_special("ddim", (4, 12), torch.tensor([999, 500, 20, 0], device=device),
+                   torch.tensor([960, 480, -1, -1], device=device), device, prediction_type=prediction_type,
+                   clip_sample=clip_sample, **options)
+
+
+def test_clip_sample_keeps_nan(device):
+    """torch.clamp keeps NaN; tl.minimum/tl.maximum drop it unless told to propagate it."""
+    model_output, sample, noise = _inputs((2, 8), torch.float32, device)
+    model_output[:, 3] = math.nan
+    ddpm = ddpm_step(model_output, 300, sample, SCHEDULE, noise=noise, clip_sample=True, impl="triton")
+    ddim = ddim_step(model_output, 300, sample, SCHEDULE, prev_timestep=250, clip_sample=True,
+                     use_clipped_model_output=True, impl="triton")
+    for out in (ddpm, ddim):
+        assert torch.isnan(out[:, 3]).all() and torch.isfinite(out[:, [0, 1, 2, 4, 5, 6, 7]]).all()
+
+
+def _diffusers_ddim(prediction_type="epsilon"):
+    theirs = DDIMScheduler(prediction_type=prediction_type, clip_sample=False)
+    theirs.set_timesteps(20)
+    theirs.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    return theirs
+
+
+def _diffusers_ddpm(prediction_type="epsilon"):
+    theirs = DDPMScheduler(prediction_type=prediction_type, clip_sample=False)
+    theirs.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    return theirs
+
+
+@pytest.mark.parametrize("case", ["ddim-epsilon-inf-sample", "ddpm-sample-inf-sample", "ddpm-epsilon-inf-output",
+                                  "ddpm-v-inf-sample"])
+def test_inf_inputs_give_diffusers_values_where_no_coefficient_is_zero(case, device):
+    """Mid-schedule steps have no zero coefficient in diffusers' formulas: +-Inf must come out as +-Inf (the fused
+    step used to multiply the structural zeros of its generic form, e.g. eps = 0 * x_t + model_output, into NaN)."""
+    scheduler, prediction, _, where = case.split("-", 3)
+    prediction = {"epsilon": "epsilon", "sample": "sample", "v": "v_prediction"}[prediction]
+    model_output, sample, _ = _inputs((2, 3, 4), torch.float64, "cpu")
+    target = sample if where == "sample" else model_output
+    target[:, 0, 0], target[:, 1, 1], target[:, 2, 2] = math.inf, -math.inf, math.nan
+    noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    if scheduler == "ddim":
+        expected = _diffusers_ddim(prediction).step(model_output, 500, sample, eta=0.0).prev_sample
+
+        def ours(impl, cast):
+            return ddim_step(cast(model_output), 500, cast(sample), SCHEDULE, prev_timestep=450,
+                             prediction_type=prediction, impl=impl)
+    else:
+        expected = _diffusers_ddpm(prediction).step(model_output, 500, sample,
+                                                    generator=torch.Generator().manual_seed(5)).prev_sample
+
+        def ours(impl, cast):
+            return ddpm_step(cast(model_output), 500, cast(sample), SCHEDULE, noise=cast(noise),
+                             prediction_type=prediction, impl=impl)
+    assert torch.isinf(expected).any()
+
+    def to_device(x):
+        return x.to(device, torch.float32)
+    assert_close_to_reference(ours("triton", to_device), expected, ours("eager", to_device))
+
+
+def test_final_steps_leave_out_the_terms_whose_coefficient_is_zero(device):
+    """At a final step to a_prev = 1 the DDPM x_t term and the DDIM eps term have coefficient 0 and the step is
+    x_prev = x0: +-Inf in the input the term would read gives x0's value (+-Inf), not 0 * Inf = NaN."""
+    model_output, sample, noise = _inputs((2, 6), torch.float64, "cpu")
+    sample[:, 0], model_output[:, 1] = math.inf, -math.inf
+    noise[:, 2] = math.inf
+    a0 = SCHEDULE.alphas_cumprod[0]
+    x0 = (sample - (1 - a0).sqrt() * model_output) / a0.sqrt()  # epsilon prediction at t = 0
+    ddpm = ddpm_step(model_output.float().to(device), 0, sample.float().to(device), SCHEDULE,
+                     noise=noise.float().to(device), impl="triton")
+    assert_close_to_reference(ddpm, x0, x0.float())
+    a20 = SCHEDULE.alphas_cumprod[20]
+    x0 = (sample - (1 - a20).sqrt() * model_output) / a20.sqrt()
+    for eta in (0.0, 0.7):  # sigma = 0 at a final step to a_prev = 1: the noise is left out as well
+        ddim = [ddim_step(model_output.to(device, dtype), 20, sample.to(device, dtype), SCHEDULE, prev_timestep=-1,
+                          eta=eta, noise=noise.to(device, dtype), impl=impl)
+                for impl, dtype in (("triton", torch.float32), ("eager", torch.float32))]
+        assert_close_to_reference(ddim[0], x0, ddim[1])
+        assert torch.isinf(ddim[0][:, :2]).all() and torch.isfinite(ddim[0][:, 2:]).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_guidance_scale_zero_reads_only_the_unconditional_output(impl, device):
+    cond, sample, noise = _inputs((2, 40), torch.float32, device)
+    cond[:, :3] = torch.tensor([math.inf, -math.inf, math.nan])
+    uncond = random_tensor((2, 40), torch.float32, 5, device)
+    guided = ddim_step(cond, 300, sample, SCHEDULE, prev_timestep=250, uncond_output=uncond, guidance_scale=0.0,
+                       impl=impl)
+    plain = ddim_step(uncond, 300, sample, SCHEDULE, prev_timestep=250, impl=impl)
+    torch.testing.assert_close(guided, plain, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The op contract: fp64, meta tensors, configuration values
+# ---------------------------------------------------------------------------------------------------------------
+def test_float64_runs_the_reference_under_auto_and_is_refused_by_triton(device):
+    model_output, sample, noise = _inputs((2, 3, 4), torch.float64, device)
+    for step, options in ((ddpm_step, {}), (ddim_step, dict(prev_timestep=450, eta=0.5))):
+        auto = step(model_output, 500, sample, SCHEDULE, noise=noise, **options)
+        eager = step(model_output, 500, sample, SCHEDULE, noise=noise, impl="eager", **options)
+        assert auto.dtype == torch.float64
+        torch.testing.assert_close(auto, eager, rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"impl='triton'.*sample is torch.float64"):
+            step(model_output, 500, sample, SCHEDULE, noise=noise, impl="triton", **options)
+
+
+@pytest.mark.parametrize("tensor_timesteps", [False, True])
+def test_meta_tensors_give_the_output_shape(tensor_timesteps):
+    sample = torch.empty(3, 4, 5, device="meta", dtype=torch.float16)
+    t = torch.tensor([9, 5, 999], device="meta") if tensor_timesteps else 9
+    prev = torch.tensor([8, -1, 3], device="meta") if tensor_timesteps else 3
+    for impl in ("auto", "eager"):
+        outs = [ddpm_step(torch.empty_like(sample), t, sample, SCHEDULE, prev_timestep=prev, impl=impl),
+                ddim_step(torch.empty_like(sample), t, sample, SCHEDULE, prev_timestep=prev, eta=0.5,
+                          uncond_output=torch.empty_like(sample), guidance_scale=2.0, impl=impl)]
+        for out in outs:
+            assert out.shape == sample.shape and out.dtype == sample.dtype and out.device.type == "meta"
+
+
+def test_schedule_on_meta_tensors_has_no_host_reads():
+    schedule = NoiseSchedule(torch.linspace(1e-4, 0.02, 50, device="meta"))
+    assert schedule.num_train_timesteps == 50 and schedule.alphas_cumprod.device.type == "meta"
+    sample = torch.empty(2, 7, device="meta")
+    assert ddpm_step(torch.empty_like(sample), 10, sample, schedule).shape == (2, 7)
+    assert SCHEDULE.to("meta").kernel_table(torch.device("meta")).shape == (2, T)
+
+
+@pytest.mark.parametrize("call,error,argument", [
+    (lambda: NoiseSchedule.cosine(max_beta="x"), TypeError, "max_beta"),
+    (lambda: NoiseSchedule.cosine(max_beta=0.0), ValueError, "max_beta"),
+    (lambda: NoiseSchedule.linear(10.0), TypeError, "num_train_timesteps"),
+    (lambda: NoiseSchedule.linear(beta_start=-0.1), ValueError, "beta_start"),
+    (lambda: NoiseSchedule.scaled_linear(beta_end=float("nan")), ValueError, "beta_end"),
+    (lambda: NoiseSchedule.linear(beta_end="0.02"), TypeError, "beta_end"),
+    (lambda: NoiseSchedule(torch.tensor([0.1, -0.2])), ValueError, "betas"),
+    (lambda: NoiseSchedule(torch.tensor([0.1, float("nan")])), ValueError, "betas"),
+    (lambda: NoiseSchedule(torch.tensor([1, 2])), TypeError, "betas"),
+    (lambda: NoiseSchedule([0.1, 0.2]), TypeError, "betas"),
+])
+def test_schedule_rejects_bad_configuration_values(call, error, argument):
+    with pytest.raises(error, match=argument):
+        call()
+
+
+@pytest.mark.parametrize("op", ["ddpm_step", "ddim_step"])
+def test_opcheck_with_inputs_that_require_grad(op, device):
+    """The registered step ops with their autograd (and the gradient op their backward calls) pass opcheck."""
+    model_output, sample, noise = (t.requires_grad_() for t in _inputs((3, 4, 5), torch.float32, device))
+    uncond = random_tensor((3, 4, 5), torch.float32, 7, device).requires_grad_()
+    table = SCHEDULE.kernel_table(torch.device(device))
+    timesteps = (torch.tensor([5, 500, 999], device=device), 0, torch.tensor([4, 480, -1], device=device), 0)
+    options = ("v_prediction", "fixed_small", True, 0.9) if op == "ddpm_step" else (0.5, "sample", True, 0.9, True,
+                                                                                       True)
+    args = (model_output, sample, noise, None, table, *timesteps) + options + (uncond, 3.0)
+    torch.library.opcheck(getattr(torch.ops.genkernels, op).default, args)
+    out = getattr(torch.ops.genkernels, op)(*args)
+    grads = torch.autograd.grad(out, (model_output, sample, noise, uncond), torch.ones_like(out))
+    # (scheduler, prediction_type, variance_type, eta, clip_sample, range, set_alpha_to_one, use_clipped, scale)
+    settings = (0, "v_prediction", "fixed_small", 0.0, True, 0.9, True, False, 3.0) if op == "ddpm_step" else \
+        (1, "sample", "fixed_small", 0.5, True, 0.9, True, True, 3.0)
+    backward_args = (torch.ones_like(out), model_output.detach(), sample.detach(), noise.detach(), uncond.detach(),
+                     table, *timesteps, *settings, [True] * 4)
+    torch.library.opcheck(torch.ops.genkernels.denoise_step_backward.default, backward_args)
+    for got, expected in zip(torch.ops.genkernels.denoise_step_backward(*backward_args), grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
