@@ -173,7 +173,6 @@ def schedule_terms(schedule: NoiseSchedule, sample: torch.Tensor, timestep: torc
     return tuple(term.reshape(view) for term in (alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev))
 
 
-_schedule_terms = schedule_terms  # the name diffusion_loss imports today
 
 
 def _term(coefficient: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -684,7 +683,6 @@ def batch_stride(timestep: Optional[torch.Tensor]) -> int:
     return timestep.stride(0)
 
 
-_batch_stride = batch_stride  # the name diffusion_loss imports today
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -848,8 +846,6 @@ def check_timesteps(value: object, name: str, batch: int, device: torch.device, 
     return Timesteps(number, None)
 
 
-# the names diffusion_loss imports today
-_Timesteps, _check_timesteps = Timesteps, check_timesteps
 
 
 def _check_steps_backward(t: Timesteps, prev: Timesteps) -> None:

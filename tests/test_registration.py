@@ -66,5 +66,5 @@ def test_compiled_step_with_tensor_timesteps_checks_their_range(device):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     timesteps = torch.tensor([5, 999], device=device)
     torch.testing.assert_close(compiled(model_output, sample, timesteps), step(model_output, sample, timesteps))
-    with pytest.raises(RuntimeError, match=r"timestep out of range \[0, 1000\)"):
+    with pytest.raises(RuntimeError, match=r"timestep must lie in \[0, 1000\)"):
         compiled(model_output, sample, torch.tensor([5, 1000], device=device))
