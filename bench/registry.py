@@ -41,6 +41,13 @@ class Case:
         return fnmatch.fnmatch(self.name, pattern) or pattern in self.name
 
 
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` for drawing a case's inputs on ``device``: a CPU one for ``meta`` tensors
+    (which draw nothing: the launches of a case are captured on them, see genkernels.bench.capture)."""
+    device = torch.device(device)
+    return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
+
+
 _CASE_BUILDERS: list[Callable[[str], Iterable[Case]]] = []
 
 

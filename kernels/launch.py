@@ -10,10 +10,11 @@ row-major index so that every op draws the same noise for one seed whatever the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import Iterator, Optional, Sequence
 
-import contextlib
 import torch
 import triton
 
@@ -97,10 +98,79 @@ def launch_setting(op_name: str, name: str, default: object) -> object:
     return _forced_settings.get(op_name, {}).get(name, default)
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceLimits:
+    """What a launcher needs to know about the GPU it launches on (CUDA compute capability ``arch`` = 10 * major +
+    minor): SM count, the shared memory one CTA may opt into and one SM holds, and the per-SM thread limits."""
+
+    arch: int
+    name: str
+    sm_count: int
+    shared_memory_per_cta: int
+    shared_memory_per_sm: int
+    max_warps_per_sm: int
+    max_ctas_per_sm: int
+    registers_per_sm: int = 65536
+
+
+# The datacenter part of each architecture the kernels are built for (the SM count of the most common part; an
+# actual device reports its own through device_limits()).
+ARCH_LIMITS = {
+    80: DeviceLimits(80, "A100", 108, 163 * 1024, 164 * 1024, 64, 32),
+    86: DeviceLimits(86, "RTX A6000 / RTX 3090", 84, 99 * 1024, 100 * 1024, 48, 16),
+    89: DeviceLimits(89, "L40S / RTX 4090", 142, 99 * 1024, 100 * 1024, 48, 24),
+    90: DeviceLimits(90, "H100 SXM / H200", 132, 227 * 1024, 228 * 1024, 64, 32),
+}
+
+# Set while launches are captured for an architecture without running them (genkernels.bench.capture).
+_capture_limits: Optional[DeviceLimits] = None
+
+
+@contextlib.contextmanager
+def capturing_for(limits: DeviceLimits) -> Iterator[None]:
+    """Within the block, launchers behave as on a GPU with ``limits`` (its SM count, shared memory, native
+    tensor-core dots), whatever device their tensors are on: how launches are captured for an architecture on a
+    machine without one."""
+    global _capture_limits
+    previous, _capture_limits = _capture_limits, limits
+    try:
+        yield
+    finally:
+        _capture_limits = previous
+
+
+def capturing() -> bool:
+    """True inside :func:`capturing_for`."""
+    return _capture_limits is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_limits(index: int) -> DeviceLimits:
+    properties = torch.cuda.get_device_properties(index)
+    arch = 10 * properties.major + properties.minor
+    known = ARCH_LIMITS.get(arch, ARCH_LIMITS[80])
+    per_cta = getattr(properties, "shared_memory_per_block_optin", known.shared_memory_per_cta)
+    per_sm = getattr(properties, "shared_memory_per_multiprocessor", known.shared_memory_per_sm)
+    return dataclasses.replace(known, arch=arch, name=properties.name, sm_count=properties.multi_processor_count,
+                               shared_memory_per_cta=per_cta, shared_memory_per_sm=per_sm)
+
+
+def device_limits(device: torch.device) -> DeviceLimits:
+    """The limits of ``device``: read once per CUDA device (cached); the captured architecture's inside
+    :func:`capturing_for`; Hopper's for the CPU interpreter (which has no limits, so launches match an H100's)."""
+    if _capture_limits is not None:
+        return _capture_limits
+    if device.type == "cuda":
+        return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+    return ARCH_LIMITS[90]
+
+
 def native_dot(device: torch.device) -> bool:
     """Whether kernels hand fp16/bf16 tiles to ``tl.dot`` as they are (compiled on a GPU) rather than upcast to
     fp32 (the CPU interpreter multiplies 16-bit dot tiles wrongly); the ``NATIVE_DOT`` switch of
     :func:`genkernels.kernels.triton_helpers.dot`."""
+    if _capture_limits is not None:
+        return True
     return device.type == "cuda" and not interpreter_enabled()
 
 
