@@ -20,7 +20,7 @@ in the forward and 3 more in the backward):
   per SM) each group's spatial extent is cut into chunks (:func:`plan_launch`), and the reduction goes in two
   kernels:
 
-  - forward: ``_group_norm_stats_kernel`` writes per-chunk ``(count, mean, M2)``; ``_group_norm_forward_kernel``
+  - forward: ``_group_norm_stats_kernel`` writes per-chunk ``(count, mean, M2 / M)``; ``_group_norm_forward_kernel``
     merges the chunks of its groups (Chan et al.'s parallel variance formula; reading a few KB of partials from L2)
     and normalizes its chunk. HBM traffic: x read twice, y written once; the second read of x mostly hits L2 at
     the sizes that need splitting (a batch-1 256x256x128 bf16 activation is 16 MB; an H100 has 50 MB of L2).
@@ -39,7 +39,11 @@ in the forward and 3 more in the backward):
   about to be re-read rather than what was just written.
 * Statistics are numerically two-pass: each tile's per-channel mean and M2 around that mean are computed in
   registers, and tiles, channels, chunks are merged with Chan's formula, so an input like ``1000 + noise`` keeps
-  its variance (naive ``E[x^2] - E[x]^2`` in fp32 would lose every digit).
+  its variance (naive ``E[x^2] - E[x]^2`` in fp32 would lose every digit). They are also overflow-free: sums of
+  values are taken of values scaled by a power of two (the tile width), and what is accumulated is ``M2 / M``
+  (squared deviations scaled by ``1/sqrt(M)``, ``M`` the group's size), which no partial lets exceed the group's
+  variance. Any finite fp32 input whose variance is finite in fp32 (values up to ~3e38) is normalized as in fp64;
+  a variance past fp32's range gives ``rstd = 0``, as the fp32 reference does.
 * The backward recomputes ``x_hat`` and the pre-activation from x and the saved ``[N, G]`` fp32 mean / rstd
   instead of saving them. ``dweight`` / ``dbias`` are the per-(sample, channel, chunk) partials above summed by
   torch reductions (fixed order, no atomics: bitwise reproducible run to run).
@@ -56,9 +60,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .checks import check_float_tensor, check_int, check_same_device, describe
-from .launch import CompileVariant
-from .runtime import compute_dtype, resolve_impl
+from .checks import FLOAT_DTYPES, check_float_tensor, check_int, check_real, check_same_device, describe
+from .launch import CompileVariant, launch_setting
+from .runtime import choose_impl, compute_dtype
 from .triton_helpers import sigmoid
 
 ACTIVATIONS = ("silu", None)
@@ -239,14 +243,24 @@ def _spatial_size(x: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
+# Largest finite fp32: a merge whose mean difference overflows past it takes the overflow-free mean formula.
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
 @triton.jit
-def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-    """Merge two sets' (count, mean, M2) (Chan, Golub & LeVeque 1979): exact, no cancellation."""
+def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b, inv_sqrt_size):
+    """Merge two sets' (count, mean, M2 / M) (Chan, Golub & LeVeque 1979): exact, no cancellation.
+
+    ``M2 / M`` (the sum of squared deviations divided by the group's size ``M``, ``inv_sqrt_size = 1/sqrt(M)``)
+    is at most the group's variance, and so is every intermediate here: nothing overflows unless the variance
+    itself does. The mean takes the convex form when the two means are too far apart to subtract."""
     total = count_a + count_b
-    safe = tl.maximum(total, 1.0)
+    weight_b = count_b / tl.maximum(total, 1.0)
     delta = mean_b - mean_a
-    mean = mean_a + delta * (count_b / safe)
-    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / safe)
+    mean = mean_a + delta * weight_b
+    mean = tl.where(tl.abs(delta) <= FP32_MAX, mean, mean_a * (1.0 - weight_b) + mean_b * weight_b)
+    scaled = delta * inv_sqrt_size
+    m2 = m2_a + m2_b + scaled * (scaled * (count_a * weight_b))
     return total, mean, m2
 
 
@@ -265,11 +279,13 @@ def _program_coordinates(blocks_per_sample, chunks, groups_per_block, num_groups
 
 @triton.jit
 def _block_stats(x_ptr, x_base, x_sc, x_ss, first_channel, block_channels, group_channels, s_begin, s_end,
-                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
-    """``(count, mean, M2)`` of each of the block's groups (``[BLOCK_G]``) over positions ``[s_begin, s_end)``.
+                 inv_sqrt_size, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``(count, mean, M2 / M)`` of each of the block's groups (``[BLOCK_G]``) over positions ``[s_begin, s_end)``.
 
     Per channel sub-tile: per-channel statistics over the spatial loop (two-pass inside each tile, Chan-merged
-    across tiles), then merged into the groups (a channel's spread around its group's mean is added to M2)."""
+    across tiles), then merged into the groups (a channel's spread around its group's mean is added to M2).
+    Overflow-free for any finite fp32 input whose group variance is finite: values are summed scaled by the
+    (power-of-two) tile width, deviations are squared scaled by ``1/sqrt(M)``."""
     g = tl.arange(0, BLOCK_G)
     count = tl.zeros([BLOCK_G], tl.float32)
     mean = tl.zeros([BLOCK_G], tl.float32)
@@ -288,23 +304,29 @@ def _block_stats(x_ptr, x_base, x_sc, x_ss, first_channel, block_channels, group
             x = tl.load(x_rows + position[None, :] * x_ss, mask=mask, other=0.0,
                         eviction_policy="evict_last").to(tl.float32)
             tile_count = tl.minimum(s_end - s0, BLOCK_S).to(tl.float32)
-            tile_mean = tl.sum(x, axis=1) / tile_count
-            centered = tl.where(mask, x - tile_mean[:, None], 0.0)
+            # scaled by 1 / BLOCK_S (a power of two: exact) the sum of up to BLOCK_S values stays finite, and the
+            # mean is the same number as sum(x) / count
+            tile_mean = tl.sum(x * (1.0 / BLOCK_S), axis=1) / (tile_count * (1.0 / BLOCK_S))
+            centered = tl.where(mask, (x - tile_mean[:, None]) * inv_sqrt_size, 0.0)
             ch_count, ch_mean, ch_m2 = _chan_merge(ch_count, ch_mean, ch_m2, tile_count, tile_mean,
-                                                   tl.sum(centered * centered, axis=1))
+                                                   tl.sum(centered * centered, axis=1), inv_sqrt_size)
         positions = tl.max(ch_count, axis=0)  # every channel saw the same positions
         member = (g[:, None] == (local // group_channels)[None, :]) & c_mask[None, :]
         channels_in = tl.sum(member.to(tl.float32), axis=1)
-        sub_mean = tl.sum(tl.where(member, ch_mean[None, :], 0.0), axis=1) / tl.maximum(channels_in, 1.0)
-        spread = tl.where(member, ch_mean[None, :] - sub_mean[:, None], 0.0)
-        sub_m2 = tl.sum(tl.where(member, ch_m2[None, :], 0.0), axis=1) + positions * tl.sum(spread * spread, axis=1)
-        count, mean, m2 = _chan_merge(count, mean, m2, channels_in * positions, sub_mean, sub_m2)
+        sub_mean = (tl.sum(tl.where(member, ch_mean[None, :] * (1.0 / BLOCK_C), 0.0), axis=1)
+                    / (tl.maximum(channels_in, 1.0) * (1.0 / BLOCK_C)))
+        spread = tl.where(member, (ch_mean[None, :] - sub_mean[:, None]) * inv_sqrt_size, 0.0)
+        sub_m2 = (tl.sum(tl.where(member, ch_m2[None, :], 0.0), axis=1)
+                  + tl.sum(spread * spread * positions, axis=1))
+        count, mean, m2 = _chan_merge(count, mean, m2, channels_in * positions, sub_mean, sub_m2, inv_sqrt_size)
     return count, mean, m2
 
 
 @triton.jit
-def _merge_partials(part_ptr, plane, row, block_groups, chunks, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Merge the ``chunks`` partial (count, mean, M2) of groups ``row .. row + block_groups`` (``[BLOCK_G]``)."""
+def _merge_partials(part_ptr, plane, row, block_groups, chunks, inv_sqrt_size, BLOCK_G: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+    """Merge the ``chunks`` partial (count, mean, M2 / M) of groups ``row .. row + block_groups``
+    (``[BLOCK_G]``; ``row`` int64), overflow-free as :func:`_chan_merge`."""
     g = tl.arange(0, BLOCK_G)
     count = tl.zeros([BLOCK_G], tl.float32)
     mean = tl.zeros([BLOCK_G], tl.float32)
@@ -312,15 +334,20 @@ def _merge_partials(part_ptr, plane, row, block_groups, chunks, BLOCK_G: tl.cons
     for p0 in range(0, chunks, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (g < block_groups)[:, None] & (p < chunks)[None, :]
-        offsets = (row + g).to(tl.int64)[:, None] * chunks + p[None, :]
+        offsets = (row + g)[:, None] * chunks + p[None, :]
         part_count = tl.load(part_ptr + offsets, mask=mask, other=0.0)
-        part_mean = tl.load(part_ptr + plane + offsets, mask=mask, other=0.0)
-        part_m2 = tl.load(part_ptr + 2 * plane + offsets, mask=mask, other=0.0)
+        part_mean = tl.load(part_ptr + (offsets + plane), mask=mask, other=0.0)
+        part_m2 = tl.load(part_ptr + (offsets + plane + plane), mask=mask, other=0.0)
         step_count = tl.sum(part_count, axis=1)
-        step_mean = tl.sum(part_count * part_mean, axis=1) / tl.maximum(step_count, 1.0)
-        spread = tl.where(mask, part_mean - step_mean[:, None], 0.0)
-        step_m2 = tl.sum(part_m2 + part_count * spread * spread, axis=1)
-        count, mean, m2 = _chan_merge(count, mean, m2, step_count, step_mean, step_m2)
+        share = part_count / tl.maximum(step_count, 1.0)[:, None]
+        # the mean around the first chunk's (exact for close means), or, when the means are too far apart to
+        # subtract, their convex combination (no overflow)
+        pivot = tl.sum(tl.where(p[None, :] == p0, part_mean, 0.0), axis=1)
+        shift = tl.sum(tl.where(mask, share * (part_mean - pivot[:, None]), 0.0), axis=1)
+        step_mean = tl.where(tl.abs(shift) <= FP32_MAX, pivot + shift, tl.sum(share * part_mean, axis=1))
+        spread = tl.where(mask, (part_mean - step_mean[:, None]) * inv_sqrt_size, 0.0)
+        step_m2 = tl.sum(part_m2 + spread * spread * part_count, axis=1)
+        count, mean, m2 = _chan_merge(count, mean, m2, step_count, step_mean, step_m2, inv_sqrt_size)
     return count, mean, m2
 
 
@@ -339,14 +366,15 @@ def _channels_to_groups(values, local, c_mask, group_channels, BLOCK_G: tl.const
 
 
 @triton.jit
-def _affine(w_ptr, b_ptr, channel, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``weight[c]`` and ``bias[c]`` of channels ``channel`` as fp32 (1 and 0 when absent)."""
+def _affine(w_ptr, b_ptr, w_sc, b_sc, channel, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``weight[c]`` and ``bias[c]`` of channels ``channel`` as fp32 (1 and 0 when absent), read through the
+    parameters' strides ``w_sc`` / ``b_sc`` (a sliced or expanded parameter is read in place)."""
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + channel, mask=c_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + channel.to(tl.int64) * w_sc, mask=c_mask, other=0.0).to(tl.float32)
     else:
         w = tl.where(c_mask, 1.0, 0.0)
     if HAS_BIAS:
-        b = tl.load(b_ptr + channel, mask=c_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + channel.to(tl.int64) * b_sc, mask=c_mask, other=0.0).to(tl.float32)
     else:
         b = tl.zeros_like(w)
     return w, b
@@ -355,48 +383,50 @@ def _affine(w_ptr, b_ptr, channel, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: t
 @triton.jit
 def _group_norm_stats_kernel(
     x_ptr, part_ptr, num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len,
-    part_plane, x_sn, x_sc, x_ss,
+    part_plane, x_sn, x_sc, x_ss, inv_sqrt_size,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """Split forward, pass 1: (count, mean, M2) of each group of the block over this program's chunk, stored at
-    ``part[plane, sample * G + group, chunk]`` (planes: count, mean, M2)."""
+    """Split forward, pass 1: (count, mean, M2 / M) of each group of the block over this program's chunk, stored
+    at ``part[plane, sample * G + group, chunk]`` (planes: count, mean, M2 / M)."""
     sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
         blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
     s_begin = chunk.to(tl.int64) * chunk_len
     s_end = tl.minimum(s_begin + chunk_len, spatial)
     count, mean, m2 = _block_stats(x_ptr, sample.to(tl.int64) * x_sn, x_sc, x_ss, first_channel, block_channels,
-                                   group_channels, s_begin, s_end, BLOCK_C, BLOCK_S, BLOCK_G)
+                                   group_channels, s_begin, s_end, inv_sqrt_size, BLOCK_C, BLOCK_S, BLOCK_G)
     g = tl.arange(0, BLOCK_G)
-    offsets = (sample * num_groups + first_group + g).to(tl.int64) * chunks + chunk
+    offsets = (sample.to(tl.int64) * num_groups + first_group + g) * chunks + chunk
     mask = g < block_groups
     tl.store(part_ptr + offsets, count, mask=mask)
-    tl.store(part_ptr + part_plane + offsets, mean, mask=mask)
-    tl.store(part_ptr + 2 * part_plane + offsets, m2, mask=mask)
+    tl.store(part_ptr + (offsets + part_plane), mean, mask=mask)
+    tl.store(part_ptr + (offsets + part_plane + part_plane), m2, mask=mask)
 
 
 @triton.jit
 def _group_norm_forward_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
     num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len, part_plane,
-    x_sn, x_sc, x_ss, y_sn, y_sc, y_ss, eps,
+    x_sn, x_sc, x_ss, y_sn, y_sc, y_ss, w_sc, b_sc, eps, inv_sqrt_size,
     SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_STATS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """The block's group statistics (its own loop when FUSED_STATS, else merged from the stats kernel's
-    partials), then ``y = act((x - mean) * rstd * w + b)`` over this program's chunk."""
+    partials), then ``y = act((x - mean) * rstd * w + b)`` over this program's chunk. A variance past fp32's range
+    gives ``rstd = 0``, as the fp32 reference does."""
     sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
         blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
     x_base = sample.to(tl.int64) * x_sn
     y_base = sample.to(tl.int64) * y_sn
     s_begin = chunk.to(tl.int64) * chunk_len
     s_end = tl.minimum(s_begin + chunk_len, spatial)
-    row = sample * num_groups + first_group
+    row = sample.to(tl.int64) * num_groups + first_group
     if FUSED_STATS:
-        count, mean, m2 = _block_stats(x_ptr, x_base, x_sc, x_ss, first_channel, block_channels, group_channels,
-                                       s_begin, s_end, BLOCK_C, BLOCK_S, BLOCK_G)
+        count, mean, var = _block_stats(x_ptr, x_base, x_sc, x_ss, first_channel, block_channels, group_channels,
+                                        s_begin, s_end, inv_sqrt_size, BLOCK_C, BLOCK_S, BLOCK_G)
     else:
-        count, mean, m2 = _merge_partials(part_ptr, part_plane, row, block_groups, chunks, BLOCK_G, BLOCK_P)
-    rstd = 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
+        count, mean, var = _merge_partials(part_ptr, part_plane, row, block_groups, chunks, inv_sqrt_size,
+                                           BLOCK_G, BLOCK_P)
+    rstd = 1.0 / tl.sqrt(var + eps)
     g = tl.arange(0, BLOCK_G)
     first_chunk = g < tl.where(chunk == 0, block_groups, 0)  # one program per group stores its statistics
     tl.store(mean_ptr + row + g, mean, mask=first_chunk)
@@ -405,7 +435,7 @@ def _group_norm_forward_kernel(
         local = c0 + tl.arange(0, BLOCK_C)
         c_mask = local < block_channels
         channel = first_channel + local
-        w, b = _affine(w_ptr, b_ptr, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
+        w, b = _affine(w_ptr, b_ptr, w_sc, b_sc, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
         ch_mean = _groups_to_channels(mean, local, group_channels, BLOCK_G)
         ch_scale = _groups_to_channels(rstd, local, group_channels, BLOCK_G) * w
         x_rows = x_ptr + x_base + channel.to(tl.int64)[:, None] * x_sc
@@ -439,14 +469,14 @@ def _backward_tile(x_rows, dy_rows, position, mask, x_ss, dy_ss, ch_mean, ch_rst
 
 @triton.jit
 def _saved_stats(mean_ptr, rstd_ptr, sample, num_groups, channel, c_mask, group_channels):
-    row = sample * num_groups + channel // group_channels
+    row = sample.to(tl.int64) * num_groups + channel // group_channels
     return (tl.load(mean_ptr + row, mask=c_mask, other=0.0), tl.load(rstd_ptr + row, mask=c_mask, other=0.0))
 
 
 @triton.jit
 def _block_grad_sums(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, sample, num_groups,
                      group_channels, first_channel, block_channels, s_begin, s_end, chunks, chunk, part_plane,
-                     x_base, dy_base, x_sc, x_ss, dy_sc, dy_ss,
+                     x_base, dy_base, x_sc, x_ss, dy_sc, dy_ss, w_sc, b_sc,
                      SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
     """Per channel over ``[s_begin, s_end)``: ``sum(dz * x_hat)`` and ``sum(dz)``, stored at
@@ -459,7 +489,7 @@ def _block_grad_sums(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, 
         local = c0 + tl.arange(0, BLOCK_C)
         c_mask = local < block_channels
         channel = first_channel + local
-        w, b = _affine(w_ptr, b_ptr, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
+        w, b = _affine(w_ptr, b_ptr, w_sc, b_sc, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
         ch_mean, ch_rstd = _saved_stats(mean_ptr, rstd_ptr, sample, num_groups, channel, c_mask, group_channels)
         # Elementwise accumulators, reduced once after the loop (no cross-thread reduction per tile).
         dot_acc = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
@@ -475,9 +505,9 @@ def _block_grad_sums(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, 
             total_acc += dz
         dot = tl.sum(dot_acc, axis=1)
         total = tl.sum(total_acc, axis=1)
-        offsets = (sample * channels + channel).to(tl.int64) * chunks + chunk
+        offsets = (sample.to(tl.int64) * channels + channel) * chunks + chunk
         tl.store(part_ptr + offsets, dot, mask=c_mask)
-        tl.store(part_ptr + part_plane + offsets, total, mask=c_mask)
+        tl.store(part_ptr + (offsets + part_plane), total, mask=c_mask)
         group_dot += _channels_to_groups(dot * w, local, c_mask, group_channels, BLOCK_G)
         group_sum += _channels_to_groups(total * w, local, c_mask, group_channels, BLOCK_G)
     return group_dot, group_sum
@@ -487,7 +517,7 @@ def _block_grad_sums(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, 
 def _group_norm_backward_reduce_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, group_part_ptr,
     num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len, part_plane,
-    group_part_plane, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss,
+    group_part_plane, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, w_sc, b_sc,
     SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -501,18 +531,19 @@ def _group_norm_backward_reduce_kernel(
     group_dot, group_sum = _block_grad_sums(
         x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, sample, num_groups, group_channels, first_channel,
         block_channels, s_begin, s_end, chunks, chunk, part_plane, sample.to(tl.int64) * x_sn,
-        sample.to(tl.int64) * dy_sn, x_sc, x_ss, dy_sc, dy_ss, SILU, HAS_WEIGHT, HAS_BIAS, BLOCK_C, BLOCK_S, BLOCK_G)
+        sample.to(tl.int64) * dy_sn, x_sc, x_ss, dy_sc, dy_ss, w_sc, b_sc, SILU, HAS_WEIGHT, HAS_BIAS, BLOCK_C,
+        BLOCK_S, BLOCK_G)
     g = tl.arange(0, BLOCK_G)
-    offsets = (sample * num_groups + first_group + g).to(tl.int64) * chunks + chunk
+    offsets = (sample.to(tl.int64) * num_groups + first_group + g) * chunks + chunk
     tl.store(group_part_ptr + offsets, group_dot, mask=g < block_groups)
-    tl.store(group_part_ptr + group_part_plane + offsets, group_sum, mask=g < block_groups)
+    tl.store(group_part_ptr + (offsets + group_part_plane), group_sum, mask=g < block_groups)
 
 
 @triton.jit
 def _group_norm_backward_kernel(
     x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, group_part_ptr,
     num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len, part_plane,
-    group_part_plane, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss, inv_group_size,
+    group_part_plane, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss, w_sc, b_sc, inv_group_size,
     SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -531,7 +562,7 @@ def _group_norm_backward_kernel(
         group_dot, group_sum = _block_grad_sums(
             x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, sample, num_groups, group_channels,
             first_channel, block_channels, s_begin, s_end, chunks, chunk, part_plane, x_base, dy_base, x_sc, x_ss,
-            dy_sc, dy_ss, SILU, HAS_WEIGHT, HAS_BIAS, BLOCK_C, BLOCK_S, BLOCK_G)
+            dy_sc, dy_ss, w_sc, b_sc, SILU, HAS_WEIGHT, HAS_BIAS, BLOCK_C, BLOCK_S, BLOCK_G)
     else:
         g = tl.arange(0, BLOCK_G)
         group_dot = tl.zeros([BLOCK_G], tl.float32)
@@ -539,16 +570,17 @@ def _group_norm_backward_kernel(
         for p0 in range(0, chunks, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             mask = (g < block_groups)[:, None] & (p < chunks)[None, :]
-            offsets = (sample * num_groups + first_group + g).to(tl.int64)[:, None] * chunks + p[None, :]
+            offsets = (sample.to(tl.int64) * num_groups + first_group + g)[:, None] * chunks + p[None, :]
             group_dot += tl.sum(tl.load(group_part_ptr + offsets, mask=mask, other=0.0), axis=1)
-            group_sum += tl.sum(tl.load(group_part_ptr + group_part_plane + offsets, mask=mask, other=0.0), axis=1)
+            group_sum += tl.sum(tl.load(group_part_ptr + (offsets + group_part_plane), mask=mask, other=0.0),
+                                axis=1)
     group_dot = group_dot * inv_group_size
     group_sum = group_sum * inv_group_size
     for c0 in range(0, block_channels, BLOCK_C):
         local = c0 + tl.arange(0, BLOCK_C)
         c_mask = local < block_channels
         channel = first_channel + local
-        w, b = _affine(w_ptr, b_ptr, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
+        w, b = _affine(w_ptr, b_ptr, w_sc, b_sc, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
         ch_mean, ch_rstd = _saved_stats(mean_ptr, rstd_ptr, sample, num_groups, channel, c_mask, group_channels)
         ch_dot = _groups_to_channels(group_dot, local, group_channels, BLOCK_G)
         ch_sum = _groups_to_channels(group_sum, local, group_channels, BLOCK_G)
@@ -567,7 +599,14 @@ def _group_norm_backward_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _plan_for(x: torch.Tensor, x_strides, num_groups: int, target_programs: int, tile: int) -> LaunchPlan:
+OP_NAME = "group_norm_silu"
+
+
+def _plan_for(x: torch.Tensor, x_strides, num_groups: int) -> LaunchPlan:
+    """The launch plan of ``x``; tests force ``target_programs`` / ``tile`` (0 = automatic) with
+    ``launch.force_launch_settings("group_norm_silu", ...)`` to reach the split path at small shapes."""
+    target_programs = int(launch_setting(OP_NAME, "target_programs", 0))
+    tile = int(launch_setting(OP_NAME, "tile", 0))
     target = target_programs if target_programs > 0 else default_target_programs(x.device)
     channels_inner = x_strides[1] == 1 and x.shape[1] > 1
     return plan_launch(x.shape[0], x.shape[1], num_groups, _spatial_size(x), channels_inner, target,
@@ -578,8 +617,14 @@ def _empty_output(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
+def _parameter_args(param: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A per-channel parameter and its stride (any stride, 0 included); a placeholder the HAS_* switch never reads
+    when it is absent."""
+    return (param, param.stride(0)) if param is not None else (placeholder, 1)
+
+
 def _launch_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
-                    eps: float, activation: str, target_programs: int, tile: int):
+                    eps: float, activation: str):
     batch = x.shape[0]
     y = _empty_output(x)
     mean = x.new_empty((batch, num_groups), dtype=torch.float32)
@@ -588,8 +633,9 @@ def _launch_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
         return y, mean.zero_(), rstd.zero_()
     x, x_strides = _as_ncs(x)
     y_strides = _collapsed_strides(y)
-    plan = _plan_for(x, x_strides, num_groups, target_programs, tile)
+    plan = _plan_for(x, x_strides, num_groups)
     group_channels, spatial = x.shape[1] // num_groups, _spatial_size(x)
+    inv_sqrt_size = 1.0 / math.sqrt(group_channels * spatial)
     grid = (plan.programs(batch),)
     shape_args = (num_groups, group_channels, spatial, plan.blocks_per_sample, plan.groups_per_block, plan.chunks,
                   plan.chunk_len)
@@ -597,19 +643,20 @@ def _launch_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     partials = mean
     if plan.split:
         partials = x.new_empty((3, batch * num_groups * plan.chunks), dtype=torch.float32)
-        _group_norm_stats_kernel[grid](x, partials, *shape_args, partials.shape[-1], *x_strides, **blocks,
-                                       num_warps=plan.num_warps)
+        _group_norm_stats_kernel[grid](x, partials, *shape_args, partials.shape[-1], *x_strides, inv_sqrt_size,
+                                       **blocks, num_warps=plan.num_warps)
+    w, w_stride = _parameter_args(weight, mean)
+    b, b_stride = _parameter_args(bias, mean)
     _group_norm_forward_kernel[grid](
-        x, y, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, partials,
-        *shape_args, partials.shape[-1], *x_strides, *y_strides, eps,
+        x, y, w, b, mean, rstd, partials, *shape_args, partials.shape[-1], *x_strides, *y_strides, w_stride,
+        b_stride, eps, inv_sqrt_size,
         SILU=activation == "silu", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         FUSED_STATS=not plan.split, BLOCK_P=plan.block_p, **blocks, num_warps=plan.num_warps)
     return y, mean, rstd
 
 
 def _launch_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                     mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: str, target_programs: int,
-                     tile: int):
+                     mean: torch.Tensor, rstd: torch.Tensor, num_groups: int, activation: str):
     batch, channels = x.shape[:2]
     dx = _empty_output(x)
     if dx.numel() == 0:
@@ -618,7 +665,10 @@ def _launch_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     x, x_strides = _as_ncs(x)
     dy, dy_strides = _as_ncs(dy)
     dx_strides = _collapsed_strides(dx)
-    plan = _plan_for(x, x_strides, num_groups, target_programs, tile)
+    # the saved [N, G] statistics are read as dense fp32 rows (what the forward op returns)
+    mean = mean.to(torch.float32).contiguous()
+    rstd = rstd.to(torch.float32).contiguous()
+    plan = _plan_for(x, x_strides, num_groups)
     group_channels, spatial = channels // num_groups, _spatial_size(x)
     grid = (plan.programs(batch),)
     partials = x.new_empty((2, batch, channels, plan.chunks), dtype=torch.float32)
@@ -628,14 +678,14 @@ def _launch_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
                   plan.chunk_len, partials[0].numel(), group_partials.shape[1])
     common = dict(SILU=activation == "silu", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                   BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, num_warps=plan.num_warps)
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
+    w, w_stride = _parameter_args(weight, mean)
+    b, b_stride = _parameter_args(bias, mean)
     if plan.split:
         _group_norm_backward_reduce_kernel[grid](x, dy, w, b, mean, rstd, partials, group_partials, *shape_args,
-                                                 *x_strides, *dy_strides, **common)
+                                                 *x_strides, *dy_strides, w_stride, b_stride, **common)
     _group_norm_backward_kernel[grid](x, dy, dx, w, b, mean, rstd, partials, group_partials, *shape_args,
-                                      *x_strides, *dy_strides, *dx_strides, 1.0 / (group_channels * spatial),
-                                      FUSED_REDUCE=not plan.split,
+                                      *x_strides, *dy_strides, *dx_strides, w_stride, b_stride,
+                                      1.0 / (group_channels * spatial), FUSED_REDUCE=not plan.split,
                                       BLOCK_P=plan.block_p, **common)
     return dx, partials[0].sum(dim=(0, 2)), partials[1].sum(dim=(0, 2))
 
@@ -643,7 +693,7 @@ def _launch_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
 def compile_variants() -> list[CompileVariant]:
     """Each kernel in each dtype, both fused switches, and the tile shapes of the NCHW and channels_last U-Net
     layouts (a long spatial tile; a wide channel tile spanning many groups; a ragged small one)."""
-    scalars = {"eps": "fp32", "inv_group_size": "fp32"}
+    scalars = {"eps": "fp32", "inv_group_size": "fp32", "inv_sqrt_size": "fp32"}
     stats_pointers = {"part_ptr": "*fp32", "group_part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
     target = PROGRAMS_PER_SM * DEFAULT_SM_COUNT
     shapes = [
@@ -656,24 +706,28 @@ def compile_variants() -> list[CompileVariant]:
     for index, plan in enumerate(shapes):
         blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g)
         flags = dict(SILU=index != 3, HAS_WEIGHT=index != 2, HAS_BIAS=index != 1)
+        # contiguous parameters (stride 1, which Triton specializes) and, for the first shape, strided ones
+        parameter_strides = dict(w_sc=1, b_sc=1) if index != 0 else {}
         for data_type in (("fp32", "fp16", "bf16") if index == 0 else ("bf16",)):
             # fp32 parameters with the first (half-precision) inputs, parameters in the input's dtype after
             parameters = "*fp32" if index == 0 else f"*{data_type}"
             pointers = {"*": f"*{data_type}", "w_ptr": parameters, "b_ptr": parameters, **stats_pointers}
-            variants.append(CompileVariant(_group_norm_forward_kernel, pointers,
-                                           dict(flags, FUSED_STATS=not plan.split, BLOCK_P=plan.block_p, **blocks),
-                                           plan.num_warps, scalars))
-            variants.append(CompileVariant(_group_norm_backward_kernel, pointers,
-                                           dict(flags, FUSED_REDUCE=not plan.split, BLOCK_P=plan.block_p, **blocks),
-                                           plan.num_warps, scalars))
+            variants.append(CompileVariant(
+                _group_norm_forward_kernel, pointers,
+                dict(flags, FUSED_STATS=not plan.split, BLOCK_P=plan.block_p, **blocks, **parameter_strides),
+                plan.num_warps, scalars))
+            variants.append(CompileVariant(
+                _group_norm_backward_kernel, pointers,
+                dict(flags, FUSED_REDUCE=not plan.split, BLOCK_P=plan.block_p, **blocks, **parameter_strides),
+                plan.num_warps, scalars))
         if plan.split:
             pointers = {"*": "*bf16", **stats_pointers}
             variants.append(CompileVariant(_group_norm_stats_kernel, pointers, blocks, plan.num_warps, scalars))
-            variants.append(CompileVariant(_group_norm_backward_reduce_kernel, pointers, dict(flags, **blocks),
-                                           plan.num_warps, scalars))
+            variants.append(CompileVariant(_group_norm_backward_reduce_kernel, pointers,
+                                           dict(flags, **blocks, **parameter_strides), plan.num_warps, scalars))
     # Triton turns integer arguments equal to 1 into constants; a 2-D input with C == G makes most of them 1.
     ones = dict(group_channels=1, spatial=1, chunks=1, chunk_len=1, groups_per_block=1, blocks_per_sample=1,
-                x_sc=1, x_ss=1, y_sc=1, y_ss=1, dy_sc=1, dy_ss=1, dx_sc=1, dx_ss=1)
+                x_sc=1, x_ss=1, y_sc=1, y_ss=1, dy_sc=1, dy_ss=1, dx_sc=1, dx_ss=1, w_sc=1, b_sc=1)
     tiny = dict(SILU=True, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_C=1, BLOCK_S=1, BLOCK_G=1, BLOCK_P=1)
     for kernel, switch in ((_group_norm_forward_kernel, dict(FUSED_STATS=True)),
                            (_group_norm_backward_kernel, dict(FUSED_REDUCE=True))):
@@ -684,18 +738,18 @@ def compile_variants() -> list[CompileVariant]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch.library registration (usable under torch.compile(fullgraph=True))
+# torch.library registration (usable under torch.compile(fullgraph=True)); the schemas hold only what a user passes
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("genkernels::group_norm_silu", mutates_args=())
 def _group_norm_silu_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                        num_groups: int, eps: float, activation: str, target_programs: int,
-                        tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, mean, rstd)``; ``activation`` is "silu" or "none"; ``target_programs`` / ``tile`` 0 = automatic."""
-    return _launch_forward(x, weight, bias, num_groups, eps, activation, target_programs, tile)
+                        num_groups: int, eps: float,
+                        activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)``; ``activation`` is "silu" or "none"."""
+    return _launch_forward(x, weight, bias, num_groups, eps, activation)
 
 
 @_group_norm_silu_op.register_fake
-def _group_norm_silu_fake(x, weight, bias, num_groups, eps, activation, target_programs, tile):
+def _group_norm_silu_fake(x, weight, bias, num_groups, eps, activation):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return _empty_output(x), stats, torch.empty_like(stats)
 
@@ -703,32 +757,34 @@ def _group_norm_silu_fake(x, weight, bias, num_groups, eps, activation, target_p
 @torch.library.custom_op("genkernels::group_norm_silu_backward", mutates_args=())
 def _group_norm_silu_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                                  bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
-                                 num_groups: int, activation: str, target_programs: int,
-                                 tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dweight, dbias)``, the parameter gradients in fp32 (computed also when there is no parameter)."""
-    return _launch_backward(dy, x, weight, bias, mean, rstd, num_groups, activation, target_programs, tile)
+                                 num_groups: int,
+                                 activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)``, the parameter gradients in fp32, shape ``[C]`` (computed also when there is no
+    parameter)."""
+    return _launch_backward(dy, x, weight, bias, mean, rstd, num_groups, activation)
 
 
 @_group_norm_silu_backward_op.register_fake
-def _group_norm_silu_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, activation, target_programs, tile):
+def _group_norm_silu_backward_fake(dy, x, weight, bias, mean, rstd, num_groups, activation):
     param_grad = x.new_empty((x.shape[1],), dtype=torch.float32)
     return _empty_output(x), param_grad, torch.empty_like(param_grad)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, num_groups, eps, activation, target_programs, tile = inputs
+    x, weight, bias, num_groups, eps, activation = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.options = (num_groups, activation, target_programs, tile)
+    ctx.options = (num_groups, activation)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dy, grad_mean, grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dweight, dbias = torch.ops.genkernels.group_norm_silu_backward(dy, x, weight, bias, mean, rstd, *ctx.options)
+    # fresh dense [C] gradients in each parameter's dtype, whatever the parameter's strides
     dweight = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
     dbias = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-    return dx, dweight, dbias, None, None, None, None, None
+    return dx, dweight, dbias, None, None, None
 
 
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
@@ -743,7 +799,7 @@ def _check_parameter(param: Optional[torch.Tensor], name: str, x: torch.Tensor) 
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(param).__name__}")
     channels = x.shape[1]
-    if param.shape != (channels,):
+    if param.dim() != 1 or param.shape[0] != channels:
         raise ValueError(f"{name} must have shape [C] = [{channels}] (the channels of x); got {describe(param)}")
     allowed = (torch.float32, x.dtype) if x.dtype != torch.float64 else (torch.float64, torch.float32)
     if param.dtype not in allowed:
@@ -753,25 +809,22 @@ def _check_parameter(param: Optional[torch.Tensor], name: str, x: torch.Tensor) 
 
 
 def _check_arguments(x, num_groups, weight, bias, eps, activation) -> float:
-    check_float_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    """Every argument check (before any launch); works while torch.compile traces with dynamic shapes (no
+    ``math.*`` on values that may be symbolic)."""
+    check_float_tensor(x, "x", FLOAT_DTYPES)
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dimensions [N, C, *spatial]; got {describe(x)}")
-    check_int(num_groups, "num_groups")
-    if num_groups < 1:
-        raise ValueError(f"num_groups={num_groups} must be >= 1")
+    check_int(num_groups, "num_groups", low=1)
     channels = x.shape[1]
     if channels % num_groups != 0:
         raise ValueError(f"num_groups: channels not divisible by groups: x has C={channels} channels, which "
                          f"num_groups={num_groups} does not divide ({describe(x)})")
     _check_parameter(weight, "weight", x)
     _check_parameter(bias, "bias", x)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps={eps!r} must be a positive finite number")
+    eps = check_real(eps, "eps", low=0.0, low_inclusive=False)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not supported; expected 'silu' or None")
-    return float(eps)
+    return eps
 
 
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
@@ -782,24 +835,27 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
         z = (x - mean_g) / sqrt(var_g + eps) * weight[c] + bias[c],   y = z * sigmoid(z)
 
     ``mean_g`` / ``var_g`` (biased) are taken over each sample's group of ``C / num_groups`` channels and every
-    spatial position (Wu & He 2018).
+    spatial position (Wu & He 2018). The kernels' statistics do not overflow for any finite input whose group
+    variance is finite in fp32 (up to fp32's largest values); a variance past that gives ``rstd = 0`` as the fp32
+    reference does. NaN or Inf in a group makes that group's outputs NaN, as ``F.group_norm``.
 
     Args:
-        x: ``[N, C, *spatial]`` (rank >= 2), fp32/fp16/bf16 (fp64 runs the reference), any strides; NCHW and
-            channels_last(_3d) are read in place.
+        x: ``[N, C, *spatial]`` (rank >= 2), fp32/fp16/bf16, or fp64 (runs the reference in fp64), any strides;
+            NCHW and channels_last(_3d) are read in place. Any size, 0 included.
         num_groups: groups G, dividing C.
-        weight, bias: optional ``[C]`` affine parameters, fp32 or x's dtype, on x's device.
-        eps: added to the variance, > 0.
+        weight, bias: optional ``[C]`` affine parameters, fp32 or x's dtype, on x's device, any stride (sliced or
+            expanded views are read in place).
+        eps: added to the variance, a finite number > 0.
         activation: "silu" (default) or None for plain GroupNorm.
-        impl: "auto", "triton" or "eager".
+        impl: "auto", "triton" or "eager". ``"triton"`` raises ``ValueError`` (listing every reason) for inputs
+            the kernels cannot take (fp64, a device without Triton); ``"auto"`` runs the reference for them.
 
     Returns:
         ``y`` with x's shape and dtype, channels_last when x is (math in fp32). Differentiable in x, weight, bias.
     """
     eps = _check_arguments(x, num_groups, weight, bias, eps, activation)
-    device = x.device
-    impl = resolve_impl(impl, device, "group_norm_silu")
-    if impl == "eager" or x.dtype == torch.float64:
+    impl = choose_impl(impl, OP_NAME, {"x": x, "weight": weight, "bias": bias})
+    if impl == "eager":
         return group_norm_silu_reference(x, num_groups, weight, bias, eps, activation)
-    y, _, _ = torch.ops.genkernels.group_norm_silu(x, weight, bias, num_groups, eps, activation or "none", 0, 0)
+    y, _, _ = torch.ops.genkernels.group_norm_silu(x, weight, bias, num_groups, eps, activation or "none")
     return y

@@ -1,9 +1,14 @@
 """Fused GroupNorm + SiLU (kernels/group_norm.py) against an fp64 reference, forward and every gradient."""
+import contextlib
+import inspect
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from reference_checks import DTYPES, PER_SAMPLE_LAYOUTS, assert_close_to_reference, random_tensor
 
+from genkernels.kernels import launch
 from genkernels.kernels.group_norm import (
     LaunchPlan,
     group_norm_silu,
@@ -11,8 +16,12 @@ from genkernels.kernels.group_norm import (
     output_memory_format,
     plan_launch,
 )
+from genkernels.models.layers import GroupNormAct
 
 H100_TARGET = 4 * 132
+# The interpreter computes with numpy, which warns where fp32 overflows or meets NaN/Inf (what these tests feed it).
+IGNORE_INTERPRETER_FP_WARNINGS = pytest.mark.filterwarnings(
+    "ignore:(overflow|invalid value) encountered:RuntimeWarning")
 
 
 def _parameters(channels, dtype, device, seed=10):
@@ -30,18 +39,30 @@ def _forward_and_grads(fn, x, weight, bias, dy):
     return y.detach(), [next(grads) if t is not None else None for t in inputs]
 
 
-def _triton_op(num_groups, activation="silu", eps=1e-5, target_programs=0, tile=0):
-    """The registered op with the launch plan forced (0 = automatic), as a differentiable function."""
+def _triton_op(num_groups, activation="silu", eps=1e-5):
+    """The registered op as a differentiable function."""
     def call(x, weight, bias):
-        y, _, _ = torch.ops.genkernels.group_norm_silu(x, weight, bias, num_groups, eps, activation or "none",
-                                                       target_programs, tile)
+        y, _, _ = torch.ops.genkernels.group_norm_silu(x, weight, bias, num_groups, eps, activation or "none")
         return y
     return call
 
 
-def _check(x, num_groups, weight=None, bias=None, activation="silu", eps=1e-5, dy=None, kernel=None):
-    """Kernel (``impl="triton"`` or the forced-plan op ``kernel``) and eager in x's dtype against the fp64
-    reference: output, dx, dweight, dbias. Returns the kernel's output."""
+def _forced(target_programs=0, tile=0):
+    """The launch plan forced for the block (0 = automatic): forward and backward launches inside it."""
+    return launch.force_launch_settings("group_norm_silu", target_programs=target_programs, tile=tile)
+
+
+def _splits(x, num_groups, target_programs, tile):
+    """Whether the launch plan forced by ``_forced(target_programs, tile)`` splits ``x``'s groups into chunks."""
+    channels_inner = x.stride(1) == 1 and x.shape[1] > 1
+    return plan_launch(x.shape[0], x.shape[1], num_groups, math.prod(x.shape[2:]), channels_inner,
+                       target_programs, tile).split
+
+
+def _check(x, num_groups, weight=None, bias=None, activation="silu", eps=1e-5, dy=None, kernel=None,
+           settings=None):
+    """Kernel (``impl="triton"`` or the op ``kernel``, with the launch settings ``settings`` forced) and eager in
+    x's dtype against the fp64 reference: output, dx, dweight, dbias. Returns the kernel's output."""
     if dy is None:
         dy = random_tensor(x.shape, x.dtype, 99, x.device)
     if kernel is None:
@@ -57,7 +78,8 @@ def _check(x, num_groups, weight=None, bias=None, activation="silu", eps=1e-5, d
     as_double = [t.double() if t is not None else None for t in (x, weight, bias)]
     ref_y, ref_grads = _forward_and_grads(reference, *as_double, dy.double())
     eager_y, eager_grads = _forward_and_grads(eager, x, weight, bias, dy)
-    kernel_y, kernel_grads = _forward_and_grads(kernel, x, weight, bias, dy)
+    with _forced(**settings) if settings else contextlib.nullcontext():
+        kernel_y, kernel_grads = _forward_and_grads(kernel, x, weight, bias, dy)
     assert kernel_y.stride() == eager_y.stride(), "output memory format differs from eager"
     assert_close_to_reference(kernel_y, ref_y, eager_y, "y")
     for name, k, e, r in zip(("dx", "dweight", "dbias"), kernel_grads, eager_grads, ref_grads):
@@ -177,6 +199,160 @@ def test_eps_is_used(device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Per-channel parameters of any strides (sliced, expanded with stride 0), and every other tensor argument's layout
+# ---------------------------------------------------------------------------------------------------------------
+def _strided_parameters(channels, dtype, device):
+    """A weight that is every other element of a NaN-filled buffer (stride 2) and a bias expanded from one element
+    (stride 0) with NaN after it: read as if contiguous, both give NaN."""
+    weight_buffer = torch.full((2 * channels + 1,), float("nan"), dtype=dtype, device=device)
+    weight_buffer[1::2] = 1 + 0.5 * random_tensor((channels,), dtype, 30, device)
+    bias_buffer = torch.full((channels + 1,), float("nan"), dtype=dtype, device=device)
+    bias_buffer[0] = 0.25
+    weight, bias = weight_buffer[1::2], bias_buffer[:1].expand(channels)
+    assert weight.stride() == (2,) and bias.stride() == (0,)
+    return weight, bias
+
+
+@pytest.mark.parametrize("dtype, target, channels_last", [
+    (torch.float32, 1, False), (torch.bfloat16, 10**4, False), (torch.float32, 10**4, True),
+    (torch.bfloat16, 1, True),
+], ids=["fp32-nchw-unsplit", "bf16-nchw-split", "fp32-channels_last-split", "bf16-channels_last-unsplit"])
+def test_sliced_and_expanded_parameters(dtype, target, channels_last, device):
+    x = random_tensor((2, 8, 7, 9), dtype, 31, device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = _strided_parameters(8, dtype, device)
+    settings = dict(target_programs=target, tile=32)
+    assert _splits(x, 4, **settings) == _splits(x, 2, **settings) == (target > 1)
+    _check(x, 4, weight, bias, settings=settings)  # dweight / dbias: [C] gradients of the strided leaves
+    _check(x, 2, bias, weight, activation=None, settings=settings)  # expanded weight, sliced bias
+
+
+def test_parameters_sliced_as_in_the_issue(device):
+    x = random_tensor((3, 6, 4, 5), torch.float32, 32, device)
+    weight = random_tensor((12,), torch.float32, 33, device)[::2]
+    bias = torch.ones(1, device=device).expand(6)
+    _check(x, 3, weight, bias)
+
+
+def test_parameter_offsets_past_2_31_are_computed_in_int64(device):
+    # Parameters strided through an 8 GiB buffer (pages are only committed where written): the last channel's
+    # offset 8 * (2**28 + 1) passes 2**31, which int32 index math wraps.
+    big = torch.empty(2**31 + 4096, dtype=torch.float32, device=device)
+    weight = big.as_strided((9,), (2**28 + 1,), 3)
+    bias = big.as_strided((9,), (2**28 + 1,), 5)
+    weight.copy_(1 + 0.5 * random_tensor((9,), torch.float32, 34, device))
+    bias.copy_(random_tensor((9,), torch.float32, 35, device))
+    _check(random_tensor((2, 9, 5), torch.float32, 36, device), 3, weight, bias)
+
+
+def test_backward_op_reads_saved_statistics_of_any_layout(device):
+    x = random_tensor((2, 8, 5, 3), torch.float32, 37, device)
+    dy = random_tensor(x.shape, torch.float32, 38, device)
+    weight, _ = _parameters(8, torch.float32, device)
+    _, mean, rstd = torch.ops.genkernels.group_norm_silu(x, weight, None, 4, 1e-5, "silu")
+    want = torch.ops.genkernels.group_norm_silu_backward(dy, x, weight, None, mean, rstd, 4, "silu")
+    transposed = [t.t().contiguous().t() for t in (mean, rstd)]  # same values, column-major
+    assert not transposed[0].is_contiguous()
+    got = torch.ops.genkernels.group_norm_silu_backward(dy, x, weight, None, *transposed, 4, "silu")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Huge, tiny and special values: overflow-free statistics, the NaN/Inf pattern of F.group_norm
+# ---------------------------------------------------------------------------------------------------------------
+def _fp64_reference(x, num_groups, weight, bias, activation="silu"):
+    return group_norm_silu_reference(x.double(), num_groups, weight.double(), bias.double(), 1e-5, activation)
+
+
+@IGNORE_INTERPRETER_FP_WARNINGS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target", [1, 10**4], ids=["unsplit", "split"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_huge_values_with_a_finite_variance_match_fp64(dtype, target, channels_last, device):
+    # Groups of 2 channels x 63 positions whose variance fits fp32 though their squares or sums do not.
+    values = random_tensor((2, 8, 7, 9), torch.float64, 39)
+    values[0, 0:2] *= 1e19               # variance ~1e38: squared deviations ~1e40 overflow fp32
+    values[0, 2:4] = 3e38                # the largest values, constant (sums of them overflow)
+    values[0, 4:6] = -3.3e38
+    values[0, 6:8] += 1.0
+    values[0, 6, 3, 4] = 1e20            # one outlier: variance ~8e37, its square 1e40
+    values[1, 0:2] = 1e21 + 5e18 * values[1, 0:2]  # a huge mean, a variance ~2.5e37
+    values[1, 2:4] *= 1e-39              # subnormal inputs
+    x = values.to(device=device, dtype=dtype)
+    variance = x.double().reshape(2, 4, -1).var(-1, unbiased=False)
+    assert (variance < 3.4e38).all() and (variance[0, 0] > 1e37)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = _parameters(8, dtype, device)
+    assert _splits(x, 4, target, 16) == (target > 1)
+    with _forced(target_programs=target, tile=16):
+        y = group_norm_silu(x, 4, weight, bias, impl="triton")
+    reference = _fp64_reference(x, 4, weight, bias)
+    assert torch.isfinite(y).all()
+    error = (y.double() - reference).abs().max().item()
+    assert error <= (1e-5 if dtype == torch.float32 else 2e-2) * max(1.0, reference.abs().max().item()), error
+
+
+@IGNORE_INTERPRETER_FP_WARNINGS
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("target", [1, 10**4], ids=["unsplit", "split"])
+def test_variance_past_fp32_range_gives_what_eager_gives(activation, target, device):
+    # |x| ~ 1e30: the variance (1e60) overflows fp32. Eager then has rstd = 0 and returns act(bias), finite;
+    # the kernel must not turn that into NaN, and the other groups stay exact.
+    x = random_tensor((2, 8, 7, 9), torch.float32, 40, device)
+    x[0, 0:2] *= 1e30
+    x[1, 4:6] *= 1e35
+    weight, bias = _parameters(8, torch.float32, device)
+    assert _splits(x, 4, target, 16) == (target > 1)
+    with _forced(target_programs=target, tile=16):
+        y = group_norm_silu(x, 4, weight, bias, activation=activation, impl="triton")
+    eager = group_norm_silu(x, 4, weight, bias, activation=activation, impl="eager")
+    assert torch.isfinite(eager).all() and torch.isfinite(y).all()
+    torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
+    reference = _fp64_reference(x, 4, weight, bias, activation)
+    finite_variance = torch.ones(2, 8, dtype=torch.bool, device=device)
+    finite_variance[0, 0:2] = finite_variance[1, 4:6] = False
+    torch.testing.assert_close(y[finite_variance].double(), reference[finite_variance], rtol=1e-5, atol=1e-5)
+
+
+def _special_inputs(device):
+    x = random_tensor((2, 8, 7, 9), torch.float32, 41, device)
+    x[0, 0, 1, 2] = float("nan")                          # group 0
+    x[0, 2, 4, 6] = float("inf")                          # group 1
+    x[0, 5, 0, 0] = -float("inf")                         # group 2
+    x[0, 6, 1, 1], x[0, 7, 2, 2] = float("inf"), -float("inf")  # group 3
+    weight, bias = _parameters(8, torch.float32, device)
+    weight[1] = float("nan")
+    bias[4] = float("inf")
+    bias[6] = -float("inf")
+    return x, weight, bias
+
+
+@IGNORE_INTERPRETER_FP_WARNINGS
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("target", [1, 10**4], ids=["unsplit", "split"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_nan_and_inf_follow_torch_group_norm(activation, target, channels_last, device):
+    x, weight, bias = _special_inputs(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = F.group_norm(x, 4, weight, bias)
+    expected = F.silu(expected) if activation == "silu" else expected
+    assert _splits(x, 4, target, 16) == (target > 1)
+    with _forced(target_programs=target, tile=16):
+        y = group_norm_silu(x, 4, weight, bias, activation=activation, impl="triton")
+    eager = group_norm_silu(x, 4, weight, bias, activation=activation, impl="eager")
+    for got in (y, eager):
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(got), kind(expected)), kind.__name__
+        finite = torch.isfinite(expected)
+        assert finite.any()
+        torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The split (several programs per group) and unsplit paths
 # ---------------------------------------------------------------------------------------------------------------
 def test_plan_splits_small_grids_and_keeps_full_grids_whole():
@@ -204,7 +380,7 @@ def test_split_path(dtype, channels_last, device):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight, bias = _parameters(16, dtype, device)
-    _check(x, num_groups, weight, bias, kernel=_triton_op(num_groups, target_programs=target, tile=tile))
+    _check(x, num_groups, weight, bias, kernel=_triton_op(num_groups), settings=dict(target_programs=target, tile=tile))
 
 
 def test_unsplit_path_with_several_tiles_per_group(device):
@@ -213,7 +389,7 @@ def test_unsplit_path_with_several_tiles_per_group(device):
     assert not plan.split and plan.chunk_len > plan.block_s
     x = random_tensor(shape, torch.float32, 13, device)
     weight, bias = _parameters(8, torch.float32, device)
-    _check(x, num_groups, weight, bias, kernel=_triton_op(num_groups, target_programs=1, tile=tile))
+    _check(x, num_groups, weight, bias, kernel=_triton_op(num_groups), settings=dict(target_programs=1, tile=tile))
 
 
 @pytest.mark.parametrize("target", [1, 10**4], ids=["unsplit", "split"])
@@ -225,15 +401,15 @@ def test_large_mean_keeps_its_variance(target, device):
     true_var = grouped.double().var(-1, unbiased=False)
     assert ((naive_var.double() - true_var).abs() > true_var).any(), "the naive formula should fail here"
     weight, bias = _parameters(8, torch.float32, device)
-    _check(x, 2, weight, bias, kernel=_triton_op(2, target_programs=target, tile=32))
+    _check(x, 2, weight, bias, kernel=_triton_op(2), settings=dict(target_programs=target, tile=32))
 
 
 def test_weight_gradient_is_deterministic(device):
     x = random_tensor((1, 16, 13, 11), torch.float32, 15, device)
     weight, bias = _parameters(16, torch.float32, device)
     dy = random_tensor(x.shape, torch.float32, 16, device)
-    op = _triton_op(4, target_programs=10**4, tile=64)
-    runs = [_forward_and_grads(op, x, weight, bias, dy)[1] for _ in range(2)]
+    with _forced(target_programs=10**4, tile=64):
+        runs = [_forward_and_grads(_triton_op(4), x, weight, bias, dy)[1] for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
@@ -251,6 +427,43 @@ def test_empty_inputs(shape, impl, device):
     dx, dweight, dbias = torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))
     assert dx.shape == x.shape
     assert torch.equal(dweight, torch.zeros(8, device=device)) and torch.equal(dbias, torch.zeros(8, device=device))
+
+
+@pytest.mark.parametrize("shape, num_groups", [
+    ((0, 8, 4, 4), 4), ((2, 0, 3), 1), ((2, 0, 3, 2), 4), ((2, 8, 0, 3), 4), ((2, 8, 3, 0), 2), ((0, 0), 2),
+    ((3, 0), 1), ((0, 6), 3),
+], ids=str)
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_zero_sizes_give_what_torch_group_norm_gives(shape, num_groups, impl, device):
+    channels = shape[1]
+    x = torch.empty(shape, device=device).requires_grad_()
+    weight = torch.ones(channels, device=device, requires_grad=True)
+    bias = torch.zeros(channels, device=device, requires_grad=True)
+    y = group_norm_silu(x, num_groups, weight, bias, impl=impl)
+    expected = F.silu(F.group_norm(x, num_groups, weight, bias))
+    assert y.shape == expected.shape and y.dtype == expected.dtype and y.numel() == 0
+    dx, dweight, dbias = torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))
+    assert dx.shape == x.shape
+    # an empty sum is 0 (F.group_norm's NaN dweight at zero spatial size is no sum of anything)
+    assert torch.equal(dweight, torch.zeros_like(weight)) and torch.equal(dbias, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_meta_tensors_give_shapes(dtype, channels_last):
+    x = torch.empty((2, 8, 5, 3), dtype=dtype, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.empty(8, dtype=dtype, device="meta", requires_grad=True)
+    bias = torch.empty(16, dtype=dtype, device="meta")[::2].requires_grad_()
+    y = group_norm_silu(x, 4, weight, bias)
+    assert y.device.type == "meta" and y.shape == x.shape and y.dtype == dtype
+    assert y.stride() == group_norm_silu(x, 4, weight, bias, impl="eager").stride()
+    if dtype != torch.float64:  # the fake kernel of the registered op, under impl="triton" too
+        assert group_norm_silu(x, 4, weight, bias, impl="triton").stride() == y.stride()
+    dx, dweight, dbias = torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))
+    assert dx.shape == x.shape and dweight.shape == dbias.shape == (8,) and dx.device.type == "meta"
 
 
 def test_batch_one(device):
@@ -272,9 +485,9 @@ def test_inputs_inside_larger_buffers_are_read_only_in_bounds(target, device):
     x = random_tensor((2, 8, 9, 7), torch.float32, 18, device)
     dy = random_tensor(x.shape, torch.float32, 19, device)
     weight, bias = _parameters(8, torch.float32, device)
-    op = _triton_op(2, target_programs=target, tile=32)
-    y, grads = _forward_and_grads(op, embedded(x), weight, bias, embedded(dy))
-    expected, expected_grads = _forward_and_grads(_triton_op(2, target_programs=target, tile=32), x, weight, bias, dy)
+    with _forced(target_programs=target, tile=32):
+        y, grads = _forward_and_grads(_triton_op(2), embedded(x), weight, bias, embedded(dy))
+        expected, expected_grads = _forward_and_grads(_triton_op(2), x, weight, bias, dy)
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected_grads):
@@ -284,14 +497,15 @@ def test_inputs_inside_larger_buffers_are_read_only_in_bounds(target, device):
 def test_opcheck(device):
     x = random_tensor((2, 8, 5, 3), torch.float32, 20, device).requires_grad_()
     weight, bias = (t.requires_grad_() for t in _parameters(8, torch.float32, device))
-    torch.library.opcheck(torch.ops.genkernels.group_norm_silu.default, (x, weight, bias, 4, 1e-5, "silu", 0, 0))
-    torch.library.opcheck(torch.ops.genkernels.group_norm_silu.default,
-                          (x.detach().contiguous(memory_format=torch.channels_last), None, None, 2, 1e-5, "none",
-                           10**4, 16))
+    torch.library.opcheck(torch.ops.genkernels.group_norm_silu.default, (x, weight, bias, 4, 1e-5, "silu"))
+    with _forced(target_programs=10**4, tile=16):
+        torch.library.opcheck(torch.ops.genkernels.group_norm_silu.default,
+                              (x.detach().contiguous(memory_format=torch.channels_last), None, None, 2, 1e-5,
+                               "none"))
     mean = torch.zeros(2, 4, device=device)
     rstd = torch.ones(2, 4, device=device)
     torch.library.opcheck(torch.ops.genkernels.group_norm_silu_backward.default,
-                          (torch.randn_like(x), x.detach(), weight.detach(), None, mean, rstd, 4, "silu", 0, 0))
+                          (torch.randn_like(x), x.detach(), weight.detach(), None, mean, rstd, 4, "silu"))
 
 
 def test_compiles_with_fullgraph(device):
@@ -308,6 +522,32 @@ def test_compiles_with_fullgraph(device):
     want_grads = torch.autograd.grad(want.sum(), (x, weight, bias))
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_compiles_with_fullgraph_and_dynamic_shapes(impl, device):
+    # eps and num_groups are arguments: with dynamic=True they are traced as a symbolic float and int (which
+    # math.isfinite cannot take), as are the shapes
+    def block(x, num_groups, weight, bias, eps):
+        return group_norm_silu(x, num_groups, weight, bias, eps, impl=impl)
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=True, backend="aot_eager")
+    for seed, (shape, num_groups, eps) in enumerate([((2, 8, 6, 5), 4, 1e-5), ((3, 12, 7), 3, 1e-3)]):
+        x = random_tensor(shape, torch.float32, 42 + seed, device).requires_grad_()
+        weight, bias = (t.requires_grad_() for t in _parameters(shape[1], torch.float32, device))
+        got = compiled(x, num_groups, weight, bias, eps)
+        want = group_norm_silu(x, num_groups, weight, bias, eps, impl="eager")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got_grads = torch.autograd.grad(got.sum(), (x, weight, bias))
+        want_grads = torch.autograd.grad(want.sum(), (x, weight, bias))
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    layer = GroupNormAct(4, 8, eps=1e-4).to(device)
+    compiled_layer = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    x = random_tensor((2, 8, 5, 3), torch.float32, 44, device)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled_layer(x), group_norm_silu(x, 4, layer.weight, layer.bias, 1e-4,
+                                                                      impl="eager"), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,9 +622,27 @@ def test_rejects_unknown_impl(device):
         group_norm_silu(_x(device), 2, impl="cuda")
 
 
-def test_float64_runs_the_reference(device):
+def test_float64_runs_the_reference_under_auto_and_is_refused_by_triton(device):
     x = random_tensor((2, 8, 3, 3), torch.float64, 22, device)
-    torch.testing.assert_close(group_norm_silu(x, 2, impl="triton"), group_norm_silu_reference(x, 2))
+    weight, bias = _parameters(8, torch.float64, device)
+    expected = F.silu(F.group_norm(x, 2, weight, bias))
+    torch.testing.assert_close(group_norm_silu(x, 2, weight, bias), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(group_norm_silu(x, 2, weight, bias, impl="eager"), expected, rtol=1e-12,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match=r"group_norm_silu: impl='triton' cannot run.*x is torch.float64"):
+        group_norm_silu(x, 2, weight, bias, impl="triton")
+    with pytest.raises(ValueError, match=r"impl='triton' cannot run.*\(1\) x is torch.float64.*\(2\) weight is"):
+        group_norm_silu(x, 2, weight, impl="triton")
+
+
+def test_launch_knobs_are_not_part_of_the_op_schemas():
+    for op in (torch.ops.genkernels.group_norm_silu.default, torch.ops.genkernels.group_norm_silu_backward.default):
+        arguments = [argument.name for argument in op._schema.arguments]
+        assert "target_programs" not in arguments and "tile" not in arguments, op._schema
+    assert [a.name for a in torch.ops.genkernels.group_norm_silu.default._schema.arguments] == [
+        "x", "weight", "bias", "num_groups", "eps", "activation"]
+    assert set(inspect.signature(group_norm_silu).parameters) == {"x", "num_groups", "weight", "bias", "eps",
+                                                                  "activation", "impl"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
