@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from .checks import FLOAT_DTYPES, check_float_tensor, check_int, check_real, check_same_device, describe
-from .launch import CompileVariant, launch_setting
+from .launch import ARCH_LIMITS, CompileVariant, device_limits, launch_setting
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import sigmoid
 
@@ -79,9 +79,8 @@ MIN_CHANNELS_INNER = 32
 MIN_SPATIAL_TILE = 64
 # Partials of one group merged per step of the merge loop.
 MAX_BLOCK_P = 64
-# Programs per SM the split aims for, and the SM count assumed where there is no CUDA device (the interpreter).
+# Programs per SM the split aims for.
 PROGRAMS_PER_SM = 4
-DEFAULT_SM_COUNT = 132
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,14 +155,7 @@ class LaunchPlan:
 def default_target_programs(device: torch.device) -> int:
     """Programs a launch should have to keep every SM busy: ``PROGRAMS_PER_SM`` per SM of ``device`` (the
     interpreter plans as for an H100, so the CPU tests take the GPU's code paths)."""
-    if device.type == "cuda":
-        return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return PROGRAMS_PER_SM * DEFAULT_SM_COUNT
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return PROGRAMS_PER_SM * device_limits(device).sm_count
 
 
 @functools.lru_cache(maxsize=1024)
@@ -695,7 +687,7 @@ def compile_variants() -> list[CompileVariant]:
     layouts (a long spatial tile; a wide channel tile spanning many groups; a ragged small one)."""
     scalars = {"eps": "fp32", "inv_group_size": "fp32", "inv_sqrt_size": "fp32"}
     stats_pointers = {"part_ptr": "*fp32", "group_part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
-    target = PROGRAMS_PER_SM * DEFAULT_SM_COUNT
+    target = PROGRAMS_PER_SM * ARCH_LIMITS[90].sm_count
     shapes = [
         plan_launch(1, 128, 32, 256 * 256, False, target),  # NCHW, batch 1: split, long spatial tiles
         plan_launch(8, 512, 32, 32 * 32, True, target),     # channels_last: several groups per program, split
