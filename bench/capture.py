@@ -46,6 +46,16 @@ class Launch:
     def ctas(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
+    def pointer_dtypes(self) -> list[str]:
+        """The element types of the pointer arguments (``["bf16", "fp32"]``), tuple arguments included."""
+        def flat(types):
+            for t in types:
+                if isinstance(t, (tuple, list)):
+                    yield from flat(t)
+                else:
+                    yield t
+        return sorted({t[1:] for t in flat(self.signature.values()) if isinstance(t, str) and t.startswith("*")})
+
     def constexpr_values(self) -> dict[str, object]:
         """``{name: value}`` of the constexpr arguments (the kernel's config)."""
         names = list(self.signature)
@@ -54,14 +64,14 @@ class Launch:
     def config_label(self) -> str:
         """A short label of the config: block-size constexprs, dtypes of the pointers, warps and stages."""
         values = self.constexpr_values()
-        dtypes = sorted({t[1:] for t in self.signature.values() if t.startswith("*")})
+        dtypes = self.pointer_dtypes()
         parts = [f"{k}={v}" for k, v in values.items() if isinstance(v, (int, bool)) and not isinstance(v, bool)]
         switches = [k for k, v in values.items() if v is True]
         return " ".join(["/".join(dtypes)] + parts + switches + [f"w{self.num_warps}", f"s{self.num_stages}"])
 
     def compile_key(self) -> tuple:
         """Equal for two launches that compile to the same binary (the grid does not enter the binary)."""
-        return (self.kernel_module, self.kernel_name, tuple(self.signature.items()),
+        return (self.kernel_module, self.kernel_name, repr(sorted(self.signature.items())),
                 tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())),
                 tuple(sorted((k, repr(v)) for k, v in self.attrs.items())), self.num_warps, self.num_stages,
                 self.arch)

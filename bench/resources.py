@@ -226,8 +226,13 @@ def build_report(pattern: Optional[str], arches: list[int], workers: int) -> dic
             for _, launch in case["launches"]:
                 distinct.setdefault(launch.compile_key(), launch)
     keys = list(distinct)
+    print(f"compiling {len(keys)} distinct kernel binaries with {workers} workers", file=sys.stderr, flush=True)
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        compiled = dict(zip(keys, pool.map(_compile_safely, [distinct[k] for k in keys])))
+        compiled = {}
+        for done, (key, info) in enumerate(zip(keys, pool.map(_compile_safely, [distinct[k] for k in keys])), 1):
+            compiled[key] = info
+            if done % 20 == 0 or done == len(keys):
+                print(f"  compiled {done}/{len(keys)}", file=sys.stderr, flush=True)
     rows, cases_out = [], []
     for arch, cases in cases_by_arch.items():
         limits = ARCH_LIMITS[arch]
@@ -249,7 +254,7 @@ def build_report(pattern: Optional[str], arches: list[int], workers: int) -> dic
                        "kernel": launch.kernel_name, "module": launch.kernel_module.rsplit(".", 1)[-1],
                        "config": launch.config_label(), "num_warps": launch.num_warps,
                        "num_stages": launch.num_stages, "grid": list(launch.grid), "ctas": launch.ctas,
-                       "dot_dtypes": sorted({t[1:] for t in launch.signature.values() if t.startswith("*")}),
+                       "dot_dtypes": launch.pointer_dtypes(),
                        **info}
                 if "compile_error" not in info:
                     row["fits_shared_memory"] = info["shared_bytes"] <= limits.shared_memory_per_cta
