@@ -76,7 +76,84 @@ class Exemption:
                 and (self.case is None or fnmatch.fnmatch(row["case"], self.case)))
 
 
-EXEMPTIONS: tuple[Exemption, ...] = ()
+# The budgets the kernels do not meet yet, each with what the compiled code shows and why. Every entry is a piece
+# of work: when a kernel is fixed its entry goes, and the test then holds the kernel to the budget.
+_SMALL_GRID = ("the grid follows the problem: at this case's size (model-sized tensors, or one program per "
+               "sample) the launch fills less than 90% of its last wave; a split of the inner dimension is not "
+               "implemented yet")
+EXEMPTIONS: tuple[Exemption, ...] = (
+    # registers and spills
+    Exemption("no_spills", "_attention_*_kernel", "flash-attention tiles sit at 255 registers and spill (the d64 "
+              "dK/dV tile, and the fp32 tiles, which run exact FMA products); tiles are one table for every head "
+              "dim and dtype, not fitted to the register file yet"),
+    Exemption("no_spills", "_masked_conv2d_*_kernel", "masked-conv tiles at 255 registers: pixel coordinates from "
+              "int64 // and %, a mask per pixel and weights read along strides of k*k keep hundreds of scalar "
+              "loads live"),
+    Exemption("no_spills", "_causal_conv_kernel", "the fp32 causal-conv tile (64x64, k taps) reaches 255 registers"),
+    Exemption("no_spills", "_residual_layer_fwd_kernel", "the fused WaveNet layer holds the conv, gate and both "
+              "projection tiles at once: 255 registers at 128 residual channels"),
+    Exemption("no_spills", "_group_norm_*_kernel", "GroupNorm tiles at 8 warps and 128-240 registers; small "
+              "spills in the fused forward and backward"),
+    Exemption("no_spills", "_denoise_step_kernel", "8-byte stack with noise drawn element by element (gather "
+              "mode) and the schedule gathers"),
+    Exemption("no_spills", "_reparameterize_kl_*_kernel", "8-byte stack with in-kernel noise and the KL partials"),
+    Exemption("no_spills", "_wavenet_step_kernel", "one program runs every layer of the network step (255 "
+              "registers)"),
+    # occupancy
+    Exemption("occupancy", "_attention_*_kernel", "fp32 attention (exact FMA tiles, no tensor cores) at 255 "
+              "registers: one CTA per SM"),
+    Exemption("occupancy", "_group_norm_*_kernel", "8 warps at 155-240 registers: one CTA per SM, no prefetch"),
+    Exemption("occupancy", "_wavenet_step_kernel", "one CTA for the whole batch"),
+    # memory access widths
+    Exemption("wide_global_access", "_group_norm_*_kernel", "channels_last tiles load and store 2 bytes at a time "
+              "(the channel bound carries no divisibility the compiler can see); the stats kernel stores fp32 "
+              "partials one at a time"),
+    Exemption("wide_global_access", "_attention_backward_preprocess_kernel", "stores one fp32 delta per query row "
+              "(its loads are 16-byte)"),
+    Exemption("wide_global_access", "_decode_combine_kernel", "stores one head_dim row per (batch, head) and "
+              "loads per-split scalars"),
+    Exemption("wide_global_access", "_diffusion_loss_fwd_kernel", "its only store is one fp32 partial sum per "
+              "program (its loads are 16-byte)"),
+    # tensor cores
+    Exemption("warpgroup_mma", "_decode_partial_kernel", "one query row per (batch, head): M = 16 tiles, below "
+              "warpgroup MMA's 64 rows, take mma.sync"),
+    Exemption("warpgroup_mma", "_residual_layer_fwd_kernel", "the 1x1 residual and skip projections at 32 output "
+              "rows fall back to mma.sync (warpgroup MMA needs 64)"),
+    # 64-bit division in loops
+    Exemption("no_div64_in_loops", "_masked_conv2d_weight_grad_kernel", "pixel coordinates from int64 // and % "
+              "inside the pixel loop"),
+    Exemption("no_div64_in_loops", "_conv_weight_grad_kernel", "the time-chunk index is divided in int64 inside "
+              "the reduction loop"),
+    Exemption("no_div64_in_loops", "_wavenet_step_kernel", "the ring-buffer slot is an int64 modulo inside the "
+              "layer loop"),
+    # waves
+    Exemption("wave_efficiency", "_decode_*_kernel", "a fixed 512-CTA split grid: 1.29 waves on 132 SMs whatever "
+              "the cache length"),
+    Exemption("wave_efficiency", "_wavenet_step_kernel", "one CTA for the whole batch"),
+    Exemption("wave_efficiency", "_masked_conv2d_weight_grad_kernel", "the weight gradient splits over too few "
+              "programs (10 CTAs at 128 output channels)"),
+    Exemption("wave_efficiency", "_conv_weight_grad_kernel", "the 1x1 projection's weight gradient: 0.8 waves"),
+    Exemption("wave_efficiency", "_group_norm_*_kernel", "the split plan targets 4 programs per SM, not a whole "
+              "number of waves at the CTAs per SM the kernels reach"),
+    *(Exemption("wave_efficiency", kernel, _SMALL_GRID) for kernel in (
+        "_affine_coupling_*_kernel", "_attention_backward_preprocess_kernel", "_bias_act_kernel",
+        "_denoise_step_kernel", "_diffusion_loss_*_kernel", "_masked_conv2d_gather_kernel", "_q_sample_kernel",
+        "_reparameterize_kl_*_kernel", "_residual_layer_bwd_gate_kernel")),
+)
+
+# Benchmark cases whose launches cannot be captured on meta tensors, and why (their kernels are captured through
+# the op cases of the same kernels).
+CAPTURE_GAPS = {
+    "vae_gan.vae.*": "trains and samples under torch.autocast, which has no meta device",
+    "vae_gan.dcgan.*": "trains and samples under torch.autocast, which has no meta device",
+    "gpt.generate*": "generates under torch.autocast, which has no meta device",
+    "flows.glow-*": "ActNorm's data-dependent initialization reads a buffer on the host",
+}
+
+
+def capture_gap(case: str) -> Optional[str]:
+    """Why ``case`` cannot be captured, if it is a known gap."""
+    return next((reason for pattern, reason in CAPTURE_GAPS.items() if fnmatch.fnmatch(case, pattern)), None)
 
 
 @dataclasses.dataclass(frozen=True)

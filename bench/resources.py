@@ -264,7 +264,25 @@ def build_report(pattern: Optional[str], arches: list[int], workers: int) -> dic
                 rows.append(row)
     import triton
 
-    return {"triton": triton.__version__, "arches": [f"sm_{a}" for a in arches], "rows": rows, "cases": cases_out}
+    from .budgets import check_rows
+
+    findings = [{"budget": f.budget.name, "rule": f.budget.rule, "kernel": f.row["kernel"], "case": f.row["case"],
+                 "arch": f.row["arch"], "exempt": f.exemption.reason if f.exemption else None}
+                for f in check_rows(rows)]
+    return {"triton": triton.__version__, "arches": [f"sm_{a}" for a in arches], "rows": rows, "cases": cases_out,
+            "findings": findings}
+
+
+def summarize_findings(report: dict) -> list[str]:
+    """One line per (budget, kernel, verdict): how many launches miss the budget, and the exemption's reason or
+    VIOLATED."""
+    grouped = collections.Counter((f["budget"], f["kernel"], f["exempt"]) for f in report.get("findings", []))
+    lines = []
+    for (budget, kernel, exempt), count in sorted(grouped.items(), key=lambda item: (item[0][2] is not None,
+                                                                                      item[0][:2])):
+        verdict = f"exempt: {exempt}" if exempt else "VIOLATED"
+        lines.append(f"{budget}: {kernel} ({count} launch{'es' if count > 1 else ''}): {verdict}")
+    return lines
 
 
 def _widths(counter: dict) -> str:
@@ -294,6 +312,7 @@ def format_report(report: dict) -> str:
         errors = "; ".join(f"{k}: {v}" for k, v in case["errors"].items())
         lines.append(f"{case['case'][:60]:60} {case['arch']:6} floor {floor:>14}"
                      + (f"   not captured: {errors}" if errors else ""))
+    lines += ["", "Budgets (genkernels.bench.budgets):"] + ["  " + line for line in summarize_findings(report)]
     return "\n".join(lines)
 
 
@@ -321,6 +340,7 @@ def format_markdown(report: dict) -> str:
         errors = "; ".join(f"{k}: {v}" for k, v in case["errors"].items())
         lines.append(f"| {case['case']} | {case['arch']} | {case['bytes_moved'] or '-'} | {case['flops'] or '-'} | "
                      f"{floor} | {errors} |")
+    lines += ["", "## Budgets", ""] + [f"- {line}" for line in summarize_findings(report)]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,51 @@
+"""The compiled code of every benchmark launch, on a machine without a GPU.
+
+The launches of every benchmark case are captured at the size a GPU run uses (genkernels.bench.capture: what is
+compiled is what a GPU launch compiles, with Triton's own specialization of the arguments) and compiled for
+Hopper (sm_90) with Triton's bundled ptxas (genkernels.bench.resources). One test, so that the report is built
+once whatever the worker layout: every kernel of the package is launched by some case and compiles, and every
+budget of genkernels.bench.budgets holds for every launch or is lifted by a written exemption.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+import genkernels.kernels as package
+from genkernels.bench.budgets import capture_gap, check_rows
+from genkernels.bench.resources import run_report
+
+# What @triton.jit returns: compiled kernels, or interpreted ones when the test session runs the interpreter.
+JIT_TYPES = (triton.JITFunction, InterpretedFunction)
+
+
+def _package_kernels() -> set[str]:
+    """Every ``@triton.jit`` function named ``*_kernel`` defined in genkernels.kernels (the launchable ones)."""
+    found = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        found |= {name for name, value in vars(module).items()
+                  if isinstance(value, JIT_TYPES) and name.endswith("_kernel") and value.fn.__module__ == module.__name__}
+    return found
+
+
+def test_every_benchmark_launch_compiles_for_sm90_within_its_budgets(tmp_path):
+    report = run_report("sm_90", None, str(tmp_path / "resources.json"))
+    problems = []
+    not_captured = {case["case"]: case["errors"] for case in report["cases"]
+                    if case["errors"] and capture_gap(case["case"]) is None}
+    if not_captured:
+        problems.append("cases whose launches could not be captured: "
+                        + "; ".join(f"{name}: {errors}" for name, errors in sorted(not_captured.items())))
+    failed = sorted({f"{row['kernel']} [{row['config']}]: {row['compile_error']}" for row in report["rows"]
+                     if "compile_error" in row})
+    problems += [f"does not compile for sm_90: {line}" for line in failed]
+    missing = _package_kernels() - {row["kernel"] for row in report["rows"]}
+    if missing:
+        problems.append(f"kernels no benchmark case launches (so nothing compiles them): {sorted(missing)}")
+    violations = sorted({finding.describe() for finding in check_rows(report["rows"]) if finding.exemption is None})
+    problems += violations
+    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems[:80])
