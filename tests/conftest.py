@@ -15,6 +15,24 @@ torch.set_num_threads(1)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+try:  # property-based tests (tests/test_properties_*.py); pick a profile with --hypothesis-profile NAME
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # hypothesis is in the dev extra; without it the property tests are skipped
+    settings = None
+if settings is not None:
+    # ci (the default): the same examples every run, so CI never flakes; few examples, sized to the interpreter
+    settings.register_profile("ci", derandomize=True, database=None, deadline=None, max_examples=20, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    # thorough: a long randomized local run
+    settings.register_profile("thorough", derandomize=False, deadline=None, max_examples=500, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    # nightly: a randomized run of middling length (about ten times the CI one)
+    settings.register_profile("nightly", parent=settings.get_profile("thorough"), max_examples=100)
+    # smoke: a quick look that each property runs (3 examples, no shrinking)
+    settings.register_profile("smoke", parent=settings.get_profile("ci"), max_examples=3,
+                              phases=[Phase.explicit, Phase.generate])
+    settings.load_profile("ci")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
