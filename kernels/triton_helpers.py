@@ -146,4 +146,14 @@ def dot(a, b, acc, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr):
                 return tl.dot(a.to(tl.float32), b, acc, input_precision="ieee")
             return tl.dot(a.to(tl.float32), b, acc, input_precision="tf32")
         return tl.dot(a.to(b.dtype), b, acc)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(exact_fp32(a), exact_fp32(b), acc, input_precision="ieee")
+
+
+@triton.jit
+def exact_fp32(x):
+    """``x`` in fp32, exact for every value: bf16 is widened through its bits (its 16 bits are the top half of
+    the fp32 with the same value), since the CPU interpreter's bf16 cast loses subnormals; other dtypes cast."""
+    if x.dtype == tl.bfloat16:
+        bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return (bits << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
