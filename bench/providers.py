@@ -61,3 +61,52 @@ def training_step(compute_loss: Callable[[], torch.Tensor], optimizer: torch.opt
 
 def torch_compile(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which providers can exist on a device, decided from their names before a case runs
+# ----------------------------------------------------------------------------------------------------------------
+# provider name (a glob) -> what it needs besides PyTorch itself; the first matching pattern applies
+# (in the order they are checked: the first one missing is the reason given)
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "sdpa_flash": ("flash_attention",),
+    "sdpa_efficient": ("cuda",),
+    "sdpa_cudnn": ("cuda", "cudnn"),
+    "*cuda_graph*": ("cuda",),
+    "cudnn*": ("cuda", "cudnn"),
+}
+
+# requirement -> (is it met on this device?, why not)
+_CHECKS: dict[str, tuple[Callable[[torch.device], bool], str]] = {
+    "cuda": (lambda device: device.type == "cuda", "needs a CUDA device"),
+    "cudnn": (lambda device: torch.backends.cudnn.is_available(), "needs cuDNN"),
+    "flash_attention": (
+        lambda device: device.type == "cuda" or (
+            device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")),
+        "needs a CUDA device or PyTorch's CPU flash-attention kernel"),
+}
+
+
+def requirements(provider: str) -> tuple[str, ...]:
+    """What ``provider`` needs (see :data:`REQUIRES`); nothing for the standard eager/triton/compile."""
+    import fnmatch
+
+    for pattern, needs in REQUIRES.items():
+        if fnmatch.fnmatchcase(provider, pattern):
+            return needs
+    return ()
+
+
+def unavailable(provider: str, device: torch.device) -> str | None:
+    """Why ``provider`` cannot run on ``device`` (e.g. SDPA's cuDNN backend on a CPU), or None if it can."""
+    device = torch.device(device)
+    for need in requirements(provider):
+        met, reason = _CHECKS[need]
+        if not met(device):
+            return reason
+    return None
+
+
+def runs_triton(provider: str) -> bool:
+    """Whether ``provider`` runs genkernels' Triton kernels (``triton``, ``cached_triton``, ``triton_cuda_graph``)."""
+    return "triton" in provider

@@ -26,8 +26,16 @@ LONG_CALL_MS = 250.0
 LONG_CALL_REPEATS = 3
 
 
-def time_call(fn: Callable[[], object], device: torch.device, *, cpu_budget_s: float = 2.0) -> Timing:
-    """Median (and 20th/80th percentiles) of the time one call of ``fn`` takes. The first call is never timed."""
+# On the CPU (a smoke run, not performance): at least CPU_MIN_SAMPLES calls, more while within CPU_BUDGET_S.
+CPU_MIN_SAMPLES = 3
+CPU_MAX_SAMPLES = 50
+CPU_BUDGET_S = 0.25
+
+
+def time_call(fn: Callable[[], object], device: torch.device, *, warm: bool = False,
+              cpu_budget_s: float = CPU_BUDGET_S) -> Timing:
+    """Median (and 20th/80th percentiles) of the time one call of ``fn`` takes. The first call is never timed:
+    ``warm`` says the caller has made it already (on the CPU no other warm-up call is made then)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -36,10 +44,11 @@ def time_call(fn: Callable[[], object], device: torch.device, *, cpu_budget_s: f
             return _summarize([probe] + [_cuda_event_ms(fn) for _ in range(LONG_CALL_REPEATS - 1)])
         median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         return Timing(median, p20, p80)
-    fn()
+    if not warm:
+        fn()
     samples = []
     deadline = time.perf_counter() + cpu_budget_s
-    while len(samples) < 3 or (time.perf_counter() < deadline and len(samples) < 50):
+    while len(samples) < CPU_MIN_SAMPLES or (time.perf_counter() < deadline and len(samples) < CPU_MAX_SAMPLES):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
@@ -62,20 +71,44 @@ def _summarize(samples: list[float]) -> Timing:
     return Timing(statistics.median(samples), pick(0.2), pick(0.8))
 
 
-def copy_bandwidth_gbs(device: torch.device) -> float:
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One measured limit of the device: ``value`` in ``unit``, and what was measured to get it."""
+    value: float
+    unit: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.value:.3g} {self.unit}"
+
+
+def copy_bandwidth_probe(device: torch.device) -> Probe:
     """GB/s of a large device-to-device copy (bytes read + bytes written), the memory roofline of this run."""
-    numel = (1 << 28) if device.type == "cuda" else (1 << 20)  # 1 GiB of fp32 on the GPU
+    numel = (1 << 28) if device.type == "cuda" else (1 << 22)  # 1 GiB of fp32 on the GPU, 16 MiB on the host
     source = torch.ones(numel, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
     timing = time_call(lambda: target.copy_(source), device)
-    return 2 * numel * 4 / (timing.median_ms * 1e6)
+    where = "device-to-device" if device.type == "cuda" else "host memory"
+    return Probe(2 * numel * 4 / (timing.median_ms * 1e6), "GB/s", f"{where} copy of {numel * 4 >> 20} MiB fp32")
 
 
-def matmul_tflops(device: torch.device) -> float:
-    """TFLOP/s of a large bf16 matmul (2 n^3 FLOP), the compute roofline of this run."""
-    n = 8192 if device.type == "cuda" else 256
+def matmul_probe(device: torch.device) -> Probe:
+    """TFLOP/s of a large matmul (2 n^3 FLOP), the compute roofline of this run: bf16 on a GPU, fp32 on the CPU
+    (where it is a host figure, not a roofline of anything the suite runs)."""
+    n = 8192 if device.type == "cuda" else 512
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     timing = time_call(lambda: a @ b, device)
-    return 2 * n**3 / (timing.median_ms * 1e9)
+    name = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32")
+    return Probe(2 * n**3 / (timing.median_ms * 1e9), "TFLOP/s", f"{name} matmul {n}x{n}x{n}")
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """:func:`copy_bandwidth_probe`'s GB/s."""
+    return copy_bandwidth_probe(device).value
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """:func:`matmul_probe`'s TFLOP/s."""
+    return matmul_probe(device).value

@@ -31,7 +31,7 @@ from genkernels.kernels.attention import (
 )
 
 from ..providers import torch_compile
-from ..registry import Case, Workload, case_builder
+from ..registry import Case, Workload, case_builder, seeded_generator
 
 MODEL_WIDTH = 2048
 TOKENS_PER_BATCH = 16384
@@ -135,7 +135,7 @@ def _peak_memory_notes(calls: dict, device: torch.device) -> str:
 def _training(size: str, head_dim: int, seq: int, causal: bool, which: str, record_memory: bool):
     def setup(device):
         batch, heads = _training_shape(size, head_dim, seq)
-        generator = torch.Generator(device=device).manual_seed(0)
+        generator = seeded_generator(device, 0)
         q, k, v, grad_out = (torch.randn((batch, heads, seq, head_dim), generator=generator, device=device)
                              .to(torch.bfloat16) for _ in range(4))
         calls = {name: _pass_call(fn, q, k, v, grad_out, which) for name, fn in _attention_functions(causal).items()}
@@ -151,7 +151,7 @@ def _training(size: str, head_dim: int, seq: int, causal: bool, which: str, reco
 def _decode(size: str, cache_len: int):
     def setup(device):
         batch, heads_q, heads_kv, head_dim = DECODE_SHAPE[size]
-        generator = torch.Generator(device=device).manual_seed(0)
+        generator = seeded_generator(device, 0)
         q = torch.randn((batch, heads_q, 1, head_dim), generator=generator, device=device).to(torch.bfloat16)
         k_cache, v_cache = (torch.randn((batch, heads_kv, cache_len, head_dim), generator=generator, device=device)
                             .to(torch.bfloat16) for _ in range(2))

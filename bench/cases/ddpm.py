@@ -52,7 +52,12 @@ SAMPLE = {
 
 def _ddpm(model: str, device: torch.device) -> DDPM:
     torch.manual_seed(0)
-    return DDPM(UNet(**MODELS[model]), NoiseSchedule.linear()).to(device)
+    ddpm = DDPM(UNet(**MODELS[model]), NoiseSchedule.linear()).to(device)
+    # the schedule caches its kernel table per device on first use: filled here, a compiled provider's first call
+    # does not change what its guards saw (which made every compile provider compile twice)
+    if device.type != "meta":
+        ddpm.schedule.kernel_table(device)
+    return ddpm
 
 
 def _autocast(device: torch.device):

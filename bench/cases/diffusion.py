@@ -11,7 +11,7 @@ from genkernels.kernels import NoiseSchedule, ddim_step, ddpm_step
 from genkernels.kernels.diffusion import ddim_step_reference, ddpm_step_reference
 
 from ..providers import eager_triton_compile
-from ..registry import Case, Workload, case_builder
+from ..registry import Case, Workload, case_builder, seeded_generator
 
 # [batch, channels, height, width] with 4M, 16M and 64M elements (e.g. 64 latents of 4x256x256)
 SHAPES = {
@@ -31,7 +31,7 @@ def _label(shape) -> str:
 
 
 def _tensors(shape, dtype, device, count):
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = seeded_generator(device, 0)
     return [torch.randn(shape, generator=generator, device=device).to(dtype) for _ in range(count)]
 
 
@@ -54,7 +54,7 @@ def _ddpm_given_noise(shape, dtype):
 def _ddpm_drawn_noise(shape, dtype):
     def setup(device):
         model_output, sample = _tensors(shape, dtype, device, 2)
-        generator = torch.Generator(device=device).manual_seed(1)
+        generator = seeded_generator(device, 1)
         return Workload(eager_triton_compile(ddpm_step, model_output, 500, sample, SCHEDULE, generator=generator),
                         bytes_moved=3 * sample.numel() * sample.element_size(),
                         notes="noise drawn inside the step (Philox in the kernel, torch.randn in eager); "

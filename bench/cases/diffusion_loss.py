@@ -26,7 +26,7 @@ from genkernels.kernels.diffusion_loss import diffusion_loss, diffusion_loss_ref
 from genkernels.kernels.philox import philox_normal
 
 from ..providers import eager_triton_compile, eager_triton_compile_backward, torch_compile
-from ..registry import Case, Workload, case_builder
+from ..registry import Case, Workload, case_builder, seeded_generator
 
 # U-Net training batches: pixel space at 64x64 and 256x256, latents of 4 channels
 SHAPES = {
@@ -40,7 +40,7 @@ PREDICTION_TYPE = "v_prediction"
 
 
 def _randn(shape, dtype, device, seed):
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = seeded_generator(device, seed)
     return torch.randn(shape, generator=generator, device=device).to(dtype)
 
 

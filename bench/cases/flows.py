@@ -24,7 +24,7 @@ from genkernels.models.glow import Glow
 from genkernels.models.realnvp import RealNVP
 
 from ..providers import torch_compile, training_step
-from ..registry import Case, Workload, case_builder
+from ..registry import Case, Workload, case_builder, seeded_generator
 
 # Glow-sized coupling activations, batch 64: the changed half of a 96-channel 32x32 and of a 48-channel 64x64
 # level (3.1M and 6.3M elements).
@@ -48,7 +48,7 @@ MODELS = {
 
 
 def _op_inputs(shape, dtype, device):
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = seeded_generator(device, 0)
     return [torch.randn(shape, generator=generator, device=device).to(dtype) for _ in range(4)]
 
 

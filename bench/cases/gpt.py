@@ -27,7 +27,7 @@ from genkernels.kernels import use_impl
 from genkernels.models.gpt import GPT, GPTConfig
 
 from ..providers import torch_compile, training_step
-from ..registry import Case, Workload, case_builder
+from ..registry import Case, Workload, case_builder, seeded_generator
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
 GPT2_SMALL = dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
@@ -53,7 +53,7 @@ def _model(config: dict, device: torch.device) -> GPT:
 
 
 def _tokens(shape, vocab_size: int, device: torch.device, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = seeded_generator(device, seed)
     return torch.randint(0, vocab_size, shape, generator=generator, device=device)
 
 

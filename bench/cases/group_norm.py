@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from genkernels.kernels.group_norm import group_norm_silu, group_norm_silu_reference
 
 from ..providers import forward_backward, torch_compile
-from ..registry import Case, Workload, case_builder
+from ..registry import Case, Workload, case_builder, seeded_generator
 
 NUM_GROUPS = {"cpu": 8, "quick": 32, "full": 32}
 # [batch, channels, height, width]: a batch-1 high-resolution block (32 programs for PyTorch at 32 groups), a deep
@@ -33,7 +33,7 @@ LAYOUTS = {"cpu": ["nchw", "channels_last"], "quick": ["nchw"], "full": ["nchw",
 
 
 def _inputs(shape, dtype, layout, device):
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = seeded_generator(device, 0)
     x = (torch.randn(shape, generator=generator, device=device) * 2 + 0.5).to(dtype)
     dy = torch.randn(shape, generator=generator, device=device).to(dtype)
     if layout == "channels_last":

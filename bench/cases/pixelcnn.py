@@ -21,7 +21,7 @@ from genkernels.kernels.masked_conv import masked_conv2d, masked_conv2d_flops, m
 from genkernels.models.pixelcnn import PixelCNN
 
 from ..providers import eager_triton_compile, eager_triton_compile_backward, torch_compile, training_step
-from ..registry import Case, Workload, case_builder
+from ..registry import Case, Workload, case_builder, seeded_generator
 
 # (batch, channels, height, width, kernel size, mask type)
 CONV_SHAPES = {
@@ -39,7 +39,7 @@ SAMPLE_MODELS = {"cpu": [(1, 3, 1, 9, 2, 2)], "quick": [(1, 32, 5, 128, 28, 16)]
 
 def _conv_inputs(shape, dtype, device, requires_grad=False):
     batch, channels, height, width, kernel_size, _ = shape
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = seeded_generator(device, 0)
     x = torch.randn((batch, channels, height, width), generator=generator, device=device).to(dtype)
     weight = (torch.randn((channels, channels, kernel_size, kernel_size), generator=generator, device=device)
               / (channels * kernel_size) ** 0.5).to(dtype)
@@ -87,7 +87,7 @@ def _train(config):
         model = _model(config, device)
         colors, _, _, _, side, batch = config
         images = torch.randint(0, 256, (batch, colors, side, side), device=device,
-                               generator=torch.Generator(device=device).manual_seed(1))
+                               generator=seeded_generator(device, 1))
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         compiled_loss = torch_compile(model.loss)
 
@@ -107,7 +107,7 @@ def _sample(config):
         def draw(impl, use_cache):
             with use_impl(impl):
                 return model.sample(batch, use_cache=use_cache,
-                                    generator=torch.Generator(device=device).manual_seed(2))
+                                    generator=seeded_generator(device, 2))
 
         providers = {"eager": lambda: draw("eager", False),
                      "cached_eager": lambda: draw("eager", True),

@@ -18,7 +18,7 @@ from genkernels.kernels.bias_act import bias_act, bias_act_reference
 from genkernels.kernels.reparameterize import reparameterize_kl, reparameterize_kl_reference
 
 from ..providers import eager_triton_compile, eager_triton_compile_backward
-from ..registry import Case, Workload, case_builder
+from ..registry import Case, Workload, case_builder, seeded_generator
 
 LATENT_SHAPES = {
     "cpu": [(4, 32)],
@@ -50,7 +50,7 @@ def _params(shape, dtype) -> dict:
 
 
 def _randn(shape, dtype, device, seed, scale=1.0):
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = seeded_generator(device, seed)
     return (torch.randn(shape, generator=generator, device=device) * scale).to(dtype)
 
 
@@ -85,7 +85,7 @@ def _reparameterize_given_noise(shape, dtype):
 def _reparameterize_drawn_noise(shape, dtype):
     def setup(device):
         mu, logvar = _latents(shape, dtype, device)
-        generator = torch.Generator(device=device).manual_seed(3)
+        generator = seeded_generator(device, 3)
         return Workload(eager_triton_compile(reparameterize_kl, mu, logvar, generator=generator),
                         bytes_moved=3 * mu.numel() * mu.element_size(),
                         notes="noise drawn (Philox in the kernel, torch.randn in eager): random outputs, no error "
@@ -97,7 +97,7 @@ def _reparameterize_fwd_bwd(shape, dtype):
     def setup(device):
         mu, logvar = _latents(shape, dtype, device)
         grads = (_randn(shape, dtype, device, 4), torch.ones(shape[0], device=device))
-        generator = torch.Generator(device=device).manual_seed(5)
+        generator = seeded_generator(device, 5)
         providers = eager_triton_compile_backward(reparameterize_kl, _leaves(mu, logvar), grads, generator=generator)
         return Workload(providers,
                         bytes_moved=8 * mu.numel() * mu.element_size(),

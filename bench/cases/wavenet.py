@@ -35,7 +35,7 @@ from ..providers import (
     torch_compile,
     training_step,
 )
-from ..registry import Case, Workload, case_builder
+from ..registry import Case, Workload, case_builder, seeded_generator
 
 # (batch, C_in, C_out, time, kernel_size, dilation)
 CONV_SHAPES = {
@@ -69,7 +69,7 @@ SAMPLE = {
 
 
 def _randn(shape, dtype, device, seed, scale=1.0):
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = seeded_generator(device, seed)
     return (torch.randn(shape, generator=generator, device=device) * scale).to(dtype)
 
 
@@ -196,7 +196,7 @@ def _train(config: dict, batch: int, length: int):
         model = _model(config, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         compiled = torch_compile(model.loss)
-        generator = torch.Generator(device=device).manual_seed(1)
+        generator = seeded_generator(device, 1)
         audio = torch.randint(0, 256, (batch, length), generator=generator, device=device)
         providers = {"eager": training_step(lambda: model.loss(audio), optimizer, "eager"),
                      "triton": training_step(lambda: model.loss(audio), optimizer, "triton"),
@@ -214,7 +214,7 @@ def _sample(config: dict, batch: int, num_samples: int):
             def call():
                 with use_impl(impl):
                     return model.generate(num_samples, batch, use_cache=use_cache,
-                                          generator=torch.Generator(device=device).manual_seed(0))
+                                          generator=seeded_generator(device, 0))
             return call
 
         providers = {"eager": run("eager", False), "cached_eager": run("eager", True),
