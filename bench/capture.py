@@ -84,6 +84,15 @@ def _grid_3d(grid, bound_args: dict) -> tuple[int, int, int]:
     return (grid + (1, 1, 1))[:3]
 
 
+# A sampling loop repeats the same launches step after step: once this many launches in a row brought nothing new,
+# the capture of that call stops (every distinct launch of the loop has been seen by then).
+REPEATS_TO_STOP = 2000
+
+
+class _LoopRepeats(Exception):
+    """Raised inside a captured call whose launches have stopped bringing anything new."""
+
+
 @contextlib.contextmanager
 def _recording(limits: DeviceLimits, launches: list[Launch]) -> Iterator[None]:
     """Patch Triton's launch path to record (not run) launches, and genkernels' registered ops to run their
@@ -95,15 +104,26 @@ def _recording(limits: DeviceLimits, launches: list[Launch]) -> Iterator[None]:
 
     backend = make_backend(GPUTarget("cuda", limits.arch, 32))
     binders: dict[int, Callable] = {}
+    distinct: set = set()
+    launches_since_new = [0]
 
     def record(self, *args, grid, warmup, **kwargs):
+        if launches_since_new[0] >= REPEATS_TO_STOP:
+            raise _LoopRepeats()
         binder = binders.get(id(self))
         if binder is None:
             binder = binders[id(self)] = create_function_from_signature(self.signature, self.params, backend)
         bound_args, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
-        launches.append(Launch(self.fn.__module__, self.fn.__name__, _grid_3d(grid, bound_args), dict(signature),
-                               dict(constexprs), dict(attrs), options.num_warps, options.num_stages, limits.arch))
+        launch = Launch(self.fn.__module__, self.fn.__name__, _grid_3d(grid, bound_args), dict(signature),
+                        dict(constexprs), dict(attrs), options.num_warps, options.num_stages, limits.arch)
+        key = (launch.compile_key(), launch.grid)
+        if key in distinct:
+            launches_since_new[0] += 1
+        else:
+            distinct.add(key)
+            launches_since_new[0] = 0
+            launches.append(launch)
         return None
 
     ops = [op for name, op in custom_ops.OPDEFS.items() if name.startswith("genkernels::")]
@@ -125,13 +145,15 @@ def _recording(limits: DeviceLimits, launches: list[Launch]) -> Iterator[None]:
 class Capture:
     launches: list[Launch]
     result: object = None
-    error: Optional[str] = None  # why the captured code stopped early, if it did
+    error: Optional[str] = None  # why the captured code failed, if it did
+    stopped_early: bool = False  # a loop whose last REPEATS_TO_STOP launches repeated earlier ones was cut short
 
 
 def capture(fn: Callable[[], object], arch: int = 90) -> Capture:
-    """Run ``fn()`` (code that calls genkernels ops on ``meta`` tensors) and return every launch it makes, as on a
-    GPU of compute capability ``arch`` (80, 86, 89 or 90). An exception inside ``fn`` ends the capture early; the
-    launches before it are kept and the error is reported."""
+    """Run ``fn()`` (code that calls genkernels ops on ``meta`` tensors) and return every distinct launch it makes
+    (kernel binary and grid), as on a GPU of compute capability ``arch`` (80, 86, 89 or 90). An exception inside
+    ``fn`` ends the capture early; the launches before it are kept and the error is reported. A call that goes on
+    repeating launches it already made (a sampling loop) is cut short after ``REPEATS_TO_STOP`` repeats in a row."""
     if interpreter_enabled():
         raise RuntimeError("launch capture needs compiled kernels: run it in a process without TRITON_INTERPRET "
                            "(python -m genkernels.bench --resources starts one)")
@@ -141,6 +163,8 @@ def capture(fn: Callable[[], object], arch: int = 90) -> Capture:
     with _recording(ARCH_LIMITS[arch], launches):
         try:
             result = fn()
+        except _LoopRepeats:
+            return Capture(launches, None, None, stopped_early=True)
         except Exception as error:  # a case that cannot run on meta tensors is reported, not fatal
             return Capture(launches, None, f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
     return Capture(launches, result)

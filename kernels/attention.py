@@ -15,15 +15,24 @@ head of its group) and ``dQ = scale * dS K`` (one program per query block, loopi
 Causal masking is aligned to the bottom-right corner: query ``i`` sees key ``j`` iff ``j <= i + seq_k - seq_q``
 (SDPA's ``is_causal=True`` when the lengths are equal). Key blocks that no row of a query block can see are never
 visited (loop bounds), and in the forward pass the blocks every row sees completely skip the mask. A query row that
-sees no key returns zeros and gets zero gradients.
+sees no key returns zeros and gets zero gradients; one that sees keys whose scores are all ``-inf`` is NaN.
 
 Internally scores are kept in base 2 (``s2 = scale * log2(e) * q.k``, so softmax uses ``exp2``); the stored
-logsumexp is ``log2(sum_j exp2(s2_j))`` (``+inf`` for a row that sees no key, so its probabilities are 0).
+logsumexp is ``log2(sum_j exp2(s2_j))`` (``+inf`` for a row that sees no key, so its probabilities are 0). ``q`` is
+scaled before the product, as SDPA does (fp32 tiles by the whole factor, 16-bit tiles by its power-of-two part,
+which is exact, and the rest after), so a product that only overflows unscaled stays finite.
 
 Precision: fp16/bf16 inputs feed the tensor cores in their own dtype (probabilities and ``dS`` are rounded to it
 before their matmuls, as FlashAttention does) with fp32 accumulation and fp32 softmax statistics; fp32 inputs use
-``input_precision="ieee"`` dots, so fp32 keeps fp32 accuracy on the GPU. Triton's CPU interpreter cannot multiply
-bf16 tiles, so there bf16 tiles are upcast to fp32 right after loading (``UPCAST``).
+``input_precision="ieee"`` dots, so fp32 keeps fp32 accuracy on the GPU (every product goes through
+``triton_helpers.dot``, its ``NATIVE_DOT`` switch from ``launch.native_dot``). Triton's CPU interpreter cannot
+multiply 16-bit tiles, so there the dots run in fp32 and bf16 tiles are upcast right after loading (``UPCAST``).
+
+NaN/Inf follow softmax attention for everything a row sees (see :func:`flash_attention`); keys a row does not see
+never reach it: their scores are selected away with ``tl.where``, and a program whose output came out with a NaN
+(which a hidden NaN/Inf value times its zero probability makes) recomputes it key by key
+(:func:`_exact_values_pass`), so the hot loop stays the plain product. fp64 inputs and head dims outside
+[16, 256] run the eager reference (``runtime.choose_impl``).
 
 Decode (flash-decoding): the keys of each sequence are split over ``num_splits`` programs, each writing its
 partial ``(max, sum, unnormalized output)``; a combine kernel merges the splits with the same rescaling rule.
@@ -40,14 +49,16 @@ import triton.language as tl
 from .checks import (
     check_bool,
     check_float_tensor,
+    check_in_range,
     check_real,
     check_same_device,
     check_same_dtype,
     check_tensor,
     describe,
 )
-from .launch import CompileVariant, batch_chunks
-from .runtime import compute_dtype, interpreter_enabled, resolve_impl
+from .launch import CompileVariant, batch_chunks, native_dot
+from .runtime import choose_impl, compute_dtype
+from .triton_helpers import dot
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 LOG2_E = 1.4426950408889634
@@ -61,17 +72,66 @@ def _expand_kv_heads(kv: torch.Tensor, heads_q: int) -> torch.Tensor:
     return kv.repeat_interleave(heads_q // kv.shape[1], dim=1)
 
 
-def _masked_softmax_attention(scores: torch.Tensor, visible: Optional[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
-    """``softmax(scores) @ v`` over the ``visible`` entries; a row with no visible entry gives zeros (and zero
-    gradients), never NaN."""
+def _no_keys_output(q: torch.Tensor) -> torch.Tensor:
+    """The output of attention over zero keys: zeros of ``q``'s shape whatever ``q`` holds, still differentiable
+    in ``q`` (zero gradients; a select, never ``q * 0``, which would turn a NaN/Inf query into NaN)."""
+    return torch.where(torch.zeros((), dtype=torch.bool, device=q.device), q, torch.zeros((), dtype=q.dtype,
+                                                                                          device=q.device))
+
+
+def _values_on_the_host(values: torch.Tensor) -> bool:
+    return values.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _visible_product(probs: torch.Tensor, visible: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``probs @ values`` summed over the ``visible`` (row, key) pairs only.
+
+    ``probs`` is 0 where a key is hidden, but ``0 * NaN`` and ``0 * Inf`` are NaN, so a plain product would let a
+    hidden key's NaN/Inf value reach the rows it is hidden from. The finite part of ``values`` goes through the
+    product; each non-finite value of a visible key adds what the plain product gives it (NaN for NaN, or for Inf
+    at probability 0; +-Inf at positive probability; NaN where +Inf and -Inf meet), counted with products of 0/1
+    matrices. CPU inputs whose values are all finite (checked on the host, where it costs no sync) take the plain
+    product."""
+    finite = torch.isfinite(values)
+    if _values_on_the_host(values) and bool(finite.all()):
+        return probs @ values
+    out = probs @ torch.where(finite, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    with torch.no_grad():
+        dtype = probs.dtype
+        # (hidden pairs have probability exactly 0, so `probs > 0` is already restricted to visible pairs)
+        nan_hits = visible.to(dtype) @ torch.isnan(values).to(dtype)
+        nan_hits = nan_hits + ((probs == 0) & visible).to(dtype) @ torch.isinf(values).to(dtype)
+        up, down = ((probs > 0).to(dtype) @ torch.cat([torch.isposinf(values), torch.isneginf(values)], dim=-1)
+                    .to(dtype)).chunk(2, dim=-1)
+        special = torch.where(up > 0, float("inf"), 0.0).to(dtype)
+        special = torch.where(down > 0, float("-inf"), special)
+        special = torch.where((nan_hits > 0) | ((up > 0) & (down > 0)), float("nan"), special)
+    return out + special
+
+
+def _masked_softmax_attention(scores: torch.Tensor, visible: Optional[torch.Tensor], v: torch.Tensor,
+                              per_row: bool = True) -> torch.Tensor:
+    """``softmax(scores) @ v`` over the ``visible`` entries.
+
+    Hidden entries are selected away (their scores, and their values' NaN/Inf: see :func:`_visible_product`); a
+    row with no visible entry gives zeros (and zero gradients). NaN/Inf follow softmax: a NaN or ``+inf`` visible
+    score makes the row NaN, and so does a row whose visible scores are all ``-inf`` (an Inf query: softmax's
+    0 / 0, as ``torch.softmax`` gives; SDPA's ``_safe_softmax`` returns 0 there, which hides the Inf).
+    ``per_row=False`` says ``visible`` depends on the key only (the caller already zeroed the hidden values)."""
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     total = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(total > 0, total, torch.ones_like(total))
-    return probs @ v
+    # total is 0 for a row that sees no key (zeros) and for one whose visible scores are all -inf (0 / 0 = NaN)
+    if visible is None:
+        probs = weights / total
+    else:
+        probs = weights / torch.where(visible.any(dim=-1, keepdim=True), total, torch.ones_like(total))
+    if visible is None or not per_row:
+        return probs @ v
+    return _visible_product(probs, visible, v)
 
 
 def causal_visibility(seq_q: int, seq_k: int, device) -> torch.Tensor:
@@ -79,6 +139,14 @@ def causal_visibility(seq_q: int, seq_k: int, device) -> torch.Tensor:
     rows = torch.arange(seq_q, device=device)[:, None]
     cols = torch.arange(seq_k, device=device)[None, :]
     return cols <= rows + (seq_k - seq_q)
+
+
+def default_scale(head_dim) -> float:
+    """``1 / sqrt(head_dim)``, SDPA's default softmax scale (1 for ``head_dim = 0``, where it multiplies nothing);
+    symbolic sizes under ``torch.compile`` stay symbolic."""
+    if isinstance(head_dim, int):
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    return 1.0 / torch.sym_sqrt(head_dim)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -89,18 +157,19 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
     ``q`` is ``[batch, heads_q, seq_q, d]``, ``k``/``v`` ``[batch, heads_kv, seq_k, d]`` with ``heads_kv`` dividing
     ``heads_q`` (query head ``h`` uses key/value head ``h // (heads_q // heads_kv)``). With ``causal`` query ``i``
-    sees keys ``j <= i + seq_k - seq_q``. ``scale`` defaults to ``1/sqrt(d)``. A row that sees no key is 0.
-    Computes in fp32 (fp64 for fp64 inputs) and returns ``q``'s dtype; differentiable.
+    sees keys ``j <= i + seq_k - seq_q``. ``scale`` defaults to ``1/sqrt(d)``. A row that sees no key is 0, and
+    hidden keys never reach the output (not even their NaN/Inf). Computes in fp32 (fp64 for fp64 inputs) and
+    returns ``q``'s dtype; differentiable.
     """
     dtype = compute_dtype(q.dtype)
-    batch, heads_q, seq_q, head_dim = q.shape
+    heads_q, seq_q, head_dim = q.shape[1], q.shape[2], q.shape[3]
     seq_k = k.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    if seq_k == 0:
-        return (q.to(dtype) * 0).to(q.dtype)
+    scale = default_scale(head_dim) if softmax_scale is None else softmax_scale
+    if seq_k == 0 or k.shape[1] == 0:
+        return _no_keys_output(q)
     keys = _expand_kv_heads(k.to(dtype), heads_q)
     values = _expand_kv_heads(v.to(dtype), heads_q)
-    scores = (q.to(dtype) @ keys.transpose(-1, -2)) * scale
+    scores = (q.to(dtype) * scale) @ keys.transpose(-1, -2)  # q scaled first, as SDPA does
     visible = causal_visibility(seq_q, seq_k, q.device) if causal else None
     return _masked_softmax_attention(scores, visible, values).to(q.dtype)
 
@@ -112,35 +181,28 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         O_b = softmax(scale * q_b K_b[:n_b]^T) V_b[:n_b],   n_b = cache_seqlens[b]
 
     ``q`` is ``[batch, heads_q, 1, d]``, the caches ``[batch, heads_kv, max_seq, d]``; a sequence with
-    ``n_b = 0`` gives zeros. Computes in fp32 (fp64 for fp64 inputs) and returns ``q``'s dtype.
+    ``n_b = 0`` gives zeros. Cache slots from ``n_b`` on are never used: their keys' scores and their values are
+    selected away (``torch.where``), so NaN/Inf stored there cannot reach the output. Computes in fp32 (fp64 for
+    fp64 inputs) and returns ``q``'s dtype.
     """
     dtype = compute_dtype(q.dtype)
     heads_q, head_dim = q.shape[1], q.shape[3]
     max_seq = k_cache.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    if max_seq == 0:
-        return (q.to(dtype) * 0).to(q.dtype)
-    keys = _expand_kv_heads(k_cache.to(dtype), heads_q)
-    values = _expand_kv_heads(v_cache.to(dtype), heads_q)
-    scores = (q.to(dtype) @ keys.transpose(-1, -2)) * scale
+    scale = default_scale(head_dim) if softmax_scale is None else softmax_scale
+    if max_seq == 0 or k_cache.shape[1] == 0:
+        return _no_keys_output(q)
     positions = torch.arange(max_seq, device=q.device)
-    visible = (positions[None, :] < cache_seqlens.to(q.device).long()[:, None])[:, None, None, :]
-    return _masked_softmax_attention(scores, visible, values).to(q.dtype)
+    filled = positions[None, :] < cache_seqlens.to(q.device).long()[:, None]  # [batch, max_seq]
+    zero = torch.zeros((), dtype=dtype, device=q.device)
+    keys = _expand_kv_heads(torch.where(filled[:, None, :, None], k_cache.to(dtype), zero), heads_q)
+    values = _expand_kv_heads(torch.where(filled[:, None, :, None], v_cache.to(dtype), zero), heads_q)
+    scores = (q.to(dtype) * scale) @ keys.transpose(-1, -2)
+    return _masked_softmax_attention(scores, filled[:, None, None, :], values, per_row=False).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; full fp32 products when ``IEEE`` (else tf32 for fp32 tiles)."""
-    if IEEE:
-        out = tl.dot(a, b, input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
-
-
 @triton.jit
 def _load_tile(base, index, index_ok, stride_index, dims, dim_ok, stride_dim, UPCAST: tl.constexpr):
     """Rows ``index`` x columns ``dims`` of one head (masked, zeros outside), fp32 when ``UPCAST``."""
@@ -158,32 +220,90 @@ def _store_tile(base, value, index, index_ok, stride_index, dims, dim_ok, stride
 
 
 @triton.jit
+def _prescaled_query(q, scale_log2, IEEE: tl.constexpr):
+    """``(q', factor)`` with ``dot(q', k^T) * factor = scale_log2 * q.k``, ``q`` scaled before the product as SDPA
+    and the eager reference do (a product that only overflows unscaled stays finite). fp32 tiles (``IEEE``) take
+    the whole scale (factor 1); 16-bit tiles its power-of-two part, exact in their dtype, and the rest after. (The
+    dK/dV kernel scales its key block instead, once: the same scores.)"""
+    if IEEE:
+        return q * scale_log2, 1.0
+    bits = tl.cast(tl.cast(scale_log2, tl.float32), tl.int32, bitcast=True)
+    pow2 = tl.cast(bits & 0x7F800000, tl.float32, bitcast=True)
+    pow2 = tl.where(pow2 == 0, 1.0, pow2)
+    return (q.to(tl.float32) * pow2).to(q.dtype), scale_log2 / pow2
+
+
+@triton.jit
+def _exact_values_pass(q, scale_log2, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end, rows, offset,
+                       dims, dim_ok, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """``(acc, row_sum, row_max)`` of a query block over keys ``[key_start, key_end)`` again, one key at a time in
+    fp32 (the same online softmax), each (row, key) term on its own and hidden pairs selected away.
+
+    For the rare program whose product-based output holds a NaN: it may come from NaN inputs the rows see (then
+    it stays), or from a NaN/Inf value multiplied by a zero probability (a key hidden from the row by the causal
+    mask, or a probability that only underflowed when rounded to a 16-bit tile), which the exact terms avoid: a
+    hidden key never reaches a row, a visible Inf value gives +-Inf unless its fp32 probability is 0 (SDPA's
+    ``0 * Inf = NaN``). Costs one pass over the keys per program, only where a NaN appeared."""
+    q_scaled, factor = _prescaled_query(q, scale_log2, IEEE)
+    q_scaled = q_scaled.to(tl.float32)
+    acc = tl.zeros(q_scaled.shape, tl.float32)
+    row_sum = tl.zeros((q_scaled.shape[0],), tl.float32)
+    row_max = tl.full((q_scaled.shape[0],), float("-inf"), tl.float32)
+    for j in range(key_start, key_end):
+        offset_j = tl.cast(j, tl.int64)
+        k_row = tl.load(k_base + offset_j * k_ss + dims.to(tl.int64) * k_sd, mask=dim_ok, other=0.0)
+        v_row = tl.load(v_base + offset_j * v_ss + dims.to(tl.int64) * v_sd, mask=dim_ok, other=0.0)
+        scores = tl.sum(q_scaled * k_row[None, :].to(tl.float32), 1)
+        if not IEEE:
+            scores = scores * factor
+        if CAUSAL:
+            visible = j <= rows + offset
+        else:
+            visible = rows == rows
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, scores, propagate_nan=tl.PropagateNan.ALL)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp2(scores - safe_max)
+        rescale = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * rescale + probs
+        term = tl.where(visible[:, None], probs[:, None] * v_row[None, :].to(tl.float32), 0.0)
+        acc = acc * rescale[:, None] + term
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
 def _online_softmax_blocks(acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end,
                            seq_k, rows, offset, dims, dim_ok, scale_log2,
-                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                           NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold key blocks ``[key_start, key_end)`` into the running ``(acc, row_sum, row_max)`` of a query block.
 
-    ``MASKED`` blocks may hold keys past ``seq_k`` or (``CAUSAL``) keys hidden from some rows; the others are
-    seen completely by every row and skip the mask."""
+    ``MASKED`` blocks may hold keys past ``seq_k`` (never loaded: zeros) or (``CAUSAL``) keys hidden from some
+    rows, whose scores are selected away (their values only reach the product with probability 0, which
+    :func:`_exact_values_pass` undoes where that made a NaN); the other blocks are seen completely by every row and
+    skip the mask."""
+    q_scaled, factor = _prescaled_query(q, scale_log2, IEEE)
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < seq_k
         k = _load_tile(k_base, cols, col_ok, k_ss, dims, dim_ok, k_sd, UPCAST)
-        scores = _dot(q, tl.trans(k), IEEE) * scale_log2
+        scores = dot(q_scaled, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), tl.float32), NATIVE_DOT, IEEE)
+        if not IEEE:
+            scores = scores * factor
+        visible = col_ok[None, :]
         if MASKED:
-            visible = col_ok[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + offset)
             scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        new_max = tl.maximum(row_max, tl.max(scores, 1), propagate_nan=tl.PropagateNan.ALL)
         # A row that has seen no key yet keeps max -inf; a finite stand-in avoids inf - inf.
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         probs = tl.exp2(scores - safe_max[:, None])
         rescale = tl.exp2(row_max - safe_max)
         row_sum = row_sum * rescale + tl.sum(probs, 1)
         v = _load_tile(v_base, cols, col_ok, v_ss, dims, dim_ok, v_sd, UPCAST)
-        acc = acc * rescale[:, None] + _dot(probs.to(v.dtype), v, IEEE)
+        acc = dot(probs.to(v.dtype), v, acc * rescale[:, None], NATIVE_DOT, IEEE)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -193,7 +313,7 @@ def _attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     batch_start, seq_q, seq_k, head_dim, group_size, scale_log2,
     q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, o_sb, o_sh, o_ss, o_sd,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -223,16 +343,26 @@ def _attention_forward_kernel(
         key_end = seq_k
     acc, row_sum, row_max = _online_softmax_blocks(
         acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, 0, full_end, seq_k, rows, offset, dims,
-        dim_ok, scale_log2, False, CAUSAL, UPCAST, IEEE, BLOCK_N)
+        dim_ok, scale_log2, False, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
     acc, row_sum, row_max = _online_softmax_blocks(
         acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, full_end, key_end, seq_k, rows, offset,
-        dims, dim_ok, scale_log2, True, CAUSAL, UPCAST, IEEE, BLOCK_N)
+        dims, dim_ok, scale_log2, True, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
+    if tl.sum(tl.where(acc != acc, 1, 0)) > 0:  # rare: see _exact_values_pass
+        acc, row_sum, row_max = _exact_values_pass(q, scale_log2, k_base, v_base, k_ss, k_sd, v_ss, v_sd, 0, key_end,
+                                                   rows, offset, dims, dim_ok, CAUSAL, IEEE)
 
-    seen = row_sum > 0
-    safe_sum = tl.where(seen, row_sum, 1.0)
-    out = acc / safe_sum[:, None]
+    # row_sum is 0 for a row that sees no key (output 0, lse +inf: probabilities 0 in the backward pass) or whose
+    # visible scores are all -inf (softmax's 0 / 0: NaN, as the eager reference), and NaN for a row whose scores
+    # hold NaN (or +inf), which stays NaN in the output and in lse.
+    unseen = row_sum == 0
+    if CAUSAL:
+        sees_keys = rows + offset >= 0
+    else:
+        sees_keys = rows >= 0
+    safe_sum = tl.where(unseen, 1.0, row_sum)
+    out = tl.where((unseen & sees_keys)[:, None], float("nan"), acc / safe_sum[:, None])
     _store_tile(out_ptr + batch * o_sb + head.to(tl.int64) * o_sh, out, rows, row_ok, o_ss, dims, dim_ok, o_sd)
-    lse = tl.where(seen, row_max + tl.log2(safe_sum), float("inf"))
+    lse = tl.where(unseen, tl.where(sees_keys, float("nan"), float("inf")), row_max + tl.log2(safe_sum))
     lse_base = lse_ptr + (batch * heads_q + head) * seq_q
     tl.store(lse_base + rows, lse, mask=row_ok)
 
@@ -258,12 +388,14 @@ def _attention_backward_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, q_ss, q_sd, do_ss, do_sd, row_start,
-                       row_end, seq_q, cols, col_ok, offset, dims, dim_ok, scale_log2,
-                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
+def _dkdv_query_blocks(dk, dv, k_scaled, factor, v, q_base, do_base, lse_ptr, delta_ptr, q_ss, q_sd, do_ss, do_sd,
+                       row_start, row_end, seq_q, cols, col_ok, offset, dims, dim_ok,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                       NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Add the query blocks ``[row_start, row_end)`` of one query head to a key block's ``dk`` (unscaled) and
-    ``dv``. ``MASKED`` blocks may pair keys past ``seq_k`` or (``CAUSAL``) hidden keys with some rows."""
+    ``dv``; ``(k_scaled, factor)`` is the key block as :func:`_prescaled_query` scales it (the scores as the
+    forward pass has them). ``MASKED`` blocks may pair keys past ``seq_k`` or (``CAUSAL``) hidden keys with some
+    rows."""
     for start_m in range(row_start, row_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < seq_q
@@ -272,17 +404,23 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, q_ss, 
         # Rows past seq_q (and rows that see no key) have lse = +inf: probability 0.
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-        probs_t = tl.exp2(_dot(k, tl.trans(q), IEEE) * scale_log2 - lse[None, :])
+        zeros = tl.zeros((k_scaled.shape[0], BLOCK_M), tl.float32)
+        scores_t = dot(k_scaled, tl.trans(q), zeros, NATIVE_DOT, IEEE)
+        if not IEEE:
+            scores_t = scores_t * factor
+        probs_t = tl.exp2(scores_t - lse[None, :])
         if MASKED:
             # Keys past seq_k are zero-padded: masked too, as their exp2(0 - lse) may overflow the input dtype.
             visible = col_ok[:, None]
             if CAUSAL:
                 visible = visible & (cols[:, None] <= rows[None, :] + offset)
             probs_t = tl.where(visible, probs_t, 0.0)
-        dv += _dot(probs_t.to(grad_out.dtype), grad_out, IEEE)
-        grad_probs_t = _dot(v, tl.trans(grad_out), IEEE)
+        dv = dot(probs_t.to(grad_out.dtype), grad_out, dv, NATIVE_DOT, IEEE)
+        grad_probs_t = dot(v, tl.trans(grad_out), zeros, NATIVE_DOT, IEEE)
         grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
-        dk += _dot(grad_scores_t.to(q.dtype), q, IEEE)
+        if MASKED:  # a hidden key's NaN/Inf value must not reach dK through 0 * NaN
+            grad_scores_t = tl.where(visible, grad_scores_t, 0.0)
+        dk = dot(grad_scores_t.to(q.dtype), q, dk, NATIVE_DOT, IEEE)
     return dk, dv
 
 
@@ -292,7 +430,7 @@ def _attention_backward_dkdv_kernel(
     batch_start, seq_q, seq_k, head_dim, group_size, scale_log2, scale,
     q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, do_sb, do_sh, do_ss, do_sd,
     dk_sb, dk_sh, dk_ss, dk_sd, dv_sb, dv_sh, dv_ss, dv_sd,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per key block of one key/value head: dK and dV summed over every query block of every query
@@ -308,6 +446,7 @@ def _attention_backward_dkdv_kernel(
     dim_ok = dims < head_dim
     k = _load_tile(k_ptr + batch * k_sb + kv_head * k_sh, cols, col_ok, k_ss, dims, dim_ok, k_sd, UPCAST)
     v = _load_tile(v_ptr + batch * v_sb + kv_head * v_sh, cols, col_ok, v_ss, dims, dim_ok, v_sd, UPCAST)
+    k_scaled, factor = _prescaled_query(k, scale_log2, IEEE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     offset = seq_k - seq_q
@@ -327,12 +466,12 @@ def _attention_backward_dkdv_kernel(
         q_base = q_ptr + batch * q_sb + head * q_sh
         do_base = grad_out_ptr + batch * do_sb + head * do_sh
         stats = (batch * heads_q + head) * seq_q
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_ptr + stats, delta_ptr + stats, q_ss, q_sd,
-                                    do_ss, do_sd, row_start, masked_end, seq_q, cols, col_ok, offset, dims, dim_ok,
-                                    scale_log2, True, CAUSAL, UPCAST, IEEE, BLOCK_M)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_ptr + stats, delta_ptr + stats, q_ss, q_sd,
-                                    do_ss, do_sd, full_start, seq_q, seq_q, cols, col_ok, offset, dims, dim_ok,
-                                    scale_log2, False, CAUSAL, UPCAST, IEEE, BLOCK_M)
+        dk, dv = _dkdv_query_blocks(dk, dv, k_scaled, factor, v, q_base, do_base, lse_ptr + stats, delta_ptr + stats,
+                                    q_ss, q_sd, do_ss, do_sd, row_start, masked_end, seq_q, cols, col_ok, offset, dims,
+                                    dim_ok, True, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_M)
+        dk, dv = _dkdv_query_blocks(dk, dv, k_scaled, factor, v, q_base, do_base, lse_ptr + stats, delta_ptr + stats,
+                                    q_ss, q_sd, do_ss, do_sd, full_start, seq_q, seq_q, cols, col_ok, offset, dims,
+                                    dim_ok, False, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_M)
     _store_tile(dk_ptr + batch * dk_sb + kv_head * dk_sh, dk * scale, cols, col_ok, dk_ss, dims, dim_ok, dk_sd)
     _store_tile(dv_ptr + batch * dv_sb + kv_head * dv_sh, dv, cols, col_ok, dv_ss, dims, dim_ok, dv_sd)
 
@@ -340,24 +479,31 @@ def _attention_backward_dkdv_kernel(
 @triton.jit
 def _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end, seq_k,
                    rows, offset, dims, dim_ok, scale_log2,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                   IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add the key blocks ``[key_start, key_end)`` to a query block's ``dq`` (unscaled); ``MASKED`` as in
     :func:`_online_softmax_blocks`."""
+    q_scaled, factor = _prescaled_query(q, scale_log2, IEEE)  # the scores exactly as the forward pass has them
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < seq_k
         k = _load_tile(k_base, cols, col_ok, k_ss, dims, dim_ok, k_sd, UPCAST)
         v = _load_tile(v_base, cols, col_ok, v_ss, dims, dim_ok, v_sd, UPCAST)
-        probs = tl.exp2(_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+        zeros = tl.zeros((q.shape[0], BLOCK_N), tl.float32)
+        scores = dot(q_scaled, tl.trans(k), zeros, NATIVE_DOT, IEEE)
+        if not IEEE:
+            scores = scores * factor
+        probs = tl.exp2(scores - lse[:, None])
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= rows[:, None] + offset)
             probs = tl.where(visible, probs, 0.0)
-        grad_probs = _dot(grad_out, tl.trans(v), IEEE)
+        grad_probs = dot(grad_out, tl.trans(v), zeros, NATIVE_DOT, IEEE)
         grad_scores = probs * (grad_probs - delta[:, None])
-        dq += _dot(grad_scores.to(k.dtype), k, IEEE)
+        if MASKED:
+            grad_scores = tl.where(visible, grad_scores, 0.0)
+        dq = dot(grad_scores.to(k.dtype), k, dq, NATIVE_DOT, IEEE)
     return dq
 
 
@@ -367,7 +513,7 @@ def _attention_backward_dq_kernel(
     batch_start, seq_q, seq_k, head_dim, group_size, scale_log2, scale,
     q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, do_sb, do_sh, do_ss, do_sd,
     dq_sb, dq_sh, dq_ss, dq_sd,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per query block: dQ = scale * sum over visible key blocks of dS K."""
@@ -398,9 +544,9 @@ def _attention_backward_dq_kernel(
         key_end = seq_k
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss, v_sd, 0, full_end, seq_k,
-                        rows, offset, dims, dim_ok, scale_log2, False, CAUSAL, UPCAST, IEEE, BLOCK_N)
+                        rows, offset, dims, dim_ok, scale_log2, False, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
     dq = _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss, v_sd, full_end, key_end,
-                        seq_k, rows, offset, dims, dim_ok, scale_log2, True, CAUSAL, UPCAST, IEEE, BLOCK_N)
+                        seq_k, rows, offset, dims, dim_ok, scale_log2, True, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
     _store_tile(dq_ptr + batch * dq_sb + head * dq_sh, dq * scale, rows, row_ok, dq_ss, dims, dim_ok, dq_sd)
 
 
@@ -409,7 +555,7 @@ def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, seqlens_ptr, max_ptr, sum_ptr, acc_ptr,
     batch_start, head_dim, group_size, head_chunks, split_size, num_splits, scale_log2,
     q_sb, q_sh, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, seqlens_stride,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Split ``program_id(0)`` of the keys of one sequence, for up to ``BLOCK_H`` query heads sharing one
@@ -434,7 +580,11 @@ def _decode_partial_kernel(
     acc, row_sum, row_max = _online_softmax_blocks(
         acc, row_sum, row_max, q, k_ptr + batch * k_sb + kv_head * k_sh, v_ptr + batch * v_sb + kv_head * v_sh,
         k_ss, k_sd, v_ss, v_sd, key_start, key_end, key_end, heads, 0, dims, dim_ok, scale_log2,
-        True, False, UPCAST, IEEE, BLOCK_N)
+        True, False, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
+    if tl.sum(tl.where(acc != acc, 1, 0)) > 0:  # rare: see _exact_values_pass
+        acc, row_sum, row_max = _exact_values_pass(q, scale_log2, k_ptr + batch * k_sb + kv_head * k_sh,
+                                                   v_ptr + batch * v_sb + kv_head * v_sh, k_ss, k_sd, v_ss, v_sd,
+                                                   key_start, key_end, heads, 0, dims, dim_ok, False, IEEE)
     stats = (batch * heads_q + heads) * num_splits + split
     tl.store(max_ptr + stats, row_max, mask=member_ok)
     tl.store(sum_ptr + stats, row_sum, mask=member_ok)
@@ -443,11 +593,12 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    max_ptr, sum_ptr, acc_ptr, out_ptr, batch_start, head_dim, num_splits, o_sb, o_sh, o_sd,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    max_ptr, sum_ptr, acc_ptr, seqlens_ptr, out_ptr, batch_start, head_dim, num_splits, seqlens_stride,
+    o_sb, o_sh, o_sd, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merge the splits of one (sequence, query head): ``O = sum_s w_s acc_s / sum_s w_s l_s`` with
-    ``w_s = exp2(m_s - max_s m_s)``; 0 when the sequence is empty."""
+    ``w_s = exp2(m_s - max_s m_s)``; 0 when the sequence is empty, NaN when it is not but every score is -inf
+    (the softmax's 0 / 0)."""
     head = tl.program_id(0).to(tl.int64)
     batch = (batch_start + tl.program_id(1)).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
@@ -461,7 +612,9 @@ def _decode_combine_kernel(
     overall_max = tl.max(split_max, 0)
     weights = tl.exp2(split_max - tl.where(overall_max == float("-inf"), 0.0, overall_max))
     total = tl.sum(weights * split_sum, 0)
-    out = tl.sum(weights[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    out = tl.sum(weights[:, None] * acc, 0) / tl.where(total == 0, 1.0, total)
+    seqlen = tl.load(seqlens_ptr + batch * seqlens_stride)
+    out = tl.where((total == 0) & (seqlen > 0), float("nan"), out)
     tl.store(out_ptr + batch * o_sb + head * o_sh + dims * o_sd, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
@@ -498,8 +651,12 @@ def _row_bytes(head_dim: int, element_size: int) -> int:
     return max(128, _block_d(head_dim) * element_size)
 
 
-def _kernel_flags(dtype: torch.dtype) -> dict:
-    return dict(UPCAST=dtype == torch.bfloat16 and interpreter_enabled(), IEEE=dtype == torch.float32)
+def _kernel_flags(dtype: torch.dtype, device: torch.device) -> dict:
+    """The dot switches of a launch: fp16/bf16 tiles straight to the tensor cores on a GPU (``NATIVE_DOT``), fp32
+    tiles in full fp32 (``IEEE``), bf16 tiles upcast right after loading where the dots are not native (the
+    interpreter)."""
+    native = native_dot(device)
+    return dict(UPCAST=dtype == torch.bfloat16 and not native, NATIVE_DOT=native, IEEE=dtype == torch.float32)
 
 
 def _launch_forward(q, k, v, causal: bool, scale: float):
@@ -516,8 +673,8 @@ def _launch_forward(q, k, v, causal: bool, scale: float):
         _attention_forward_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
             q, k, v, out, lse, start, seq_q, seq_k, head_dim, heads_q // heads_kv, scale * LOG2_E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            CAUSAL=causal, **_kernel_flags(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
-            num_warps=num_warps)
+            CAUSAL=causal, **_kernel_flags(q.dtype, q.device), BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=_block_d(head_dim), num_warps=num_warps)
     return out, lse
 
 
@@ -532,7 +689,7 @@ def _launch_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
     block_d = _block_d(head_dim)
     _, dkdv_tiles, dq_tiles, _ = _tiles(head_dim, q.dtype)
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    flags = dict(CAUSAL=causal, **_kernel_flags(q.dtype), BLOCK_D=block_d)
+    flags = dict(CAUSAL=causal, **_kernel_flags(q.dtype, q.device), BLOCK_D=block_d)
     group_size = heads_q // heads_kv
     for start, count in batch_chunks(batch):
         _attention_backward_preprocess_kernel[(triton.cdiv(seq_q, PREPROCESS_BLOCK_M), heads_q, count)](
@@ -582,10 +739,11 @@ def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float):
             q, k_cache, v_cache, cache_seqlens, split_max, split_sum, split_acc, start, head_dim, group_size,
             head_chunks, split_size, num_splits, scale * LOG2_E,
             q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(), cache_seqlens.stride(0),
-            **_kernel_flags(q.dtype), BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+            **_kernel_flags(q.dtype, q.device), BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
         _decode_combine_kernel[(heads_q, count)](
-            split_max, split_sum, split_acc, out, start, head_dim, num_splits, out.stride(0), out.stride(1),
-            out.stride(3), BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d, num_warps=4)
+            split_max, split_sum, split_acc, cache_seqlens, out, start, head_dim, num_splits, cache_seqlens.stride(0),
+            out.stride(0), out.stride(1), out.stride(3), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -599,21 +757,23 @@ def compile_variants() -> list[CompileVariant]:
     variants = []
     for index, (dtype, head_dim) in enumerate(shapes):
         fwd, dkdv, dq, decode_block_n = _TILES[_row_bytes(head_dim, 4 if dtype == "fp32" else 2)]
-        flags = dict(CAUSAL=index % 2 == 0, UPCAST=False, IEEE=dtype == "fp32")
+        # On a GPU the dots are native (NATIVE_DOT) and nothing is upcast; UPCAST is the interpreter's switch.
+        dots = dict(UPCAST=False, NATIVE_DOT=True, IEEE=dtype == "fp32")
         pointers = {"*": f"*{dtype}", **ints}
         sizes = dict(BLOCK_D=_block_d(head_dim))
-        for kernel, (block_m, block_n, num_warps) in ((_attention_forward_kernel, fwd),
-                                                      (_attention_backward_dkdv_kernel, dkdv),
-                                                      (_attention_backward_dq_kernel, dq)):
-            variants.append(CompileVariant(kernel, pointers, dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, **sizes),
-                                           num_warps, scalars))
+        # The causal forward holds both key loops and the NaN/Inf-value path of its masked blocks.
+        for kernel, causal, (block_m, block_n, num_warps) in ((_attention_forward_kernel, True, fwd),
+                                                              (_attention_backward_dkdv_kernel, index % 2 == 0, dkdv),
+                                                              (_attention_backward_dq_kernel, index % 2 == 0, dq)):
+            variants.append(CompileVariant(
+                kernel, pointers, dict(dots, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, **sizes), num_warps,
+                scalars))
         variants.append(CompileVariant(
             _decode_partial_kernel, pointers,
-            dict(UPCAST=False, IEEE=dtype == "fp32", BLOCK_H=DECODE_MAX_BLOCK_H, BLOCK_N=decode_block_n, **sizes),
-            4, scalars))
-    variants.append(CompileVariant(_attention_forward_kernel, {"*": "*bf16", **ints},
-                                   dict(CAUSAL=True, UPCAST=True, IEEE=False, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64), 4,
-                                   scalars))
+            dict(dots, BLOCK_H=DECODE_MAX_BLOCK_H, BLOCK_N=decode_block_n, **sizes), 4, scalars))
+    variants.append(CompileVariant(_attention_forward_kernel, {"*": "*fp32", **ints},
+                                   dict(CAUSAL=False, UPCAST=False, NATIVE_DOT=True, IEEE=True, BLOCK_M=64, BLOCK_N=32,
+                                        BLOCK_D=128), 4, scalars))
     variants.append(CompileVariant(_attention_backward_preprocess_kernel, {"*": "*bf16", **ints},
                                    dict(BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=256), 4, scalars))
     variants.append(CompileVariant(_decode_combine_kernel, {"*": "*bf16", **ints},
@@ -686,26 +846,33 @@ def _check_rank4(tensor: torch.Tensor, name: str, layout: str) -> None:
 
 
 def _check_heads_and_dims(q, q_name, k, k_name, v, v_name) -> None:
-    """Shared shape rules of both ops: k and v alike, batch and head_dim as q's, heads_kv dividing heads_q."""
-    if v.shape != k.shape:
-        raise ValueError(f"{v_name} must have the shape of {k_name} {list(k.shape)}; got {describe(v)}")
+    """Shared shape rules of both ops: ``k`` with q's batch and head_dim, ``v`` with k's shape, and heads_kv
+    dividing heads_q (both may be 0). Each message names the argument that breaks the rule."""
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"{k_name} must have the batch size of {q_name} ({q.shape[0]}); got {describe(k)}")
     if k.shape[3] != q.shape[3]:
-        raise ValueError(f"{k_name} must have the head_dim of {q_name} ({q.shape[3]}); got {describe(k)}")
-    head_dim = q.shape[3]
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim (last dimension of {q_name}) must lie in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]; "
-                         f"got {describe(q)}")
+        raise ValueError(f"{k_name} must have the head_dim of {q_name} ({q.shape[3]}, its last dimension); got "
+                         f"{describe(k)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{v_name} must have the shape of {k_name} {list(k.shape)}; got {describe(v)}")
     heads_q, heads_kv = q.shape[1], k.shape[1]
-    if heads_q < 1 or heads_kv < 1 or heads_q % heads_kv != 0:
-        raise ValueError(f"the heads of {q_name} ({heads_q}) must be a positive multiple of the heads of {k_name} "
+    if (heads_kv == 0 and heads_q != 0) or (heads_kv != 0 and heads_q % heads_kv != 0):
+        raise ValueError(f"the heads of {q_name} ({heads_q}) must be a multiple of the heads of {k_name} "
                          f"({heads_kv}); got {q_name} {describe(q)} and {k_name} {describe(k)}")
 
 
-def _check_scale(softmax_scale: object, head_dim: int) -> float:
+def _kernel_reasons(q: torch.Tensor, q_name: str) -> list[str]:
+    """Why the kernels cannot take these inputs (for :func:`runtime.choose_impl`); [] when they can."""
+    head_dim = q.shape[3]
+    if q.device.type != "meta" and not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return [f"head_dim (last dimension of {q_name}) is {head_dim}: the kernels take head dims in "
+                f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"]
+    return []
+
+
+def _check_scale(softmax_scale: object, head_dim) -> float:
     if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return default_scale(head_dim)
     return check_real(softmax_scale, "softmax_scale")
 
 
@@ -727,21 +894,34 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     recomputes the probabilities from the stored logsumexp (memory linear in the sequence length).
 
     Args:
-        q: ``[batch, heads_q, seq_q, head_dim]``, fp32/fp16/bf16, any strides.
+        q: ``[batch, heads_q, seq_q, head_dim]``, fp32/fp16/bf16/fp64, any strides (expanded ones included).
         k, v: ``[batch, heads_kv, seq_k, head_dim]`` with ``heads_q % heads_kv == 0`` (GQA / MQA), q's dtype.
         causal: hide key ``j`` from query ``i`` unless ``j <= i + seq_k - seq_q`` (bottom-right aligned; SDPA's
-            ``is_causal`` for equal lengths). A query row that sees no key returns zeros.
+            ``is_causal`` for equal lengths).
         softmax_scale: multiplies ``Q K^T``; default ``1/sqrt(head_dim)``.
-        impl: "auto", "triton" or "eager".
+        impl: "auto", "triton" or "eager". The kernels take fp32/fp16/bf16 and head dims in [16, 256]; other
+            inputs (fp64, other head dims) run the eager reference under "auto" and raise ``ValueError`` listing
+            the reasons under "triton".
 
     Returns:
         ``[batch, heads_q, seq_q, head_dim]`` in q's dtype (softmax in fp32); differentiable in q, k, v.
+        Any size may be 0 (the shapes SDPA gives).
+
+    NaN/Inf (both impls; softmax attention over the keys each row sees, in fp64): a NaN in a query row, in a key
+    it sees or a ``+inf`` score makes that output row NaN; a NaN/Inf value reaches the rows that see its key as
+    ``P @ V`` gives it (``+-inf``, NaN for ``0 * inf`` or ``inf - inf``); a row whose visible scores are all
+    ``-inf`` (an Inf query) is NaN, softmax's ``0 / 0`` (``F.scaled_dot_product_attention`` returns 0 there, its
+    ``_safe_softmax``, which hides the Inf). A row that sees no key (``seq_k = 0``, or hidden by the causal mask)
+    gives zeros whatever ``q`` holds, as SDPA gives for a finite query. Keys a row does not see never reach it,
+    not even their NaN/Inf: here SDPA's backends differ (its math backend adds the mask, so a hidden NaN key or
+    value turns every row NaN; its CPU flash backend does so for the rows of its tile). Gradients of non-finite
+    inputs are not specified.
     """
     device = _check_qkv(q, k, v, ("q", "k", "v"))
     _check_heads_and_dims(q, "q", k, "k", v, "v")
     check_bool(causal, "causal")
     scale = _check_scale(softmax_scale, q.shape[3])
-    impl = resolve_impl(impl, device, "flash_attention")
+    impl = choose_impl(impl, "flash_attention", {"q": q, "k": k, "v": v}, _kernel_reasons(q, "q"))
     if impl == "eager":
         return attention_reference(q, k, v, causal, scale)
     out, _ = torch.ops.genkernels.flash_attention_forward(q, k, v, causal, scale)
@@ -749,9 +929,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 
 def _check_cache_seqlens(cache_seqlens: object, batch: int, max_seq: int, device: torch.device) -> torch.Tensor:
-    """An integer tensor ``[batch]`` on the caches' device with values in ``[0, max_seq]``. CPU values are checked
-    on the host; on the GPU a host check would synchronize, so the range is asserted asynchronously (the kernel
-    never reads past ``max_seq`` whatever the values)."""
+    """An int32/int64 tensor ``[batch]`` on the caches' device with values in ``[0, max_seq]``: checked on the
+    host for CPU values, asserted asynchronously on the GPU (the kernel never reads past ``max_seq`` whatever the
+    values), not at all for ``meta`` tensors."""
     seqlens = check_tensor(cache_seqlens, "cache_seqlens")
     if seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cache_seqlens must be an int32 or int64 tensor; got {describe(seqlens)}")
@@ -759,14 +939,7 @@ def _check_cache_seqlens(cache_seqlens: object, batch: int, max_seq: int, device
         raise ValueError(f"cache_seqlens must have shape [batch] = [{batch}]; got {describe(seqlens)}")
     if seqlens.device != device:
         raise ValueError(f"cache_seqlens must be on the caches' device ({device}); got {describe(seqlens)}")
-    in_range = (seqlens >= 0) & (seqlens <= max_seq)
-    if seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(in_range.all()):
-            bad = seqlens[~in_range][0].item()
-            raise ValueError(f"cache_seqlens must lie in [0, max_seq] = [0, {max_seq}]; got a value {bad} in "
-                             f"{describe(seqlens)}")
-    else:
-        torch._assert_async(in_range.all(), f"cache_seqlens out of range [0, {max_seq}]")
+    check_in_range(seqlens, "cache_seqlens", 0, max_seq, high_inclusive=True)
     return seqlens
 
 
@@ -781,15 +954,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     backward).
 
     Args:
-        q: ``[batch, heads_q, 1, head_dim]``, fp32/fp16/bf16, any strides.
-        k_cache, v_cache: ``[batch, heads_kv, max_seq, head_dim]`` with ``heads_q % heads_kv == 0``.
+        q: ``[batch, heads_q, 1, head_dim]``, fp32/fp16/bf16/fp64, any strides.
+        k_cache, v_cache: ``[batch, heads_kv, max_seq, head_dim]`` with ``heads_q % heads_kv == 0``, any strides
+            (expanded heads included).
         cache_seqlens: int32/int64 ``[batch]``, how many cached positions each sequence attends to, in
-            ``[0, max_seq]``; a sequence with 0 returns zeros.
+            ``[0, max_seq]`` (a host ``ValueError`` for CPU tensors, an asynchronous device assert on a GPU).
         softmax_scale: default ``1/sqrt(head_dim)``.
-        impl: "auto", "triton" or "eager".
+        impl: "auto", "triton" or "eager" (fp64 and head dims outside [16, 256] as in :func:`flash_attention`).
 
     Returns:
         ``[batch, heads_q, 1, head_dim]`` in q's dtype.
+
+    Cache slots from ``n_b`` on are never read (the kernel masks their loads, the eager reference selects them
+    away): NaN/Inf stored there cannot reach the output. A sequence with ``n_b = 0`` (an empty cache) returns
+    zeros whatever ``q`` holds (SDPA over zero keys gives zeros too, but turns its whole output NaN when any query
+    entry is NaN/Inf). NaN/Inf in ``q`` or in the filled slots as in :func:`flash_attention`: NaN where softmax
+    attention over the first ``n_b`` positions gives NaN, including a query whose scores are all ``-inf``.
     """
     device = _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     if q.shape[2] != 1:
@@ -797,7 +977,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_heads_and_dims(q, "q", k_cache, "k_cache", v_cache, "v_cache")
     seqlens = _check_cache_seqlens(cache_seqlens, q.shape[0], k_cache.shape[2], device)
     scale = _check_scale(softmax_scale, q.shape[3])
-    impl = resolve_impl(impl, device, "decode_attention")
+    impl = choose_impl(impl, "decode_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache},
+                       _kernel_reasons(q, "q"))
     if impl == "eager":
         return decode_attention_reference(q, k_cache, v_cache, seqlens, scale)
     return torch.ops.genkernels.decode_attention(q, k_cache, v_cache, seqlens, scale)

@@ -61,6 +61,9 @@ class KVCache:
 
     Protocol: :meth:`advance` claims ``n`` new positions once per model call, then every layer writes the keys and
     values of those ``n`` positions with :meth:`store` and attends to positions ``[0, seq_len)``.
+
+    ``num_layers``, ``num_kv_heads``, ``max_seq_len`` and ``head_dim`` are positive ints, ``batch_size`` an int
+    ``>= 0`` (``TypeError`` for another type, ``ValueError`` out of range, naming the argument).
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int, *,
@@ -71,7 +74,7 @@ class KVCache:
             raise ValueError(f"batch_size={batch} must be >= 0")
         shape = (batch, _check_positive(num_kv_heads, "num_kv_heads"), _check_positive(max_seq_len, "max_seq_len"),
                  _check_positive(head_dim, "head_dim"))
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -163,6 +166,9 @@ class MultiheadSelfAttention(nn.Module):
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.causal = check_bool(causal, "causal")
+        check_bool(bias, "bias")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
         factory = dict(device=device, dtype=dtype)
         self.qkv_proj = nn.Linear(embed_dim, (num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias,
                                   **factory)

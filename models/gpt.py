@@ -17,16 +17,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genkernels.kernels.checks import check_bool, check_int, check_real, check_tensor, describe
+from genkernels.kernels.checks import (
+    check_bool,
+    check_in_range,
+    check_int,
+    check_integer_tensor,
+    check_real,
+    describe,
+)
 
 from .attention import KVCache, MultiheadSelfAttention, check_head_counts
 
-INDEX_DTYPES = (torch.int64, torch.int32)
+# The index dtypes nn.Embedding takes; token ids of another integer dtype are widened to int64.
+EMBEDDING_DTYPES = (torch.int64, torch.int32)
+# The ignore_index of the loss: a target of -1 is left out of the mean.
+IGNORE_INDEX = -1
 
 
 @dataclasses.dataclass
 class GPTConfig:
-    """Sizes of a :class:`GPT` (nanoGPT's names). ``n_kv_head=None`` means ``n_head`` (no grouping)."""
+    """Sizes of a :class:`GPT` (nanoGPT's names). ``n_kv_head=None`` means ``n_head`` (no grouping).
+
+    Every size is a positive int (``TypeError`` for another type, ``ValueError`` for 0 or less, naming the
+    field); ``n_embd`` must be divisible by ``n_head`` into a head dim the attention kernels take ([16, 256]),
+    and ``n_kv_head`` must divide ``n_head``. No dropout (the model has none)."""
 
     vocab_size: int = 50304
     block_size: int = 1024
@@ -119,6 +133,11 @@ class GPT(nn.Module):
         (token ids of ``idx``'s shape; ``-1`` is ignored), the mean cross-entropy
         ``-1/N sum_t log softmax(logits_t)[targets_t]`` over the ``N`` non-ignored positions; else ``None``.
 
+        Token ids have any integer dtype; ``idx`` must lie in ``[0, vocab_size)``, ``targets`` in
+        ``[-1, vocab_size)``. Out-of-range ids raise ``ValueError`` for CPU tensors, and fail an asynchronous
+        device assert on a GPU (checked without a host sync, before the embedding could read out of bounds).
+        ``seq`` (plus the cached tokens) must not exceed ``block_size``.
+
         With ``kv_cache`` (see :meth:`new_kv_cache`) ``idx`` holds the next tokens after the ``kv_cache.seq_len``
         cached ones: their positions are claimed in the cache and their keys/values stored.
         """
@@ -129,13 +148,13 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(idx.shape[1])
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        x = self.transformer.wte(_widened(idx)) + self.transformer.wpe(positions)
         for layer_idx, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer_idx)
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=-1)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def new_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, *, dtype: Optional[torch.dtype] = None,
@@ -162,6 +181,15 @@ class GPT(nn.Module):
         tokens (all when ``top_k`` is None; ``top_k`` above ``vocab_size`` means all), with ``torch.multinomial``
         and ``generator``. **Greedy decoding** is ``temperature=0`` or ``top_k=1``: the token of largest logit
         (the lowest id among equal logits), and no random numbers are drawn.
+
+        ``temperature`` is a finite number ``>= 0`` (``ValueError`` for NaN, Inf or a negative value). The
+        softmax runs in fp32 on ``(logits - max) / temperature`` with the maximum's own term kept at 0, so any
+        positive temperature is safe: one too small for fp32 (down to the smallest subnormal) makes every
+        non-maximal token's probability 0 and draws among the tokens of largest logit (greedy, except that ties
+        are broken at random).
+
+        ``idx`` holds token ids in ``[0, vocab_size)`` of any integer dtype that can hold ``vocab_size - 1``; the
+        result has ``idx``'s dtype.
 
         ``use_cache=True`` feeds the prompt once (prefill) and then only the newest token per step, reading the
         earlier keys/values from a :class:`KVCache`; ``use_cache=False`` recomputes the whole sequence for every
@@ -192,9 +220,7 @@ class GPT(nn.Module):
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
         start = 0 if kv_cache is None else kv_cache.seq_len
-        check_tensor(idx, "idx")
-        if idx.dtype not in INDEX_DTYPES:
-            raise TypeError(f"idx must hold token ids as torch.int64 or torch.int32; got {describe(idx)}")
+        check_integer_tensor(idx, "idx")
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"idx must be [batch, seq] with seq >= 1; got {describe(idx)}")
         if start + idx.shape[1] > self.config.block_size:
@@ -204,6 +230,7 @@ class GPT(nn.Module):
         if idx.device != self.transformer.wte.weight.device:
             raise ValueError(f"idx must be on the model's device {self.transformer.wte.weight.device}; "
                              f"got {describe(idx)}")
+        check_in_range(_widened(idx), "idx (token ids)", 0, self.config.vocab_size)
         if kv_cache is None:
             return
         if kv_cache.batch_size != idx.shape[0]:
@@ -215,20 +242,23 @@ class GPT(nn.Module):
             raise TypeError(f"kv_cache holds {kv_cache.dtype}; this model's attention runs in {activation_dtype} "
                             "here (the weights' dtype, or the autocast dtype under autocast)")
 
-    @staticmethod
-    def _check_targets(targets: object, idx: torch.Tensor) -> None:
-        check_tensor(targets, "targets")
-        if targets.dtype not in INDEX_DTYPES:
-            raise TypeError(f"targets must hold token ids as torch.int64 or torch.int32; got {describe(targets)}")
+    def _check_targets(self, targets: object, idx: torch.Tensor) -> None:
+        check_integer_tensor(targets, "targets")
         if targets.shape != idx.shape or targets.device != idx.device:
             raise ValueError(f"targets must have idx's shape {list(idx.shape)} and device {idx.device}; "
                              f"got {describe(targets)}")
+        check_in_range(_widened(targets), f"targets (token ids, or {IGNORE_INDEX} to ignore a position)",
+                       IGNORE_INDEX, self.config.vocab_size)
 
     def _check_generate_args(self, idx, max_new_tokens, temperature, top_k, use_cache, generator) -> None:
         new_tokens = check_int(max_new_tokens, "max_new_tokens")
         if new_tokens < 0:
             raise ValueError(f"max_new_tokens={new_tokens} must be >= 0")
         self._check_idx(idx, None)
+        largest_id = self.config.vocab_size - 1
+        if idx.dtype != torch.int64 and torch.iinfo(idx.dtype).max < largest_id:
+            raise TypeError(f"idx is {idx.dtype}, which cannot hold the generated token ids (up to {largest_id}); "
+                            "pass idx as torch.int64 or torch.int32")
         longest = idx.shape[1] + new_tokens - 1
         if longest > self.config.block_size:
             raise ValueError(f"idx has {idx.shape[1]} tokens and max_new_tokens={new_tokens}: the last step would "
@@ -244,14 +274,25 @@ class GPT(nn.Module):
                 raise ValueError(f"generator is on {generator.device}; idx is on {idx.device}")
 
 
+def _widened(ids: torch.Tensor) -> torch.Tensor:
+    """Token ids in a dtype nn.Embedding takes (and that compares with the vocabulary bounds exactly: a uint8 or
+    int8 tensor would wrap the bound); int64/int32 ids as they are."""
+    return ids if ids.dtype in EMBEDDING_DTYPES else ids.long()
+
+
 def _pick_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: Optional[int],
                 generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One token id per row of ``logits`` ``[batch, vocab]``, as ``[batch, 1]``: argmax when ``greedy``, else a
-    draw from ``softmax(logits / temperature)`` over the ``top_k`` largest logits."""
+    """One token id per row of ``logits`` ``[batch, vocab]`` (fp32), as ``[batch, 1]``: argmax when ``greedy``,
+    else a draw from ``softmax(logits / temperature)`` over the ``top_k`` largest logits.
+
+    The softmax takes ``(logits - max) / temperature``: every term is ``<= 0`` (``-inf`` once the quotient
+    overflows, for a tiny temperature), and the maximum's own term is set to 0 rather than computed as
+    ``0 / temperature`` (NaN where the temperature rounds to 0 in fp32), so the probabilities stay finite."""
     if greedy:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    scaled = torch.where(shifted == 0, torch.zeros_like(shifted), shifted / temperature)
+    return torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from reference_checks import assert_close_to_reference, random_tensor
 
 from genkernels.kernels.attention import (
@@ -225,8 +226,8 @@ def test_opcheck_decode_attention(device):
 
 
 def test_attention_compiles_with_fullgraph(device):
-    """Forward, backward and a decode step (inference only: detached inputs) in one compiled graph, matching the
-    uncompiled ops."""
+    """Forward, backward and a decode step (inference only: detached inputs) in one compiled graph with dynamic
+    shapes (the default scale of a symbolic head_dim included), matching the uncompiled ops."""
     def step(q, k, v, seqlens):
         out = flash_attention(q, k, v, causal=True, impl="triton")
         decoded = decode_attention(out.detach()[:, :, -1:], k.detach(), v.detach(), seqlens, impl="triton")
@@ -235,7 +236,7 @@ def test_attention_compiles_with_fullgraph(device):
     q, k, v = _qkv(1, 2, 1, 20, 20, 16, torch.float32, device)
     seqlens = torch.tensor([13], device=device)
     grad_out = random_tensor(q.shape, q.dtype, 3, device)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
     results = []
     for fn in (compiled, step):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -272,9 +273,14 @@ FLASH_REJECTIONS = {
     "head_dim_mismatch": (_flash(k=torch.randn(2, 2, 8, 32), v=torch.randn(2, 2, 8, 32)), ValueError,
                           "head_dim"),
     "heads_not_multiple": (_flash(k=torch.randn(2, 3, 8, 16), v=torch.randn(2, 3, 8, 16)), ValueError, "heads"),
-    "head_dim_too_small": (lambda: flash_attention(*_good(head_dim=8), impl="triton"), ValueError, "head_dim"),
+    "k_head_dim_only": (_flash(k=torch.randn(2, 2, 8, 32)), ValueError, "k must have the head_dim of q"),
+    "v_head_dim_only": (_flash(v=torch.randn(2, 2, 8, 32)), ValueError, "v must have the shape of k"),
+    "head_dim_too_small": (lambda: flash_attention(*_good(head_dim=8), impl="triton"), ValueError,
+                           r"impl='triton' cannot run these inputs: \(1\) head_dim"),
     "head_dim_too_large": (lambda: flash_attention(*_good(heads_q=2, seq=2, head_dim=512), impl="triton"),
-                           ValueError, "head_dim"),
+                           ValueError, "head_dim .* is 512"),
+    "float64_triton": (lambda: flash_attention(*_good(dtype=torch.float64), impl="triton"), ValueError,
+                       "q is torch.float64"),
     "causal_not_bool": (_flash(causal=1), TypeError, "causal"),
     "scale_nan": (_flash(softmax_scale=float("nan")), ValueError, "softmax_scale"),
     "scale_not_number": (_flash(softmax_scale="0.1"), TypeError, "softmax_scale"),
@@ -318,6 +324,12 @@ DECODE_REJECTIONS = {
     "seqlens_negative": (_decode(seqlens=torch.tensor([-1, 4])), ValueError, "cache_seqlens"),
     "seqlens_past_max_seq": (_decode(seqlens=torch.tensor([11, 4])), ValueError, "cache_seqlens"),
     "seqlens_not_tensor": (_decode(seqlens=[3, 4]), TypeError, "cache_seqlens"),
+    "k_cache_head_dim_only": (_decode(k_cache=torch.randn(2, 2, 10, 32)), ValueError,
+                              "k_cache must have the head_dim of q"),
+    "float64_triton": (_decode(q=torch.randn(2, 4, 1, 16).double(), k_cache=torch.randn(2, 2, 10, 16).double(),
+                               v_cache=torch.randn(2, 2, 10, 16).double()), ValueError, "float64"),
+    "head_dim_triton": (_decode(q=torch.randn(2, 4, 1, 8), k_cache=torch.randn(2, 2, 10, 8),
+                                v_cache=torch.randn(2, 2, 10, 8)), ValueError, "head_dim"),
 }
 
 
@@ -326,6 +338,300 @@ def test_decode_attention_rejects_bad_input(name):
     call, error, argument = DECODE_REJECTIONS[name]
     with pytest.raises(error, match=argument):
         call()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NaN / Inf: softmax(q k^T) v in fp64 over the keys each row sees is the oracle (F.scaled_dot_product_attention's
+# math backend, except for a row whose visible scores are all -inf: SDPA's _safe_softmax returns 0 there)
+# ---------------------------------------------------------------------------------------------------------------
+def _finite_pattern(t):
+    """-1 / 1 for -inf / +inf, 2 for NaN, 0 for finite values."""
+    return torch.where(torch.isnan(t), 2, torch.where(torch.isposinf(t), 1, torch.where(torch.isneginf(t), -1, 0)))
+
+
+def _sdpa_fp64(q, k, v):
+    """Attention in fp64 over all of k/v: torch.softmax of the scaled scores times v (SDPA's math backend gives
+    the same, checked for finite inputs); zeros over no key (see test_*_empty_*)."""
+    if k.shape[2] == 0:
+        return torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = torch.softmax((q * q.shape[3] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v
+    if all(torch.isfinite(t).all() for t in (q, k, v)):
+        with sdpa_kernel(SDPBackend.MATH):
+            torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-12, atol=1e-12)
+    return out
+
+
+def _sdpa_over_visible_keys(q, k, v, causal):
+    """Row by row SDPA over exactly the keys the row sees (bottom-right causal alignment)."""
+    if not causal:
+        return _sdpa_fp64(q, k, v)
+    seq_q, seq_k = q.shape[2], k.shape[2]
+    seen = [max(0, i + seq_k - seq_q + 1) for i in range(seq_q)]
+    rows = [_sdpa_fp64(q[:, :, i:i + 1], k[:, :, :n], v[:, :, :n]) for i, n in enumerate(seen)]
+    return torch.cat(rows, dim=2)
+
+
+def _assert_matches_sdpa_with_its_nan_pattern(out, reference, eager=None):
+    assert torch.equal(_finite_pattern(out), _finite_pattern(reference))
+    finite = torch.isfinite(reference)
+    if eager is None:
+        torch.testing.assert_close(out.double()[finite], reference[finite], rtol=1e-4, atol=1e-4)
+    else:
+        assert_close_to_reference(torch.where(finite, out, 0), torch.where(finite, reference, 0),
+                                  torch.where(finite, eager, 0))
+
+
+def _with_specials(t, entries):
+    t = t.clone()
+    for index, value in entries:
+        t[index] = value
+    return t
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_decode_attention_never_reads_cache_slots_past_the_length(impl, device):
+    """NaN/Inf stored past cache_seqlens (stale or uninitialized slots) must not reach the output (the eager
+    reference used to multiply them by a zero probability: 0 * NaN = NaN)."""
+    q = random_tensor((3, 4, 1, 16), torch.float32, 0, device)
+    k_cache = random_tensor((3, 2, 21, 16), torch.float32, 1, device)
+    v_cache = random_tensor((3, 2, 21, 16), torch.float32, 2, device)
+    seqlens = torch.tensor([5, 0, 20], device=device)
+    poisoned_k, poisoned_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(seqlens.tolist()):
+        poisoned_k[b, :, n:] = NAN
+        poisoned_v[b, :, n:, ::2] = INF
+        poisoned_v[b, :, n:, 1::2] = NAN
+    out = decode_attention(q, poisoned_k, poisoned_v, seqlens, impl=impl)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, decode_attention(q, k_cache, v_cache, seqlens, impl=impl), rtol=0, atol=0)
+    reference = torch.cat([_sdpa_fp64(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n])
+                           for b, n in enumerate(seqlens.tolist())])
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_flash_attention_hidden_keys_never_reach_the_rows_they_are_hidden_from(impl, device):
+    """Causal: NaN/Inf in a key or value that a row does not see leaves that row finite and exact (the kernel
+    used to multiply a hidden NaN value by its zero probability inside the diagonal block, the reference in every
+    row); rows that do see it follow SDPA."""
+    q, k, v = _qkv(1, 2, 1, 70, 70, 16, torch.float32, device)
+    k_bad = _with_specials(k, [((0, 0, 50, 3), INF), ((0, 0, 60, 0), NAN)])
+    v_bad = _with_specials(v, [((0, 0, 40, 5), NAN), ((0, 0, 45, 7), INF), ((0, 0, 45, 8), -INF)])
+    out = flash_attention(q, k_bad, v_bad, causal=True, impl=impl)
+    clean = flash_attention(q, k, v, causal=True, impl=impl)
+    assert torch.isfinite(out[:, :, :40]).all()
+    torch.testing.assert_close(out[:, :, :40], clean[:, :, :40], rtol=1e-5, atol=1e-6)
+    reference = _sdpa_over_visible_keys(q, k_bad, v_bad, causal=True)
+    assert torch.isnan(reference[:, :, 40:, 5]).all() and torch.isposinf(reference[:, :, 45:50, 7]).all()
+    _assert_matches_sdpa_with_its_nan_pattern(out, reference)
+
+
+SPECIAL_QUERIES = {
+    # every score -inf: softmax's 0 / 0 is NaN (SDPA's _safe_softmax returns 0, hiding the Inf; issue 11, item 11)
+    "inf_query_all_scores_minus_inf": lambda q, k: (_with_specials(q, [((..., 0), INF)]), k.abs().neg()),
+    "inf_query_some_scores_plus_inf": lambda q, k: (_with_specials(q, [((..., 0), INF)]), k),
+    "minus_inf_query": lambda q, k: (_with_specials(q, [((..., 2), -INF)]), k),
+    "nan_query": lambda q, k: (_with_specials(q, [((0, 1, ..., 3), NAN)]), k),
+    "inf_query_times_zero_key": lambda q, k: (_with_specials(q, [((..., 0), INF)]),
+                                              _with_specials(k, [((..., 0), 0.0)])),
+}
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+@pytest.mark.parametrize("case", list(SPECIAL_QUERIES))
+def test_nan_and_inf_queries_give_the_softmax_nan_pattern(case, impl, device):
+    """A NaN/Inf query gives softmax attention's NaN/Inf pattern under both ops and both impls: NaN where a
+    score is NaN or +inf, and where every visible score is -inf (the ops used to return 0 there)."""
+    q, k, v = _qkv(2, 4, 2, 9, 23, 16, torch.float32, device)
+    k = k.abs() + 0.1
+    q, k = SPECIAL_QUERIES[case](q, k)
+    for causal in (False, True):
+        out = flash_attention(q, k, v, causal=causal, impl=impl)
+        _assert_matches_sdpa_with_its_nan_pattern(out, _sdpa_over_visible_keys(q, k, v, causal))
+    seqlens = torch.tensor([23, 7], device=device)
+    out = decode_attention(q[:, :, :1], k, v, seqlens, impl=impl)
+    reference = torch.cat([_sdpa_fp64(q[b:b + 1, :, :1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
+                           for b, n in enumerate(seqlens.tolist())])
+    _assert_matches_sdpa_with_its_nan_pattern(out, reference)
+    if case == "inf_query_all_scores_minus_inf":
+        assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_nan_and_inf_keys_and_values_follow_sdpa(impl, device):
+    """Specials in the keys and values every row sees: NaN for a NaN key or a +inf score, +-Inf in the dims of an
+    Inf value, NaN where +Inf meets -Inf; fp16 and bf16 as fp32."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q, k, v = _qkv(1, 2, 1, 5, 13, 16, dtype, device)
+        k = _with_specials(k, [((0, 0, 3, 0), NAN)])
+        v = _with_specials(v, [((0, 0, 5, 1), INF), ((0, 0, 6, 2), -INF), ((0, 0, 7, 4), INF), ((0, 0, 8, 4), -INF)])
+        for causal in (False, True):
+            out = flash_attention(q, k, v, causal=causal, impl=impl)
+            _assert_matches_sdpa_with_its_nan_pattern(out, _sdpa_over_visible_keys(q, k, v, causal))
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_an_inf_value_of_a_tiny_probability_stays_inf_in_half_precision(impl, device):
+    """p = e^-24 rounds to 0 in an fp16 tile, and 0 * Inf = NaN; the probability is positive (fp32, fp64), so
+    softmax attention gives +Inf there (the program recomputes such an output exactly)."""
+    q = torch.zeros(1, 2, 1, 16, device=device)
+    k = torch.zeros(1, 1, 2, 16, device=device)
+    q[..., 0], k[0, 0, 0, 0], k[0, 0, 1, 0] = 8.0, 8.0, -4.0
+    v = random_tensor((1, 1, 2, 16), torch.float32, 3, device)
+    v[0, 0, 1, 3] = INF
+    q, k, v = q.half(), k.half(), v.half()
+    for out in (flash_attention(q, k, v, impl=impl),
+                decode_attention(q, k, v, torch.tensor([2], device=device), impl=impl)):
+        reference = _sdpa_fp64(q, k, v)
+        assert torch.isposinf(reference[..., 3]).all()
+        _assert_matches_sdpa_with_its_nan_pattern(out, reference, flash_attention(q, k, v, impl="eager"))
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_fp32_scores_are_scaled_before_they_can_overflow(impl, device):
+    """q . k = -1.6 * 3.4e38 overflows fp32, scale * q . k does not: q is scaled first (as SDPA does), so the one
+    key keeps its probability 1 instead of a -inf score turning the row NaN."""
+    for dtype in (torch.float32, torch.bfloat16):  # bf16 has fp32's range
+        q, k, v = _qkv(1, 2, 1, 3, 1, 16, dtype, device)
+        q = _with_specials(q, [((..., 11), -1.6)])
+        k = _with_specials(k, [((..., 11), 3.3e38)])
+        out = flash_attention(q, k, v, impl=impl)
+        torch.testing.assert_close(out, v.expand(1, 2, 3, 16), rtol=0, atol=0)
+        out = flash_attention(q, k, v, causal=True, impl=impl)  # the last row alone sees the key
+        torch.testing.assert_close(out[:, :, -1:], v.expand(1, 2, 1, 16), rtol=0, atol=0)
+        decoded = decode_attention(q[:, :, :1], k, v, torch.tensor([1], device=device), impl=impl)
+        torch.testing.assert_close(decoded, v.expand(1, 2, 1, 16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "eager"])
+def test_rows_that_see_no_key_and_empty_caches_are_zero_whatever_the_query(impl, device):
+    """No visible key: zeros, as SDPA gives for a finite query (a fully masked row, zero keys). SDPA over zero
+    keys turns its whole output NaN when any query entry is NaN/Inf; here the output does not depend on q."""
+    q = _with_specials(random_tensor((2, 2, 1, 16), torch.float32, 0, device), [((0, 0, 0, 1), NAN),
+                                                                                 ((1, 1, 0, 2), INF)])
+    cache = random_tensor((2, 1, 9, 16), torch.float32, 1, device)
+    out = decode_attention(q, cache, cache, torch.tensor([0, 0], device=device), impl=impl)
+    assert torch.equal(out, torch.zeros_like(q))
+    finite_q = random_tensor((2, 2, 1, 16), torch.float32, 0, device)
+    assert torch.equal(decode_attention(finite_q, cache, cache, torch.tensor([0, 0], device=device), impl=impl),
+                       _sdpa_fp64(finite_q, cache[:, :, :0], cache[:, :, :0]).float())
+    out = flash_attention(q, cache[:, :, :0], cache[:, :, :0], impl=impl)
+    assert torch.equal(out, torch.zeros_like(q))
+    # seq_q > seq_k, causal: the first rows see no key; SDPA (math, fp64) gives them zeros too
+    q, k, v = _qkv(1, 2, 1, 9, 4, 16, torch.float32, device)
+    out = flash_attention(q, k, v, causal=True, impl=impl)
+    mask = causal_visibility(9, 4, device)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                  enable_gqa=True)
+    assert torch.equal(out[:, :, :5], torch.zeros_like(out[:, :, :5]))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The op contract: fp64, head dims the kernels do not take, zero sizes, strides, meta tensors
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_float64_runs_the_eager_reference_in_float64(causal, device):
+    q, k, v = _qkv(2, 4, 2, 7, 13, 16, torch.float64, device)
+    out = flash_attention(q, k, v, causal=causal)
+    mask = causal_visibility(7, 13, device) if causal else None
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    seqlens = torch.tensor([13, 4], device=device)
+    out = decode_attention(q[:, :, :1], k, v, seqlens)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, decode_attention_reference(q[:, :, :1], k, v, seqlens), rtol=0, atol=0)
+    torch.testing.assert_close(out[1:], _sdpa_fp64(q[1:, :, :1], k[1:, :, :4], v[1:, :, :4]), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("head_dim", [1, 8, 300])
+def test_head_dims_outside_the_kernels_run_the_reference_under_auto(head_dim, device):
+    q, k, v = _qkv(1, 2, 1, 5, 6, head_dim, torch.float32, device)
+    out = flash_attention(q, k, v, causal=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_visibility(5, 6, device),
+                                                  enable_gqa=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    decoded = decode_attention(q[:, :, :1], k, v, torch.tensor([3], device=device))
+    torch.testing.assert_close(decoded, _sdpa_fp64(q[:, :, :1], k[:, :, :3], v[:, :, :3]).float(), rtol=1e-5,
+                               atol=1e-5)
+
+
+ZERO_SIZES = [  # (q shape, k shape)
+    ((0, 2, 5, 16), (0, 1, 5, 16)),
+    ((2, 0, 5, 16), (2, 0, 5, 16)),
+    ((2, 0, 5, 16), (2, 1, 5, 16)),
+    ((2, 2, 0, 16), (2, 1, 5, 16)),
+    ((2, 2, 5, 16), (2, 1, 0, 16)),
+    ((2, 2, 5, 0), (2, 1, 5, 0)),
+]
+
+
+@pytest.mark.parametrize("q_shape,k_shape", ZERO_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_zero_sizes_give_the_shapes_sdpa_gives(q_shape, k_shape, device):
+    q = random_tensor(q_shape, torch.float32, 0, device)
+    k = random_tensor(k_shape, torch.float32, 1, device)
+    expected = F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+    impls = ["eager", "auto"] + (["triton"] if q_shape[3] >= 16 else [])
+    for impl in impls:
+        for causal in (False, True):
+            out = flash_attention(q, k, k, causal=causal, impl=impl)
+            assert out.shape == expected.shape
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        if q_shape[2] == 1 or q_shape[2] == 0:
+            continue
+        seqlens = torch.full((q_shape[0],), k_shape[2], dtype=torch.int32, device=device)
+        decoded = decode_attention(q[:, :, :1], k, k, seqlens, impl=impl)
+        assert decoded.shape == q[:, :, :1].shape
+        torch.testing.assert_close(decoded, expected[:, :, :1] if k_shape[2] else torch.zeros_like(decoded),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attention_reads_expanded_and_transposed_layouts(device):
+    """GQA keys/values expanded to every query head with stride 0, a transposed query, a sliced head_dim."""
+    q, k, v = _qkv(2, 4, 1, 19, 19, 32, torch.float32, device)
+    q_t = q.transpose(2, 3).contiguous().transpose(2, 3)
+    k_wide = random_tensor((2, 1, 19, 64), torch.float32, 8, device)[..., ::2]
+    k_expanded, v_expanded = k_wide.expand(2, 4, 19, 32), v.expand(2, 4, 19, 32)
+    assert k_expanded.stride(1) == 0 and k_expanded.stride(3) == 2
+    reference = _forward_backward(lambda *t: attention_reference(*t, True), [x.double() for x in (q, k_wide, v)],
+                                  random_tensor(q.shape, torch.float64, 9, device))
+    for impl in ("triton", "eager"):
+        out = flash_attention(q_t, k_expanded, v_expanded, causal=True, impl=impl)
+        torch.testing.assert_close(out.double(), reference[0], rtol=1e-5, atol=1e-5)
+    seqlens = torch.tensor([19, 6], device=device)
+    decoded = decode_attention(q_t[:, :, :1], k_expanded, v_expanded, seqlens, impl="triton")
+    torch.testing.assert_close(decoded, decode_attention_reference(q[:, :, :1], k_wide, v, seqlens), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_meta_tensors_take_the_registered_op_and_its_fake():
+    q = torch.empty(2, 4, 9, 16, device="meta")
+    k = torch.empty(2, 2, 9, 16, device="meta")
+    for impl in ("auto", "triton"):
+        assert flash_attention(q, k, k, causal=True, impl=impl).shape == q.shape
+        seqlens = torch.empty(2, dtype=torch.int32, device="meta")
+        assert decode_attention(q[:, :, :1], k, k, seqlens, impl=impl).shape == (2, 4, 1, 16)
+    small = torch.empty(2, 2, 9, 8, device="meta")
+    assert flash_attention(small, small, small, impl="triton").device.type == "meta"
+
+
+@pytest.mark.parametrize("seqlens, bad", [([3, 11], 11), ([-1, 4], -1)])
+def test_cache_seqlens_range_is_checked_on_the_host_for_cpu_tensors(seqlens, bad):
+    q, cache = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 10, 16)
+    for impl in ("eager", "triton"):
+        with pytest.raises(ValueError, match=rf"cache_seqlens must lie in \[0, 10\]; got a value {bad}"):
+            decode_attention(q, cache, cache, torch.tensor(seqlens), impl=impl)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,3 +665,31 @@ def test_decode_attention_long_cache_bf16():
     eager = decode_attention(q, k_cache, v_cache, seqlens, impl="eager")
     reference = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), seqlens)
     assert_close_to_reference(kernel, reference, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nan_and_inf_semantics_of_the_compiled_kernels(dtype):
+    """The compiled kernels (native 16-bit dots, the runtime branch of a masked block holding NaN/Inf values, the
+    pre-scaled query) give what the interpreter gives: hidden NaN values never reach the rows they are hidden
+    from, an all -inf row is NaN, an empty cache is zero."""
+    q, k, v = _qkv(2, 4, 2, 300, 300, 64, dtype, "cuda")
+    v_bad = _with_specials(v, [((0, 0, 200, 5), NAN), ((1, 1, 130, 7), INF)])
+    out = flash_attention(q, k, v_bad, causal=True, impl="triton")
+    clean = flash_attention(q, k, v, causal=True, impl="triton")
+    assert torch.isfinite(out[0, :2, :200]).all() and torch.isfinite(out[1, 2:, :130]).all()
+    assert torch.isfinite(clean).all()
+    assert torch.isnan(out[0, :2, 200:, 5]).all() and torch.isposinf(out[1, 2:, 130:, 7]).all()
+    reference = attention_reference(q.double(), k.double(), v_bad.double(), True)
+    _assert_matches_sdpa_with_its_nan_pattern(out, reference, flash_attention(q, k, v_bad, causal=True,
+                                                                              impl="eager"))
+    q_inf = _with_specials(q, [((0, 0, 3, 0), INF)])
+    k_neg = _with_specials(k, [((0, 0, ..., 0), -1.0)])
+    out = flash_attention(q_inf, k_neg, v, impl="triton")
+    assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[0, 0, :3]).all()
+    seqlens = torch.tensor([0, 250], device="cuda", dtype=torch.int32)
+    decoded = decode_attention(q_inf[:, :, 3:4], k_neg, v_bad, seqlens, impl="triton")
+    assert torch.equal(decoded[0], torch.zeros_like(decoded[0]))
+    reference = decode_attention_reference(q_inf[:, :, 3:4].double(), k_neg.double(), v_bad.double(), seqlens)
+    eager = decode_attention(q_inf[:, :, 3:4], k_neg, v_bad, seqlens, impl="eager")
+    _assert_matches_sdpa_with_its_nan_pattern(decoded, reference, eager)

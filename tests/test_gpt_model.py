@@ -354,6 +354,16 @@ def test_short_training_run_converges_identically_under_both_impls():
     (dict(vocab_size=0), ValueError, "vocab_size=0"),
     (dict(block_size=2.5), TypeError, "block_size"),
     (dict(bias=1), TypeError, "bias"),
+    (dict(vocab_size=-3), ValueError, "vocab_size=-3"),
+    (dict(vocab_size="50"), TypeError, "vocab_size"),
+    (dict(block_size=0), ValueError, "block_size=0"),
+    (dict(n_layer=0), ValueError, "n_layer=0"),
+    (dict(n_layer=True), TypeError, "n_layer"),
+    (dict(n_head=0), ValueError, "n_head=0"),
+    (dict(n_head=2.0), TypeError, "n_head"),
+    (dict(n_kv_head=-2), ValueError, "n_kv_head=-2"),
+    (dict(n_embd=0), ValueError, "n_embd=0"),
+    (dict(n_embd=64.0), TypeError, "n_embd"),
 ])
 def test_config_rejects_bad_sizes(overrides, error, argument):
     with pytest.raises(error, match=argument):
@@ -361,7 +371,10 @@ def test_config_rejects_bad_sizes(overrides, error, argument):
 
 
 @pytest.mark.parametrize("idx, error, argument", [
-    (torch.zeros(2, 5), TypeError, "idx must hold token ids"),
+    (torch.zeros(2, 5), TypeError, "idx must have an integer dtype"),
+    (torch.tensor([[1, 50]]), ValueError, r"idx \(token ids\) must lie in \[0, 50\); got a value 50"),
+    (torch.tensor([[-1, 3]]), ValueError, r"idx \(token ids\) must lie in \[0, 50\); got a value -1"),
+    (torch.tensor([[1, 250]], dtype=torch.uint8), ValueError, "idx .* got a value 250"),
     (torch.zeros(5, dtype=torch.long), ValueError, r"idx must be \[batch, seq\]"),
     (torch.zeros(2, 0, dtype=torch.long), ValueError, r"idx must be \[batch, seq\]"),
     (torch.zeros(1, 33, dtype=torch.long), ValueError, "block_size=32"),
@@ -372,13 +385,56 @@ def test_forward_rejects_bad_idx(idx, error, argument):
         tiny_gpt()(idx)
 
 
-@pytest.mark.parametrize("targets, error", [
-    (torch.zeros(2, 4, dtype=torch.long), ValueError),
-    (torch.zeros(2, 5), TypeError),
+@pytest.mark.parametrize("targets, error, message", [
+    (torch.zeros(2, 4, dtype=torch.long), ValueError, "targets must have idx's shape"),
+    (torch.zeros(2, 5), TypeError, "targets must have an integer dtype"),
+    (torch.full((2, 5), 50), ValueError, r"targets .* must lie in \[-1, 50\); got a value 50"),
+    (torch.full((2, 5), -2), ValueError, r"targets .* must lie in \[-1, 50\); got a value -2"),
 ])
-def test_forward_rejects_bad_targets(targets, error):
-    with pytest.raises(error, match="targets"):
+def test_forward_rejects_bad_targets(targets, error, message):
+    with pytest.raises(error, match=message):
         tiny_gpt()(torch.zeros(2, 5, dtype=torch.long), targets)
+
+
+def test_token_ids_of_any_integer_dtype_give_the_int64_results():
+    """uint8/int16/int32 ids (checked against the vocabulary after widening: a uint8 comparison with 50 would
+    wrap) give the logits and loss of int64 ids; -1 targets are ignored."""
+    model = tiny_gpt()
+    idx, targets = token_ids((2, 6), seed=1), token_ids((2, 6), seed=2)
+    targets[1, :2] = -1
+    with use_impl("eager"):
+        expected = model(idx, targets)
+        for dtype in (torch.uint8, torch.int16, torch.int32):
+            logits, loss = model(idx.to(dtype), targets.to(torch.int16 if dtype == torch.uint8 else dtype))
+            torch.testing.assert_close(logits, expected[0], rtol=0, atol=0)
+            torch.testing.assert_close(loss, expected[1], rtol=0, atol=0)
+        generated = model.generate(idx.to(torch.uint8), 2, temperature=0.0)
+    assert generated.dtype == torch.uint8
+    with pytest.raises(TypeError, match="idx is torch.uint8, which cannot hold"):
+        tiny_gpt(vocab_size=300).generate(idx.to(torch.uint8), 2)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324, 1e-300, 1e-30])
+def test_a_tiny_temperature_samples_the_greedy_tokens(temperature):
+    """logits / 1e-45 used to overflow to +-inf, softmax gave NaN and torch.multinomial raised; the shifted,
+    fp32-safe softmax gives probability 1 to the largest logit (no ties here), as greedy decoding."""
+    model = tiny_gpt(seed=3)
+    prompt = token_ids((3, 4), seed=4)
+    with use_impl("eager"):
+        greedy = model.generate(prompt, 5, temperature=0.0)
+        sampled = model.generate(prompt, 5, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        with_top_k = model.generate(prompt, 5, temperature=temperature, top_k=5,
+                                    generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled, greedy) and torch.equal(with_top_k, greedy)
+
+
+def test_sampling_probabilities_are_the_softmax_of_the_scaled_logits():
+    """The shifted form draws from softmax(logits / temperature): a two-token case sampled many times."""
+    from genkernels.models.gpt import _pick_token
+
+    logits = torch.tensor([[0.0, math.log(3.0)]]).expand(4000, 2)
+    draws = _pick_token(logits * 0.5, False, 0.5, None, torch.Generator().manual_seed(0))
+    assert abs(draws.float().mean().item() - 0.75) < 0.03
 
 
 @pytest.mark.parametrize("kwargs, error, argument", [
@@ -386,6 +442,9 @@ def test_forward_rejects_bad_targets(targets, error):
     (dict(max_new_tokens=2.0), TypeError, "max_new_tokens"),
     (dict(max_new_tokens=30), ValueError, "block_size=32"),
     (dict(temperature=-0.5), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature=nan"),
+    (dict(temperature=float("inf")), ValueError, "temperature=inf"),
+    (dict(temperature="0.5"), TypeError, "temperature"),
     (dict(top_k=0), ValueError, "top_k=0"),
     (dict(use_cache=1), TypeError, "use_cache"),
     (dict(generator=0), TypeError, "generator"),
@@ -394,6 +453,11 @@ def test_generate_rejects_bad_arguments(kwargs, error, argument):
     kwargs = {"max_new_tokens": 3, **kwargs}
     with pytest.raises(error, match=argument):
         tiny_gpt().generate(torch.zeros(2, 4, dtype=torch.long), **kwargs)
+
+
+def test_generate_rejects_a_prompt_with_out_of_range_token_ids():
+    with pytest.raises(ValueError, match=r"idx \(token ids\) must lie in \[0, 50\)"):
+        tiny_gpt().generate(torch.tensor([[3, 50]]), 2)
 
 
 def test_generate_accepts_the_longest_sequence_that_fits_the_block():
@@ -433,6 +497,13 @@ def test_forward_rejects_a_kv_cache_of_another_type_or_dtype():
     ((64, 4, 3), {}, ValueError, "num_kv_heads=3"),
     ((2048, 4), {}, ValueError, "head_dim=512"),
     ((64, 4), dict(causal=1), TypeError, "causal"),
+    ((0, 4), {}, ValueError, "embed_dim=0"),
+    ((64, 0), {}, ValueError, "num_heads=0"),
+    ((64, -4), {}, ValueError, "num_heads=-4"),
+    ((64.0, 4), {}, TypeError, "embed_dim"),
+    ((64, 4, 0), {}, ValueError, "num_kv_heads=0"),
+    ((64, 4), dict(bias=None), TypeError, "bias"),
+    ((64, 4), dict(dtype=torch.int64), TypeError, "dtype"),
 ])
 def test_layer_rejects_bad_head_layouts(args, kwargs, error, argument):
     with pytest.raises(error, match=argument):
@@ -480,6 +551,19 @@ def test_kv_cache_rejects_bad_writes():
         KVCache(1, -1, 2, 6, 16)
     with pytest.raises(TypeError, match="dtype"):
         KVCache(1, 1, 2, 6, 16, dtype=torch.long)
+
+
+@pytest.mark.parametrize("args, error, argument", [
+    ((0, 1, 2, 6, 16), ValueError, "num_layers=0"),
+    ((1, 1.0, 2, 6, 16), TypeError, "batch_size"),
+    ((1, 1, 0, 6, 16), ValueError, "num_kv_heads=0"),
+    ((1, 1, 2, -6, 16), ValueError, "max_seq_len=-6"),
+    ((1, 1, 2, 6, 0), ValueError, "head_dim=0"),
+    ((1, 1, 2, 6, "16"), TypeError, "head_dim"),
+])
+def test_kv_cache_rejects_bad_sizes(args, error, argument):
+    with pytest.raises(error, match=argument):
+        KVCache(*args)
 
 
 # --------------------------------------------------------------------------------------------------------------
