@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .checks import check_choice, check_float_tensor, check_int, check_real, check_same_device, check_same_dtype
 from .checks import describe
-from .launch import CompileVariant, elementwise_block, elementwise_block_configs, is_dense
+from .launch import elementwise_block, is_dense
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import sigmoid, tanh
 
@@ -295,7 +295,10 @@ def _bias_act_kernel(
             # autograd, the gradient (MASK_FIRST) masks dy before the product, so a NaN derivative still gives
             # NaN; its adjoint (the derivative in dy) masks the product, so a masked NaN derivative is dropped.
             if REF_Y:
-                passes = tl.abs(y) < clamp  # a stored output at +-clamp is taken as saturated
+                # a stored output at +-clamp is taken as saturated: the forward stored the clamp rounded to y's
+                # dtype (0.7 is 0.69921875 in bf16), so compare with that rounded bound, not the fp32 one
+                y_clamp = (tl.zeros_like(y) + clamp).to(y_ptr.dtype.element_ty).to(tl.float32)
+                passes = tl.abs(y) < y_clamp
             else:
                 passes = tl.abs(_activate(s, alpha, ACT) * gain) <= clamp
             if MASK_FIRST:
@@ -356,34 +359,6 @@ def _launch(mode: int, act: str, out_dtype: torch.dtype, x, bias, y, dy, ddx, di
         BLOCK=block, num_warps=num_warps,
     )
     return out
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Every block config, each dtype, and each activation in each of its modes."""
-    configs = elementwise_block_configs()
-    block, num_warps = configs[-1]
-    scalars = {"alpha": "fp32", "gain": "fp32", "inv_gain": "fp32", "clamp": "fp32", "grad2_scale": "fp32"}
-    base = dict(MODE=MODE_FORWARD, ACT=2, HAS_BIAS=True, REF_Y=False, CLAMP=False, MASK_FIRST=True,
-                DIM_INNERMOST=False, OFFSETS_64=False, BLOCK=block)
-    variants = [CompileVariant(_bias_act_kernel, {"*": f"*{data_type}"}, base, num_warps, scalars)
-                for data_type in ("fp32", "fp16", "bf16")]
-    for small_block, small_warps in configs[:-1]:
-        variants.append(CompileVariant(_bias_act_kernel, {"*": "*fp32"}, dict(base, BLOCK=small_block),
-                                       small_warps, scalars))
-    codes = {}
-    for spec in ACTIVATIONS.values():
-        codes.setdefault(spec.code, spec)
-    for code, spec in codes.items():
-        # the highest mode of each activation; with a clamp where the backward reads x, which then compiles the
-        # forward's activation too
-        mode = MODE_GRAD2 if spec.has_second_grad else MODE_GRAD
-        switches = dict(MODE=mode, ACT=code, REF_Y=spec.ref == "y", CLAMP=spec.ref == "x" or code % 2 == 0,
-                        MASK_FIRST=code % 4 != 1, DIM_INNERMOST=code % 3 == 0, OFFSETS_64=code == ACT_GELU_TANH)
-        variants.append(CompileVariant(_bias_act_kernel, {"*": "*bf16"}, dict(base, **switches), num_warps, scalars))
-        if spec.ref == "y" and code != base["ACT"]:
-            variants.append(CompileVariant(_bias_act_kernel, {"*": "*fp16"}, dict(base, ACT=code, CLAMP=True),
-                                           num_warps, scalars))
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -383,6 +383,44 @@ def test_split_path(dtype, channels_last, device):
     _check(x, num_groups, weight, bias, kernel=_triton_op(num_groups), settings=dict(target_programs=target, tile=tile))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("target", [1, 10**4], ids=["unsplit", "split"])
+@pytest.mark.parametrize("case", ["property_suite", "ragged"])
+def test_half_input_gradients_are_computed_in_fp32(case, target, dtype, device):
+    """dweight / dbias are reduced from fp32 ``dz`` and ``dz * x_hat`` (nothing rounded to the input's dtype on
+    the way) and dx is computed in fp32 and rounded once: against the fp64 reference fed the SAME half-precision
+    x and dy, the parameter gradients agree to fp32 accuracy (a dz rounded to bf16 would be ~4e-3 off) and dx to
+    one ulp of its dtype. The property suite's case (bf16 x = [[1.5391], [-0.2930]], fp32 bias 0.6614, G = 1)
+    gave dbias 1.00695 against 1.00814 there: that gap is the upstream gradient's own rounding to bf16 (the fp64
+    reference was fed the unrounded dy); from the rounded dy fp64 gives 1.0069470 too."""
+    if case == "property_suite":
+        x = torch.tensor([[1.5391], [-0.2930]], dtype=dtype, device=device)
+        num_groups, weight = 1, None
+        bias = torch.tensor([0.6614], device=device)
+        dy = torch.tensor([[1.5409961082440433], [-0.2934289057609464]], device=device).to(dtype)
+    else:
+        x = random_tensor((3, 6, 5, 7), dtype, 21, device, scale=3.0)
+        num_groups = 2
+        weight, bias = _parameters(6, torch.float32, device, seed=22)
+        dy = random_tensor(x.shape, dtype, 23, device)
+    with _forced(target_programs=target, tile=16):
+        _, (dx, dweight, dbias) = _forward_and_grads(_triton_op(num_groups), x, weight, bias, dy)
+    wide = [t.double() if t is not None else None for t in (x, weight, bias)]
+    _, (ref_dx, ref_dweight, ref_dbias) = _forward_and_grads(
+        lambda a, w, b: group_norm_silu_reference(a, num_groups, w, b, 1e-5, "silu"), *wide, dy.double())
+    for name, got, want in (("dweight", dweight, ref_dweight), ("dbias", dbias, ref_dbias)):
+        if want is None:
+            continue
+        assert got.dtype == torch.float32, name
+        error = (got.double() - want).abs().max().item()
+        assert error <= 1e-5 * max(1.0, want.abs().max().item()), f"{name}: {error:.3e} off the fp64 reference"
+    # one ulp: rounded to nearest on GPU (half an ulp); the CPU interpreter's fp32 -> bf16 cast truncates
+    ulp = torch.finfo(dtype).eps * ref_dx.abs()
+    error = (dx.double() - ref_dx).abs()
+    slack = 1e-5 * max(1.0, ref_dx.abs().max().item())
+    assert (error <= ulp + slack).all(), f"dx: {error.max().item():.3e} off the fp64 reference"
+
+
 def test_unsplit_path_with_several_tiles_per_group(device):
     shape, num_groups, tile = (2, 8, 17, 9), 2, 32
     plan = plan_launch(shape[0], shape[1], num_groups, 17 * 9, False, 1, tile)
