@@ -421,15 +421,20 @@ def compare_outputs(actual: Any, reference: Any, baseline: Any, name: str = "out
         assert_close_to_reference(a.detach(), r.detach(), b.detach(), label)
 
 
-def input_gradients(outputs: Any, inputs: Sequence[torch.Tensor], seed: int = 0) -> list[Optional[torch.Tensor]]:
+def input_gradients(outputs: Any, inputs: Sequence[torch.Tensor], seed: int = 0,
+                    rounded_to: Optional[torch.dtype] = None) -> list[Optional[torch.Tensor]]:
     """``d <sum_i g_i . outputs_i> / d inputs`` for a random upstream gradient ``g_i`` per output: standard normal
-    values drawn in fp64 from ``seed`` and rounded to each output's dtype, so calls with the same seed and shapes
-    pull back the same ``g`` through a kernel, its fp64 reference and its baseline. Outputs that carry no gradient
-    (integer, or not requiring grad) are skipped; an input no output depends on gets None."""
+    values drawn in fp64 from ``seed``, rounded to ``rounded_to`` when given, then to each output's dtype, so calls
+    with the same seed and shapes pull back the same ``g`` through a kernel, its fp64 reference (pass the kernel's
+    dtype as ``rounded_to``: the reference then sees exactly the kernel's upstream values) and its baseline.
+    Outputs that carry no gradient (integer, or not requiring grad) are skipped; an input no output depends on
+    gets None."""
     generator = torch.Generator().manual_seed(seed)
     pairs = []
     for out in _as_tuple(outputs):
         upstream = torch.randn(tuple(out.shape), generator=generator, dtype=torch.float64)
+        if rounded_to is not None:
+            upstream = upstream.to(rounded_to).to(torch.float64)
         if out.is_floating_point() and out.requires_grad:
             pairs.append((out, upstream.to(device=out.device, dtype=out.dtype)))
     if not pairs:

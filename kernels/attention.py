@@ -56,7 +56,7 @@ from .checks import (
     check_tensor,
     describe,
 )
-from .launch import CompileVariant, batch_chunks, native_dot
+from .launch import batch_chunks, native_dot
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import dot
 
@@ -745,40 +745,6 @@ def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float):
             out.stride(0), out.stride(1), out.stride(3), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
             BLOCK_D=block_d, num_warps=4)
     return out
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Every tile config the launchers can pick (by padded row bytes), each dtype, each constexpr switch."""
-    ints = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "acc_ptr": "*fp32",
-            "seqlens_ptr": "*i32"}
-    scalars = {"scale_log2": "fp32", "scale": "fp32"}
-    # (data dtype, head_dim) covering each row-bytes entry of _TILES; decode at its largest head group.
-    shapes = [("fp16", 64), ("bf16", 128), ("bf16", 256), ("fp32", 256)]
-    variants = []
-    for index, (dtype, head_dim) in enumerate(shapes):
-        fwd, dkdv, dq, decode_block_n = _TILES[_row_bytes(head_dim, 4 if dtype == "fp32" else 2)]
-        # On a GPU the dots are native (NATIVE_DOT) and nothing is upcast; UPCAST is the interpreter's switch.
-        dots = dict(UPCAST=False, NATIVE_DOT=True, IEEE=dtype == "fp32")
-        pointers = {"*": f"*{dtype}", **ints}
-        sizes = dict(BLOCK_D=_block_d(head_dim))
-        # The causal forward holds both key loops and the NaN/Inf-value path of its masked blocks.
-        for kernel, causal, (block_m, block_n, num_warps) in ((_attention_forward_kernel, True, fwd),
-                                                              (_attention_backward_dkdv_kernel, index % 2 == 0, dkdv),
-                                                              (_attention_backward_dq_kernel, index % 2 == 0, dq)):
-            variants.append(CompileVariant(
-                kernel, pointers, dict(dots, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, **sizes), num_warps,
-                scalars))
-        variants.append(CompileVariant(
-            _decode_partial_kernel, pointers,
-            dict(dots, BLOCK_H=DECODE_MAX_BLOCK_H, BLOCK_N=decode_block_n, **sizes), 4, scalars))
-    variants.append(CompileVariant(_attention_forward_kernel, {"*": "*fp32", **ints},
-                                   dict(CAUSAL=False, UPCAST=False, NATIVE_DOT=True, IEEE=True, BLOCK_M=64, BLOCK_N=32,
-                                        BLOCK_D=128), 4, scalars))
-    variants.append(CompileVariant(_attention_backward_preprocess_kernel, {"*": "*bf16", **ints},
-                                   dict(BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=256), 4, scalars))
-    variants.append(CompileVariant(_decode_combine_kernel, {"*": "*bf16", **ints},
-                                   dict(BLOCK_S=DECODE_MAX_SPLITS, BLOCK_D=256), 4, scalars))
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------------------------

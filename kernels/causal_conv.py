@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import launch
 from .checks import FLOAT_DTYPES, check_float_tensor, check_int, check_same_device, check_same_dtype, describe
-from .launch import CompileVariant, batch_chunks, launch_setting
+from .launch import batch_chunks, launch_setting
 from .runtime import KERNEL_DTYPES, choose_impl, compute_dtype, interpreter_enabled
 from .triton_helpers import dot
 
@@ -256,41 +256,6 @@ def launch_conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, ksize: int,
     elif with_bias and c_out > 0:
         grad_b[0] = grad_out.sum((0, 2), dtype=torch.float32)  # zero in-channels: the bias still has a gradient
     return grad_w.sum(0), (grad_b.sum(0) if with_bias else None)
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Each data dtype with native dots (the GPU path), both directions, with/without bias and addend, the block
-    sizes the launchers can pick (16, 32, 64 channels), fp32 in TF32 and in exact fp32, the interpreter's upcast
-    path once, and once with every scalar a launch may specialize to the constant 1 (dilation, strides, sizes)."""
-    variants = []
-    for dtype in ("fp32", "fp16", "bf16"):
-        for reverse, block in ((False, 64), (True, 16)):
-            variants.append(CompileVariant(
-                _causal_conv_kernel, {"*": f"*{dtype}"},
-                dict(KSIZE=2 if not reverse else 3, REVERSE=reverse, HAS_BIAS=not reverse, HAS_ADD=reverse,
-                     NATIVE_DOT=True, IEEE=reverse, BLOCK_CO=block, BLOCK_CI=64, BLOCK_T=CONV_BLOCK_T), 4))
-        variants.append(CompileVariant(
-            _conv_weight_grad_kernel, {"*": f"*{dtype}", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"},
-            dict(KSIZE=2, HAS_BIAS=True, NATIVE_DOT=True, IEEE=dtype == "fp32", BLOCK_CO=64, BLOCK_CI=32,
-                 BLOCK_T=CONV_BLOCK_T), 4))
-    variants.append(CompileVariant(
-        _causal_conv_kernel, {"*": "*bf16"},
-        dict(KSIZE=1, REVERSE=False, HAS_BIAS=True, HAS_ADD=False, NATIVE_DOT=False, IEEE=True, BLOCK_CO=32,
-             BLOCK_CI=16, BLOCK_T=CONV_BLOCK_T), 4))
-    variants.append(CompileVariant(
-        _conv_weight_grad_kernel, {"*": "*bf16", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"},
-        dict(KSIZE=1, HAS_BIAS=False, NATIVE_DOT=False, IEEE=True, BLOCK_CO=16, BLOCK_CI=64,
-             BLOCK_T=CONV_BLOCK_T), 4))
-    ones = dict(c_in=1, c_out=1, length=1, dilation=1, x_st=1, w_sk=1, bias_s=1, out_st=1, add_st=1)
-    variants.append(CompileVariant(
-        _causal_conv_kernel, {"*": "*fp32"},
-        dict(KSIZE=3, REVERSE=False, HAS_BIAS=True, HAS_ADD=True, NATIVE_DOT=True, IEEE=False, BLOCK_CO=16,
-             BLOCK_CI=16, BLOCK_T=CONV_BLOCK_T, **ones), 4))
-    variants.append(CompileVariant(
-        _conv_weight_grad_kernel, {"*": "*fp16", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"},
-        dict(KSIZE=3, HAS_BIAS=True, NATIVE_DOT=True, IEEE=False, BLOCK_CO=16, BLOCK_CI=16, BLOCK_T=CONV_BLOCK_T,
-             batch=1, c_out=1, c_in=1, length=1, dilation=1, num_splits=1, g_st=1, x_st=1), 4))
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from .checks import (
     check_min_rank,
     check_same_device,
 )
-from .launch import MAX_GRID_YZ, CompileVariant, batch_chunks, elementwise_block, per_sample_layout
+from .launch import MAX_GRID_YZ, batch_chunks, elementwise_block, per_sample_layout
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import sample_offsets, sigmoid
 
@@ -278,30 +278,6 @@ def _launch_backward(grad_y, grad_logdet, saved, log_scale, scale_fn: str, rever
             INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=block, SAMPLES=samples, num_warps=num_warps,
         )
     return gx_, ga_
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Every tile config the launcher can pick (fp32), each data dtype, and each constexpr switch."""
-    configs = [_tile_config(block) for block in SAMPLE_BLOCKS]
-    variants = []
-    for kernel in (_affine_coupling_fwd_kernel, _affine_coupling_bwd_kernel):
-        pointers = {"partial_ptr": "*fp32", "grad_logdet_ptr": "*fp32"}
-        backward = kernel is _affine_coupling_bwd_kernel
-        base = dict(SIGMOID=False, REVERSE=False, INNER_CONTIGUOUS=True, **({"HAS_GRAD_Y": True} if backward else {}))
-
-        def variant(data_type, config, **switches):
-            block, samples, num_warps = config
-            return CompileVariant(kernel, {"*": f"*{data_type}", **pointers},
-                                  dict(base, BLOCK=block, SAMPLES=samples, **switches), num_warps)
-
-        variants += [variant("fp32", config) for config in configs]
-        variants += [variant("fp16", configs[-1], SIGMOID=True, INNER_CONTIGUOUS=False),
-                     variant("bf16", configs[-1], REVERSE=True),
-                     variant("bf16", configs[0], SIGMOID=True, REVERSE=True)]
-        if backward:
-            variants += [variant("fp32", configs[-1], HAS_GRAD_Y=False),
-                         variant("fp16", configs[0], SIGMOID=True, REVERSE=True, HAS_GRAD_Y=False)]
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,17 +38,7 @@ from .checks import (
     check_values,
     describe,
 )
-from .launch import (
-    NOISE_NONE,
-    NOISE_PHILOX_BLOCK,
-    NOISE_PHILOX_GATHER,
-    NOISE_TENSOR,
-    CompileVariant,
-    SampleWalk,
-    batch_chunks,
-    draw_philox_seed,
-    elementwise_block_configs,
-)
+from .launch import SampleWalk, batch_chunks, draw_philox_seed
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import noise_values, sample_block, sample_offsets
 
@@ -625,55 +615,6 @@ def _launch_denoise_step_backward(options: _StepOptions, grad, model_output, sam
 
 
 _STRIDES = ("i64",) * 5
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Every block config the launchers can pick, each data dtype, and each constexpr switch at least once, for
-    the step and its gradient."""
-    base = dict(SCHEDULER=SCHEDULER_DDPM, PREDICTION=0, FIXED_LARGE=False, CLIP=False, USE_CLIPPED_MODEL_OUTPUT=False,
-                FINAL_ALPHA_IS_ONE=True, TIMESTEP_IN_TENSOR=False, PREV_TIMESTEP_IN_TENSOR=False,
-                INNER_CONTIGUOUS=True, GUIDANCE=False)
-    forward = dict(base, NOISE_MODE=NOISE_PHILOX_BLOCK)
-    forward_switches = [
-        dict(SCHEDULER=SCHEDULER_DDIM, CLIP=True, USE_CLIPPED_MODEL_OUTPUT=True, FINAL_ALPHA_IS_ONE=False),
-        dict(PREDICTION=1, FIXED_LARGE=True, NOISE_MODE=NOISE_TENSOR, TIMESTEP_IN_TENSOR=True,
-             PREV_TIMESTEP_IN_TENSOR=True, INNER_CONTIGUOUS=False),
-        dict(SCHEDULER=SCHEDULER_DDIM, PREDICTION=2, NOISE_MODE=NOISE_NONE, CLIP=True, GUIDANCE=True),
-        dict(SCHEDULER=SCHEDULER_DDIM, PREDICTION=1, GUIDANCE=True, INNER_CONTIGUOUS=False,
-             NOISE_MODE=NOISE_PHILOX_GATHER),
-    ]
-    needs = dict(NEED_MODEL_OUTPUT=True, NEED_SAMPLE=True, NEED_NOISE=True, NEED_UNCOND=False)
-    backward = dict(base, **needs)
-    backward_switches = [
-        dict(SCHEDULER=SCHEDULER_DDIM, CLIP=True, USE_CLIPPED_MODEL_OUTPUT=True, FINAL_ALPHA_IS_ONE=False,
-             GUIDANCE=True, NEED_UNCOND=True),
-        dict(PREDICTION=1, FIXED_LARGE=True, CLIP=True, TIMESTEP_IN_TENSOR=True, PREV_TIMESTEP_IN_TENSOR=True,
-             INNER_CONTIGUOUS=False, NEED_SAMPLE=False, NEED_NOISE=False),
-        dict(SCHEDULER=SCHEDULER_DDIM, PREDICTION=2, GUIDANCE=True, NEED_MODEL_OUTPUT=False, NEED_UNCOND=True),
-        dict(SCHEDULER=SCHEDULER_DDIM, PREDICTION=1, CLIP=True, GUIDANCE=True, INNER_CONTIGUOUS=False),
-    ]
-    scalars = {"eta": "fp32", "clip_range": "fp32", "guidance_scale": "fp32", "sizes": ("i64",) * 3}
-    scalars.update({name: _STRIDES for name in (
-        "out_strides", "model_output_strides", "sample_strides", "noise_strides", "uncond_strides",
-        "grad_model_output_strides", "grad_sample_strides", "grad_noise_strides", "grad_uncond_strides",
-        "grad_strides")})
-    scalars["index_strides"] = ("i64",) * 4
-    index_pointers = {"seed_ptr": "*i64", "table_ptr": "*fp32", "timestep_ptr": "*i64", "prev_timestep_ptr": "*i64"}
-    configs = elementwise_block_configs()
-    block, num_warps = configs[-1]
-    variants = []
-    for kernel, constexprs, switches in ((_denoise_step_kernel, forward, forward_switches),
-                                         (_denoise_step_backward_kernel, backward, backward_switches)):
-        for data_type in ("fp32", "fp16", "bf16"):
-            variants.append(CompileVariant(kernel, {"*": f"*{data_type}", **index_pointers},
-                                           dict(constexprs, BLOCK=block), num_warps, scalars))
-        for switch in switches:
-            variants.append(CompileVariant(kernel, {"*": "*bf16", **index_pointers},
-                                           dict(constexprs, BLOCK=block, **switch), num_warps, scalars))
-    for block, num_warps in configs[:-1]:
-        variants.append(CompileVariant(_denoise_step_kernel, {"*": "*fp32", **index_pointers},
-                                       dict(forward, BLOCK=block), num_warps, scalars))
-    return variants
 
 
 def batch_stride(timestep: Optional[torch.Tensor]) -> int:

@@ -39,16 +39,7 @@ from .checks import (
     describe,
 )
 from .diffusion import PREDICTION_TYPES, NoiseSchedule, batch_stride, check_timesteps, schedule_terms
-from .launch import (
-    NOISE_PHILOX_BLOCK,
-    NOISE_PHILOX_GATHER,
-    NOISE_TENSOR,
-    CompileVariant,
-    SampleWalk,
-    batch_chunks,
-    draw_philox_seed,
-    elementwise_block_configs,
-)
+from .launch import SampleWalk, batch_chunks, draw_philox_seed
 from .philox import philox_normal
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import noise_values, sample_block, sample_offsets
@@ -416,49 +407,6 @@ def _launch_loss_backward(grad_loss, model_output, x0, noise, seed, table, times
         )
     return (walk.output("grad_mo") if need_grad_mo else grad_mo,
             walk.output("grad_x0") if write_grad_x0 else grad_x0)
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Every block config the launchers can pick, each dtype, and each constexpr switch at least once."""
-    configs = elementwise_block_configs()
-    largest_block, largest_warps = configs[-1]
-    index_pointers = {"seed_ptr": "*i64", "table_ptr": "*fp32", "timestep_ptr": "*i64", "partial_ptr": "*fp32"}
-    scalars = {"grad_scale": "fp32"}
-    base = dict(TIMESTEP_IN_TENSOR=True, INNER_CONTIGUOUS=True, BLOCK=largest_block)
-    variants = []
-    for data_type in ("fp32", "fp16", "bf16"):
-        pointers = {"*": f"*{data_type}", **index_pointers}
-        variants.append(CompileVariant(_q_sample_kernel, pointers, dict(base, NOISE_MODE=NOISE_PHILOX_BLOCK),
-                                       largest_warps))
-        variants.append(CompileVariant(_diffusion_loss_fwd_kernel, pointers,
-                                       dict(base, PREDICTION=2, ELEMENTWISE=False, WRITE_GRAD=True,
-                                            NOISE_MODE=NOISE_PHILOX_BLOCK), largest_warps, scalars))
-    for block, num_warps in configs[:-1]:
-        variants.append(CompileVariant(_diffusion_loss_fwd_kernel, {"*": "*fp32", **index_pointers},
-                                       dict(base, PREDICTION=0, ELEMENTWISE=False, WRITE_GRAD=True,
-                                            NOISE_MODE=NOISE_TENSOR, BLOCK=block), num_warps, scalars))
-    bf16 = {"*": "*bf16", **index_pointers}
-    switched = dict(base, TIMESTEP_IN_TENSOR=False, INNER_CONTIGUOUS=False, NOISE_MODE=NOISE_PHILOX_GATHER)
-    variants += [
-        CompileVariant(_q_sample_kernel, bf16, dict(switched, NOISE_MODE=NOISE_TENSOR), largest_warps),
-        CompileVariant(_q_sample_kernel, bf16, switched, largest_warps),
-        CompileVariant(_diffusion_loss_fwd_kernel, bf16, dict(switched, PREDICTION=1, ELEMENTWISE=True,
-                                                              WRITE_GRAD=False), largest_warps, scalars),
-        CompileVariant(_diffusion_loss_bwd_kernel, bf16, dict(base, PREDICTION=2, WRITE_GRAD_MO=True,
-                                                              WRITE_GRAD_X0=True, GRAD_PER_SAMPLE=True,
-                                                              NOISE_MODE=NOISE_PHILOX_BLOCK),
-                       largest_warps, scalars),
-        CompileVariant(_diffusion_loss_bwd_kernel, {"*": "*fp16", **index_pointers},
-                       dict(switched, PREDICTION=0, WRITE_GRAD_MO=True, WRITE_GRAD_X0=False, GRAD_PER_SAMPLE=False,
-                            NOISE_MODE=NOISE_TENSOR), largest_warps, scalars),
-        CompileVariant(_diffusion_loss_bwd_kernel, {"*": "*fp16", **index_pointers},
-                       dict(base, PREDICTION=1, WRITE_GRAD_MO=True, WRITE_GRAD_X0=True, GRAD_PER_SAMPLE=True,
-                            NOISE_MODE=NOISE_TENSOR), largest_warps, scalars),
-        CompileVariant(_diffusion_loss_bwd_kernel, {"*": "*fp32", **index_pointers},
-                       dict(switched, PREDICTION=1, WRITE_GRAD_MO=False, WRITE_GRAD_X0=True, GRAD_PER_SAMPLE=False),
-                       largest_warps, scalars),
-    ]
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from .checks import FLOAT_DTYPES, check_float_tensor, check_int, check_real, check_same_device, describe
-from .launch import ARCH_LIMITS, CompileVariant, device_limits, launch_setting
+from .launch import device_limits, launch_setting
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import sigmoid
 
@@ -680,53 +680,6 @@ def _launch_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
                                       1.0 / (group_channels * spatial), FUSED_REDUCE=not plan.split,
                                       BLOCK_P=plan.block_p, **common)
     return dx, partials[0].sum(dim=(0, 2)), partials[1].sum(dim=(0, 2))
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Each kernel in each dtype, both fused switches, and the tile shapes of the NCHW and channels_last U-Net
-    layouts (a long spatial tile; a wide channel tile spanning many groups; a ragged small one)."""
-    scalars = {"eps": "fp32", "inv_group_size": "fp32", "inv_sqrt_size": "fp32"}
-    stats_pointers = {"part_ptr": "*fp32", "group_part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
-    target = PROGRAMS_PER_SM * ARCH_LIMITS[90].sm_count
-    shapes = [
-        plan_launch(1, 128, 32, 256 * 256, False, target),  # NCHW, batch 1: split, long spatial tiles
-        plan_launch(8, 512, 32, 32 * 32, True, target),     # channels_last: several groups per program, split
-        plan_launch(32, 256, 32, 64 * 64, False, target),   # NCHW, full grid: fused
-        plan_launch(4, 96, 32, 7 * 9, True, target),        # channels_last, 3 channels per group, ragged
-    ]
-    variants = []
-    for index, plan in enumerate(shapes):
-        blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g)
-        flags = dict(SILU=index != 3, HAS_WEIGHT=index != 2, HAS_BIAS=index != 1)
-        # contiguous parameters (stride 1, which Triton specializes) and, for the first shape, strided ones
-        parameter_strides = dict(w_sc=1, b_sc=1) if index != 0 else {}
-        for data_type in (("fp32", "fp16", "bf16") if index == 0 else ("bf16",)):
-            # fp32 parameters with the first (half-precision) inputs, parameters in the input's dtype after
-            parameters = "*fp32" if index == 0 else f"*{data_type}"
-            pointers = {"*": f"*{data_type}", "w_ptr": parameters, "b_ptr": parameters, **stats_pointers}
-            variants.append(CompileVariant(
-                _group_norm_forward_kernel, pointers,
-                dict(flags, FUSED_STATS=not plan.split, BLOCK_P=plan.block_p, **blocks, **parameter_strides),
-                plan.num_warps, scalars))
-            variants.append(CompileVariant(
-                _group_norm_backward_kernel, pointers,
-                dict(flags, FUSED_REDUCE=not plan.split, BLOCK_P=plan.block_p, **blocks, **parameter_strides),
-                plan.num_warps, scalars))
-        if plan.split:
-            pointers = {"*": "*bf16", **stats_pointers}
-            variants.append(CompileVariant(_group_norm_stats_kernel, pointers, blocks, plan.num_warps, scalars))
-            variants.append(CompileVariant(_group_norm_backward_reduce_kernel, pointers,
-                                           dict(flags, **blocks, **parameter_strides), plan.num_warps, scalars))
-    # Triton turns integer arguments equal to 1 into constants; a 2-D input with C == G makes most of them 1.
-    ones = dict(group_channels=1, spatial=1, chunks=1, chunk_len=1, groups_per_block=1, blocks_per_sample=1,
-                x_sc=1, x_ss=1, y_sc=1, y_ss=1, dy_sc=1, dy_ss=1, dx_sc=1, dx_ss=1, w_sc=1, b_sc=1)
-    tiny = dict(SILU=True, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_C=1, BLOCK_S=1, BLOCK_G=1, BLOCK_P=1)
-    for kernel, switch in ((_group_norm_forward_kernel, dict(FUSED_STATS=True)),
-                           (_group_norm_backward_kernel, dict(FUSED_REDUCE=True))):
-        specialized = {name: 1 for name in ones if name in kernel.arg_names}
-        variants.append(CompileVariant(kernel, {"*": "*fp16", **stats_pointers}, dict(tiny, **switch, **specialized),
-                                       1, scalars))
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,34 +45,6 @@ def elementwise_block_configs(max_block: int = ELEMENTWISE_MAX_BLOCK) -> list[tu
     return sorted({elementwise_block(2**k, max_block) for k in range(max_block.bit_length())})
 
 
-@dataclasses.dataclass(frozen=True)
-class CompileVariant:
-    """One way a launcher launches a kernel, for compiling it ahead of time without a GPU.
-
-    ``pointer_types`` maps ``*_ptr`` argument names to Triton pointer types (``"*fp16"``); the key ``"*"`` gives
-    the default. ``scalar_types`` maps other runtime arguments to ``"i32"``/``"i64"``/``"fp32"`` (default
-    ``"i64"``). ``constexprs`` gives every ``tl.constexpr`` argument.
-    """
-
-    kernel: object
-    pointer_types: dict
-    constexprs: dict
-    num_warps: int
-    scalar_types: dict = dataclasses.field(default_factory=dict)
-
-    def signature(self) -> dict[str, str]:
-        """The ``{argument: type}`` signature ``triton.compiler.ASTSource`` takes."""
-        types = {}
-        for name in self.kernel.arg_names:
-            if name in self.constexprs:
-                types[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                types[name] = self.pointer_types.get(name, self.pointer_types["*"])
-            else:
-                types[name] = self.scalar_types.get(name, "i64")
-        return types
-
-
 # Launch settings forced by tests (to reach a code path at a small shape), keyed by op name. Never part of an op's
 # schema: a registered op's arguments are what a user passes, and launchers read these through launch_setting().
 _forced_settings: dict[str, dict[str, object]] = {}

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .checks import check_choice, check_float_tensor, check_int, check_same_device, check_same_dtype, describe
 from . import launch
-from .launch import CompileVariant, launch_setting
+from .launch import launch_setting
 from .runtime import choose_impl, compute_dtype, interpreter_enabled
 from .triton_helpers import dot
 
@@ -438,50 +438,6 @@ def _launch_weight_grad(grad_out, x, weight, mask_type, color_channels):
     grad_w.view(out_channels, in_channels, kernel_size * kernel_size)[:, :, :num_taps] = kept.to(weight.dtype)
     grad_b = partial_b.sum(0) if splits > 1 else partial_b[0]
     return grad_w, grad_b.to(grad_out.dtype)
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Every channel-block config the launchers can pick (16..128), each dtype, forward and transposed, masks A
-    and B, with and without colour groups (centre blocks 16..64), kernel sizes 1 to 7 (7x7 once: its 25 unrolled
-    taps compile slowly), fp32 in TF32 and in exact fp32, and once with every scalar a launch may specialize to
-    the constant 1 (a 1x1 image, unit strides, one sample)."""
-    scalars = {}
-    variants = []
-
-    def gather(dtype, ksize, mask_a, color, transposed, native, block_out, block_reduce, block_centre=None,
-               ieee=False, **ones):
-        return CompileVariant(_masked_conv2d_gather_kernel, {"*": f"*{dtype}"},
-                              dict(KSIZE=ksize, MASK_A=mask_a, COLOR=color, TRANSPOSED=transposed, HAS_BIAS=True,
-                                   NATIVE_DOT=native, IEEE=ieee, BLOCK_P=BLOCK_PIXELS, BLOCK_OUT=block_out,
-                                   BLOCK_REDUCE=block_reduce, BLOCK_CENTRE=block_centre or block_reduce, **ones),
-                              4, scalars)
-
-    def weight_grad(dtype, ksize, mask_a, color, native, block_co, block_ci, ieee=False, **ones):
-        return CompileVariant(_masked_conv2d_weight_grad_kernel,
-                              {"*": f"*{dtype}", "grad_w_ptr": "*fp32", "grad_b_ptr": "*fp32"},
-                              dict(KSIZE=ksize, MASK_A=mask_a, COLOR=color, NATIVE_DOT=native, IEEE=ieee,
-                                   BLOCK_P=BLOCK_PIXELS, BLOCK_CO=block_co, BLOCK_CI=block_ci, **ones), 4, scalars)
-
-    for dtype in ("bf16", "fp16", "fp32"):
-        variants.append(gather(dtype, 3, True, True, False, True, 128, 64, 32))
-        variants.append(gather(dtype, 3, False, False, True, True, 128, 64))
-        variants.append(weight_grad(dtype, 3, False, True, True, 128, 64))
-    variants += [
-        gather("bf16", 7, True, True, False, True, 128, 64, 64),
-        gather("bf16", 1, True, False, False, True, 16, 16),
-        gather("bf16", 5, False, True, True, True, 32, 32, 16),
-        gather("fp32", 3, False, False, False, False, 64, 16),
-        gather("fp32", 3, False, True, True, True, 64, 64, 16, ieee=True),
-        gather("fp32", 3, True, True, False, True, 16, 16, 16, batch=1, height=1, width=1, src_sw=1, w_sw=1,
-               bias_s=1, reduce_group_size=1, out_group_size=1),
-        weight_grad("bf16", 7, True, True, True, 16, 16),
-        weight_grad("fp32", 1, False, False, False, 32, 32),
-        weight_grad("fp16", 5, False, False, True, 64, 64),
-        weight_grad("fp32", 3, False, True, True, 32, 32, ieee=True),
-        weight_grad("fp32", 3, True, True, True, 16, 16, batch=1, height=1, width=1, num_splits=1, x_sw=1, g_sw=1,
-                    in_group_size=1, out_group_size=1),
-    ]
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,16 +28,7 @@ from .checks import (
     check_min_rank,
     check_same_device,
 )
-from .launch import (
-    NOISE_PHILOX_BLOCK,
-    NOISE_PHILOX_GATHER,
-    NOISE_TENSOR,
-    CompileVariant,
-    SampleWalk,
-    batch_chunks,
-    draw_philox_seed,
-    elementwise_block_configs,
-)
+from .launch import SampleWalk, batch_chunks, draw_philox_seed
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import noise_values, sample_block, sample_offsets
 
@@ -294,34 +285,6 @@ def _launch_backward(mu, logvar, noise, seed, grad_z, grad_kl):
             INNER_CONTIGUOUS=walk.layout.inner_contiguous, BLOCK=walk.block, num_warps=walk.num_warps,
         )
     return walk.output("grad_mu"), walk.output("grad_logvar")
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Every block config the launchers can pick, each dtype, and each constexpr switch at least once."""
-    configs = elementwise_block_configs()
-    largest_block, largest_warps = configs[-1]
-    seed = {"seed_ptr": "*i64", "partial_ptr": "*fp32", "grad_kl_ptr": "*fp32"}
-    variants = []
-    for data_type in ("fp32", "fp16", "bf16"):
-        variants.append(CompileVariant(_reparameterize_kl_fwd_kernel, {"*": f"*{data_type}", **seed},
-                                       dict(NOISE_MODE=NOISE_PHILOX_BLOCK, INNER_CONTIGUOUS=True, BLOCK=largest_block),
-                                       largest_warps))
-        variants.append(CompileVariant(_reparameterize_kl_bwd_kernel, {"*": f"*{data_type}", **seed},
-                                       dict(NOISE_MODE=NOISE_PHILOX_BLOCK, HAS_GRAD_Z=True, HAS_GRAD_KL=True,
-                                            INNER_CONTIGUOUS=True, BLOCK=largest_block), largest_warps))
-    for block, num_warps in configs[:-1]:
-        variants.append(CompileVariant(_reparameterize_kl_fwd_kernel, {"*": "*fp32", **seed},
-                                       dict(NOISE_MODE=NOISE_TENSOR, INNER_CONTIGUOUS=False, BLOCK=block), num_warps))
-    variants.append(CompileVariant(_reparameterize_kl_bwd_kernel, {"*": "*bf16", **seed},
-                                   dict(NOISE_MODE=NOISE_TENSOR, HAS_GRAD_Z=True, HAS_GRAD_KL=False,
-                                        INNER_CONTIGUOUS=False, BLOCK=largest_block), largest_warps))
-    variants.append(CompileVariant(_reparameterize_kl_bwd_kernel, {"*": "*fp16", **seed},
-                                   dict(NOISE_MODE=NOISE_PHILOX_GATHER, HAS_GRAD_Z=True, HAS_GRAD_KL=True,
-                                        INNER_CONTIGUOUS=False, BLOCK=largest_block), largest_warps))
-    variants.append(CompileVariant(_reparameterize_kl_fwd_kernel, {"*": "*bf16", **seed},
-                                   dict(NOISE_MODE=NOISE_PHILOX_GATHER, INNER_CONTIGUOUS=False,
-                                        BLOCK=largest_block), largest_warps))
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -120,27 +120,6 @@ def choose_impl(impl: str, op_name: str, tensors: dict, reasons: Sequence[str] =
     return "eager" if every_reason else "triton"
 
 
-def resolve_impl(impl: str, device: torch.device, op_name: str) -> str:
-    """Turn the ``impl`` a caller passed into ``"triton"`` or ``"eager"`` for tensors on ``device``.
-
-    Raises ``ValueError`` for an unknown name, and for ``"triton"`` on a device Triton cannot run on.
-    """
-    validate_impl_name(impl)
-    if impl == "auto":
-        impl = default_impl()
-    if impl == "auto":
-        return "triton" if triton_can_run_on(device) else "eager"
-    if impl == "triton" and not triton_can_run_on(device):
-        if device.type == "cpu" and interpreter_switched_on_late():
-            raise ValueError(f"{op_name}: impl='triton': {LATE_INTERPRETER_MESSAGE}")
-        raise ValueError(
-            f"{op_name}: impl='triton' needs tensors on a CUDA device (got device {device}), or Triton's CPU "
-            "interpreter switched on with TRITON_INTERPRET=1 before triton is imported; use impl='eager' or "
-            "impl='auto' to run the PyTorch reference instead"
-        )
-    return impl
-
-
 def triton_can_run_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors that live on ``device``."""
     if device.type in ("cuda", "meta"):

@@ -47,7 +47,7 @@ from .checks import (
     check_same_dtype,
     describe,
 )
-from .launch import CompileVariant, batch_chunks, native_dot
+from .launch import batch_chunks, native_dot
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import dot, sigmoid, tanh
 
@@ -428,34 +428,6 @@ def _launch_wavenet_step(x, cache_buffer, layer_table, position, conv_weight, co
         num_warps=_step_num_warps(block_c, block_d, block_s),
     )
     return skip
-
-
-def compile_variants() -> list[CompileVariant]:
-    """Each dtype of each kernel with native dots, the gate widths the launchers pick (BLOCK_D 16..256 with their
-    time tiles), conditioning on and off, and the interpreter's upcast path once per kernel."""
-    variants = []
-    fwd_base = dict(KSIZE=2, HAS_COND=False, STORE_H=True, NATIVE_DOT=True, BLOCK_C=LAYER_BLOCK_C)
-    for dtype, gate_channels, switches in (("fp32", 64, {}), ("fp16", 16, dict(HAS_COND=True, KSIZE=3)),
-                                           ("bf16", 256, dict(STORE_H=False)), ("bf16", 128, dict(NATIVE_DOT=False))):
-        block_d, block_t = _layer_blocks(gate_channels)
-        variants.append(CompileVariant(_residual_layer_fwd_kernel, {"*": f"*{dtype}"},
-                                       dict(fwd_base, BLOCK_D=block_d, BLOCK_T=block_t, **switches), 4))
-    for dtype, gate_channels, native in (("fp32", 64, True), ("fp16", 256, True), ("bf16", 32, True),
-                                         ("bf16", 64, False)):
-        block_d, block_t = _layer_blocks(gate_channels)
-        variants.append(CompileVariant(_residual_layer_bwd_gate_kernel, {"*": f"*{dtype}"},
-                                       dict(NATIVE_DOT=native, BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C,
-                                            BLOCK_T=block_t), 4))
-    step_pointers = {"table_ptr": "*i64"}
-    for dtype, (c, d, s), switches in (("fp32", (64, 64, 256), dict(HAS_COND=True)), ("fp16", (16, 16, 16), {}),
-                                       ("bf16", (128, 128, 256), dict(KSIZE=3)),
-                                       ("bf16", (32, 32, 64), dict(NATIVE_DOT=False, KSIZE=1))):
-        constexprs = dict(KSIZE=2, HAS_COND=False, NATIVE_DOT=True, BLOCK_B=STEP_BLOCK_B, BLOCK_C=c, BLOCK_D=d,
-                          BLOCK_S=s)
-        constexprs.update(switches)
-        variants.append(CompileVariant(_wavenet_step_kernel, {"*": f"*{dtype}", **step_pointers}, constexprs,
-                                       _step_num_warps(c, d, s)))
-    return variants
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def _with_timesteps(make):
 
 
 def _decode_inputs(dtype, device, grad):
-    q = _randn(2, 2, 16, dtype=dtype, device=device)
+    q = _randn(2, 2, 1, 16, dtype=dtype, device=device)
     k_cache, v_cache = (_randn(2, 2, 11, 16, dtype=dtype, device=device, seed=s) for s in (1, 2))
     return q, k_cache, v_cache, torch.tensor([11, 4], device=device)
 
@@ -121,15 +121,38 @@ class _RecordGenkernelsOps(TorchDispatchMode):
 def _recorded_calls(name: str, device: str):
     recorder = _RecordGenkernelsOps()
     with recorder:
-        _backward(OP_CASES[name].run("triton", torch.float32, device, True))
+        if name in EXTRA_CALLS:
+            EXTRA_CALLS[name](device)
+        else:
+            _backward(OP_CASES[name].run("triton", torch.float32, device, True))
     return recorder.calls
+
+
+def _second_order_bias_act(device):
+    """The gradient of a gradient (an R1 penalty's path): reaches bias_act_grad2."""
+    x = _randn(3, 5, device=device, grad=True)
+    (grad,) = torch.autograd.grad(gk.bias_act(x, act="silu", impl="triton").sum(), x, create_graph=True)
+    grad.sum().backward()
+
+
+def _half_precision_diffusion_loss(device):
+    """A 16-bit loss recomputes its gradient in the backward: reaches diffusion_loss_backward."""
+    model_output, x0, noise = (_randn(2, 3, 4, dtype=torch.bfloat16, device=device, grad=s == 0, seed=s)
+                               for s in range(3))
+    gk.diffusion_loss(model_output, x0, torch.tensor([3, 700], device=device), SCHEDULE, noise=noise,
+                      impl="triton").backward()
+
+
+# Calls beyond OP_CASES' first-order fp32 ones, for the ops only they reach.
+EXTRA_CALLS = {"bias_act_second_order": _second_order_bias_act,
+               "diffusion_loss_bf16": _half_precision_diffusion_loss}
 
 
 def _registered_op_names() -> set[str]:
     return {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("genkernels::")}
 
 
-@pytest.mark.parametrize("name", sorted(OP_CASES))
+@pytest.mark.parametrize("name", sorted(OP_CASES) + sorted(EXTRA_CALLS))
 def test_opcheck_every_op_the_public_function_calls(name, device):
     calls = _recorded_calls(name, device)
     assert calls, f"{name}: impl='triton' reached no registered op"
@@ -138,7 +161,8 @@ def test_opcheck_every_op_the_public_function_calls(name, device):
 
 
 def test_every_registered_op_is_reached_by_a_case(device):
-    reached = {op.name().split("::", 1)[1] for name in OP_CASES for op, _, _ in _recorded_calls(name, device)}
+    reached = {op.name().split("::", 1)[1] for name in [*OP_CASES, *EXTRA_CALLS]
+               for op, _, _ in _recorded_calls(name, device)}
     # wavenet_step runs one whole-network time step from a cache; its opcheck lives with its own tests.
     missing = _registered_op_names() - reached - {"wavenet_step"}
     assert not missing, f"registered ops no contract case reaches: {sorted(missing)}"

@@ -23,65 +23,17 @@ from hypothesis import strategies as st  # noqa: E402
 
 from genkernels.bench.correctness import (  # noqa: E402
     assert_close_to_reference,
-    cast_floats,
-    compare_outputs,
-    input_gradients,
     make_input,
     special_values,
     st_dtypes,
     st_layouts,
     st_special_fills,
 )
+from op_properties import assert_eager_properties, assert_fp64_properties, assert_gradients, assert_op_properties  # noqa: E402
 from genkernels.kernels import causal_conv1d, masked_conv2d, wavenet_residual_layer  # noqa: E402
 
 FP64 = torch.float64
 VECTOR_LAYOUTS = ("contiguous", "sliced", "expanded", "storage_offset")
-
-
-def _assert_properties(run, plain, inputs, what):
-    out = run(inputs, "triton")
-    compare_outputs(out, run(cast_floats(inputs, FP64), "eager"), run(inputs, "eager"),
-                    f"{what}: triton vs the fp64 eager reference")
-    compare_outputs(out, plain(cast_floats(inputs, FP64)), plain(inputs),
-                    f"{what}: triton vs plain PyTorch")
-
-
-def _assert_eager(run, plain, inputs, what):
-    compare_outputs(run(inputs, "eager"), plain(cast_floats(inputs, FP64)), plain(inputs),
-                    f"{what}: eager vs plain PyTorch")
-
-
-def _assert_fp64(run, plain, inputs, what):
-    wide = cast_floats(inputs, FP64)
-    expected = plain(wide)
-    compare_outputs(run(wide, "auto"), expected, expected, f"{what}: fp64 under impl='auto' vs plain PyTorch")
-    with pytest.raises(ValueError):
-        run(wide, "triton")
-
-
-def _assert_gradients(run, plain, inputs, names, what, seed=0):
-    """Gradients: triton vs the fp64 eager reference (baseline eager in the same dtype) and vs plain PyTorch's
-    autograd in fp64 (baseline: the same in the tested dtype), for one random upstream gradient per output."""
-    def pull(values, fn):
-        values = dict(values)
-        leaves = [k for k in names if values.get(k) is not None]
-        for k in leaves:
-            values[k] = values[k].detach().requires_grad_(True)
-        return leaves, input_gradients(fn(values), [values[k] for k in leaves], seed)
-
-    leaves, got = pull(inputs, lambda t: run(t, "triton"))
-    wide = cast_floats(inputs, FP64)
-    def eager(t):
-        return run(t, "eager")
-
-    for label, (_, want), (_, base) in (("the fp64 eager reference", pull(wide, eager), pull(inputs, eager)),
-                                        ("plain PyTorch", pull(wide, plain), pull(inputs, plain))):
-        for k, a, r, b in zip(leaves, got, want, base):
-            if r is None:
-                continue
-            assert a is not None, f"{what}: no gradient for {k} under impl='triton', where {label} has one"
-            b = torch.zeros_like(r) if b is None else b
-            compare_outputs(a, r, b, f"{what}: gradient of {k}, triton vs {label}")
 
 
 def _all_finite(tensors):
@@ -140,19 +92,19 @@ def _causal_plain(options):
 @given(case=causal_conv_cases())
 def test_causal_conv1d_triton_matches_the_references(case):
     inputs, options = case
-    _assert_properties(_causal_run(options), _causal_plain(options), inputs, f"causal_conv1d {options}")
+    assert_op_properties(_causal_run(options), _causal_plain(options), inputs, f"causal_conv1d {options}")
 
 
 @given(case=causal_conv_cases())
 def test_causal_conv1d_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager(_causal_run(options), _causal_plain(options), inputs, f"causal_conv1d {options}")
+    assert_eager_properties(_causal_run(options), _causal_plain(options), inputs, f"causal_conv1d {options}")
 
 
 @given(case=causal_conv_cases(dtypes=st.just(torch.float32)))
 def test_causal_conv1d_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64(_causal_run(options), _causal_plain(options), inputs, f"causal_conv1d {options}")
+    assert_fp64_properties(_causal_run(options), _causal_plain(options), inputs, f"causal_conv1d {options}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,19 +198,19 @@ def _subnormal_weight_example():
 @example(case=_subnormal_weight_example())
 def test_masked_conv2d_triton_matches_the_references(case):
     inputs, options = case
-    _assert_properties(_masked_run(options), _masked_plain(options), inputs, f"masked_conv2d {options}")
+    assert_op_properties(_masked_run(options), _masked_plain(options), inputs, f"masked_conv2d {options}")
 
 
 @given(case=masked_conv_cases())
 def test_masked_conv2d_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager(_masked_run(options), _masked_plain(options), inputs, f"masked_conv2d {options}")
+    assert_eager_properties(_masked_run(options), _masked_plain(options), inputs, f"masked_conv2d {options}")
 
 
 @given(case=masked_conv_cases(dtypes=st.just(torch.float32)))
 def test_masked_conv2d_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64(_masked_run(options), _masked_plain(options), inputs, f"masked_conv2d {options}")
+    assert_fp64_properties(_masked_run(options), _masked_plain(options), inputs, f"masked_conv2d {options}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,19 +272,19 @@ def _wavenet_plain(options):
 @given(case=wavenet_cases())
 def test_wavenet_residual_layer_triton_matches_the_references(case):
     inputs, options = case
-    _assert_properties(_wavenet_run(options), _wavenet_plain(options), inputs, f"wavenet_residual_layer {options}")
+    assert_op_properties(_wavenet_run(options), _wavenet_plain(options), inputs, f"wavenet_residual_layer {options}")
 
 
 @given(case=wavenet_cases())
 def test_wavenet_residual_layer_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager(_wavenet_run(options), _wavenet_plain(options), inputs, f"wavenet_residual_layer {options}")
+    assert_eager_properties(_wavenet_run(options), _wavenet_plain(options), inputs, f"wavenet_residual_layer {options}")
 
 
 @given(case=wavenet_cases(dtypes=st.just(torch.float32)))
 def test_wavenet_residual_layer_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64(_wavenet_run(options), _wavenet_plain(options), inputs, f"wavenet_residual_layer {options}")
+    assert_fp64_properties(_wavenet_run(options), _wavenet_plain(options), inputs, f"wavenet_residual_layer {options}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,14 +293,14 @@ def test_wavenet_residual_layer_fp64_runs_the_reference(case):
 @given(case=causal_conv_cases(fills=st.just(None)))
 def test_causal_conv1d_triton_gradients_match_the_references(case):
     inputs, options = case
-    _assert_gradients(_causal_run(options), _causal_plain(options), inputs, ("x", "weight", "bias"),
+    assert_gradients(_causal_run(options), _causal_plain(options), inputs, ("x", "weight", "bias"),
                       f"causal_conv1d {options}")
 
 
 @given(case=masked_conv_cases(fills=st.just(None), hidden_specials=False))
 def test_masked_conv2d_triton_gradients_match_the_references(case):
     inputs, options = case
-    _assert_gradients(_masked_run(options), _masked_plain(options), inputs, ("x", "weight", "bias"),
+    assert_gradients(_masked_run(options), _masked_plain(options), inputs, ("x", "weight", "bias"),
                       f"masked_conv2d {options}")
 
 
@@ -357,5 +309,5 @@ def test_wavenet_residual_layer_triton_gradients_match_the_references(case):
     inputs, options = case
     names = ("x", "conv_weight", "conv_bias", "residual_weight", "residual_bias", "skip_weight", "skip_bias", "cond",
              "cond_weight")
-    _assert_gradients(_wavenet_run(options), _wavenet_plain(options), inputs, names,
+    assert_gradients(_wavenet_run(options), _wavenet_plain(options), inputs, names,
                       f"wavenet_residual_layer {options}")

@@ -22,67 +22,19 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from genkernels.bench.correctness import (  # noqa: E402
-    cast_floats,
-    compare_outputs,
-    input_gradients,
     make_input,
     st_dtypes,
     st_layouts,
     st_shapes,
     st_special_fills,
 )
+from op_properties import assert_eager_properties, assert_fp64_properties, assert_gradients, assert_op_properties  # noqa: E402
 from genkernels.kernels import NoiseSchedule, ddim_step, ddpm_step, diffusion_loss, q_sample  # noqa: E402
 
 FP64 = torch.float64
 NUM_TRAIN = 40
 SCHEDULES = {"linear": NoiseSchedule.linear(NUM_TRAIN), "cosine": NoiseSchedule.cosine(NUM_TRAIN),
              "scaled_linear": NoiseSchedule.scaled_linear(NUM_TRAIN)}
-
-
-def _assert_properties(run, plain, inputs, what):
-    out = run(inputs, "triton")
-    compare_outputs(out, run(cast_floats(inputs, FP64), "eager"), run(inputs, "eager"),
-                    f"{what}: triton vs the fp64 eager reference")
-    compare_outputs(out, plain(cast_floats(inputs, FP64)), plain(inputs),
-                    f"{what}: triton vs plain PyTorch")
-
-
-def _assert_eager(run, plain, inputs, what):
-    compare_outputs(run(inputs, "eager"), plain(cast_floats(inputs, FP64)), plain(inputs),
-                    f"{what}: eager vs plain PyTorch")
-
-
-def _assert_fp64(run, plain, inputs, what):
-    wide = cast_floats(inputs, FP64)
-    expected = plain(wide)
-    compare_outputs(run(wide, "auto"), expected, expected, f"{what}: fp64 under impl='auto' vs plain PyTorch")
-    with pytest.raises(ValueError):
-        run(wide, "triton")
-
-
-def _assert_gradients(run, plain, inputs, names, what, seed=0):
-    """Gradients: triton vs the fp64 eager reference (baseline eager in the same dtype) and vs plain PyTorch's
-    autograd in fp64 (baseline: the same in the tested dtype), for one random upstream gradient per output."""
-    def pull(values, fn):
-        values = dict(values)
-        leaves = [k for k in names if values.get(k) is not None]
-        for k in leaves:
-            values[k] = values[k].detach().requires_grad_(True)
-        return leaves, input_gradients(fn(values), [values[k] for k in leaves], seed)
-
-    leaves, got = pull(inputs, lambda t: run(t, "triton"))
-    wide = cast_floats(inputs, FP64)
-    def eager(t):
-        return run(t, "eager")
-
-    for label, (_, want), (_, base) in (("the fp64 eager reference", pull(wide, eager), pull(inputs, eager)),
-                                        ("plain PyTorch", pull(wide, plain), pull(inputs, plain))):
-        for k, a, r, b in zip(leaves, got, want, base):
-            if r is None:
-                continue
-            assert a is not None, f"{what}: no gradient for {k} under impl='triton', where {label} has one"
-            b = torch.zeros_like(r) if b is None else b
-            compare_outputs(a, r, b, f"{what}: gradient of {k}, triton vs {label}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,19 +182,19 @@ def _ddpm_name(options):
 @given(case=ddpm_cases())
 def test_ddpm_step_triton_matches_the_references(case):
     inputs, options = case
-    _assert_properties(_ddpm_run(options), _ddpm_plain(options), inputs, _ddpm_name(options))
+    assert_op_properties(_ddpm_run(options), _ddpm_plain(options), inputs, _ddpm_name(options))
 
 
 @given(case=ddpm_cases())
 def test_ddpm_step_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager(_ddpm_run(options), _ddpm_plain(options), inputs, _ddpm_name(options))
+    assert_eager_properties(_ddpm_run(options), _ddpm_plain(options), inputs, _ddpm_name(options))
 
 
 @given(case=ddpm_cases(dtypes=st.just(torch.float32)))
 def test_ddpm_step_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64(_ddpm_run(options), _ddpm_plain(options), inputs, _ddpm_name(options))
+    assert_fp64_properties(_ddpm_run(options), _ddpm_plain(options), inputs, _ddpm_name(options))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,19 +256,19 @@ def _ddim_name(options):
 @given(case=ddim_cases())
 def test_ddim_step_triton_matches_the_references(case):
     inputs, options = case
-    _assert_properties(_ddim_run(options), _ddim_plain(options), inputs, _ddim_name(options))
+    assert_op_properties(_ddim_run(options), _ddim_plain(options), inputs, _ddim_name(options))
 
 
 @given(case=ddim_cases())
 def test_ddim_step_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager(_ddim_run(options), _ddim_plain(options), inputs, _ddim_name(options))
+    assert_eager_properties(_ddim_run(options), _ddim_plain(options), inputs, _ddim_name(options))
 
 
 @given(case=ddim_cases(dtypes=st.just(torch.float32)))
 def test_ddim_step_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64(_ddim_run(options), _ddim_plain(options), inputs, _ddim_name(options))
+    assert_fp64_properties(_ddim_run(options), _ddim_plain(options), inputs, _ddim_name(options))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,37 +349,37 @@ def _loss_name(options, op):
 @given(case=loss_cases())
 def test_q_sample_triton_matches_the_references(case):
     inputs, options = case
-    _assert_properties(_q_sample_run(options), _q_sample_plain(options), inputs, _loss_name(options, "q_sample"))
+    assert_op_properties(_q_sample_run(options), _q_sample_plain(options), inputs, _loss_name(options, "q_sample"))
 
 
 @given(case=loss_cases())
 def test_q_sample_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager(_q_sample_run(options), _q_sample_plain(options), inputs, _loss_name(options, "q_sample"))
+    assert_eager_properties(_q_sample_run(options), _q_sample_plain(options), inputs, _loss_name(options, "q_sample"))
 
 
 @given(case=loss_cases(dtypes=st.just(torch.float32)))
 def test_q_sample_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64(_q_sample_run(options), _q_sample_plain(options), inputs, _loss_name(options, "q_sample"))
+    assert_fp64_properties(_q_sample_run(options), _q_sample_plain(options), inputs, _loss_name(options, "q_sample"))
 
 
 @given(case=loss_cases())
 def test_diffusion_loss_triton_matches_the_references(case):
     inputs, options = case
-    _assert_properties(_loss_run(options), _loss_plain(options), inputs, _loss_name(options, "diffusion_loss"))
+    assert_op_properties(_loss_run(options), _loss_plain(options), inputs, _loss_name(options, "diffusion_loss"))
 
 
 @given(case=loss_cases())
 def test_diffusion_loss_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager(_loss_run(options), _loss_plain(options), inputs, _loss_name(options, "diffusion_loss"))
+    assert_eager_properties(_loss_run(options), _loss_plain(options), inputs, _loss_name(options, "diffusion_loss"))
 
 
 @given(case=loss_cases(dtypes=st.just(torch.float32)))
 def test_diffusion_loss_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64(_loss_run(options), _loss_plain(options), inputs, _loss_name(options, "diffusion_loss"))
+    assert_fp64_properties(_loss_run(options), _loss_plain(options), inputs, _loss_name(options, "diffusion_loss"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,26 +388,26 @@ def test_diffusion_loss_fp64_runs_the_reference(case):
 @given(case=ddpm_cases(fills=st.just(None)))
 def test_ddpm_step_triton_gradients_match_the_references(case):
     inputs, options = case
-    _assert_gradients(_ddpm_run(options), _ddpm_plain(options), inputs, ("model_output", "sample", "uncond_output"),
+    assert_gradients(_ddpm_run(options), _ddpm_plain(options), inputs, ("model_output", "sample", "uncond_output"),
                       _ddpm_name(options))
 
 
 @given(case=ddim_cases(fills=st.just(None)))
 def test_ddim_step_triton_gradients_match_the_references(case):
     inputs, options = case
-    _assert_gradients(_ddim_run(options), _ddim_plain(options), inputs, ("model_output", "sample", "uncond_output"),
+    assert_gradients(_ddim_run(options), _ddim_plain(options), inputs, ("model_output", "sample", "uncond_output"),
                       _ddim_name(options))
 
 
 @given(case=loss_cases(fills=st.just(None)))
 def test_q_sample_triton_gradients_match_the_references(case):
     inputs, options = case
-    _assert_gradients(_q_sample_run(options), _q_sample_plain(options), inputs, ("x0", "noise"),
+    assert_gradients(_q_sample_run(options), _q_sample_plain(options), inputs, ("x0", "noise"),
                       _loss_name(options, "q_sample"))
 
 
 @given(case=loss_cases(fills=st.just(None)))
 def test_diffusion_loss_triton_gradients_match_the_references(case):
     inputs, options = case
-    _assert_gradients(_loss_run(options), _loss_plain(options), inputs, ("model_output", "x0"),
+    assert_gradients(_loss_run(options), _loss_plain(options), inputs, ("model_output", "x0"),
                       _loss_name(options, "diffusion_loss"))

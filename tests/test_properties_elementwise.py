@@ -19,67 +19,19 @@ from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from genkernels.bench.correctness import (  # noqa: E402
-    cast_floats,
     compare_outputs,
-    input_gradients,
     make_input,
     st_dtypes,
     st_layouts,
     st_shapes,
     st_special_fills,
 )
+from op_properties import assert_eager_properties, assert_fp64_properties, assert_gradients, assert_op_properties  # noqa: E402
 from genkernels.kernels import affine_coupling, bias_act, group_norm_silu, reparameterize_kl  # noqa: E402
 from genkernels.kernels.bias_act import ACTIVATIONS  # noqa: E402
 
 FP64 = torch.float64
 VECTOR_LAYOUTS = ("contiguous", "sliced", "expanded", "storage_offset")
-
-
-def _assert_op_properties(run, plain, inputs, what):
-    """The shared properties: triton vs the fp64 eager reference and vs plain PyTorch in fp64."""
-    out = run(inputs, "triton")
-    compare_outputs(out, run(cast_floats(inputs, FP64), "eager"), run(inputs, "eager"),
-                    f"{what}: triton vs the fp64 eager reference")
-    compare_outputs(out, plain(cast_floats(inputs, FP64)), plain(inputs),
-                    f"{what}: triton vs plain PyTorch")
-
-
-def _assert_eager_properties(run, plain, inputs, what):
-    compare_outputs(run(inputs, "eager"), plain(cast_floats(inputs, FP64)), plain(inputs),
-                    f"{what}: eager vs plain PyTorch")
-
-
-def _assert_fp64_properties(run, plain, inputs, what):
-    wide = cast_floats(inputs, FP64)
-    expected = plain(wide)
-    compare_outputs(run(wide, "auto"), expected, expected, f"{what}: fp64 under impl='auto' vs plain PyTorch")
-    with pytest.raises(ValueError):
-        run(wide, "triton")
-
-
-def _assert_gradients(run, plain, inputs, names, what, seed=0):
-    """Gradients: triton vs the fp64 eager reference (baseline eager in the same dtype) and vs plain PyTorch's
-    autograd in fp64 (baseline: the same in the tested dtype), for one random upstream gradient per output."""
-    def pull(values, fn):
-        values = dict(values)
-        leaves = [k for k in names if values.get(k) is not None]
-        for k in leaves:
-            values[k] = values[k].detach().requires_grad_(True)
-        return leaves, input_gradients(fn(values), [values[k] for k in leaves], seed)
-
-    leaves, got = pull(inputs, lambda t: run(t, "triton"))
-    wide = cast_floats(inputs, FP64)
-    def eager(t):
-        return run(t, "eager")
-
-    for label, (_, want), (_, base) in (("the fp64 eager reference", pull(wide, eager), pull(inputs, eager)),
-                                        ("plain PyTorch", pull(wide, plain), pull(inputs, plain))):
-        for k, a, r, b in zip(leaves, got, want, base):
-            if r is None:
-                continue
-            assert a is not None, f"{what}: no gradient for {k} under impl='triton', where {label} has one"
-            b = torch.zeros_like(r) if b is None else b
-            compare_outputs(a, r, b, f"{what}: gradient of {k}, triton vs {label}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,19 +99,19 @@ def test_every_bias_act_activation_has_a_plain_pytorch_version_here():
 @given(case=bias_act_cases())
 def test_bias_act_triton_matches_the_references(case):
     inputs, options = case
-    _assert_op_properties(_bias_act_run(options), _bias_act_plain(options), inputs, f"bias_act {options}")
+    assert_op_properties(_bias_act_run(options), _bias_act_plain(options), inputs, f"bias_act {options}")
 
 
 @given(case=bias_act_cases())
 def test_bias_act_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager_properties(_bias_act_run(options), _bias_act_plain(options), inputs, f"bias_act {options}")
+    assert_eager_properties(_bias_act_run(options), _bias_act_plain(options), inputs, f"bias_act {options}")
 
 
 @given(case=bias_act_cases(dtypes=st.just(torch.float32)))
 def test_bias_act_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64_properties(_bias_act_run(options), _bias_act_plain(options), inputs, f"bias_act {options}")
+    assert_fp64_properties(_bias_act_run(options), _bias_act_plain(options), inputs, f"bias_act {options}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,20 +174,20 @@ def _all_finite(tensors):
 @given(case=group_norm_cases())
 def test_group_norm_silu_triton_matches_the_references(case):
     inputs, options = case
-    _assert_op_properties(_group_norm_run(options), _group_norm_plain(options), inputs, f"group_norm_silu {options}")
+    assert_op_properties(_group_norm_run(options), _group_norm_plain(options), inputs, f"group_norm_silu {options}")
 
 
 @given(case=group_norm_cases())
 def test_group_norm_silu_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager_properties(_group_norm_run(options), _group_norm_plain(options), inputs,
+    assert_eager_properties(_group_norm_run(options), _group_norm_plain(options), inputs,
                              f"group_norm_silu {options}")
 
 
 @given(case=group_norm_cases(dtypes=st.just(torch.float32)))
 def test_group_norm_silu_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64_properties(_group_norm_run(options), _group_norm_plain(options), inputs,
+    assert_fp64_properties(_group_norm_run(options), _group_norm_plain(options), inputs,
                             f"group_norm_silu {options}")
 
 
@@ -275,17 +227,17 @@ def _reparameterize_plain(t):
 
 @given(inputs=reparameterize_cases())
 def test_reparameterize_kl_triton_matches_the_references(inputs):
-    _assert_op_properties(_reparameterize_run, _reparameterize_plain, inputs, "reparameterize_kl")
+    assert_op_properties(_reparameterize_run, _reparameterize_plain, inputs, "reparameterize_kl")
 
 
 @given(inputs=reparameterize_cases())
 def test_reparameterize_kl_eager_matches_plain_pytorch(inputs):
-    _assert_eager_properties(_reparameterize_run, _reparameterize_plain, inputs, "reparameterize_kl")
+    assert_eager_properties(_reparameterize_run, _reparameterize_plain, inputs, "reparameterize_kl")
 
 
 @given(inputs=reparameterize_cases(dtypes=st.just(torch.float32)))
 def test_reparameterize_kl_fp64_runs_the_reference(inputs):
-    _assert_fp64_properties(_reparameterize_run, _reparameterize_plain, inputs, "reparameterize_kl")
+    assert_fp64_properties(_reparameterize_run, _reparameterize_plain, inputs, "reparameterize_kl")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,19 +276,19 @@ def _coupling_plain(options):
 @given(case=coupling_cases())
 def test_affine_coupling_triton_matches_the_references(case):
     inputs, options = case
-    _assert_op_properties(_coupling_run(options), _coupling_plain(options), inputs, f"affine_coupling {options}")
+    assert_op_properties(_coupling_run(options), _coupling_plain(options), inputs, f"affine_coupling {options}")
 
 
 @given(case=coupling_cases())
 def test_affine_coupling_eager_matches_plain_pytorch(case):
     inputs, options = case
-    _assert_eager_properties(_coupling_run(options), _coupling_plain(options), inputs, f"affine_coupling {options}")
+    assert_eager_properties(_coupling_run(options), _coupling_plain(options), inputs, f"affine_coupling {options}")
 
 
 @given(case=coupling_cases(dtypes=st.just(torch.float32)))
 def test_affine_coupling_fp64_runs_the_reference(case):
     inputs, options = case
-    _assert_fp64_properties(_coupling_run(options), _coupling_plain(options), inputs, f"affine_coupling {options}")
+    assert_fp64_properties(_coupling_run(options), _coupling_plain(options), inputs, f"affine_coupling {options}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,7 +300,7 @@ def test_affine_coupling_fp64_runs_the_reference(case):
                {"dim": 0, "act": "elu", "alpha": None, "gain": None, "clamp": 0.7}))
 def test_bias_act_triton_gradients_match_the_references(case):
     inputs, options = case
-    _assert_gradients(_bias_act_run(options), _bias_act_plain(options), inputs, ("x", "bias"), f"bias_act {options}")
+    assert_gradients(_bias_act_run(options), _bias_act_plain(options), inputs, ("x", "bias"), f"bias_act {options}")
 
 
 @given(case=group_norm_cases(fills=st.just(None)))
@@ -357,17 +309,17 @@ def test_bias_act_triton_gradients_match_the_references(case):
                 "bias": torch.tensor([0.6614])}, {"num_groups": 1, "eps": 1e-5, "activation": "silu"}))
 def test_group_norm_silu_triton_gradients_match_the_references(case):
     inputs, options = case
-    _assert_gradients(_group_norm_run(options), _group_norm_plain(options), inputs, ("x", "weight", "bias"),
+    assert_gradients(_group_norm_run(options), _group_norm_plain(options), inputs, ("x", "weight", "bias"),
                       f"group_norm_silu {options}")
 
 
 @given(inputs=reparameterize_cases(fills=st.just(None)))
 def test_reparameterize_kl_triton_gradients_match_the_references(inputs):
-    _assert_gradients(_reparameterize_run, _reparameterize_plain, inputs, ("mu", "logvar"), "reparameterize_kl")
+    assert_gradients(_reparameterize_run, _reparameterize_plain, inputs, ("mu", "logvar"), "reparameterize_kl")
 
 
 @given(case=coupling_cases(fills=st.just(None)))
 def test_affine_coupling_triton_gradients_match_the_references(case):
     inputs, options = case
-    _assert_gradients(_coupling_run(options), _coupling_plain(options), inputs, ("x", "log_scale", "shift"),
+    assert_gradients(_coupling_run(options), _coupling_plain(options), inputs, ("x", "log_scale", "shift"),
                       f"affine_coupling {options}")
