@@ -137,7 +137,7 @@ EXEMPTIONS: tuple[Exemption, ...] = (
               "number of waves at the CTAs per SM the kernels reach"),
     *(Exemption("wave_efficiency", kernel, _SMALL_GRID) for kernel in (
         "_affine_coupling_*_kernel", "_attention_backward_preprocess_kernel", "_bias_act_kernel",
-        "_denoise_step_kernel", "_diffusion_loss_*_kernel", "_masked_conv2d_gather_kernel", "_q_sample_kernel",
+        "_denoise_step*_kernel", "_diffusion_loss_*_kernel", "_masked_conv2d_gather_kernel", "_q_sample_kernel",
         "_reparameterize_kl_*_kernel", "_residual_layer_bwd_gate_kernel")),
 )
 

@@ -883,7 +883,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     value turns every row NaN; its CPU flash backend does so for the rows of its tile). Gradients of non-finite
     inputs are not specified.
     """
-    device = _check_qkv(q, k, v, ("q", "k", "v"))
+    _check_qkv(q, k, v, ("q", "k", "v"))
     _check_heads_and_dims(q, "q", k, "k", v, "v")
     check_bool(causal, "causal")
     scale = _check_scale(softmax_scale, q.shape[3])

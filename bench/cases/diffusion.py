@@ -1,7 +1,9 @@
-"""Diffusion denoise step cases: DDPM with given noise, DDPM drawing its own noise, deterministic DDIM.
+"""Diffusion denoise step cases: DDPM with given noise, DDPM drawing its own noise, deterministic DDIM, and DDIM
+forward + backward (the gradient through a step, as guided or differentiable sampling takes it).
 
 Traffic per call: ``sample`` and ``model_output`` read once, the result written once (and ``noise`` read once
-when it is given), each ``numel * element_size`` bytes.
+when it is given), each ``numel * element_size`` bytes; forward + backward adds the incoming gradient read and the
+two input gradients written.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 from genkernels.kernels import NoiseSchedule, ddim_step, ddpm_step
 from genkernels.kernels.diffusion import ddim_step_reference, ddpm_step_reference
 
-from ..providers import eager_triton_compile
+from ..providers import eager_triton_compile, eager_triton_compile_backward
 from ..registry import Case, Workload, case_builder, seeded_generator
 
 # [batch, channels, height, width] with 4M, 16M and 64M elements (e.g. 64 latents of 4x256x256)
@@ -76,6 +78,26 @@ def _ddim(shape, dtype):
     return setup
 
 
+def _ddim_forward_backward(shape, dtype):
+    def setup(device):
+        model_output, sample, grad_out = _tensors(shape, dtype, device, 3)
+        leaves = [t.requires_grad_(True) for t in (model_output, sample)]
+
+        def step(model_output, sample, impl):
+            return ddim_step(model_output, 500, sample, SCHEDULE, prev_timestep=480, impl=impl)
+
+        def reference():
+            m, x = (t.detach().double().requires_grad_(True) for t in leaves)
+            t = torch.full((shape[0],), 500, device=device)
+            out = ddim_step_reference(m, t, x, SCHEDULE, t - 20, None, 0.0)
+            return torch.autograd.grad(out, (m, x), grad_out.double())[0]
+
+        return Workload(eager_triton_compile_backward(step, leaves, (grad_out,)),
+                        bytes_moved=6 * sample.numel() * sample.element_size(), reference=reference,
+                        notes="eta = 0; gradients of model_output and sample (the error column: model_output's)")
+    return setup
+
+
 @case_builder
 def diffusion_cases(size: str):
     for dtype in DTYPES[size]:
@@ -86,3 +108,6 @@ def diffusion_cases(size: str):
             yield Case(f"diffusion.ddpm_step_drawn_noise{tag}", "diffusion", "op", params,
                        _ddpm_drawn_noise(shape, dtype))
             yield Case(f"diffusion.ddim_step{tag}", "diffusion", "op", params, _ddim(shape, dtype))
+            if shape == SHAPES[size][0]:
+                yield Case(f"diffusion.ddim_step_fwd_bwd{tag}", "diffusion", "op", params,
+                           _ddim_forward_backward(shape, dtype))
