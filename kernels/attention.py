@@ -243,7 +243,8 @@ def _exact_values_pass(q, scale_log2, k_base, v_base, k_ss, k_sd, v_ss, v_sd, ke
     it stays), or from a NaN/Inf value multiplied by a zero probability (a key hidden from the row by the causal
     mask, or a probability that only underflowed when rounded to a 16-bit tile), which the exact terms avoid: a
     hidden key never reaches a row, a visible Inf value gives +-Inf unless its fp32 probability is 0 (SDPA's
-    ``0 * Inf = NaN``). Costs one pass over the keys per program, only where a NaN appeared."""
+    ``0 * Inf = NaN``). Costs one pass over the keys per program, only where a NaN appeared (run by
+    :func:`_attention_forward_repair_kernel`)."""
     q_scaled, factor = _prescaled_query(q, scale_log2, IEEE)
     q_scaled = q_scaled.to(tl.float32)
     acc = tl.zeros(q_scaled.shape, tl.float32)
@@ -347,13 +348,19 @@ def _attention_forward_kernel(
     acc, row_sum, row_max = _online_softmax_blocks(
         acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, full_end, key_end, seq_k, rows, offset,
         dims, dim_ok, scale_log2, True, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
-    if tl.sum(tl.where(acc != acc, 1, 0)) > 0:  # rare: see _exact_values_pass
-        acc, row_sum, row_max = _exact_values_pass(q, scale_log2, k_base, v_base, k_ss, k_sd, v_ss, v_sd, 0, key_end,
-                                                   rows, offset, dims, dim_ok, CAUSAL, IEEE)
+    _store_rows(acc, row_sum, row_max, rows, row_ok, offset, dims, dim_ok,
+                out_ptr + batch * o_sb + head.to(tl.int64) * o_sh, o_ss, o_sd,
+                lse_ptr + (batch * heads_q + head) * seq_q, CAUSAL)
 
-    # row_sum is 0 for a row that sees no key (output 0, lse +inf: probabilities 0 in the backward pass) or whose
-    # visible scores are all -inf (softmax's 0 / 0: NaN, as the eager reference), and NaN for a row whose scores
-    # hold NaN (or +inf), which stays NaN in the output and in lse.
+
+@triton.jit
+def _store_rows(acc, row_sum, row_max, rows, row_ok, offset, dims, dim_ok, out_base, o_ss, o_sd, lse_base,
+                CAUSAL: tl.constexpr):
+    """Write a query block's output ``acc / row_sum`` and its log-sum-exp (base 2).
+
+    row_sum is 0 for a row that sees no key (output 0, lse +inf: probabilities 0 in the backward pass) or whose
+    visible scores are all -inf (softmax's 0 / 0: NaN, as the eager reference), and NaN for a row whose scores
+    hold NaN (or +inf), which stays NaN in the output and in lse."""
     unseen = row_sum == 0
     if CAUSAL:
         sees_keys = rows + offset >= 0
@@ -361,10 +368,48 @@ def _attention_forward_kernel(
         sees_keys = rows >= 0
     safe_sum = tl.where(unseen, 1.0, row_sum)
     out = tl.where((unseen & sees_keys)[:, None], float("nan"), acc / safe_sum[:, None])
-    _store_tile(out_ptr + batch * o_sb + head.to(tl.int64) * o_sh, out, rows, row_ok, o_ss, dims, dim_ok, o_sd)
+    _store_tile(out_base, out, rows, row_ok, o_ss, dims, dim_ok, o_sd)
     lse = tl.where(unseen, tl.where(sees_keys, float("nan"), float("inf")), row_max + tl.log2(safe_sum))
-    lse_base = lse_ptr + (batch * heads_q + head) * seq_q
     tl.store(lse_base + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_forward_repair_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    batch_start, seq_q, seq_k, head_dim, group_size, scale_log2,
+    q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, o_sb, o_sh, o_ss, o_sd,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Run after the forward kernel on its grid: a query block whose output holds a NaN is recomputed by
+    :func:`_exact_values_pass` (its rows and lse rewritten); every other block only reads its output once. A
+    kernel of its own, so the exact pass costs the forward kernel no registers (in it, it made the d64 tiles
+    spill)."""
+    block_m = tl.program_id(0)
+    head = tl.program_id(1)
+    heads_q = tl.num_programs(1)
+    batch = (batch_start + tl.program_id(2)).to(tl.int64)
+    first_row = block_m * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_q
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    out_base = out_ptr + batch * o_sb + head.to(tl.int64) * o_sh
+    out = _load_tile(out_base, rows, row_ok, o_ss, dims, dim_ok, o_sd, True)
+    if tl.sum(tl.where(out != out, 1, 0)) > 0:
+        kv_head = (head // group_size).to(tl.int64)
+        q = _load_tile(q_ptr + batch * q_sb + head.to(tl.int64) * q_sh, rows, row_ok, q_ss, dims, dim_ok, q_sd,
+                       UPCAST)
+        offset = seq_k - seq_q
+        if CAUSAL:
+            key_end = tl.minimum(seq_k, first_row + BLOCK_M + offset)
+        else:
+            key_end = seq_k
+        acc, row_sum, row_max = _exact_values_pass(q, scale_log2, k_ptr + batch * k_sb + kv_head * k_sh,
+                                                   v_ptr + batch * v_sb + kv_head * v_sh, k_ss, k_sd, v_ss, v_sd,
+                                                   0, key_end, rows, offset, dims, dim_ok, CAUSAL, IEEE)
+        _store_rows(acc, row_sum, row_max, rows, row_ok, offset, dims, dim_ok, out_base, o_ss, o_sd,
+                    lse_ptr + (batch * heads_q + head) * seq_q, CAUSAL)
 
 
 @triton.jit
@@ -669,12 +714,15 @@ def _launch_forward(q, k, v, causal: bool, scale: float):
     if seq_k == 0:
         return out.zero_(), lse.fill_(float("inf"))
     (block_m, block_n, num_warps), _, _, _ = _tiles(head_dim, q.dtype)
+    flags = _kernel_flags(q.dtype, q.device)
     for start, count in batch_chunks(batch):
-        _attention_forward_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
-            q, k, v, out, lse, start, seq_q, seq_k, head_dim, heads_q // heads_kv, scale * LOG2_E,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            CAUSAL=causal, **_kernel_flags(q.dtype, q.device), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=_block_d(head_dim), num_warps=num_warps)
+        grid = (triton.cdiv(seq_q, block_m), heads_q, count)
+        args = (q, k, v, out, lse, start, seq_q, seq_k, head_dim, heads_q // heads_kv, scale * LOG2_E,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride())
+        _attention_forward_kernel[grid](*args, CAUSAL=causal, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
+                                        BLOCK_D=_block_d(head_dim), num_warps=num_warps)
+        _attention_forward_repair_kernel[grid](*args, CAUSAL=causal, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"],
+                                               BLOCK_M=block_m, BLOCK_D=_block_d(head_dim), num_warps=num_warps)
     return out, lse
 
 
