@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arch", default=DEFAULT_ARCH, metavar="LIST",
                         help=f"architectures of the compiled-code report, e.g. sm_90,sm_80,sm_86,sm_89 "
                              f"(default {DEFAULT_ARCH})")
+    parser.add_argument("--triton", metavar="VERSION",
+                        help="compile the report with this Triton release instead of the installed one (e.g. "
+                             "3.6.0, installed once into ~/.cache/genkernels; the timed cases are unaffected)")
     return parser.parse_args(argv)
 
 
@@ -133,8 +136,9 @@ class Report:
     interpreter), built in a thread so that on a CPU it overlaps the cases; printed and saved (JSON and markdown at
     ``json_path``) once done."""
 
-    def __init__(self, arch: str, only: Optional[str], json_path: Path):
+    def __init__(self, arch: str, only: Optional[str], json_path: Path, triton_version: Optional[str] = None):
         self.arch, self.only, self.json_path = arch, only, Path(json_path)
+        self.triton_version = triton_version
         self.report: Optional[dict] = None
         self.error: Optional[str] = None
         self.seconds: Optional[float] = None
@@ -146,7 +150,8 @@ class Report:
 
         start = time.perf_counter()
         try:
-            self.report = resources.run_report(self.arch, self.only, str(self.json_path))
+            self.report = resources.run_report(self.arch, self.only, str(self.json_path),
+                                               triton_version=self.triton_version)
             self.json_path.with_suffix(".md").write_text(resources.format_markdown(self.report))
         except Exception as error:  # the timing results stand without it; the exit code says it failed
             self.error = f"{type(error).__name__}: {error}"
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
     if args.resources:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         path = Path(args.json) if args.json else default_results_dir() / f"resources_{stamp}.json"
-        report = Report(args.arch, args.only, path).start()
+        report = Report(args.arch, args.only, path, args.triton).start()
         try:
             report.print()
         except KeyboardInterrupt:
@@ -242,7 +247,7 @@ def main(argv=None) -> int:
     if not args.no_resources:
         # on a CPU the report's subprocess overlaps the cases (their timings are no figures there); on a GPU it
         # starts after the last op case, so that nothing competes with the timed ones
-        report = Report(args.arch, args.only, resources_paths(results.path)[0])
+        report = Report(args.arch, args.only, resources_paths(results.path)[0], args.triton)
         if device.type != "cuda":
             report.start()
     try:

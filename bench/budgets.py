@@ -62,18 +62,21 @@ BUDGETS = (
 @dataclasses.dataclass(frozen=True)
 class Exemption:
     """Lifts ``budget`` for kernels named by the glob ``kernel`` (and, when given, whose config label contains
-    ``config`` or whose case name matches the glob ``case``), for the written ``reason``."""
+    ``config``, whose case name matches the glob ``case``, or compiled by a Triton release matching the glob
+    ``triton``), for the written ``reason``."""
 
     budget: str
     kernel: str
     reason: str
     config: Optional[str] = None
     case: Optional[str] = None
+    triton: Optional[str] = None
 
     def covers(self, budget: str, row: dict) -> bool:
         return (budget == self.budget and fnmatch.fnmatch(row["kernel"], self.kernel)
                 and (self.config is None or self.config in row["config"])
-                and (self.case is None or fnmatch.fnmatch(row["case"], self.case)))
+                and (self.case is None or fnmatch.fnmatch(row["case"], self.case))
+                and (self.triton is None or fnmatch.fnmatch(row.get("triton", ""), self.triton)))
 
 
 # The budgets the kernels do not meet yet, each with what the compiled code shows and why. Every entry is a piece
@@ -171,10 +174,13 @@ class Finding:
 
 def check_rows(rows: list[dict], exemptions: tuple[Exemption, ...] = EXEMPTIONS) -> list[Finding]:
     """Every (budget, row) where the budget applies and does not hold, with the exemption that covers it if any.
-    Rows that failed to compile are findings of every budget (nothing can be said to hold for them)."""
+    Rows that failed to compile are findings of every budget (nothing can be said to hold for them); rows compiled
+    for their shared memory only face that budget alone."""
     findings = []
     for row in rows:
         for budget in BUDGETS:
+            if row.get("shared_memory_only") and budget.name != "fits_shared_memory":
+                continue
             if "compile_error" not in row and (not budget.applies(row) or budget.holds(row)):
                 continue
             exemption = next((e for e in exemptions if e.covers(budget.name, row)), None)

@@ -125,15 +125,40 @@ def resource_usage(cubin_path: str) -> dict:
             "local_bytes": int(fields.get("LOCAL", 0))}
 
 
-def compile_and_read(launch) -> dict:
-    """Compile one captured launch for its architecture and read its resources and instruction mix."""
+def _stop_after_llvm_ir(*args):
+    """A Triton stage hook that ends compilation at the LLVM IR, where shared memory has been allocated: the PTX and
+    ``ptxas`` stages (most of the time of a compile) are skipped. Called with no arguments it returns the key that
+    keeps these partial compiles apart from full ones in Triton's cache."""
+    if not args:
+        return "genkernels-shared-memory-only", "1"
+    _backend, stages, _options, _language, _capability = args
+
+    def name_only(llvm_ir, metadata):
+        metadata["name"] = re.search(r"define [^@]*@([\w$.]+)\(", llvm_ir).group(1)
+        return ""
+
+    stages["ptx"] = name_only
+    stages["cubin"] = lambda _ptx, _metadata: b""
+
+
+def compile_and_read(launch, shared_memory_only: bool = False) -> dict:
+    """Compile one captured launch for its architecture and read its resources and instruction mix; with
+    ``shared_memory_only``, compile only as far as the shared-memory allocation and read that alone."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     source = ASTSource(launch.kernel(), launch.signature, launch.constexprs, launch.attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", launch.arch, 32),
-                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    previous_hook = knobs.runtime.add_stages_inspection_hook
+    knobs.runtime.add_stages_inspection_hook = _stop_after_llvm_ir if shared_memory_only else previous_hook
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", launch.arch, 32),
+                                  options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    finally:
+        knobs.runtime.add_stages_inspection_hook = previous_hook
+    if shared_memory_only:
+        return {"shared_bytes": int(compiled.metadata.shared), "shared_memory_only": True}
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, "kernel.cubin")
         Path(cubin).write_bytes(compiled.asm["cubin"])
@@ -144,9 +169,10 @@ def compile_and_read(launch) -> dict:
             "div64_in_loops": div64_in_loops(compiled.asm["ptx"])}
 
 
-def _compile_safely(launch) -> dict:
+def _compile_safely(job) -> dict:
+    launch, shared_memory_only = job
     try:
-        return compile_and_read(launch)
+        return compile_and_read(launch, shared_memory_only)
     except Exception as error:  # one kernel that fails to compile is a row of the report, not the end of it
         return {"compile_error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"}
 
@@ -215,16 +241,24 @@ def capture_cases(pattern: Optional[str], arch: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------------------
-def build_report(pattern: Optional[str], arches: list[int], workers: int) -> dict:
-    """Capture, compile (each distinct binary once, in parallel) and join everything into report rows."""
+def build_report(pattern: Optional[str], arches: list[int], workers: int,
+                 shared_memory_arches: Iterable[int] = ()) -> dict:
+    """Capture, compile (each distinct binary once, in parallel) and join everything into report rows. The
+    ``shared_memory_arches`` are compiled only as far as their shared memory (rows with ``shared_memory_only``:
+    what the fits-shared-memory budget needs, at about half the cost of a full compile)."""
+    import triton
+
     from genkernels.kernels.launch import ARCH_LIMITS
 
-    cases_by_arch = {arch: capture_cases(pattern, arch) for arch in arches}
+    from .budgets import check_rows
+
+    shared_memory_arches = [arch for arch in shared_memory_arches if arch not in arches]
+    cases_by_arch = {arch: capture_cases(pattern, arch) for arch in [*arches, *shared_memory_arches]}
     distinct = {}
-    for cases in cases_by_arch.values():
+    for arch, cases in cases_by_arch.items():
         for case in cases:
             for _, launch in case["launches"]:
-                distinct.setdefault(launch.compile_key(), launch)
+                distinct.setdefault(launch.compile_key(), (launch, arch in shared_memory_arches))
     keys = list(distinct)
     print(f"compiling {len(keys)} distinct kernel binaries with {workers} workers", file=sys.stderr, flush=True)
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -251,25 +285,24 @@ def build_report(pattern: Optional[str], arches: list[int], workers: int) -> dic
                 seen.add(key)
                 info = compiled[launch.compile_key()]
                 row = {"case": case["case"], "provider": provider, "arch": f"sm_{arch}",
-                       "kernel": launch.kernel_name, "module": launch.kernel_module.rsplit(".", 1)[-1],
+                       "triton": triton.__version__, "kernel": launch.kernel_name,
+                       "module": launch.kernel_module.rsplit(".", 1)[-1],
                        "config": launch.config_label(), "num_warps": launch.num_warps,
                        "num_stages": launch.num_stages, "grid": list(launch.grid), "ctas": launch.ctas,
                        "dot_dtypes": launch.pointer_dtypes(),
                        **info}
                 if "compile_error" not in info:
                     row["fits_shared_memory"] = info["shared_bytes"] <= limits.shared_memory_per_cta
+                if "compile_error" not in info and not info.get("shared_memory_only"):
                     per_sm, limiter = occupancy(info["registers"], info["shared_bytes"], launch.num_warps, limits)
                     row["ctas_per_sm"], row["occupancy_limiter"] = per_sm, limiter
                     row["waves"], row["wave_efficiency"] = waves(launch.ctas, per_sm, limits.sm_count)
                 rows.append(row)
-    import triton
-
-    from .budgets import check_rows
-
     findings = [{"budget": f.budget.name, "rule": f.budget.rule, "kernel": f.row["kernel"], "case": f.row["case"],
                  "arch": f.row["arch"], "exempt": f.exemption.reason if f.exemption else None}
                 for f in check_rows(rows)]
-    return {"triton": triton.__version__, "arches": [f"sm_{a}" for a in arches], "rows": rows, "cases": cases_out,
+    return {"triton": triton.__version__, "arches": [f"sm_{a}" for a in arches],
+            "shared_memory_arches": [f"sm_{a}" for a in shared_memory_arches], "rows": rows, "cases": cases_out,
             "findings": findings}
 
 
@@ -300,6 +333,11 @@ def format_report(report: dict) -> str:
             lines.append(f"{row['case'][:44]:44} {row['kernel'][:34]:34} {row['arch']:6} "
                          f"COMPILE ERROR {row['compile_error']}")
             continue
+        if row.get("shared_memory_only"):
+            lines.append(f"{row['case'][:44]:44} {row['kernel'][:34]:34} {row['arch']:6} {'':>4} {'':>5} "
+                         f"{row['shared_bytes'] // 1024:>5}K (shared memory only: "
+                         f"{'fits' if row['fits_shared_memory'] else 'DOES NOT FIT'})")
+            continue
         lines.append(
             f"{row['case'][:44]:44} {row['kernel'][:34]:34} {row['arch']:6} {row['registers']:>4} "
             f"{row['stack_bytes']:>5} {row['shared_bytes'] // 1024:>5}K {row['ctas_per_sm']:>6} "
@@ -317,7 +355,9 @@ def format_report(report: dict) -> str:
 
 
 def format_markdown(report: dict) -> str:
-    lines = [f"# Compiled-code report (triton {report['triton']}, {', '.join(report['arches'])})", "",
+    shared_only = report.get("shared_memory_arches") or []
+    title = ", ".join(report["arches"] + [f"{arch} shared memory" for arch in shared_only])
+    lines = [f"# Compiled-code report (triton {report['triton']}, {title})", "",
              "Static figures from the compiled code (registers, stack, shared memory, occupancy, waves, instruction "
              "mix) and roofline floors; not measured speed.", "",
              "| case | kernel | arch | config | regs | stack B | smem KB | CTAs/SM (limit) | grid | waves (eff) | "
@@ -327,6 +367,11 @@ def format_markdown(report: dict) -> str:
         if "compile_error" in row:
             lines.append(f"| {row['case']} | {row['kernel']} | {row['arch']} | {row['config']} | compile error: "
                          f"{row['compile_error']} |||||||||||")
+            continue
+        if row.get("shared_memory_only"):
+            lines.append(f"| {row['case']} | {row['kernel']} | {row['arch']} | {row['config']} | | | "
+                         f"{row['shared_bytes'] / 1024:.1f} ({'fits' if row['fits_shared_memory'] else 'does not fit'}"
+                         f"; shared memory only) |||||||||")
             continue
         lines.append(
             f"| {row['case']} | {row['kernel']} | {row['arch']} | {row['config']} | {row['registers']} | "
@@ -363,21 +408,34 @@ def run_worker(argv=None) -> int:
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--only", default=None)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--shared-memory-arch", default="")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
-    report = build_report(args.only, parse_arches(args.arch), args.workers)
+    shared_only = parse_arches(args.shared_memory_arch) if args.shared_memory_arch else []
+    report = build_report(args.only, parse_arches(args.arch), args.workers, shared_only)
     Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return 0
 
 
-def run_report(arch: str, only: Optional[str], json_path: str, workers: Optional[int] = None) -> dict:
+def run_report(arch: str, only: Optional[str], json_path: str, workers: Optional[int] = None,
+               triton_version: Optional[str] = None, shared_memory_arch: Optional[str] = None) -> dict:
     """Build the report in a fresh process without Triton's interpreter (compiled kernels are needed) and return
-    it; the JSON is left at ``json_path``. Raises ``RuntimeError`` with the worker's error output if it fails."""
+    it; the JSON is left at ``json_path``. ``triton_version`` compiles with that Triton release instead of the
+    installed one (installed once into a cache: :mod:`genkernels.bench.triton_versions`); the architectures of
+    ``shared_memory_arch`` (e.g. ``"sm_80,sm_86"``) are compiled as far as their shared memory only. Raises
+    ``RuntimeError`` with the worker's error output if it fails."""
     parse_arches(arch)
+    if shared_memory_arch:
+        parse_arches(shared_memory_arch)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_version is not None:
+        from .triton_versions import triton_path
+
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path(triton_version), env.get("PYTHONPATH")]))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     command = [sys.executable, "-m", "genkernels.bench.resources", "--arch", arch, "--json", json_path,
-               "--workers", str(workers or os.cpu_count() or 1)] + (["--only", only] if only else [])
+               "--workers", str(workers or os.cpu_count() or 1)] + (["--only", only] if only else []) \
+        + (["--shared-memory-arch", shared_memory_arch] if shared_memory_arch else [])
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:

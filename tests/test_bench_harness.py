@@ -212,8 +212,8 @@ def test_cpu_matmul_probe_says_what_it_measured():
 def test_cli_runs_the_compiled_code_report_after_the_op_tables(tmp_path, monkeypatch, capsys, no_provider_runs):
     calls = []
 
-    def fake_report(arch, only, json_path, workers=None):
-        calls.append((arch, only, json_path))
+    def fake_report(arch, only, json_path, workers=None, triton_version=None):
+        calls.append((arch, only, json_path) + ((triton_version,) if triton_version else ()))
         report = {"triton": "t", "arches": [arch], "rows": [], "cases": []}
         with open(json_path, "w") as file:
             json.dump(report, file)
@@ -237,6 +237,10 @@ def test_cli_runs_the_compiled_code_report_after_the_op_tables(tmp_path, monkeyp
     only = tmp_path / "only.json"
     assert main(["--resources", "--arch", "sm_80,sm_90", "--only", "attention.*", "--json", str(only)]) == 0
     assert calls == [("sm_80,sm_90", "attention.*", str(only))] and only.with_suffix(".md").exists()
+
+    calls.clear()
+    assert main(["--resources", "--triton", "3.6.0", "--only", "attention.*", "--json", str(only)]) == 0
+    assert calls == [("sm_90", "attention.*", str(only), "3.6.0")]
 
 
 def test_cli_lists_cases_and_rejects_unknown_patterns(capsys):
