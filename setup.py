@@ -15,5 +15,6 @@ PACKAGE_DIRS = {
 setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"genkernels.bench": ["results/*.json", "results/*.md"]},
+    package_data={"genkernels.kernels": ["py.typed"], "genkernels.models": ["py.typed"],
+                  "genkernels.bench": ["py.typed", "results/*.json", "results/*.md"]},
 )

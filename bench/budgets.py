@@ -144,6 +144,15 @@ EXEMPTIONS: tuple[Exemption, ...] = (
         "_reparameterize_kl_*_kernel", "_residual_layer_bwd_gate_kernel")),
 )
 
+# Triton 3.6.0 (the GPU machine's release) links libdevice's sinf/cosf with their slow path for |x| > 105615 (a
+# Payne-Hanek reduction through a 28-byte local array: a 32-byte stack and LDL/STL in the code). The Box-Muller
+# transform behind every in-kernel Philox draw takes sin/cos of 2*pi*u with u in [0, 1), which never reaches that
+# path, so no local memory is touched when the kernel runs; triton 3.9 links them without it.
+_LIBDEVICE_SINCOS = ("triton 3.6 libdevice sin/cos carry an argument-reduction slow path (|x| > 105615) with a "
+                     "local array; the Box-Muller angle 2*pi*u < 2*pi never runs it (no local traffic at run time)")
+EXEMPTIONS += tuple(Exemption("no_spills", "*", _LIBDEVICE_SINCOS, config=f"NOISE_MODE={mode}", triton="3.6.*")
+                    for mode in (2, 3, 4, 5))
+
 # Benchmark cases whose launches cannot be captured on meta tensors, and why (their kernels are captured through
 # the op cases of the same kernels).
 CAPTURE_GAPS = {

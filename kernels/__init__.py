@@ -4,6 +4,8 @@ Every op takes ``impl="auto" | "triton" | "eager"``: Triton on CUDA tensors (or 
 the plain PyTorch reference otherwise. :func:`use_impl` and the ``GENKERNELS_IMPL`` environment variable set the
 default for a block of code or a whole process.
 """
+from importlib.metadata import version as _distribution_version
+
 from .attention import decode_attention, flash_attention
 from .bias_act import ACTIVATIONS, bias_act
 from .causal_conv import causal_conv1d
@@ -17,6 +19,8 @@ from .philox import philox_normal
 from .reparameterize import reparameterize_kl
 from .runtime import IMPLS, default_impl, interpreter_enabled, use_impl
 from .wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
+
+__version__ = _distribution_version("genkernels")
 
 __all__ = [
     "ACTIVATIONS",

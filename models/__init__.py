@@ -3,6 +3,8 @@
 Models hold no Triton code and take no impl flag: one set of weights runs under every implementation, chosen with
 :func:`genkernels.kernels.use_impl` or ``GENKERNELS_IMPL``.
 """
+from importlib.metadata import version as _distribution_version
+
 from .attention import KVCache, MultiheadSelfAttention
 from .ddpm import DDPM
 from .dcgan import DCGAN, DCGANDiscriminator, DCGANGenerator, GANLosses, discriminator_loss, generator_loss, r1_penalty
@@ -16,6 +18,8 @@ from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerOutput
 from .unet import UNet
 from .vae import VAE, VAELoss
 from .wavenet import CausalConv1d, WaveNet, mu_law_decode, mu_law_encode
+
+__version__ = _distribution_version("genkernels")
 
 __all__ = [
     "ActNorm", "AffineCoupling", "BatchNormAct2d", "CausalConv1d", "Conv2dBiasAct", "ConvTranspose2dBiasAct",
