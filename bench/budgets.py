@@ -95,8 +95,6 @@ EXEMPTIONS: tuple[Exemption, ...] = (
     Exemption("no_spills", "_causal_conv_kernel", "the fp32 causal-conv tile (64x64, k taps) reaches 255 registers"),
     Exemption("no_spills", "_residual_layer_fwd_kernel", "the fused WaveNet layer holds the conv, gate and both "
               "projection tiles at once: 255 registers at 128 residual channels"),
-    Exemption("no_spills", "_group_norm_*_kernel", "GroupNorm tiles at 8 warps and 128-240 registers; small "
-              "spills in the fused forward and backward"),
     Exemption("no_spills", "_denoise_step_kernel", "8-byte stack with noise drawn element by element (gather "
               "mode) and the schedule gathers"),
     Exemption("no_spills", "_reparameterize_kl_*_kernel", "8-byte stack with in-kernel noise and the KL partials"),
@@ -105,12 +103,14 @@ EXEMPTIONS: tuple[Exemption, ...] = (
     # occupancy
     Exemption("occupancy", "_attention_*_kernel", "fp32 attention (exact FMA tiles, no tensor cores) at 255 "
               "registers: one CTA per SM"),
-    Exemption("occupancy", "_group_norm_*_kernel", "8 warps at 155-240 registers: one CTA per SM, no prefetch"),
     Exemption("occupancy", "_wavenet_step_kernel", "one CTA for the whole batch"),
     # memory access widths
-    Exemption("wide_global_access", "_group_norm_*_kernel", "channels_last tiles load and store 2 bytes at a time "
-              "(the channel bound carries no divisibility the compiler can see); the stats kernel stores fp32 "
-              "partials one at a time"),
+    Exemption("wide_global_access", "_group_norm_stats_kernel", "stores only its (count, mean, M2) partials: 3 "
+              "fp32 per group and chunk, fewer values than the CTA's 128 threads, so each thread stores one "
+              "(STG.E, 4 bytes); its traffic, the read of x, is 16-byte loads"),
+    Exemption("wide_global_access", "_group_norm_backward_reduce_kernel", "stores only its partial sums: 2 fp32 "
+              "per channel and 2 per group of each chunk (8-256 values), fewer than 4 per thread of the CTA's 128, "
+              "so each thread stores one (STG.E, 4 bytes); its traffic, the reads of x and dy, is 16-byte loads"),
     Exemption("wide_global_access", "_attention_backward_preprocess_kernel", "stores one fp32 delta per query row "
               "(its loads are 16-byte)"),
     Exemption("wide_global_access", "_decode_combine_kernel", "stores one head_dim row per (batch, head) and "
@@ -136,8 +136,12 @@ EXEMPTIONS: tuple[Exemption, ...] = (
     Exemption("wave_efficiency", "_masked_conv2d_weight_grad_kernel", "the weight gradient splits over too few "
               "programs (10 CTAs at 128 output channels)"),
     Exemption("wave_efficiency", "_conv_weight_grad_kernel", "the 1x1 projection's weight gradient: 0.8 waves"),
-    Exemption("wave_efficiency", "_group_norm_*_kernel", "the split plan targets 4 programs per SM, not a whole "
-              "number of waves at the CTAs per SM the kernels reach"),
+    Exemption("wave_efficiency", "_group_norm_*_kernel", "unsplit (FUSED) launches are N*G/K programs fixed by "
+              "the problem (1024 at 32x256x64x64: 0.65 of a wave at 12 CTAs/SM; U-Net 2048-8192 programs at 5-32 "
+              "CTAs/SM, down to 0.48), and filling the last wave means splitting, a second HBM read of x (3 vs 2 "
+              "N*e bytes); split launches are sized to whole waves at group_norm.CTAS_PER_SM, the CTAs/SM triton "
+              "3.9 compiles them to (every split launch >= 0.90), which triton 3.6's register counts miss (10 of "
+              "16 split launches at 0.70-0.85)"),
     *(Exemption("wave_efficiency", kernel, _SMALL_GRID) for kernel in (
         "_affine_coupling_*_kernel", "_attention_backward_preprocess_kernel", "_bias_act_kernel",
         "_denoise_step*_kernel", "_diffusion_loss_*_kernel", "_masked_conv2d_gather_kernel", "_q_sample_kernel",

@@ -10,15 +10,21 @@ in the forward and 3 more in the backward):
 
 * Tensors are walked as ``[N, C, S]`` views (the spatial dims collapsed into one), with strides passed to the
   kernels: NCHW (spatial contiguous) and channels_last / channels_last_3d (channels contiguous) are both read in
-  place. A program's tile is ``[BLOCK_C, BLOCK_S]``; for NCHW it spans one group's channels and a long spatial run,
-  for channels_last it spans ``K`` whole groups (32 to 256 contiguous channels) so every row it reads is a long
-  contiguous run rather than the 8-32 bytes one group owns. Strides equal to 1 are compile-time constants (Triton
-  specializes them), so the compiler knows which tile axis is contiguous and vectorizes along it. A tensor whose
-  spatial dims cannot be collapsed into one stride (e.g. a transposed H/W view) is copied once into NCHW first.
+  place. A program's tile is ``[BLOCK_C, BLOCK_S]``, 4 KB of x (32 bytes, two 16-byte vectors, a thread at 4
+  warps: 48-165 registers, 3-12 CTAs per SM on sm_90); for NCHW it spans one group's channels and a long spatial
+  run, for channels_last it spans ``K`` whole groups (16 to 256 contiguous channels) so every row it reads is a
+  long contiguous run rather than the 8-32 bytes one group owns. Strides equal to 1 are compile-time constants
+  (Triton specializes them), so the compiler knows which tile axis is contiguous; for channels_last the launcher
+  also passes ``ALIGN``, a power of two dividing every block's first channel and channel count, so rows load and
+  store 16 bytes at a time; with a power-of-two group size the tile's channels are regrouped by a reshape
+  (``GROUP_C``) instead of a ``[groups, channels]`` membership matrix (any other group size takes the matrix).
+  A tensor whose spatial dims cannot be collapsed into one stride (e.g. a transposed H/W view) is copied once
+  into NCHW first.
 * Work unit = (sample, block of ``K`` groups, spatial chunk). PyTorch launches one program per (sample, group):
-  32 programs at batch 1, a quarter of an H100's 132 SMs. When ``N * ceil(G / K)`` is below a target (4 programs
-  per SM) each group's spatial extent is cut into chunks (:func:`plan_launch`), and the reduction goes in two
-  kernels:
+  32 programs at batch 1, a quarter of an H100's 132 SMs. When ``N * ceil(G / K)`` fills less than half a wave,
+  each group's spatial extent is cut into chunks, balanced runs of whole tiles (:func:`plan_launch`), and the
+  reduction goes in two kernels, each with its own chunk count so that each grid is whole waves of what its
+  kernel holds per SM (:data:`CTAS_PER_SM`, from the compiled code):
 
   - forward: ``_group_norm_stats_kernel`` writes per-chunk ``(count, mean, M2 / M)``; ``_group_norm_forward_kernel``
     merges the chunks of its groups (Chan et al.'s parallel variance formula; reading a few KB of partials from L2)
@@ -66,21 +72,39 @@ from .runtime import choose_impl, compute_dtype
 from .triton_helpers import sigmoid
 
 ACTIVATIONS = ("silu", None)
-# Elements of one program's [BLOCK_C, BLOCK_S] tile, and the warps that hold it (16 elements per thread).
-TILE = 4096
-TILE_WARPS = 8
+# Bytes of x in one program's [BLOCK_C, BLOCK_S] tile and the warps that hold it: 32 bytes (two 16-byte vectors)
+# a thread, so registers stay under 128 in the stats / forward kernels and every kernel keeps >= 3 CTAs per SM
+# (8 warps and 16 bf16 elements a thread took 155-240 registers: one CTA per SM). TILE: the 16-bit tile's elements.
+TILE_BYTES = 4096
+TILE_WARPS = 4
+TILE = TILE_BYTES // 2
 # Contiguous channels a channels_last program reads per spatial position (512 bytes of bf16), and the most groups
 # one program's [BLOCK_G, BLOCK_C] channel-to-group merge spans.
 MAX_CHANNELS_INNER = 256
 MAX_GROUPS_PER_BLOCK = 32
-# Narrowest channels_last tile row when fewer groups per program are needed to fill the GPU (64 bytes of bf16),
+# Narrowest channels_last tile row when fewer groups per program are needed to fill the GPU (one 32-byte sector),
 # and the shortest NCHW spatial tile a split may ask for.
-MIN_CHANNELS_INNER = 32
+MIN_ROW_BYTES = 32
 MIN_SPATIAL_TILE = 64
 # Partials of one group merged per step of the merge loop.
 MAX_BLOCK_P = 64
-# Programs per SM the split aims for.
-PROGRAMS_PER_SM = 4
+# CTAs per SM each split kernel reaches on sm_90 at its 16-bit split tiles (TILE_WARPS warps; registers limit
+# them: 48-96 registers in the stats and forward kernels, 72-165 in the backward pair, as the compiled-code report
+# shows for triton 3.9; triton 3.6 allocates differently, e.g. 40 rather than 48 in the NCHW forward: 12, not 10,
+# CTAs per SM), keyed by (kernel, channels_last) as (low, high); channels_last forward tiles spanning 16 or more groups
+# and NCHW stats tiles 512 or more positions long hold more registers (the entries below). A split sizes each
+# pass's grid so that it is whole waves (or >= 4 waves) at every count from low to high.
+CTAS_PER_SM = {
+    ("stats", False): (10, 10), ("stats", True): (5, 5),
+    ("forward", False): (10, 10), ("forward", True): (7, 7),
+    ("backward_reduce", False): (5, 5), ("backward_reduce", True): (3, 3),
+    ("backward", False): (7, 7), ("backward", True): (4, 4),
+}
+CTAS_PER_SM_WIDE_FORWARD = (5, 5)
+CTAS_PER_SM_LONG_STATS = (9, 9)
+# A launch splits each group's positions over several programs when one program per group block would fill less
+# than this fraction of one wave (below it, the second read of x a split costs buys the parallelism back).
+SPLIT_BELOW = 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,76 +156,139 @@ def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: Optional
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     """How the kernels cover ``[N, C, S]``: programs own ``groups_per_block`` whole groups of one sample and a
-    spatial chunk of ``chunk_len`` positions (a multiple of ``block_s``); ``chunks`` chunks per group."""
+    spatial chunk: each group's ``tiles`` tiles of ``block_s`` positions cut into ``chunks`` balanced runs. When
+    split, the reducing pass (stats / backward reduce) runs its own grid of ``part_chunks`` chunks (each pass's grid
+    sized to whole waves of its own kernel) and the normalizing pass merges those partials."""
 
     groups_per_block: int
     blocks_per_sample: int
     chunks: int
-    chunk_len: int
+    part_chunks: int
+    tiles: int
     block_c: int
     block_s: int
     block_g: int
     block_p: int
     num_warps: int
+    align: int
+    group_c: int
+
+    @property
+    def chunk_len(self) -> int:
+        """Positions of the longest chunk of the normalizing pass."""
+        return triton.cdiv(self.tiles, self.chunks) * self.block_s
 
     @property
     def split(self) -> bool:
-        return self.chunks > 1
+        return self.chunks > 1 or self.part_chunks > 1
 
-    def programs(self, batch: int) -> int:
-        return batch * self.blocks_per_sample * self.chunks
+    def programs(self, batch: int, chunks: Optional[int] = None) -> int:
+        return batch * self.blocks_per_sample * (self.chunks if chunks is None else chunks)
 
 
-def default_target_programs(device: torch.device) -> int:
-    """Programs a launch should have to keep every SM busy: ``PROGRAMS_PER_SM`` per SM of ``device`` (the
-    interpreter plans as for an H100, so the CPU tests take the GPU's code paths)."""
-    return PROGRAMS_PER_SM * device_limits(device).sm_count
+def split_waves(kernel: str, channels_inner: bool, block_g: int, block_s: int, sm_count: int) -> tuple[int, ...]:
+    """The programs one wave of split ``kernel`` holds on ``sm_count`` SMs, for each CTAs-per-SM count the
+    kernel may reach (:data:`CTAS_PER_SM`)."""
+    low, high = CTAS_PER_SM[kernel, channels_inner]
+    if kernel == "forward" and channels_inner and block_g >= 16:
+        low, high = CTAS_PER_SM_WIDE_FORWARD
+    if kernel == "stats" and not channels_inner and block_s >= 512:
+        low, high = CTAS_PER_SM_LONG_STATS
+    return tuple(ctas * sm_count for ctas in range(low, high + 1))
+
+
+def _wave_fit(programs: int, waves: tuple[int, ...]) -> tuple[bool, float]:
+    """Whether a grid of ``programs`` is at least 4 waves or fills 90% of its last wave for every wave size in
+    ``waves``, and the least fraction of its slots it fills."""
+    fits, worst = True, 1.0
+    for wave in waves:
+        count = programs / wave
+        efficiency = programs / (math.ceil(count) * wave)
+        fits = fits and (count >= 4 or efficiency >= 0.9)
+        worst = min(worst, efficiency)
+    return fits, worst
+
+
+def _whole_wave_chunks(units: int, most: int, waves: tuple[int, ...]) -> int:
+    """Chunks (at most ``most``) per each of ``units`` work units so that the grid is whole waves (>= 90% of its
+    last wave, or >= 4 waves) of every wave size in ``waves``: the fewest that fill at least one wave, else the
+    count that fills the most of its last wave."""
+    best, best_score = 1, None
+    for chunks in range(1, most + 1):
+        fits, efficiency = _wave_fit(units * chunks, waves)
+        if fits and units * chunks >= max(waves):
+            return chunks
+        score = (fits, efficiency, chunks)
+        if best_score is None or score > best_score:
+            best, best_score = chunks, score
+    return best
 
 
 @functools.lru_cache(maxsize=1024)
 def plan_launch(batch: int, channels: int, num_groups: int, spatial: int, channels_inner: bool,
-                target_programs: int, tile: int = TILE) -> LaunchPlan:
+                target_programs: int, tile: int = TILE, element_size: int = 2, backward: bool = False,
+                sm_count: int = 0) -> LaunchPlan:
     """Choose the tile, the groups per program and the split.
 
+    ``target_programs``: the programs one wave holds (both passes), or 0: the waves of the kernels of the forward
+    (stats, forward) or the ``backward`` pass (reduce, backward) on ``sm_count`` SMs (:func:`split_waves`).
+    ``element_size``: bytes per element of x (the tile holds 32 bytes per thread).
     ``channels_inner``: the channel axis is the contiguous one (channels_last); the tile then spans up to
-    ``MAX_CHANNELS_INNER`` channels of ``K`` whole groups, fewer (down to ``MIN_CHANNELS_INNER``) when more
+    ``MAX_CHANNELS_INNER`` channels of ``K`` whole groups, fewer (down to ``MIN_ROW_BYTES``) when more
     programs are needed. Otherwise (NCHW) a program owns one group and the tile is long along the spatial axis.
-    Each group's spatial extent is cut into ``chunks`` when ``batch * ceil(G / K)`` programs fall short of
-    ``target_programs``; chunks are at least one tile, and at most ``sqrt(C/G * S / 24)`` so that the partials every
-    program merges (3 per chunk and group) stay below ~1/8 of the elements it reads. Cached: it runs on every
-    call.
+    Each group's spatial extent is cut into chunks when ``batch * ceil(G / K)`` programs fill less than
+    ``SPLIT_BELOW`` of a wave; each pass's chunk count then makes its grid whole waves
+    (:func:`_whole_wave_chunks`). Chunks are balanced runs of at least one tile, and at most
+    ``sqrt(C/G * S / 24)`` of them so that the partials every program merges (3 per chunk and group) stay below
+    ~1/8 of the elements it reads. Cached: it runs on every call.
     """
     group_channels = channels // num_groups
     spatial = max(spatial, 1)
     spatial_pow2 = triton.next_power_of_2(spatial)
     max_chunks = max(1, math.isqrt(group_channels * spatial // 24))
+    normalize_kernel, reduce_kernel = ("backward", "backward_reduce") if backward else ("forward", "stats")
+
+    def waves(kernel: str, block_g: int = 1, block_s: int = 1) -> tuple[int, ...]:
+        if target_programs > 0:
+            return (target_programs,)
+        return split_waves(kernel, channels_inner, block_g, block_s, max(sm_count, 1))
+
+    wave = max(waves(normalize_kernel) + waves(reduce_kernel))
     if channels_inner:
         groups_per_block = max(1, min(num_groups, MAX_CHANNELS_INNER // group_channels, MAX_GROUPS_PER_BLOCK))
-        while (groups_per_block > 1 and groups_per_block * group_channels > MIN_CHANNELS_INNER
-               and batch * triton.cdiv(num_groups, groups_per_block) * max_chunks < target_programs):
+        groups_per_block = _floor_power_of_2(groups_per_block)
+        while (groups_per_block > 1 and groups_per_block * group_channels * element_size > MIN_ROW_BYTES
+               and batch * triton.cdiv(num_groups, groups_per_block) < SPLIT_BELOW * wave
+               and batch * triton.cdiv(num_groups, groups_per_block) * max_chunks < wave):
             groups_per_block //= 2
         block_c = min(triton.next_power_of_2(groups_per_block * group_channels), MAX_CHANNELS_INNER, tile)
         block_s = max(1, min(spatial_pow2, tile // block_c))
     else:
         groups_per_block = 1
-        wanted_chunks = min(max_chunks, triton.cdiv(target_programs, batch * num_groups))
         block_s = min(spatial_pow2, tile)
-        if wanted_chunks > 1:  # short enough tiles that the spatial extent splits into the wanted chunks
-            block_s = min(block_s, max(MIN_SPATIAL_TILE, _floor_power_of_2(triton.cdiv(spatial, wanted_chunks))))
+        if batch * num_groups < SPLIT_BELOW * wave:  # a split: tiles of all the group's channels, chosen finely
+            block_s = min(block_s, max(MIN_SPATIAL_TILE, tile // triton.next_power_of_2(group_channels)))
         block_c = max(1, min(triton.next_power_of_2(group_channels), tile // block_s))
     blocks_per_sample = triton.cdiv(num_groups, groups_per_block)
     tiles = triton.cdiv(spatial, block_s)
-    unsplit_programs = max(1, batch * blocks_per_sample)
-    chunks = 1
-    if unsplit_programs < target_programs:
-        chunks = min(tiles, max_chunks, triton.cdiv(target_programs, unsplit_programs))
-    tiles_per_chunk = triton.cdiv(tiles, chunks)
-    chunks = triton.cdiv(tiles, tiles_per_chunk)
+    units = max(1, batch * blocks_per_sample)
     block_g = triton.next_power_of_2(groups_per_block)
-    block_p = min(triton.next_power_of_2(chunks), MAX_BLOCK_P)
-    num_warps = max(1, min(TILE_WARPS, block_c * block_s // 512))
-    return LaunchPlan(groups_per_block, blocks_per_sample, chunks, tiles_per_chunk * block_s, block_c, block_s,
-                      block_g, block_p, num_warps)
+    chunks = part_chunks = 1
+    if units < SPLIT_BELOW * wave and min(tiles, max_chunks) > 1:
+        chunks = _whole_wave_chunks(units, min(tiles, max_chunks), waves(normalize_kernel, block_g, block_s))
+        part_chunks = _whole_wave_chunks(units, min(tiles, max_chunks), waves(reduce_kernel, block_g, block_s))
+    block_p = min(triton.next_power_of_2(part_chunks), MAX_BLOCK_P)
+    # 32 bytes (two 16-byte vectors) of the tile per thread
+    num_warps = max(1, min(TILE_WARPS, block_c * block_s * element_size // 1024))
+    align = 1
+    if channels_inner:
+        block_channels = groups_per_block * group_channels if num_groups % groups_per_block == 0 else group_channels
+        align = min(16, block_channels & -block_channels)
+    # whole groups of a power-of-two channel count fill the tile's channel axis: group by reshaping
+    grouped = (channels_inner and block_g > 1 and group_channels & (group_channels - 1) == 0
+               and block_c == block_g * group_channels)
+    return LaunchPlan(groups_per_block, blocks_per_sample, chunks, part_chunks, tiles, block_c, block_s, block_g,
+                      block_p, num_warps, align, group_channels if grouped else 0)
 
 
 def _floor_power_of_2(value: int) -> int:
@@ -257,8 +344,14 @@ def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b, inv_sqrt_size):
 
 
 @triton.jit
-def _program_coordinates(blocks_per_sample, chunks, groups_per_block, num_groups, group_channels):
-    """(sample, first group, groups in the block, first channel, channels in the block, chunk) of this program."""
+def _program_coordinates(blocks_per_sample, chunks, groups_per_block, num_groups, group_channels,
+                         ALIGN: tl.constexpr):
+    """(sample, first group, groups in the block, first channel, channels in the block, chunk) of this program.
+
+    ``ALIGN``: a power of two the launcher knows divides the block's first channel and channel count (a multiple
+    of the group's channel count, or of the block's when every block holds the same groups): with it the compiler
+    sees channels_last rows start on vector boundaries and end on them, and loads and stores them 16 bytes at a
+    time."""
     pid = tl.program_id(0)
     chunk = pid % chunks
     rest = pid // chunks
@@ -266,12 +359,27 @@ def _program_coordinates(blocks_per_sample, chunks, groups_per_block, num_groups
     sample = rest // blocks_per_sample
     first_group = block * groups_per_block
     block_groups = tl.minimum(groups_per_block, num_groups - first_group)
-    return sample, first_group, block_groups, first_group * group_channels, block_groups * group_channels, chunk
+    first_channel = first_group * group_channels
+    block_channels = block_groups * group_channels
+    if ALIGN > 1:
+        first_channel = tl.multiple_of(first_channel, ALIGN)
+        block_channels = tl.multiple_of(block_channels, ALIGN)
+    return sample, first_group, block_groups, first_channel, block_channels, chunk
+
+
+@triton.jit
+def _chunk_positions(chunk, chunks, tiles, spatial, BLOCK_S: tl.constexpr):
+    """``[s_begin, s_end)``: chunk ``chunk`` of ``chunks`` balanced runs of whole tiles over a group's ``tiles``
+    tiles of ``BLOCK_S`` positions (run lengths differ by at most one tile, so any chunk count is possible)."""
+    s_begin = (chunk.to(tl.int64) * tiles // chunks) * BLOCK_S
+    s_end = tl.minimum(((chunk + 1).to(tl.int64) * tiles // chunks) * BLOCK_S, spatial)
+    return s_begin, s_end
 
 
 @triton.jit
 def _block_stats(x_ptr, x_base, x_sc, x_ss, first_channel, block_channels, group_channels, s_begin, s_end,
-                 inv_sqrt_size, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+                 inv_sqrt_size, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+                 GROUP_C: tl.constexpr):
     """``(count, mean, M2 / M)`` of each of the block's groups (``[BLOCK_G]``) over positions ``[s_begin, s_end)``.
 
     Per channel sub-tile: per-channel statistics over the spatial loop (two-pass inside each tile, Chan-merged
@@ -303,12 +411,13 @@ def _block_stats(x_ptr, x_base, x_sc, x_ss, first_channel, block_channels, group
             ch_count, ch_mean, ch_m2 = _chan_merge(ch_count, ch_mean, ch_m2, tile_count, tile_mean,
                                                    tl.sum(centered * centered, axis=1), inv_sqrt_size)
         positions = tl.max(ch_count, axis=0)  # every channel saw the same positions
-        member = (g[:, None] == (local // group_channels)[None, :]) & c_mask[None, :]
+        by_group_mean, member = _by_group(ch_mean, local, c_mask, group_channels, BLOCK_G, GROUP_C)
+        by_group_m2, _ = _by_group(ch_m2, local, c_mask, group_channels, BLOCK_G, GROUP_C)
         channels_in = tl.sum(member.to(tl.float32), axis=1)
-        sub_mean = (tl.sum(tl.where(member, ch_mean[None, :] * (1.0 / BLOCK_C), 0.0), axis=1)
+        sub_mean = (tl.sum(tl.where(member, by_group_mean * (1.0 / BLOCK_C), 0.0), axis=1)
                     / (tl.maximum(channels_in, 1.0) * (1.0 / BLOCK_C)))
-        spread = tl.where(member, (ch_mean[None, :] - sub_mean[:, None]) * inv_sqrt_size, 0.0)
-        sub_m2 = (tl.sum(tl.where(member, ch_m2[None, :], 0.0), axis=1)
+        spread = tl.where(member, (by_group_mean - sub_mean[:, None]) * inv_sqrt_size, 0.0)
+        sub_m2 = (tl.sum(tl.where(member, by_group_m2, 0.0), axis=1)
                   + tl.sum(spread * spread * positions, axis=1))
         count, mean, m2 = _chan_merge(count, mean, m2, channels_in * positions, sub_mean, sub_m2, inv_sqrt_size)
     return count, mean, m2
@@ -344,17 +453,38 @@ def _merge_partials(part_ptr, plane, row, block_groups, chunks, inv_sqrt_size, B
 
 
 @triton.jit
-def _groups_to_channels(values, local, group_channels, BLOCK_G: tl.constexpr):
-    """Spread per-group ``values`` ``[BLOCK_G]`` to the block's channels ``local`` ``[BLOCK_C]``."""
-    member = tl.arange(0, BLOCK_G)[:, None] == (local // group_channels)[None, :]
-    return tl.sum(tl.where(member, values[:, None], 0.0), axis=0)
+def _by_group(values, local, c_mask, group_channels, BLOCK_G: tl.constexpr, GROUP_C: tl.constexpr):
+    """Per-channel ``values`` ``[BLOCK_C]`` seen by group: ``(values, member)``, both broadcastable to
+    ``[BLOCK_G, X]``, ``member`` true where a channel of the block belongs to the row's group.
+
+    ``GROUP_C > 0``: the block's ``BLOCK_C`` channels are ``BLOCK_G`` whole groups of ``GROUP_C`` channels (a power
+    of two), so a reshape to ``[BLOCK_G, GROUP_C]`` is the grouping (no ``[BLOCK_G, BLOCK_C]`` membership matrix in
+    registers); otherwise (any channel count) the membership matrix."""
+    if GROUP_C > 0:
+        grouped = tl.reshape(values, [BLOCK_G, GROUP_C])
+        member = tl.reshape(c_mask, [BLOCK_G, GROUP_C])
+    else:
+        grouped = values[None, :]
+        member = (tl.arange(0, BLOCK_G)[:, None] == (local // group_channels)[None, :]) & c_mask[None, :]
+    return grouped, member
 
 
 @triton.jit
-def _channels_to_groups(values, local, c_mask, group_channels, BLOCK_G: tl.constexpr):
+def _groups_to_channels(values, local, group_channels, BLOCK_G: tl.constexpr, GROUP_C: tl.constexpr):
+    """Spread per-group ``values`` ``[BLOCK_G]`` to the block's channels ``local`` ``[BLOCK_C]``."""
+    if GROUP_C > 0:
+        spread = tl.reshape(tl.broadcast_to(values[:, None], [BLOCK_G, GROUP_C]), [BLOCK_G * GROUP_C])
+    else:
+        member = tl.arange(0, BLOCK_G)[:, None] == (local // group_channels)[None, :]
+        spread = tl.sum(tl.where(member, values[:, None], 0.0), axis=0)
+    return spread
+
+
+@triton.jit
+def _channels_to_groups(values, local, c_mask, group_channels, BLOCK_G: tl.constexpr, GROUP_C: tl.constexpr):
     """Sum per-channel ``values`` ``[BLOCK_C]`` into the block's groups ``[BLOCK_G]``."""
-    member = (tl.arange(0, BLOCK_G)[:, None] == (local // group_channels)[None, :]) & c_mask[None, :]
-    return tl.sum(tl.where(member, values[None, :], 0.0), axis=1)
+    grouped, member = _by_group(values, local, c_mask, group_channels, BLOCK_G, GROUP_C)
+    return tl.sum(tl.where(member, grouped, 0.0), axis=1)
 
 
 @triton.jit
@@ -374,18 +504,19 @@ def _affine(w_ptr, b_ptr, w_sc, b_sc, channel, c_mask, HAS_WEIGHT: tl.constexpr,
 
 @triton.jit
 def _group_norm_stats_kernel(
-    x_ptr, part_ptr, num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len,
+    x_ptr, part_ptr, num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, tiles,
     part_plane, x_sn, x_sc, x_ss, inv_sqrt_size,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, ALIGN: tl.constexpr,
+    GROUP_C: tl.constexpr,
 ):
     """Split forward, pass 1: (count, mean, M2 / M) of each group of the block over this program's chunk, stored
     at ``part[plane, sample * G + group, chunk]`` (planes: count, mean, M2 / M)."""
     sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
-        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
-    s_begin = chunk.to(tl.int64) * chunk_len
-    s_end = tl.minimum(s_begin + chunk_len, spatial)
+        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels, ALIGN)
+    s_begin, s_end = _chunk_positions(chunk, chunks, tiles, spatial, BLOCK_S)
     count, mean, m2 = _block_stats(x_ptr, sample.to(tl.int64) * x_sn, x_sc, x_ss, first_channel, block_channels,
-                                   group_channels, s_begin, s_end, inv_sqrt_size, BLOCK_C, BLOCK_S, BLOCK_G)
+                                   group_channels, s_begin, s_end, inv_sqrt_size, BLOCK_C, BLOCK_S, BLOCK_G,
+                                   GROUP_C)
     g = tl.arange(0, BLOCK_G)
     offsets = (sample.to(tl.int64) * num_groups + first_group + g) * chunks + chunk
     mask = g < block_groups
@@ -397,26 +528,26 @@ def _group_norm_stats_kernel(
 @triton.jit
 def _group_norm_forward_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
-    num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len, part_plane,
-    x_sn, x_sc, x_ss, y_sn, y_sc, y_ss, w_sc, b_sc, eps, inv_sqrt_size,
+    num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, tiles, part_chunks,
+    part_plane, x_sn, x_sc, x_ss, y_sn, y_sc, y_ss, w_sc, b_sc, eps, inv_sqrt_size,
     SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_STATS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP_C: tl.constexpr,
 ):
     """The block's group statistics (its own loop when FUSED_STATS, else merged from the stats kernel's
     partials), then ``y = act((x - mean) * rstd * w + b)`` over this program's chunk. A variance past fp32's range
     gives ``rstd = 0``, as the fp32 reference does."""
     sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
-        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
+        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels, ALIGN)
     x_base = sample.to(tl.int64) * x_sn
     y_base = sample.to(tl.int64) * y_sn
-    s_begin = chunk.to(tl.int64) * chunk_len
-    s_end = tl.minimum(s_begin + chunk_len, spatial)
+    s_begin, s_end = _chunk_positions(chunk, chunks, tiles, spatial, BLOCK_S)
     row = sample.to(tl.int64) * num_groups + first_group
     if FUSED_STATS:
         count, mean, var = _block_stats(x_ptr, x_base, x_sc, x_ss, first_channel, block_channels, group_channels,
-                                        s_begin, s_end, inv_sqrt_size, BLOCK_C, BLOCK_S, BLOCK_G)
+                                        s_begin, s_end, inv_sqrt_size, BLOCK_C, BLOCK_S, BLOCK_G, GROUP_C)
     else:
-        count, mean, var = _merge_partials(part_ptr, part_plane, row, block_groups, chunks, inv_sqrt_size,
+        count, mean, var = _merge_partials(part_ptr, part_plane, row, block_groups, part_chunks, inv_sqrt_size,
                                            BLOCK_G, BLOCK_P)
     rstd = 1.0 / tl.sqrt(var + eps)
     g = tl.arange(0, BLOCK_G)
@@ -428,8 +559,8 @@ def _group_norm_forward_kernel(
         c_mask = local < block_channels
         channel = first_channel + local
         w, b = _affine(w_ptr, b_ptr, w_sc, b_sc, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
-        ch_mean = _groups_to_channels(mean, local, group_channels, BLOCK_G)
-        ch_scale = _groups_to_channels(rstd, local, group_channels, BLOCK_G) * w
+        ch_mean = _groups_to_channels(mean, local, group_channels, BLOCK_G, GROUP_C)
+        ch_scale = _groups_to_channels(rstd, local, group_channels, BLOCK_G, GROUP_C) * w
         x_rows = x_ptr + x_base + channel.to(tl.int64)[:, None] * x_sc
         y_rows = y_ptr + y_base + channel.to(tl.int64)[:, None] * y_sc
         for s0 in range(s_begin, s_end, BLOCK_S):
@@ -470,7 +601,8 @@ def _block_grad_sums(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, 
                      group_channels, first_channel, block_channels, s_begin, s_end, chunks, chunk, part_plane,
                      x_base, dy_base, x_sc, x_ss, dy_sc, dy_ss, w_sc, b_sc,
                      SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+                     GROUP_C: tl.constexpr):
     """Per channel over ``[s_begin, s_end)``: ``sum(dz * x_hat)`` and ``sum(dz)``, stored at
     ``part[plane, sample * C + channel, chunk]`` (for dweight / dbias); returns their weighted per-group sums
     ``sum(dy_hat * x_hat)`` and ``sum(dy_hat)`` ``[BLOCK_G]``, ``dy_hat = dz * w``."""
@@ -500,31 +632,31 @@ def _block_grad_sums(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, 
         offsets = (sample.to(tl.int64) * channels + channel) * chunks + chunk
         tl.store(part_ptr + offsets, dot, mask=c_mask)
         tl.store(part_ptr + (offsets + part_plane), total, mask=c_mask)
-        group_dot += _channels_to_groups(dot * w, local, c_mask, group_channels, BLOCK_G)
-        group_sum += _channels_to_groups(total * w, local, c_mask, group_channels, BLOCK_G)
+        group_dot += _channels_to_groups(dot * w, local, c_mask, group_channels, BLOCK_G, GROUP_C)
+        group_sum += _channels_to_groups(total * w, local, c_mask, group_channels, BLOCK_G, GROUP_C)
     return group_dot, group_sum
 
 
 @triton.jit
 def _group_norm_backward_reduce_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, group_part_ptr,
-    num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len, part_plane,
+    num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, tiles, part_plane,
     group_part_plane, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, w_sc, b_sc,
     SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, ALIGN: tl.constexpr,
+    GROUP_C: tl.constexpr,
 ):
     """Split backward, pass 1: per-(sample, channel, chunk) ``sum(dz * x_hat)`` and ``sum(dz)`` (for dweight and
     dbias), and per-(sample, group, chunk) ``sum(dy_hat * x_hat)`` and ``sum(dy_hat)`` at
     ``group_part[plane, sample * G + group, chunk]``."""
     sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
-        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
-    s_begin = chunk.to(tl.int64) * chunk_len
-    s_end = tl.minimum(s_begin + chunk_len, spatial)
+        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels, ALIGN)
+    s_begin, s_end = _chunk_positions(chunk, chunks, tiles, spatial, BLOCK_S)
     group_dot, group_sum = _block_grad_sums(
         x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, sample, num_groups, group_channels, first_channel,
         block_channels, s_begin, s_end, chunks, chunk, part_plane, sample.to(tl.int64) * x_sn,
         sample.to(tl.int64) * dy_sn, x_sc, x_ss, dy_sc, dy_ss, w_sc, b_sc, SILU, HAS_WEIGHT, HAS_BIAS, BLOCK_C,
-        BLOCK_S, BLOCK_G)
+        BLOCK_S, BLOCK_G, GROUP_C)
     g = tl.arange(0, BLOCK_G)
     offsets = (sample.to(tl.int64) * num_groups + first_group + g) * chunks + chunk
     tl.store(group_part_ptr + offsets, group_dot, mask=g < block_groups)
@@ -534,35 +666,36 @@ def _group_norm_backward_reduce_kernel(
 @triton.jit
 def _group_norm_backward_kernel(
     x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, group_part_ptr,
-    num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, chunk_len, part_plane,
-    group_part_plane, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss, w_sc, b_sc, inv_group_size,
+    num_groups, group_channels, spatial, blocks_per_sample, groups_per_block, chunks, tiles, part_plane,
+    group_part_plane, part_chunks, x_sn, x_sc, x_ss, dy_sn, dy_sc, dy_ss, dx_sn, dx_sc, dx_ss, w_sc, b_sc,
+    inv_group_size,
     SILU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP_C: tl.constexpr,
 ):
     """``dx = rstd * (dy_hat - mean_g(dy_hat) - x_hat * mean_g(dy_hat * x_hat))`` over this program's chunk.
 
     The group means come from the block's own reduction loop (FUSED_REDUCE, one chunk per group) or from the
     reduce kernel's per-(group, chunk) partials."""
     sample, first_group, block_groups, first_channel, block_channels, chunk = _program_coordinates(
-        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels)
+        blocks_per_sample, chunks, groups_per_block, num_groups, group_channels, ALIGN)
     x_base = sample.to(tl.int64) * x_sn
     dy_base = sample.to(tl.int64) * dy_sn
     dx_base = sample.to(tl.int64) * dx_sn
-    s_begin = chunk.to(tl.int64) * chunk_len
-    s_end = tl.minimum(s_begin + chunk_len, spatial)
+    s_begin, s_end = _chunk_positions(chunk, chunks, tiles, spatial, BLOCK_S)
     if FUSED_REDUCE:
         group_dot, group_sum = _block_grad_sums(
             x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, sample, num_groups, group_channels,
             first_channel, block_channels, s_begin, s_end, chunks, chunk, part_plane, x_base, dy_base, x_sc, x_ss,
-            dy_sc, dy_ss, w_sc, b_sc, SILU, HAS_WEIGHT, HAS_BIAS, BLOCK_C, BLOCK_S, BLOCK_G)
+            dy_sc, dy_ss, w_sc, b_sc, SILU, HAS_WEIGHT, HAS_BIAS, BLOCK_C, BLOCK_S, BLOCK_G, GROUP_C)
     else:
         g = tl.arange(0, BLOCK_G)
         group_dot = tl.zeros([BLOCK_G], tl.float32)
         group_sum = tl.zeros([BLOCK_G], tl.float32)
-        for p0 in range(0, chunks, BLOCK_P):
+        for p0 in range(0, part_chunks, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
-            mask = (g < block_groups)[:, None] & (p < chunks)[None, :]
-            offsets = (sample.to(tl.int64) * num_groups + first_group + g)[:, None] * chunks + p[None, :]
+            mask = (g < block_groups)[:, None] & (p < part_chunks)[None, :]
+            offsets = (sample.to(tl.int64) * num_groups + first_group + g)[:, None] * part_chunks + p[None, :]
             group_dot += tl.sum(tl.load(group_part_ptr + offsets, mask=mask, other=0.0), axis=1)
             group_sum += tl.sum(tl.load(group_part_ptr + (offsets + group_part_plane), mask=mask, other=0.0),
                                 axis=1)
@@ -574,8 +707,8 @@ def _group_norm_backward_kernel(
         channel = first_channel + local
         w, b = _affine(w_ptr, b_ptr, w_sc, b_sc, channel, c_mask, HAS_WEIGHT, HAS_BIAS)
         ch_mean, ch_rstd = _saved_stats(mean_ptr, rstd_ptr, sample, num_groups, channel, c_mask, group_channels)
-        ch_dot = _groups_to_channels(group_dot, local, group_channels, BLOCK_G)
-        ch_sum = _groups_to_channels(group_sum, local, group_channels, BLOCK_G)
+        ch_dot = _groups_to_channels(group_dot, local, group_channels, BLOCK_G, GROUP_C)
+        ch_sum = _groups_to_channels(group_sum, local, group_channels, BLOCK_G, GROUP_C)
         x_rows = x_ptr + x_base + channel.to(tl.int64)[:, None] * x_sc
         dy_rows = dy_ptr + dy_base + channel.to(tl.int64)[:, None] * dy_sc
         dx_rows = dx_ptr + dx_base + channel.to(tl.int64)[:, None] * dx_sc
@@ -594,15 +727,17 @@ def _group_norm_backward_kernel(
 OP_NAME = "group_norm_silu"
 
 
-def _plan_for(x: torch.Tensor, x_strides, num_groups: int) -> LaunchPlan:
-    """The launch plan of ``x``; tests force ``target_programs`` / ``tile`` (0 = automatic) with
-    ``launch.force_launch_settings("group_norm_silu", ...)`` to reach the split path at small shapes."""
+def _plan_for(x: torch.Tensor, x_strides, num_groups: int, backward: bool = False) -> LaunchPlan:
+    """The launch plan of ``x`` for the forward (stats + forward kernels) or the backward (reduce + backward
+    kernels), for the SMs of x's device; tests force ``target_programs`` / ``tile`` / ``sm_count`` (0 =
+    automatic) with ``launch.force_launch_settings("group_norm_silu", ...)`` to reach the split paths at small
+    shapes."""
     target_programs = int(launch_setting(OP_NAME, "target_programs", 0))
     tile = int(launch_setting(OP_NAME, "tile", 0))
-    target = target_programs if target_programs > 0 else default_target_programs(x.device)
+    sm_count = int(launch_setting(OP_NAME, "sm_count", 0)) or device_limits(x.device).sm_count
     channels_inner = x_strides[1] == 1 and x.shape[1] > 1
-    return plan_launch(x.shape[0], x.shape[1], num_groups, _spatial_size(x), channels_inner, target,
-                       tile if tile > 0 else TILE)
+    return plan_launch(x.shape[0], x.shape[1], num_groups, _spatial_size(x), channels_inner, max(target_programs, 0),
+                       tile if tile > 0 else TILE_BYTES // x.element_size(), x.element_size(), backward, sm_count)
 
 
 def _empty_output(x: torch.Tensor) -> torch.Tensor:
@@ -628,22 +763,22 @@ def _launch_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     plan = _plan_for(x, x_strides, num_groups)
     group_channels, spatial = x.shape[1] // num_groups, _spatial_size(x)
     inv_sqrt_size = 1.0 / math.sqrt(group_channels * spatial)
-    grid = (plan.programs(batch),)
-    shape_args = (num_groups, group_channels, spatial, plan.blocks_per_sample, plan.groups_per_block, plan.chunks,
-                  plan.chunk_len)
-    blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g)
+    layout = (num_groups, group_channels, spatial, plan.blocks_per_sample, plan.groups_per_block)
+    blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, ALIGN=plan.align,
+                  GROUP_C=plan.group_c, num_warps=plan.num_warps)
     partials = mean
     if plan.split:
-        partials = x.new_empty((3, batch * num_groups * plan.chunks), dtype=torch.float32)
-        _group_norm_stats_kernel[grid](x, partials, *shape_args, partials.shape[-1], *x_strides, inv_sqrt_size,
-                                       **blocks, num_warps=plan.num_warps)
+        partials = x.new_empty((3, batch * num_groups * plan.part_chunks), dtype=torch.float32)
+        _group_norm_stats_kernel[(plan.programs(batch, plan.part_chunks),)](
+            x, partials, *layout, plan.part_chunks, plan.tiles, partials.shape[-1], *x_strides,
+            inv_sqrt_size, **blocks)
     w, w_stride = _parameter_args(weight, mean)
     b, b_stride = _parameter_args(bias, mean)
-    _group_norm_forward_kernel[grid](
-        x, y, w, b, mean, rstd, partials, *shape_args, partials.shape[-1], *x_strides, *y_strides, w_stride,
-        b_stride, eps, inv_sqrt_size,
+    _group_norm_forward_kernel[(plan.programs(batch),)](
+        x, y, w, b, mean, rstd, partials, *layout, plan.chunks, plan.tiles, plan.part_chunks, partials.shape[-1],
+        *x_strides, *y_strides, w_stride, b_stride, eps, inv_sqrt_size,
         SILU=activation == "silu", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        FUSED_STATS=not plan.split, BLOCK_P=plan.block_p, **blocks, num_warps=plan.num_warps)
+        FUSED_STATS=not plan.split, BLOCK_P=plan.block_p, **blocks)
     return y, mean, rstd
 
 
@@ -660,25 +795,27 @@ def _launch_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     # the saved [N, G] statistics are read as dense fp32 rows (what the forward op returns)
     mean = mean.to(torch.float32).contiguous()
     rstd = rstd.to(torch.float32).contiguous()
-    plan = _plan_for(x, x_strides, num_groups)
+    plan = _plan_for(x, x_strides, num_groups, backward=True)
     group_channels, spatial = channels // num_groups, _spatial_size(x)
-    grid = (plan.programs(batch),)
-    partials = x.new_empty((2, batch, channels, plan.chunks), dtype=torch.float32)
-    group_partials = x.new_empty((2, batch * num_groups * plan.chunks) if plan.split else (2, 1),
+    # per-(sample, channel, chunk) sums for dweight / dbias, written by the pass that reduces over the chunks
+    partials = x.new_empty((2, batch, channels, plan.part_chunks), dtype=torch.float32)
+    group_partials = x.new_empty((2, batch * num_groups * plan.part_chunks) if plan.split else (2, 1),
                                  dtype=torch.float32)
-    shape_args = (num_groups, group_channels, spatial, plan.blocks_per_sample, plan.groups_per_block, plan.chunks,
-                  plan.chunk_len, partials[0].numel(), group_partials.shape[1])
+    layout = (num_groups, group_channels, spatial, plan.blocks_per_sample, plan.groups_per_block)
+    planes = (partials[0].numel(), group_partials.shape[1])
     common = dict(SILU=activation == "silu", HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                  BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, num_warps=plan.num_warps)
+                  BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, BLOCK_G=plan.block_g, ALIGN=plan.align,
+                  GROUP_C=plan.group_c, num_warps=plan.num_warps)
     w, w_stride = _parameter_args(weight, mean)
     b, b_stride = _parameter_args(bias, mean)
     if plan.split:
-        _group_norm_backward_reduce_kernel[grid](x, dy, w, b, mean, rstd, partials, group_partials, *shape_args,
-                                                 *x_strides, *dy_strides, w_stride, b_stride, **common)
-    _group_norm_backward_kernel[grid](x, dy, dx, w, b, mean, rstd, partials, group_partials, *shape_args,
-                                      *x_strides, *dy_strides, *dx_strides, w_stride, b_stride,
-                                      1.0 / (group_channels * spatial), FUSED_REDUCE=not plan.split,
-                                      BLOCK_P=plan.block_p, **common)
+        _group_norm_backward_reduce_kernel[(plan.programs(batch, plan.part_chunks),)](
+            x, dy, w, b, mean, rstd, partials, group_partials, *layout, plan.part_chunks, plan.tiles,
+            *planes, *x_strides, *dy_strides, w_stride, b_stride, **common)
+    _group_norm_backward_kernel[(plan.programs(batch),)](
+        x, dy, dx, w, b, mean, rstd, partials, group_partials, *layout, plan.chunks, plan.tiles, *planes,
+        plan.part_chunks, *x_strides, *dy_strides, *dx_strides, w_stride, b_stride, 1.0 / (group_channels * spatial),
+        FUSED_REDUCE=not plan.split, BLOCK_P=plan.block_p, **common)
     return dx, partials[0].sum(dim=(0, 2)), partials[1].sum(dim=(0, 2))
 
 
