@@ -10,6 +10,10 @@ Kernels (tiled implicit GEMMs, ``tl.dot`` over channel blocks and the ``k`` taps
   ``grad_bias[co] = sum_{b, t} g[b, co, t]``, with the (batch, time) reduction split over programs into an fp32
   workspace that one small sum finishes (deterministic, no atomics).
 
+Layouts: the launchers hand the kernel the weight packed ``[k, c_out, c_in]`` with the reduction axis contiguous
+(a small copy; ``nn.Conv1d``'s ``[c_out, c_in, k]`` puts a stride of ``k`` on it, which loads 2 bytes at a time).
+fp32 tiles reduce over 32 input channels per dot, 16-bit tiles over 64 (fp32 at 64 spilled).
+
 Dot precision (``triton_helpers.dot``): fp16/bf16 tiles go to ``tl.dot`` as they are (fp32 accumulation) on the
 GPU; fp32 tiles use TF32 when ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for its own fp32
 convolutions) and exact fp32 FMAs when it is not, read once per call. The CPU interpreter multiplies bf16 tiles
@@ -21,6 +25,7 @@ or more reads only the zero padding, whatever the exact shift, so the result is 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -126,7 +131,9 @@ def _conv_weight_grad_kernel(
 ):
     """Split ``s`` of ``grad_W[co, ci, j] = sum_{b, t} g[b, co, t] x[b, ci, t - (KSIZE-1-j) dilation]`` into the
     contiguous fp32 workspace ``grad_w[s, co, ci, j]`` (and ``grad_b[s, co] = sum g``). Split ``s`` owns the
-    (batch, time-block) pairs ``r = s, s + num_splits, ...``. Index arithmetic as in ``_causal_conv_kernel``."""
+    (batch, time-block) pairs ``r = s, s + num_splits, ...`` in order; the loop steps ``(b, time block)`` by
+    ``num_splits`` with a carry (the quotient and remainder of ``num_splits`` by the time-block count are taken
+    once, before the loop), so nothing is divided inside it. Index arithmetic as in ``_causal_conv_kernel``."""
     co_block = tl.program_id(0)
     ci_block = tl.program_id(1) // KSIZE
     j = tl.program_id(1) % KSIZE
@@ -136,20 +143,30 @@ def _conv_weight_grad_kernel(
     co_mask = co < c_out
     ci_mask = ci < c_in
     shift = (KSIZE - 1 - j).to(tl.int64) * tl.cast(dilation, tl.int64)
-    time_blocks = tl.cdiv(tl.cast(length, tl.int64), BLOCK_T)
+    # the sample and time-block counters are int32 (the launcher keeps batch and the time-block count below 2**31)
+    time_blocks = tl.cdiv(length, BLOCK_T).to(tl.int32)
+    step_b = num_splits // time_blocks
+    step_t = num_splits % time_blocks
+    b = split // time_blocks
+    tb = split % time_blocks
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    for r in range(tl.cast(split, tl.int64), tl.cast(batch, tl.int64) * time_blocks, num_splits):
-        b = r // time_blocks
-        t = (r % time_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    for _ in range(tl.cast(split, tl.int64), tl.cast(batch, tl.int64) * time_blocks, num_splits):
+        t = tl.cast(tb, tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         src = t - shift
-        g = tl.load(g_ptr + b * g_sb + co[:, None] * g_sc + t[None, :] * g_st,
+        b64 = tl.cast(b, tl.int64)
+        g = tl.load(g_ptr + b64 * g_sb + co[:, None] * g_sc + t[None, :] * g_st,
                     mask=co_mask[:, None] & (t < length)[None, :], other=0.0)
-        xs = tl.load(x_ptr + b * x_sb + ci[None, :] * x_sc + src[:, None] * x_st,
+        xs = tl.load(x_ptr + b64 * x_sb + ci[None, :] * x_sc + src[:, None] * x_st,
                      mask=ci_mask[None, :] & ((src >= 0) & (src < length))[:, None], other=0.0)
         acc = dot(g, xs, acc, NATIVE_DOT, IEEE)
         if HAS_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), axis=1)
+        tb += step_t
+        b += step_b
+        carry = tb >= time_blocks
+        tb = tl.where(carry, tb - time_blocks, tb)
+        b = tl.where(carry, b + 1, b)
     offsets = ((tl.cast(split, tl.int64) * c_out + co[:, None]) * c_in + ci[None, :]) * KSIZE + j
     tl.store(grad_w_ptr + offsets, acc, mask=co_mask[:, None] & ci_mask[None, :])
     if HAS_BIAS:
@@ -162,13 +179,28 @@ def _conv_weight_grad_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 CONV_BLOCK_T = 64
 MAX_CHANNEL_BLOCK = 64
-# Programs the weight-gradient reduction aims for: a few waves of an H100's 132 SMs.
-TARGET_PROGRAMS = 528
+# fp32 tiles stage 4-byte operands: a 32-wide reduction block keeps the 64x64 output tile's accumulators and
+# operand fragments within the register file (64-wide: 255 registers and spills).
+MAX_FP32_REDUCTION_BLOCK = 32
+# Weight-gradient tiles: [64 output x 64 input channels] per tap, reduced over 64 time steps per dot; a 1x1
+# projection's 16-bit gradient (few registers, so shared memory sets its CTAs per SM) takes 128 steps per dot,
+# which also brings it from 5 CTAs per SM to 2. fp32 operands: 80 KB of shared memory, 2 CTAs per SM on sm_90,
+# within sm_86's 99 KB.
+WEIGHT_GRAD_BLOCK_T, WEIGHT_GRAD_BLOCK_T_1X1_16BIT = 64, 128
+# Weight-gradient programs per SM the reduction split aims for: whole waves at the 1, 2 or 4 CTAs per SM these
+# configs reach on sm_90, several per SM to hide the reduction loop's latency.
+WEIGHT_GRAD_PROGRAMS_PER_SM = 4
+WEIGHT_GRAD_WARPS = 8
 
 
-def channel_block(channels: int) -> int:
-    """A ``tl.dot`` operand block for ``channels``: a power of two in [16, 64]."""
-    return max(16, min(MAX_CHANNEL_BLOCK, triton.next_power_of_2(max(channels, 1))))
+def channel_block(channels: int, cap: int = MAX_CHANNEL_BLOCK) -> int:
+    """A ``tl.dot`` operand block for ``channels``: a power of two in [16, cap]."""
+    return max(16, min(cap, triton.next_power_of_2(max(channels, 1))))
+
+
+def reduction_block(channels: int, dtype: torch.dtype) -> int:
+    """The reduction (input-channel) block of a conv tile: at most 32 for fp32, 64 for 16-bit dtypes."""
+    return channel_block(channels, MAX_FP32_REDUCTION_BLOCK if dtype == torch.float32 else MAX_CHANNEL_BLOCK)
 
 
 def native_dot(device: Optional[torch.device] = None) -> bool:
@@ -205,20 +237,21 @@ def launch_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     Every tensor may have any strides (stride 0 included). Zero input channels give ``bias + add``."""
     batch, c_in, length = x.shape
     ksize = weight.shape[2]
-    w_so, w_si, w_sk = weight.stride()
-    c_out = weight.shape[0]
-    if reverse:
-        w_so, w_si = w_si, w_so
-        c_out = weight.shape[1]
+    c_out = weight.shape[1] if reverse else weight.shape[0]
     out = torch.empty((batch, c_out, length), device=x.device, dtype=out_dtype or x.dtype)
     if out.numel() == 0:
         return out
+    # The weight in the layout the reduction walks, [k, c_out, c_in] with c_in contiguous (a small copy): the
+    # tile's rows then load 16 bytes at a time instead of one element per stride-k step.
+    packed = weight.permute(2, 1, 0) if reverse else weight.permute(2, 0, 1)
+    packed = packed.contiguous()
+    w_sk, w_so, w_si = packed.stride()
     add_strides = add.stride() if add is not None else (0, 0, 0)
-    block_co, block_ci = channel_block(c_out), channel_block(c_in)
+    block_co, block_ci = channel_block(c_out), reduction_block(c_in, x.dtype)
     grid_t, grid_co = triton.cdiv(length, CONV_BLOCK_T), triton.cdiv(c_out, block_co)
     for start, count in batch_chunks(batch):
         _causal_conv_kernel[(grid_t, grid_co, count)](
-            out, x, weight, bias if bias is not None else weight, add if add is not None else x,
+            out, x, packed, bias if bias is not None else packed, add if add is not None else x,
             c_in, c_out, length, kernel_dilation(dilation, length), start,
             *x.stride(), w_so, w_si, w_sk, bias.stride(0) if bias is not None else 0, *out.stride(), *add_strides,
             KSIZE=ksize, REVERSE=reverse, HAS_BIAS=bias is not None, HAS_ADD=add is not None,
@@ -228,30 +261,47 @@ def launch_causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return out
 
 
+def weight_grad_splits(device: torch.device, tiles: int, reduction_steps: int) -> int:
+    """Splits of the weight-gradient reduction: ``tiles * splits`` programs close to
+    ``WEIGHT_GRAD_PROGRAMS_PER_SM`` per SM of ``device`` (:func:`launch.device_limits`), rounded down to a whole
+    number of SMs' worth where the tiles allow it, and never more splits than (sample, time block) pairs."""
+    sm_count = launch.device_limits(device).sm_count
+    splits = max(1, (WEIGHT_GRAD_PROGRAMS_PER_SM * sm_count) // max(1, tiles))
+    whole = sm_count // math.gcd(sm_count, tiles)  # the splits that make tiles * splits a multiple of sm_count
+    if splits >= whole:
+        splits -= splits % whole
+    return max(1, min(reduction_steps, splits))
+
+
 def launch_conv_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, ksize: int, dilation: int,
                             with_bias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """fp32 ``(grad_weight [c_out, c_in, k], grad_bias [c_out] or None)`` of the causal convolution.
 
-    The GPU splits the (batch, time) reduction over about ``TARGET_PROGRAMS`` programs; the interpreter does not
+    The GPU splits the (batch, time) reduction over :func:`weight_grad_splits` programs; the interpreter does not
     (its cost is programs x iterations). Tests force a split count with
     ``force_launch_settings("causal_conv1d", weight_grad_splits=n)``."""
     batch, c_out, length = grad_out.shape
     c_in = x.shape[1]
+    block_t = WEIGHT_GRAD_BLOCK_T
+    if ksize == 1 and x.dtype in (torch.float16, torch.bfloat16):
+        block_t = WEIGHT_GRAD_BLOCK_T_1X1_16BIT
     block_co, block_ci = channel_block(c_out), channel_block(c_in)
     tiles = triton.cdiv(c_out, block_co) * triton.cdiv(c_in, block_ci) * ksize
-    reduction_steps = batch * triton.cdiv(length, CONV_BLOCK_T)
-    splits = max(1, min(reduction_steps, TARGET_PROGRAMS // max(1, tiles)))
-    if interpreter_enabled():
-        splits = 1
-    splits = max(1, int(launch_setting("causal_conv1d", "weight_grad_splits", splits)))
-    grad_w = torch.zeros((splits, c_out, c_in, ksize), device=x.device, dtype=torch.float32)
-    grad_b = torch.zeros((splits, c_out), device=x.device, dtype=torch.float32) if with_bias else None
+    reduction_steps = batch * triton.cdiv(length, block_t)
+    if triton.cdiv(length, block_t) >= 2**31:  # the kernel counts time blocks in int32
+        raise ValueError(f"causal_conv1d: the weight gradient takes fewer than 2**31 * {block_t} time steps; got "
+                         f"grad_out {describe(grad_out)}")
+    num_splits = 1 if interpreter_enabled() else weight_grad_splits(x.device, tiles, reduction_steps)
+    num_splits = max(1, int(launch_setting("causal_conv1d", "weight_grad_splits", num_splits)))
+    grad_w = torch.zeros((num_splits, c_out, c_in, ksize), device=x.device, dtype=torch.float32)
+    grad_b = torch.zeros((num_splits, c_out), device=x.device, dtype=torch.float32) if with_bias else None
     if reduction_steps > 0 and c_out > 0 and c_in > 0:
-        _conv_weight_grad_kernel[(triton.cdiv(c_out, block_co), triton.cdiv(c_in, block_ci) * ksize, splits)](
+        _conv_weight_grad_kernel[(triton.cdiv(c_out, block_co), triton.cdiv(c_in, block_ci) * ksize, num_splits)](
             grad_w, grad_b if with_bias else grad_w, grad_out, x,
-            batch, c_out, c_in, length, kernel_dilation(dilation, length), splits, *grad_out.stride(), *x.stride(),
+            batch, c_out, c_in, length, kernel_dilation(dilation, length), num_splits,
+            *grad_out.stride(), *x.stride(),
             KSIZE=ksize, HAS_BIAS=with_bias, NATIVE_DOT=native_dot(x.device), IEEE=ieee_dot(),
-            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_T=CONV_BLOCK_T, num_warps=4,
+            BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_T=block_t, num_warps=WEIGHT_GRAD_WARPS,
         )
     elif with_bias and c_out > 0:
         grad_b[0] = grad_out.sum((0, 2), dtype=torch.float32)  # zero in-channels: the bias still has a gradient

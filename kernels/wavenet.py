@@ -22,9 +22,13 @@ Conditioning (``V c`` above): a global ``c [batch, C]`` or local ``c [batch, C, 
 
 Incremental step (Fast WaveNet, Paine et al. 2016): see :class:`WaveNetCache` for the cache layout.
 
-Dots: :func:`genkernels.kernels.triton_helpers.dot` with ``IEEE=True`` everywhere: fp16/bf16 tiles go to the tensor
-cores as they are, fp32 tiles multiply in full fp32 (not tf32), so an fp32 model samples the same values from the
-cached step and from the layered forward, whose logits would otherwise differ by tf32 rounding. Index arithmetic is
+Dots: :func:`genkernels.kernels.triton_helpers.dot`: fp16/bf16 tiles go to the tensor cores as they are; fp32 tiles
+follow ``torch.backends.cudnn.allow_tf32`` as PyTorch's own fp32 convolutions do (TF32 tensor cores when set, the
+default; exact fp32 FMAs when not), read once per call, in the layer, its backward and the step alike. With exact
+fp32 (``allow_tf32=False``) the cached step and the layered forward give the same logits up to fp32 summation
+order, so an fp32 model samples the same values both ways (the model tests hold this); with TF32 both round their
+operands to TF32, but the step multiplies [batch x channels] tiles and the layer [channels x time] tiles, so
+their last bits may differ on a GPU. Index arithmetic is
 int64 (tap shifts ``(k - 1 - j) * dilation`` pass 2**31 for dilations near 2**30), and every tensor argument may
 have any strides (weights and biases too) and any size, 0 included.
 """
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .causal_conv import launch_causal_conv, launch_conv_weight_grad
+from .causal_conv import ieee_dot, launch_causal_conv, launch_conv_weight_grad
 from .checks import (
     FLOAT_DTYPES,
     check_float_tensor,
@@ -47,7 +51,7 @@ from .checks import (
     check_same_dtype,
     describe,
 )
-from .launch import batch_chunks, native_dot
+from .launch import batch_chunks, device_limits, native_dot
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import dot, sigmoid, tanh
 
@@ -129,9 +133,12 @@ def _residual_layer_fwd_kernel(
     x_sb, x_sc, x_st, wc_so, wc_si, wc_sk, wr_so, wr_si, ws_so, ws_si, bc_s, br_s, bs_s, cond_sb, cond_sc, cond_st,
     res_sb, res_sc, res_st, skip_sb, skip_sc, skip_st,
     KSIZE: tl.constexpr, HAS_COND: tl.constexpr, STORE_H: tl.constexpr, NATIVE_DOT: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """One [all channels, BLOCK_T] time tile of one sample: conv -> gate -> residual and skip projections.
+    The conv reduces over BLOCK_C residual channels per dot; the projections write BLOCK_P (64: warpgroup MMA's
+    row count) output channels per dot. The conv weight arrives packed ``[k, 2D, R]`` (R contiguous).
     Every index product (tap shifts ``(k - 1 - j) * dilation``, offsets times strides) is int64."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     batch = (batch_start + tl.program_id(1)).to(tl.int64)
@@ -154,9 +161,9 @@ def _residual_layer_fwd_kernel(
                          mask=c_mask[:, None] & src_mask[None, :], other=0.0)
             w_offsets = d[:, None] * wc_so + c[None, :] * wc_si + j * wc_sk
             w_mask = d_mask[:, None] & c_mask[None, :]
-            filt = dot(tl.load(wc_ptr + w_offsets, mask=w_mask, other=0.0), xs, filt, NATIVE_DOT, True)
+            filt = dot(tl.load(wc_ptr + w_offsets, mask=w_mask, other=0.0), xs, filt, NATIVE_DOT, IEEE)
             gate = dot(tl.load(wc_ptr + gate_rows * wc_so + w_offsets, mask=w_mask, other=0.0), xs, gate,
-                       NATIVE_DOT, True)
+                       NATIVE_DOT, IEEE)
     filt += tl.load(bc_ptr + d * bc_s, mask=d_mask, other=0.0).to(tl.float32)[:, None]
     gate += tl.load(bc_ptr + (gate_rows + d) * bc_s, mask=d_mask, other=0.0).to(tl.float32)[:, None]
     dt_mask = d_mask[:, None] & t_mask[None, :]
@@ -172,24 +179,24 @@ def _residual_layer_fwd_kernel(
     z = tl.where(dt_mask, z, 0.0).to(x_ptr.dtype.element_ty)
 
     # residual = x + W_res z + b_res, one block of output channels at a time
-    for c_start in range(0, channels, BLOCK_C):
-        c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
+    for c_start in range(0, channels, BLOCK_P):
+        c = (c_start + tl.arange(0, BLOCK_P)).to(tl.int64)
         c_mask = c < channels
         w = tl.load(wr_ptr + c[:, None] * wr_so + d[None, :] * wr_si, mask=c_mask[:, None] & d_mask[None, :],
                     other=0.0)
-        out = dot(w, z, tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32), NATIVE_DOT, True)
+        out = dot(w, z, tl.zeros((BLOCK_P, BLOCK_T), dtype=tl.float32), NATIVE_DOT, IEEE)
         out += tl.load(br_ptr + c * br_s, mask=c_mask, other=0.0).to(tl.float32)[:, None]
         out_mask = c_mask[:, None] & t_mask[None, :]
         out += tl.load(x_base + c[:, None] * x_sc + t[None, :] * x_st, mask=out_mask, other=0.0).to(tl.float32)
         tl.store(res_ptr + batch * res_sb + c[:, None] * res_sc + t[None, :] * res_st,
                  out.to(res_ptr.dtype.element_ty), mask=out_mask)
     # skip = W_skip z + b_skip (just the bias when D = 0)
-    for s_start in range(0, skip_channels, BLOCK_C):
-        s = (s_start + tl.arange(0, BLOCK_C)).to(tl.int64)
+    for s_start in range(0, skip_channels, BLOCK_P):
+        s = (s_start + tl.arange(0, BLOCK_P)).to(tl.int64)
         s_mask = s < skip_channels
         w = tl.load(ws_ptr + s[:, None] * ws_so + d[None, :] * ws_si, mask=s_mask[:, None] & d_mask[None, :],
                     other=0.0)
-        out = dot(w, z, tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32), NATIVE_DOT, True)
+        out = dot(w, z, tl.zeros((BLOCK_P, BLOCK_T), dtype=tl.float32), NATIVE_DOT, IEEE)
         out += tl.load(bs_ptr + s * bs_s, mask=s_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(skip_ptr + batch * skip_sb + s[:, None] * skip_sc + t[None, :] * skip_st,
                  out.to(skip_ptr.dtype.element_ty), mask=s_mask[:, None] & t_mask[None, :])
@@ -197,7 +204,8 @@ def _residual_layer_fwd_kernel(
 
 @triton.jit
 def _accumulate_transposed_projection(acc, g_ptr, g_sb, g_sc, g_st, w_ptr, w_so, w_si, out_channels, batch, d,
-                                      d_mask, t, t_mask, NATIVE_DOT: tl.constexpr, BLOCK_C: tl.constexpr):
+                                      d_mask, t, t_mask, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                                      BLOCK_C: tl.constexpr):
     """``acc + W^T g`` for a 1x1 projection ``W`` ``[out_channels, D]`` and the gradient ``g`` of its output
     ``[out_channels, time]`` at sample ``batch``, rows ``d`` and times ``t`` (int64) of the tile."""
     for c_start in range(0, out_channels, BLOCK_C):
@@ -207,7 +215,7 @@ def _accumulate_transposed_projection(acc, g_ptr, g_sb, g_sc, g_st, w_ptr, w_so,
                     mask=c_mask[:, None] & t_mask[None, :], other=0.0)
         w_t = tl.load(w_ptr + c[None, :] * w_so + d[:, None] * w_si, mask=c_mask[None, :] & d_mask[:, None],
                       other=0.0)
-        acc = dot(w_t, g, acc, NATIVE_DOT, True)
+        acc = dot(w_t, g, acc, NATIVE_DOT, IEEE)
     return acc
 
 
@@ -216,7 +224,8 @@ def _residual_layer_bwd_gate_kernel(
     dh_ptr, z_ptr, h_ptr, g_res_ptr, g_skip_ptr, wr_ptr, ws_ptr,
     channels, gate_channels, skip_channels, length, batch_start,
     g_res_sb, g_res_sc, g_res_st, g_skip_sb, g_skip_sc, g_skip_st, wr_so, wr_si, ws_so, ws_si,
-    NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """Backward pass 1: ``dz = W_res^T g_res + W_skip^T g_skip``, then through the gate:
     ``d filter = dz * sigmoid(gate) * (1 - tanh(filter)^2)``, ``d gate = dz * tanh(filter) * s (1 - s)``.
@@ -229,9 +238,10 @@ def _residual_layer_bwd_gate_kernel(
     gate_rows = tl.cast(gate_channels, tl.int64)
     dz = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
     dz = _accumulate_transposed_projection(dz, g_res_ptr, g_res_sb, g_res_sc, g_res_st, wr_ptr, wr_so, wr_si,
-                                           channels, batch, d, d_mask, t, t_mask, NATIVE_DOT, BLOCK_C)
+                                           channels, batch, d, d_mask, t, t_mask, NATIVE_DOT, IEEE, BLOCK_C)
     dz = _accumulate_transposed_projection(dz, g_skip_ptr, g_skip_sb, g_skip_sc, g_skip_st, ws_ptr, ws_so, ws_si,
-                                           skip_channels, batch, d, d_mask, t, t_mask, NATIVE_DOT, BLOCK_C)
+                                           skip_channels, batch, d, d_mask, t, t_mask, NATIVE_DOT, IEEE,
+                                           BLOCK_C)
     dt_mask = d_mask[:, None] & t_mask[None, :]
     h_offsets = (batch * 2 * gate_rows + d[:, None]) * length + t[None, :]
     filt = tl.load(h_ptr + h_offsets, mask=dt_mask, other=0.0).to(tl.float32)
@@ -247,12 +257,23 @@ def _residual_layer_bwd_gate_kernel(
 
 
 LAYER_BLOCK_C = 32
+# Output channels per projection dot: warpgroup MMA (sm_90) takes 64-row tiles (32 rows fell back to mma.sync).
+LAYER_BLOCK_P = 64
 
 
-def _layer_blocks(gate_channels: int) -> tuple[int, int]:
-    """``(BLOCK_D, BLOCK_T)``: every gate channel in one tile; shorter time tiles for wide gates."""
+def _layer_blocks(gate_channels: int) -> tuple[int, int, int]:
+    """``(BLOCK_D, BLOCK_T, num_warps)``: every gate channel in one tile; shorter time tiles and 8 warps for wide
+    gates (128 gate channels at 4 warps: 255 registers and spills)."""
     block_d = max(16, triton.next_power_of_2(gate_channels))
-    return block_d, (64 if block_d <= 64 else 32)
+    return block_d, (64 if block_d <= 64 else 32), (4 if block_d <= 64 else 8)
+
+
+def _layer_stages(x: torch.Tensor, block_d: int) -> int:
+    """Software-pipeline depth of the fused forward: 3, or 2 for fp32 wide-gate tiles on a GPU whose CTAs get less
+    than 128 KB of shared memory (3 stages need 120 KB there: sm_86/sm_89 give 99 KB)."""
+    if x.dtype == torch.float32 and block_d > 64 and device_limits(x.device).shared_memory_per_cta < 128 * 1024:
+        return 2
+    return 3
 
 
 def _launch_residual_layer_forward(x, conv_weight, conv_bias, cond_proj, residual_weight, residual_bias,
@@ -271,17 +292,22 @@ def _launch_residual_layer_forward(x, conv_weight, conv_bias, cond_proj, residua
         cond_strides = (cond_proj.stride(0), cond_proj.stride(1), 0)
     else:
         cond_strides = cond_proj.stride()
-    block_d, block_t = _layer_blocks(gate_channels)
+    block_d, block_t, num_warps = _layer_blocks(gate_channels)
+    # the conv weight in the layout the reduction walks, [k, 2D, R] with R contiguous (a small copy): its tiles
+    # load 16 bytes at a time, not one element per stride-k step
+    packed = conv_weight.permute(2, 0, 1).contiguous()
+    wc_sk, wc_so, wc_si = packed.stride()
     for start, count in batch_chunks(batch):
         _residual_layer_fwd_kernel[(triton.cdiv(length, block_t), count)](
-            residual, skip, h if save_h else residual, x, conv_weight, conv_bias,
+            residual, skip, h if save_h else residual, x, packed, conv_bias,
             cond_proj if cond_proj is not None else x, residual_weight, residual_bias, skip_weight, skip_bias,
             channels, gate_channels, skip_channels, length, dilation, start,
-            *x.stride(), *conv_weight.stride(), *residual_weight.stride(), *skip_weight.stride(),
+            *x.stride(), wc_so, wc_si, wc_sk, *residual_weight.stride(), *skip_weight.stride(),
             conv_bias.stride(0), residual_bias.stride(0), skip_bias.stride(0), *cond_strides,
             *residual.stride(), *skip.stride(),
             KSIZE=conv_weight.shape[2], HAS_COND=cond_proj is not None, STORE_H=save_h,
-            NATIVE_DOT=native_dot(x.device), BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C, BLOCK_T=block_t, num_warps=4,
+            NATIVE_DOT=native_dot(x.device), IEEE=ieee_dot(), BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C,
+            BLOCK_P=LAYER_BLOCK_P, BLOCK_T=block_t, num_warps=num_warps, num_stages=_layer_stages(x, block_d),
         )
     return residual, skip, h
 
@@ -303,15 +329,15 @@ def _launch_residual_layer_backward(grad_residual, grad_skip, x, h, conv_weight,
     gate_channels = conv_weight.shape[0] // 2
     dh = x.new_empty((batch, 2 * gate_channels, length))
     z = x.new_empty((batch, gate_channels, length))
-    block_d, block_t = _layer_blocks(gate_channels)
+    block_d, block_t, num_warps = _layer_blocks(gate_channels)
     if batch > 0 and length > 0:
         for start, count in batch_chunks(batch):
             _residual_layer_bwd_gate_kernel[(triton.cdiv(length, block_t), count)](
                 dh, z, h, grad_residual, grad_skip, residual_weight, skip_weight,
                 channels, gate_channels, skip_weight.shape[0], length, start,
                 *grad_residual.stride(), *grad_skip.stride(), *residual_weight.stride(), *skip_weight.stride(),
-                NATIVE_DOT=native_dot(x.device), BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C, BLOCK_T=block_t,
-                num_warps=4,
+                NATIVE_DOT=native_dot(x.device), IEEE=ieee_dot(), BLOCK_D=block_d, BLOCK_C=LAYER_BLOCK_C,
+                BLOCK_T=block_t, num_warps=num_warps,
             )
     grad_x = launch_causal_conv(dh, conv_weight, None, dilation, reverse=True, add=grad_residual)
     grad_wc, grad_bc = _weight_and_bias_grad(dh, x, conv_weight.shape[2], dilation)
@@ -325,88 +351,131 @@ def _launch_residual_layer_backward(grad_residual, grad_skip, x, h, conv_weight,
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["position"])
 def _wavenet_step_kernel(
-    skip_out_ptr, x_ptr, cache_ptr, table_ptr, wc_ptr, bc_ptr, cond_ptr, wr_ptr, br_ptr, ws_ptr, bs_ptr,
+    skip_out_ptr, x_ptr, cache_ptr, table_ptr, heads_ptr, wc_ptr, bc_ptr, cond_ptr, wr_ptr, br_ptr, ws_ptr, bs_ptr,
     batch, num_layers, channels, gate_channels, skip_channels, position,
     x_sb, x_sc, cache_ss, cache_sb, cache_sc, wc_sl, wc_so, wc_si, wc_sk, bc_sl, bc_so, cond_sl, cond_sb, cond_sc,
     wr_sl, wr_so, wr_si, br_sl, br_so, ws_sl, ws_so, ws_si, bs_sl, bs_so, skip_sb, skip_sc,
-    KSIZE: tl.constexpr, HAS_COND: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    KSIZE: tl.constexpr, HAS_COND: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Time step ``position`` of every residual layer for BLOCK_B samples; each layer's taps are read from its
-    ring buffer before the layer's input is written to it, and the skip sum is written once at the end. Index
-    arithmetic is int64 (the table's dilations, offsets and queue lengths are int64)."""
-    b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    """Time step ``position`` of every residual layer for BLOCK_B samples and BLOCK_S skip channels (program
+    ``(i, k)``: samples ``i * BLOCK_B + ...``, skip channels ``k * BLOCK_S + ...``). Every program runs the whole
+    residual chain of its samples (each layer needs all R channels of the last); the skip projection, the widest
+    matrix, is split over the programs. Programs ``(i, 0)`` write the layers' inputs to the ring buffers, and
+    program ``(0, 0)`` the next ring heads. Each layer's taps are read from its ring before its input is
+    written there (the extra slot keeps that write off every slot read).
+
+    Ring slots without division: ``heads[position % 2, l]`` holds ``position mod q_l`` (the launcher keeps it
+    current); tap ``j`` sits ``back = (KSIZE-1-j) d_l < q_l`` slots behind, wrapped by one conditional add, and
+    ``heads[(position + 1) % 2, l]`` gets ``(position + 1) mod q_l`` by one conditional subtract. The table's
+    dilations, offsets and queue lengths, and so the slots, are int64."""
+    # Offsets inside one layer's weights, inside one cache slot and inside one layer's conditioning are int32 (the
+    # launcher makes sure they stay below 2**31); layer and slot bases, and x and the output, are int64.
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b64 = b.to(tl.int64)
+    skip_block = tl.program_id(1)
     b_mask = b < batch
-    c = tl.arange(0, BLOCK_C).to(tl.int64)
-    d = tl.arange(0, BLOCK_D).to(tl.int64)
-    s = tl.arange(0, BLOCK_S).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    d = tl.arange(0, BLOCK_D)
+    s = skip_block * BLOCK_S + tl.arange(0, BLOCK_S)
     c_mask = c < channels
     d_mask = d < gate_channels
     s_mask = s < skip_channels
-    gate_rows = tl.cast(gate_channels, tl.int64)
     now = tl.cast(position, tl.int64)
+    parity = now & 1
+    heads_now = heads_ptr + parity * num_layers
+    heads_next = heads_ptr + (1 - parity) * num_layers
+    writes_cache = skip_block == 0
+    writes_heads = writes_cache & (tl.program_id(0) == 0)
     bc_mask = b_mask[:, None] & c_mask[None, :]
     cd_mask = c_mask[:, None] & d_mask[None, :]
-    x = tl.load(x_ptr + b[:, None] * x_sb + c[None, :] * x_sc, mask=bc_mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b64[:, None] * x_sb + c[None, :].to(tl.int64) * x_sc, mask=bc_mask, other=0.0).to(
+        tl.float32)
     skip = tl.zeros((BLOCK_B, BLOCK_S), dtype=tl.float32)
     cache_rows = b[:, None] * cache_sb + c[None, :] * cache_sc
+    wc_offsets = d[None, :] * wc_so + c[:, None] * wc_si  # [C, D] = W[d, c, j]^T at tap j
+    wc_gate = gate_channels * wc_so
+    wr_offsets = c[None, :] * wr_so + d[:, None] * wr_si  # [D, C]
+    ws_offsets = s[None, :] * ws_so + d[:, None] * ws_si  # [D, BLOCK_S]
     for layer_index in range(num_layers):
         layer = tl.cast(layer_index, tl.int64)
         dilation = tl.load(table_ptr + 3 * layer)
         first_slot = tl.load(table_ptr + 3 * layer + 1)
         queue = tl.load(table_ptr + 3 * layer + 2)
+        head = tl.load(heads_now + layer)  # position mod queue
         wc_layer = wc_ptr + layer * wc_sl
         # the taps: [BLOCK_B, C] rows of past inputs (tap KSIZE-1 is the current input x)
         filt = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
         gate = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-        for j in tl.static_range(KSIZE):
+        for j in range(KSIZE):  # a loop, not unrolled: one tap's weights on chip at a time
             if j == KSIZE - 1:
                 tap = x.to(cache_ptr.dtype.element_ty)
             else:
                 back = (KSIZE - 1 - j) * dilation
-                valid = now >= back
-                slot = first_slot + tl.where(valid, (now - back) % queue, 0)
-                tap_mask = bc_mask & (tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int64) + back <= now)
-                tap = tl.load(cache_ptr + slot * cache_ss + cache_rows, mask=tap_mask, other=0.0)
-            w_offsets = d[None, :] * wc_so + c[:, None] * wc_si + j * wc_sk  # [C, D] = W[d, c, j]^T
-            filt = dot(tap, tl.load(wc_layer + w_offsets, mask=cd_mask, other=0.0), filt, NATIVE_DOT, True)
-            gate = dot(tap, tl.load(wc_layer + gate_rows * wc_so + w_offsets, mask=cd_mask, other=0.0), gate,
-                       NATIVE_DOT, True)
+                behind = head - back
+                slot = first_slot + tl.where(behind < 0, behind + queue, behind)
+                valid = (tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int32) + (back <= now).to(tl.int32)) != 0
+                tap = tl.load(cache_ptr + slot * cache_ss + cache_rows, mask=bc_mask & valid, other=0.0)
+            w_tap = wc_layer + j * wc_sk
+            filt = dot(tap, tl.load(w_tap + wc_offsets, mask=cd_mask, other=0.0), filt, NATIVE_DOT, IEEE)
+            gate = dot(tap, tl.load(w_tap + wc_gate + wc_offsets, mask=cd_mask, other=0.0), gate, NATIVE_DOT, IEEE)
         if KSIZE > 1:
-            slot = first_slot + now % queue
-            tl.store(cache_ptr + slot * cache_ss + cache_rows, x.to(cache_ptr.dtype.element_ty), mask=bc_mask)
-        filt += tl.load(bc_ptr + layer * bc_sl + d * bc_so, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        gate += tl.load(bc_ptr + layer * bc_sl + (gate_rows + d) * bc_so, mask=d_mask, other=0.0).to(
-            tl.float32)[None, :]
+            if writes_cache:
+                tl.store(cache_ptr + (first_slot + head) * cache_ss + cache_rows,
+                         x.to(cache_ptr.dtype.element_ty), mask=bc_mask)
+        if writes_heads:
+            next_head = head + 1
+            tl.store(heads_next + layer, tl.where(next_head == queue, 0, next_head))
+        bc_layer = bc_ptr + layer * bc_sl
+        filt += tl.load(bc_layer + d * bc_so, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        gate += tl.load(bc_layer + (gate_channels + d) * bc_so, mask=d_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_COND:
-            cond_offsets = layer * cond_sl + b[:, None] * cond_sb + d[None, :] * cond_sc
+            cond_offsets = b[:, None] * cond_sb + d[None, :] * cond_sc
+            cond_layer = cond_ptr + layer * cond_sl
             bd_mask = b_mask[:, None] & d_mask[None, :]
-            filt += tl.load(cond_ptr + cond_offsets, mask=bd_mask, other=0.0).to(tl.float32)
-            gate += tl.load(cond_ptr + cond_offsets + gate_rows * cond_sc, mask=bd_mask, other=0.0).to(tl.float32)
+            filt += tl.load(cond_layer + cond_offsets, mask=bd_mask, other=0.0).to(tl.float32)
+            gate += tl.load(cond_layer + gate_channels * cond_sc + cond_offsets, mask=bd_mask, other=0.0).to(
+                tl.float32)
         z = tanh(filt) * sigmoid(gate)
         z = tl.where(d_mask[None, :], z, 0.0).to(cache_ptr.dtype.element_ty)
-        w_res = tl.load(wr_ptr + layer * wr_sl + c[None, :] * wr_so + d[:, None] * wr_si,
-                        mask=d_mask[:, None] & c_mask[None, :], other=0.0)  # [D, C]
-        x = dot(z, w_res, x, NATIVE_DOT, True)
+        w_res = tl.load(wr_ptr + layer * wr_sl + wr_offsets, mask=d_mask[:, None] & c_mask[None, :], other=0.0)
+        x = dot(z, w_res, x, NATIVE_DOT, IEEE)
         x += tl.load(br_ptr + layer * br_sl + c * br_so, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         # the layered forward stores each residual output in the model's dtype: round the same way
         x = x.to(cache_ptr.dtype.element_ty).to(tl.float32)
-        w_skip = tl.load(ws_ptr + layer * ws_sl + s[None, :] * ws_so + d[:, None] * ws_si,
-                         mask=d_mask[:, None] & s_mask[None, :], other=0.0)  # [D, S]
-        skip = dot(z, w_skip, skip, NATIVE_DOT, True)
+        w_skip = tl.load(ws_ptr + layer * ws_sl + ws_offsets, mask=d_mask[:, None] & s_mask[None, :], other=0.0)
+        skip = dot(z, w_skip, skip, NATIVE_DOT, IEEE)
         skip += tl.load(bs_ptr + layer * bs_sl + s * bs_so, mask=s_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(skip_out_ptr + b[:, None] * skip_sb + s[None, :] * skip_sc, skip.to(skip_out_ptr.dtype.element_ty),
-             mask=b_mask[:, None] & s_mask[None, :])
+    tl.store(skip_out_ptr + b64[:, None] * skip_sb + s[None, :].to(tl.int64) * skip_sc,
+             skip.to(skip_out_ptr.dtype.element_ty), mask=b_mask[:, None] & s_mask[None, :])
 
 
 STEP_BLOCK_B = 16
+# Skip channels per step program: the skip projection is split over programs (a 64-wide block each).
+STEP_BLOCK_S = 64
+STEP_STAGES = 1
 
 
 def _step_num_warps(block_c: int, block_d: int, block_s: int) -> int:
-    return 8 if block_d * max(block_c, block_s) > 64 * 64 else 4
+    return 8
 
 
-def _launch_wavenet_step(x, cache_buffer, layer_table, position, conv_weight, conv_bias, cond_proj,
+def _inner_extent(tensor: torch.Tensor) -> int:
+    """The largest offset inside one ``tensor[i]`` (0 for empty tensors)."""
+    if tensor.numel() == 0:
+        return 0
+    return sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape[1:], tensor.stride()[1:]))
+
+
+def _int32_layers(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``tensor`` as is when offsets inside one layer fit int32 (the step kernel's index width there), else a
+    contiguous copy (whose layers are the tensor's own size, which the channel limits keep small)."""
+    if tensor is None or _inner_extent(tensor) < 2**31 - 1:
+        return tensor
+    return tensor.contiguous()
+
+
+def _launch_wavenet_step(x, cache_buffer, layer_table, ring_heads, position, conv_weight, conv_bias, cond_proj,
                          residual_weight, residual_bias, skip_weight, skip_bias):
     batch, channels = x.shape
     num_layers, two_d, _, ksize = conv_weight.shape
@@ -414,18 +483,25 @@ def _launch_wavenet_step(x, cache_buffer, layer_table, position, conv_weight, co
     skip = x.new_empty((batch, skip_channels))
     if batch == 0:
         return skip
+    # the kernel's offsets inside one layer (and one cache slot) are int32: copy any stacked tensor whose
+    # per-layer extent could pass 2**31 (strided views of small weights; a contiguous layer is tiny)
+    conv_weight, conv_bias, residual_weight, residual_bias, skip_weight, skip_bias, cond_proj = (
+        _int32_layers(t) for t in (conv_weight, conv_bias, residual_weight, residual_bias, skip_weight, skip_bias,
+                                   cond_proj))
     cond_strides = cond_proj.stride() if cond_proj is not None else (0, 0, 0)
-    block_c, block_d, block_s = (max(16, triton.next_power_of_2(n)) for n in (channels, gate_channels, skip_channels))
-    _wavenet_step_kernel[(triton.cdiv(batch, STEP_BLOCK_B),)](
-        skip, x, cache_buffer, layer_table, conv_weight, conv_bias, cond_proj if cond_proj is not None else x,
-        residual_weight, residual_bias, skip_weight, skip_bias,
+    block_c, block_d = (max(16, triton.next_power_of_2(n)) for n in (channels, gate_channels))
+    block_s = max(16, min(STEP_BLOCK_S, triton.next_power_of_2(skip_channels)))
+    grid = (triton.cdiv(batch, STEP_BLOCK_B), max(1, triton.cdiv(skip_channels, block_s)))
+    _wavenet_step_kernel[grid](
+        skip, x, cache_buffer, layer_table, ring_heads, conv_weight, conv_bias,
+        cond_proj if cond_proj is not None else x, residual_weight, residual_bias, skip_weight, skip_bias,
         batch, num_layers, channels, gate_channels, skip_channels, position,
         *x.stride(), *cache_buffer.stride(), *conv_weight.stride(), *conv_bias.stride(), *cond_strides,
         *residual_weight.stride(), *residual_bias.stride(), *skip_weight.stride(), *skip_bias.stride(),
         *skip.stride(),
-        KSIZE=ksize, HAS_COND=cond_proj is not None, NATIVE_DOT=native_dot(x.device),
+        KSIZE=ksize, HAS_COND=cond_proj is not None, NATIVE_DOT=native_dot(x.device), IEEE=ieee_dot(),
         BLOCK_B=STEP_BLOCK_B, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_S=block_s,
-        num_warps=_step_num_warps(block_c, block_d, block_s),
+        num_warps=_step_num_warps(block_c, block_d, block_s), num_stages=STEP_STAGES,
     )
     return skip
 
@@ -503,18 +579,18 @@ def _residual_layer_backward(ctx, grad_residual, grad_skip, _grad_h):
 _residual_layer_op.register_autograd(_residual_layer_backward, setup_context=_residual_layer_setup_context)
 
 
-@torch.library.custom_op("genkernels::wavenet_step", mutates_args=("cache_buffer",))
-def _wavenet_step_op(x: torch.Tensor, cache_buffer: torch.Tensor, layer_table: torch.Tensor, position: int,
-                     conv_weight: torch.Tensor, conv_bias: torch.Tensor, cond_proj: Optional[torch.Tensor],
-                     residual_weight: torch.Tensor, residual_bias: torch.Tensor, skip_weight: torch.Tensor,
-                     skip_bias: torch.Tensor) -> torch.Tensor:
-    return _launch_wavenet_step(x, cache_buffer, layer_table, position, conv_weight, conv_bias, cond_proj,
-                                residual_weight, residual_bias, skip_weight, skip_bias)
+@torch.library.custom_op("genkernels::wavenet_step", mutates_args=("cache_buffer", "ring_heads"))
+def _wavenet_step_op(x: torch.Tensor, cache_buffer: torch.Tensor, layer_table: torch.Tensor,
+                     ring_heads: torch.Tensor, position: int, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+                     cond_proj: Optional[torch.Tensor], residual_weight: torch.Tensor, residual_bias: torch.Tensor,
+                     skip_weight: torch.Tensor, skip_bias: torch.Tensor) -> torch.Tensor:
+    return _launch_wavenet_step(x, cache_buffer, layer_table, ring_heads, position, conv_weight, conv_bias,
+                                cond_proj, residual_weight, residual_bias, skip_weight, skip_bias)
 
 
 @_wavenet_step_op.register_fake
-def _wavenet_step_fake(x, cache_buffer, layer_table, position, conv_weight, conv_bias, cond_proj, residual_weight,
-                       residual_bias, skip_weight, skip_bias):
+def _wavenet_step_fake(x, cache_buffer, layer_table, ring_heads, position, conv_weight, conv_bias, cond_proj,
+                       residual_weight, residual_bias, skip_weight, skip_bias):
     return x.new_empty((x.shape[0], skip_weight.shape[1]))
 
 
@@ -646,7 +722,10 @@ class WaveNetCache:
     its slot before writing time ``t``; the extra slot keeps that write off every slot the step reads. Taps before
     time 0 are zeros (masked), so the buffer needs no initialization. ``layer_table`` (int64
     ``[layers, 3]``, on the device) holds ``(d_l, offset_l, q_l)``, and ``offsets``/``queues`` the same numbers on
-    the host; ``position`` is the next time step.
+    the host; ``position`` is the next time step. ``ring_heads`` (int64 ``[2, layers]``, on the device) holds
+    ``position mod q_l`` in row ``position % 2`` while ``heads_position == position``: the Triton step reads its
+    slots from it without dividing and writes the next row; the eager step leaves it, and the Triton step
+    rebuilds it (on the device, no host sync) when ``heads_position`` is behind.
 
     Args:
         dilations: the layers' dilations, a non-empty sequence of ints >= 1.
@@ -675,6 +754,10 @@ class WaveNetCache:
                                         device=device)
         self.buffer = torch.empty((sum(self.queues), batch_size, channels), device=device, dtype=dtype)
         self.position = 0
+        # ring_heads[p, l] = (the position of parity p) mod q_l, for the step kernel's division-free slots; row
+        # position % 2 is current whenever heads_position == position (else the Triton step refreshes it first)
+        self.ring_heads = torch.zeros((2, len(self.dilations)), dtype=torch.int64, device=device)
+        self.heads_position = 0
 
     @property
     def batch_size(self) -> int:
@@ -779,7 +862,8 @@ def wavenet_step(x: torch.Tensor, cache: WaveNetCache, conv_weight: torch.Tensor
     if cond_proj is not None:
         _check_stacked(cond_proj, "cond_proj", (layers, batch, two_d), x)
         named["cond_proj"] = cond_proj
-    check_same_device(list(named.items()) + [("cache.layer_table", cache.layer_table)])
+    check_same_device(list(named.items()) + [("cache.layer_table", cache.layer_table),
+                                             ("cache.ring_heads", cache.ring_heads)])
     reasons = []
     if x.dtype in MAX_STEP_CHANNELS:
         limit = MAX_STEP_CHANNELS[x.dtype]
@@ -790,15 +874,22 @@ def wavenet_step(x: torch.Tensor, cache: WaveNetCache, conv_weight: torch.Tensor
             reasons.append(f"the kernel keeps a layer's weights on chip and takes R, D <= {limit} for {x.dtype} and "
                            f"S <= {MAX_STEP_SKIP_CHANNELS}; got {', '.join(wide)} (conv_weight "
                            f"{describe(conv_weight)}, skip_weight {describe(skip_weight)})")
+    if _inner_extent(cache.buffer) >= 2**31 - 1:
+        reasons.append(f"the step kernel indexes inside one cache slot in int32 and takes batch * R < 2**31; got "
+                       f"cache.buffer {describe(cache.buffer)}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in named.values()):
         wanting = [name for name, t in named.items() if t.requires_grad]
         reasons.append(f"{', '.join(wanting)} require(s) grad: the step kernel has no backward (it is for sampling, "
                        "under torch.no_grad()); the eager reference differentiates")
     impl = choose_impl(impl, "wavenet_step", {"x": x}, reasons)  # the rest share x's dtype and device
     if impl == "triton":
-        skip = torch.ops.genkernels.wavenet_step(x, cache.buffer, cache.layer_table, cache.position, conv_weight,
-                                                 conv_bias, cond_proj, residual_weight, residual_bias,
-                                                 skip_weight, skip_bias)
+        if cache.heads_position != cache.position:  # stepped eagerly since: rebuild the current row on the device
+            cache.ring_heads[cache.position % 2] = torch.remainder(
+                torch.full_like(cache.layer_table[:, 2], cache.position), cache.layer_table[:, 2])
+        skip = torch.ops.genkernels.wavenet_step(x, cache.buffer, cache.layer_table, cache.ring_heads,
+                                                 cache.position, conv_weight, conv_bias, cond_proj,
+                                                 residual_weight, residual_bias, skip_weight, skip_bias)
+        cache.heads_position = cache.position + 1
     else:
         skip = wavenet_step_reference(x, cache, conv_weight, conv_bias, residual_weight, residual_bias,
                                       skip_weight, skip_bias, cond_proj)

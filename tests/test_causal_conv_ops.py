@@ -334,3 +334,89 @@ def test_fp32_follows_cudnn_allow_tf32(device, monkeypatch):
             assert_close_to_reference(out, reference, cudnn)
         errors[allow] = error.max().item()
     assert errors[True] > 4 * errors[False]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch configuration (issue 12: compiled-code budgets), recorded from the launcher's real calls
+# ---------------------------------------------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for a Triton kernel: records every ``kernel[grid](*args, **kwargs)`` call, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_weight_reaches_the_kernel_packed_with_the_reduction_axis_contiguous(reverse, device, monkeypatch):
+    """The tile's reduction axis (input channels; output channels of the forward weight when reversed) is
+    contiguous in the weight the kernel reads, so a row loads 16 bytes at a time (it had stride k: 2-byte loads)."""
+    recorder = _Recorder(causal_conv_module._causal_conv_kernel)
+    monkeypatch.setattr(causal_conv_module, "_causal_conv_kernel", recorder)
+    x, weight, bias = _inputs(2, 5, 7, 13, 3, torch.float32, device)
+    if reverse:
+        x = random_tensor((2, 7, 13), torch.float32, 4, device)
+    out = causal_conv_module.launch_causal_conv(x, weight, None if reverse else bias, 2, reverse=reverse)
+    (_, args, _), = recorder.calls
+    packed = args[2]
+    c_out, c_in = (5, 7) if reverse else (7, 5)
+    assert packed.shape == (3, c_out, c_in) and packed.is_contiguous()
+    w_so, w_si, w_sk = args[13:16]
+    assert (w_so, w_si, w_sk) == (c_in, 1, c_out * c_in)
+    if not reverse:
+        expected = causal_conv1d_reference(x.double(), weight.double(), bias.double(), 2)
+        assert_close_to_reference(out, expected, causal_conv1d_reference(x, weight, bias, 2), "output")
+
+
+@pytest.mark.parametrize("dtype,block_ci", [(torch.float32, 32), (torch.bfloat16, 64), (torch.float16, 64)])
+def test_fp32_tiles_reduce_over_32_channels(dtype, block_ci, device, monkeypatch):
+    """fp32 tiles (TF32 operands, 4 bytes each) reduce over 32 input channels per dot (64 reached 255 registers
+    and spilled); 16-bit tiles keep 64."""
+    recorder = _Recorder(causal_conv_module._causal_conv_kernel)
+    monkeypatch.setattr(causal_conv_module, "_causal_conv_kernel", recorder)
+    x, weight, bias = _inputs(1, 70, 67, 19, 2, dtype, device)
+    causal_conv_module.launch_causal_conv(x, weight, bias, 3)
+    (_, _, kwargs), = recorder.calls
+    assert kwargs["BLOCK_CI"] == block_ci and kwargs["BLOCK_CO"] == 64
+
+
+def test_fp32_many_channels_at_the_fp32_reduction_block(device):
+    """Ragged channel counts past two 32-wide fp32 reduction blocks, forward and every gradient."""
+    x, weight, bias = _inputs(1, 70, 33, 13, 2, torch.float32, device, seed=9)
+    _check_forward_and_gradients(x, weight, bias, 2)
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 8, 24, 200])
+def test_weight_gradient_splits_make_whole_waves(tiles):
+    """The split count makes tiles * splits a whole number of SMs' worth of programs (the 1x1 projection's
+    gradient was 0.8 waves), close to WEIGHT_GRAD_PROGRAMS_PER_SM per SM, and never exceeds the reduction steps."""
+    device = torch.device("cpu")
+    sm_count = causal_conv_module.launch.device_limits(device).sm_count
+    splits = causal_conv_module.weight_grad_splits(device, tiles, 10**6)
+    programs = tiles * splits
+    if tiles < sm_count:
+        assert programs % sm_count == 0
+    assert programs <= causal_conv_module.WEIGHT_GRAD_PROGRAMS_PER_SM * sm_count or splits == 1
+    assert causal_conv_module.weight_grad_splits(device, tiles, 3) <= 3
+
+
+@pytest.mark.parametrize("splits", [1, 5, 7, 11])
+def test_weight_gradient_any_split_count_walks_every_pair_once(splits, device):
+    """Split counts that divide neither the batch nor the time-block count (and one above their product: empty
+    splits) step the (sample, time block) pair with a carry instead of dividing; every pair is summed once."""
+    grad_out = random_tensor((3, 4, 150), torch.float32, 0, device)  # 3 samples x 3 time blocks of 64
+    x = random_tensor((3, 5, 150), torch.float32, 1, device)
+    with force_launch_settings("causal_conv1d", weight_grad_splits=splits):
+        grad_w, grad_b = causal_conv_module.launch_conv_weight_grad(grad_out, x, 3, 2, True)
+    xd = x.double().requires_grad_()
+    weight = torch.zeros(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    out = causal_conv1d_reference(xd, weight, bias, 2)
+    ref_w, ref_b = torch.autograd.grad(out, (weight, bias), grad_out.double())
+    torch.testing.assert_close(grad_w.double(), ref_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_b.double(), ref_b, rtol=1e-5, atol=1e-5)

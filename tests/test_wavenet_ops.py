@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from reference_checks import assert_close_to_reference, random_tensor
 
+import genkernels.kernels.wavenet as wavenet_module
 from genkernels.kernels.wavenet import (
     WaveNetCache,
     wavenet_residual_layer,
@@ -513,7 +514,8 @@ def test_opcheck_step(device):
     cache.buffer.zero_()
     x = torch.randn(2, 3, device=device)
     torch.library.opcheck(torch.ops.genkernels.wavenet_step.default,
-                          (x, cache.buffer, cache.layer_table, 3, *weights[:2], None, *weights[2:]))
+                          (x, cache.buffer, cache.layer_table, cache.ring_heads, 3, *weights[:2], None,
+                           *weights[2:]))
 
 
 def test_residual_layer_compiles_with_fullgraph(device):
@@ -535,8 +537,25 @@ def test_residual_layer_compiles_with_fullgraph(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_residual_layer_wavenet_sized_on_gpu(dtype, device):
+    """Exact fp32 (allow_tf32 off: the kernels' fp32 dots follow it, as cuDNN's convolutions in the eager path)."""
     tensors, cond_args = _layer_inputs(4, 64, 64, 256, 4000, 2, dtype, device, "global")
-    _check_layer(tensors, cond_args, 256)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        _check_layer(tensors, cond_args, 256)
+
+
+@pytest.mark.gpu
+def test_residual_layer_fp32_tf32_on_gpu(device):
+    """allow_tf32 on (PyTorch's default for fp32 convolutions): the fp32 layer multiplies on TF32 tensor cores,
+    10 mantissa bits per operand, so its outputs stay within a TF32-sized error of the fp64 reference."""
+    tensors, cond_args = _layer_inputs(4, 64, 64, 256, 4000, 2, torch.float32, device, "global")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        got = _run(tensors, cond_args, 256, "triton")[:2]
+    doubles = [t.double() for t in tensors]
+    cond = {k: v.double() for k, v in cond_args.items()}
+    want = wavenet_residual_layer(*doubles, dilation=256, impl="eager", **cond)
+    for g, w, name in zip(got, want, ("residual", "skip")):
+        bound = 2.0**-8 * w.abs().max().item() + 1e-3
+        assert (g.double() - w).abs().max().item() <= bound, name
 
 
 @pytest.mark.parametrize("impl", ["triton", "eager"])
@@ -553,3 +572,104 @@ def test_step_compiles_with_fullgraph_and_dynamic_shapes(impl, device):
         results.append(torch.stack([step(x[:, :, t], cache, *weights, impl=impl) for t in range(5)]))
         assert cache.position == 5
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch configuration (issue 12: compiled-code budgets), recorded from the launchers' real calls
+# ---------------------------------------------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for a Triton kernel: records every ``kernel[grid](*args, **kwargs)`` call, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _record(monkeypatch, name):
+    recorder = _Recorder(getattr(wavenet_module, name))
+    monkeypatch.setattr(wavenet_module, name, recorder)
+    return recorder
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_layer_projections_take_64_rows_packed_conv_weight_and_follow_tf32(allow_tf32, device, monkeypatch):
+    """The fused layer's 1x1 projections write 64 output channels per dot (32 fell back to mma.sync on sm_90),
+    its conv weight arrives packed [k, 2D, R] with R contiguous (it had stride k: 2-byte loads), and fp32 dots
+    follow torch.backends.cudnn.allow_tf32 in the forward and the backward (they were always exact)."""
+    forward = _record(monkeypatch, "_residual_layer_fwd_kernel")
+    backward = _record(monkeypatch, "_residual_layer_bwd_gate_kernel")
+    tensors, cond_args = _layer_inputs(2, 5, 3, 70, 11, 2, torch.float32, device)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
+        results = _run(tensors, cond_args, 2, "triton")
+    (_, args, kwargs), = forward.calls
+    assert kwargs["BLOCK_P"] == 64 and kwargs["IEEE"] == (not allow_tf32)
+    packed = args[4]
+    assert packed.shape == (2, 6, 5) and packed.is_contiguous()
+    wc_so, wc_si, wc_sk = args[20:23]
+    assert (wc_so, wc_si, wc_sk) == (5, 1, 30)
+    (_, _, kwargs), = backward.calls
+    assert kwargs["IEEE"] == (not allow_tf32)
+    eager = _run(tensors, cond_args, 2, "eager")
+    for got, want, name in zip(results, eager, ("residual", "skip") + NAMES):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_wide_gate_layer_runs_eight_warps(device, monkeypatch):
+    """128 gate channels: 8 warps (at 4 the bf16 tile sat at 255 registers and spilled), results unchanged."""
+    forward = _record(monkeypatch, "_residual_layer_fwd_kernel")
+    tensors, cond_args = _layer_inputs(1, 3, 65, 4, 5, 2, torch.float32, device)
+    _check_layer(tensors, cond_args, 1)
+    assert all(kwargs["num_warps"] == 8 and kwargs["BLOCK_D"] == 128 for _, _, kwargs in forward.calls)
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_step_splits_the_skip_projection_and_follows_tf32(allow_tf32, device, monkeypatch):
+    """The step launches a (sample block, 64-wide skip block) grid (it was one program for the whole batch) and
+    follows allow_tf32 like the layer; a second sample block and a second, ragged skip block match the layers."""
+    step = _record(monkeypatch, "_wavenet_step_kernel")
+    dilations, ksize, batch, channels, gate, skip = (1, 2, 4), 2, 17, 5, 4, 70
+    weights = _stacked_weights(len(dilations), channels, gate, skip, ksize, torch.float32, device)
+    x = random_tensor((batch, channels, 6), torch.float32, 1, device)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
+        got = _step_through(x, weights, dilations, ksize, "triton", fill=float("nan"))
+    assert all(grid == (2, 2) and kwargs["IEEE"] == (not allow_tf32) for grid, _, kwargs in step.calls)
+    reference = _layered_skip_sum(x, weights, dilations, None)
+    eager = _step_through(x, weights, dilations, ksize, "eager")
+    assert_close_to_reference(got, reference, eager, "skip sums")
+
+
+def test_step_ring_heads_track_the_position_without_division(device):
+    """The Triton step reads its ring slots from ring_heads[position % 2] = position mod q_l (no modulo in the
+    layer loop) and writes the next row; after each step the heads hold the next position's slots."""
+    dilations, ksize, batch, channels, gate, skip = (1, 3, 2), 3, 2, 4, 3, 5
+    weights = _stacked_weights(len(dilations), channels, gate, skip, ksize, torch.float32, device)
+    cache = WaveNetCache(dilations, ksize, batch, channels, device=device)
+    x = random_tensor((batch, channels, 9), torch.float32, 3, device)
+    for t in range(9):
+        wavenet_step(x[:, :, t], cache, *weights, impl="triton")
+        assert cache.heads_position == cache.position == t + 1
+        expected = torch.tensor([(t + 1) % q for q in cache.queues], dtype=torch.int64)
+        assert torch.equal(cache.ring_heads[(t + 1) % 2].cpu(), expected)
+
+
+def test_step_mixing_impls_and_far_positions_match_the_eager_step(device):
+    """Eager steps leave ring_heads behind; the next Triton step rebuilds them on the device. Also a position
+    past 2**31 (set by hand on both caches, same buffers): slots and tap validity come out as the eager step's."""
+    dilations, ksize, batch, channels, gate, skip = (1, 2, 5), 2, 3, 4, 3, 6
+    weights = _stacked_weights(len(dilations), channels, gate, skip, ksize, torch.float32, device)
+    x = random_tensor((batch, channels, 12), torch.float32, 4, device)
+    caches = {impl: WaveNetCache(dilations, ksize, batch, channels, device=device) for impl in ("mixed", "eager")}
+    for t in range(12):
+        if t == 6:
+            for cache in caches.values():
+                cache.position = 2**31 + 3
+        impl = "eager" if t % 3 == 1 else "triton"
+        got = wavenet_step(x[:, :, t], caches["mixed"], *weights, impl=impl)
+        want = wavenet_step(x[:, :, t], caches["eager"], *weights, impl="eager")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {t}")
+    torch.testing.assert_close(caches["mixed"].buffer, caches["eager"].buffer, rtol=1e-5, atol=1e-5)
