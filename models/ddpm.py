@@ -1,5 +1,7 @@
-"""DDPM: a denoising diffusion model around a :class:`~genkernels.models.unet.UNet`, with its training loss and
-sampling loops (DDPM, DDIM, classifier-free guidance, image-to-image, inpainting, CUDA graphs).
+"""DDPM: a denoising diffusion model around a noise-prediction network (genkernels'
+:class:`~genkernels.models.unet.UNet`, a diffusers ``UNet2DModel``, or any module called as
+``unet(sample, timestep[, class_labels])``), with its training loss and sampling loops (DDPM, DDIM, classifier-free
+guidance, image-to-image, inpainting, CUDA graphs).
 
 Training (Ho et al. 2020, Algorithm 1): ``t ~ U{0, T-1}``, ``eps ~ N(0, I)``,
 ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` (:func:`~genkernels.kernels.diffusion_loss.q_sample`) and the mean
@@ -19,7 +21,9 @@ ints (device fills), noise seeds are drawn on the device, and checks of device v
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import inspect
+from collections.abc import Mapping
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -36,6 +40,7 @@ from genkernels.kernels.checks import (
     check_integer_tensor,
     check_real,
     check_tensor,
+    check_values,
     describe,
 )
 from genkernels.kernels.diffusion import PREDICTION_TYPES
@@ -49,26 +54,105 @@ SAMPLERS = ("ddpm", "ddim")
 REDUCTIONS = ("mean", "sum", "none", "per_sample")
 # diffusers' pipeline defaults: DDPM walks every training timestep, DDIM 50 of them.
 DEFAULT_DDIM_STEPS = 50
+NETWORK_SIGNATURE = ("unet(sample, timestep[, class_labels]) with sample [batch, C, H, W], timestep an int or an "
+                     "integer tensor [] / [batch], class_labels integers [batch] (class-conditional networks only), "
+                     "returning a tensor shaped like sample or an output whose .sample is one (diffusers' "
+                     "UNet2DModel)")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkInfo:
+    """What :class:`DDPM` needs to know about its network, read from it (or given to DDPM)."""
+
+    in_channels: Optional[int]
+    out_channels: Optional[int]
+    image_size: Union[int, tuple, None]
+    num_classes: Optional[int]
+    downsampling_factor: int
+
+
+def network_info(unet: nn.Module, in_channels: Optional[int] = None, image_size=None) -> NetworkInfo:
+    """Channels, image size, classes and downsampling factor of a noise-prediction network: genkernels'
+    :class:`UNet` (its attributes), a diffusers ``UNet2DModel`` (its ``config``: ``in_channels``,
+    ``out_channels``, ``sample_size``, ``block_out_channels``; with ``num_class_embeds`` = K, classes ``0..K-2``
+    and ``K-1`` the null class of guidance, as genkernels' UNet's ``num_classes + 1`` embeddings), or any module
+    (attributes ``in_channels``, ``out_channels``, ``image_size`` or ``sample_size``, ``num_classes``,
+    ``downsampling_factor`` where it has them). ``in_channels`` / ``image_size`` given here take precedence."""
+    if isinstance(unet, UNet):
+        info = dict(in_channels=unet.in_channels, out_channels=unet.out_channels, image_size=unet.image_size,
+                    num_classes=unet.num_classes, downsampling_factor=unet.downsampling_factor)
+    elif isinstance(getattr(unet, "config", None), Mapping) and "sample_size" in unet.config:
+        config = unet.config
+        embeds = config.get("num_class_embeds")
+        blocks = config.get("block_out_channels") or (None,)
+        info = dict(in_channels=config.get("in_channels"), out_channels=config.get("out_channels"),
+                    image_size=config.get("sample_size"),
+                    num_classes=embeds - 1 if embeds and config.get("class_embed_type") is None else None,
+                    downsampling_factor=2 ** (len(blocks) - 1))
+    else:
+        info = dict(in_channels=getattr(unet, "in_channels", None), out_channels=getattr(unet, "out_channels", None),
+                    image_size=getattr(unet, "image_size", getattr(unet, "sample_size", None)),
+                    num_classes=getattr(unet, "num_classes", None),
+                    downsampling_factor=getattr(unet, "downsampling_factor", 1))
+    if in_channels is not None:
+        info["in_channels"] = check_int(in_channels, "in_channels", low=1)
+    if image_size is not None:
+        info["image_size"] = image_size
+    size = info["image_size"]
+    if isinstance(size, list):
+        info["image_size"] = size = tuple(size)
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1) and not (
+            isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) and v >= 1 for v in size)):
+        raise ValueError(f"image_size must be a positive int or (height, width); got {size!r}")
+    for key in ("in_channels", "out_channels", "num_classes", "downsampling_factor"):
+        value = info[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"the network's {key} must be a positive int; got {value!r}")
+    return NetworkInfo(**info)
+
+
+def _check_network(unet: object) -> None:
+    """Require a module callable as :data:`NETWORK_SIGNATURE` (its ``forward`` takes two positional arguments)."""
+    if not isinstance(unet, nn.Module):
+        raise TypeError(f"unet must be a noise-prediction network (an nn.Module) called as {NETWORK_SIGNATURE}; "
+                        f"got {type(unet).__name__}")
+    try:
+        signature = inspect.signature(unet.forward)
+    except (TypeError, ValueError):  # no introspectable signature: trust the module
+        return
+    kinds = [parameter.kind for parameter in signature.parameters.values()]
+    positional = sum(kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                     for kind in kinds)
+    if positional < 2 and inspect.Parameter.VAR_POSITIONAL not in kinds:
+        raise TypeError(f"unet must be a noise-prediction network called as {NETWORK_SIGNATURE}; got "
+                        f"{type(unet).__name__}, whose forward{signature} does not take (sample, timestep)")
 
 
 class DDPM(nn.Module):
-    """A diffusion model: a noise-predicting U-Net and the forward-process schedule it was trained with.
+    """A diffusion model: a noise-predicting network and the forward-process schedule it was trained with.
 
     Args:
-        unet: the denoising network (``out_channels == in_channels``).
+        unet: the denoising network, an ``nn.Module`` called as
+            ``unet(sample, timestep[, class_labels])`` (:data:`NETWORK_SIGNATURE`): genkernels' :class:`UNet`, a
+            diffusers ``UNet2DModel`` (its output's ``.sample`` is read), or any module of that signature returning
+            a tensor shaped like ``sample`` (``out_channels == in_channels``). ``class_labels`` is passed only to a
+            class-conditional network (see :func:`network_info`).
         schedule: the forward-process betas (default: DDPM's linear schedule, 1000 steps).
         prediction_type: what the network predicts: "epsilon" (the noise), "sample" (``x0``) or "v_prediction".
         class_dropout_prob: probability of replacing a class label by the null class while training.
+        in_channels, image_size: the image channels and size (an int or ``(height, width)``), for networks that
+            do not say (genkernels' UNet and diffusers' UNet2DModel do); needed to draw samples from noise.
     """
 
-    def __init__(self, unet: UNet, schedule: Optional[NoiseSchedule] = None, prediction_type: str = "epsilon",
-                 class_dropout_prob: float = 0.1):
+    def __init__(self, unet: nn.Module, schedule: Optional[NoiseSchedule] = None, prediction_type: str = "epsilon",
+                 class_dropout_prob: float = 0.1, *, in_channels: Optional[int] = None, image_size=None):
         super().__init__()
-        if not isinstance(unet, UNet):
-            raise TypeError(f"unet must be a UNet, got {type(unet).__name__}")
-        if unet.out_channels != unet.in_channels:
-            raise ValueError(f"unet must output as many channels as it reads; got in_channels={unet.in_channels}, "
-                             f"out_channels={unet.out_channels}")
+        _check_network(unet)
+        info = network_info(unet, in_channels, image_size)
+        if None not in (info.in_channels, info.out_channels) and info.out_channels != info.in_channels:
+            raise ValueError(f"unet must output as many channels as it reads; got in_channels={info.in_channels}, "
+                             f"out_channels={info.out_channels}")
+        self.network = info
         schedule = NoiseSchedule.linear() if schedule is None else schedule
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
@@ -79,7 +163,43 @@ class DDPM(nn.Module):
 
     @property
     def num_classes(self) -> Optional[int]:
-        return self.unet.num_classes
+        return self.network.num_classes
+
+    def network_output(self, x: torch.Tensor, timesteps, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network's prediction for ``x`` at ``timesteps``: ``unet(x, timesteps[, class_labels])``, unwrapped
+        from an output object (``.sample``) or a tuple, checked to have ``x``'s shape."""
+        out = self.unet(x, timesteps) if class_labels is None else self.unet(x, timesteps, class_labels)
+        if not isinstance(out, torch.Tensor):
+            if isinstance(getattr(out, "sample", None), torch.Tensor):
+                out = out.sample
+            elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+                out = out[0]
+            else:
+                raise TypeError(f"unet returned {type(out).__name__}; expected a tensor or an output with a .sample "
+                                f"tensor ({NETWORK_SIGNATURE})")
+        if out.shape != x.shape:
+            raise ValueError(f"unet must return its input's shape {list(x.shape)}; got {describe(out)}")
+        return out
+
+    def check_class_labels(self, class_labels: Optional[torch.Tensor], batch: int,
+                           device: torch.device) -> Optional[torch.Tensor]:
+        """Validated labels ``[batch]`` (the null class ``num_classes`` when None on a class-conditional network).
+        Values are checked on the host for CPU tensors and asserted on the device otherwise (no sync)."""
+        num_classes = self.num_classes
+        if class_labels is None:
+            if num_classes is None:
+                return None
+            return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+        if num_classes is None:
+            raise ValueError("class_labels were given but the network is unconditional (num_classes=None)")
+        check_integer_tensor(class_labels, "class_labels")
+        if class_labels.shape != (batch,):
+            raise ValueError(f"class_labels must have shape [batch] = [{batch}]; got {describe(class_labels)}")
+        if class_labels.device != device:
+            raise ValueError(f"class_labels must be on x's device ({device}); got {describe(class_labels)}")
+        check_values(class_labels, "class_labels", (class_labels >= 0) & (class_labels <= num_classes),
+                     f"lie in [0, num_classes={num_classes}] (num_classes is the null class)")
+        return class_labels
 
     @property
     def num_train_timesteps(self) -> int:
@@ -122,7 +242,7 @@ class DDPM(nn.Module):
         labels = self._training_labels(class_labels, batch, device, generator)
         noise_source = dict(noise=noise) if noise is not None else dict(seed=draw_philox_seed(device, generator))
         x_t = q_sample(x0, timesteps, self.schedule, **noise_source)
-        model_output = self.unet(x_t, timesteps, labels)
+        model_output = self.network_output(x_t, timesteps, labels)
         return diffusion_loss(model_output, x0, timesteps, self.schedule, prediction_type=self.prediction_type,
                               reduction=reduction, **noise_source)
 
@@ -137,7 +257,7 @@ class DDPM(nn.Module):
         return timesteps
 
     def _training_labels(self, class_labels, batch: int, device: torch.device, generator) -> Optional[torch.Tensor]:
-        labels = self.unet.check_class_labels(class_labels, batch, device)
+        labels = self.check_class_labels(class_labels, batch, device)
         if labels is None or class_labels is None or not self.training or self.class_dropout_prob == 0:
             return labels
         dropped = torch.rand(batch, device=device, generator=generator) < self.class_dropout_prob
@@ -170,7 +290,7 @@ class DDPM(nn.Module):
             mask: inpainting mask ``[n, 1 or C, H, W]`` with values in [0, 1], 1 where new content is generated and
                 0 where ``init`` is kept: after every step the sample becomes
                 ``lerp(q_sample(init, t_prev), sample, mask)``, and at the end exactly ``init`` where ``mask`` is 0.
-            timestep_spacing: "leading" or "trailing" (the schedulers' spacings).
+            timestep_spacing: "leading", "trailing" or "linspace" (the schedulers' spacings).
             clip_sample: clamp the predicted ``x0`` to [-1, 1] in every step.
             cuda_graph: capture one step (U-Net + fused update) as a CUDA graph and replay it (CUDA only).
             progress: show a progress bar.
@@ -199,8 +319,11 @@ class DDPM(nn.Module):
         check_choice(timestep_spacing, "timestep_spacing", TIMESTEP_SPACINGS)
         for value, name in ((clip_sample, "clip_sample"), (cuda_graph, "cuda_graph"), (progress, "progress")):
             check_bool(value, name)
-        parameter = next(self.unet.parameters())
-        device, dtype = parameter.device, parameter.dtype
+        parameter = next(iter(self.unet.parameters()), None)
+        if parameter is None:
+            parameter = next(iter(self.unet.buffers()), torch.empty(()))
+        device = parameter.device
+        dtype = parameter.dtype if parameter.is_floating_point() else torch.get_default_dtype()
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {device}")
         check_generator(generator, device, "the model")
@@ -263,12 +386,16 @@ class DDPM(nn.Module):
             if not 0 <= class_labels <= self.num_classes:
                 raise ValueError(f"class_labels={class_labels} must lie in [0, num_classes={self.num_classes}]")
             return torch.full((n,), class_labels, dtype=torch.long, device=device)
-        return self.unet.check_class_labels(class_labels, n, device)
+        return self.check_class_labels(class_labels, n, device)
 
     def _sample_shape(self, n: int, init: Optional[torch.Tensor], device: torch.device) -> tuple[int, ...]:
         if init is None:
-            side = self.unet.image_size
-            return (n, self.unet.in_channels, side, side)
+            info = self.network
+            if info.in_channels is None or info.image_size is None:
+                raise ValueError(f"sampling from noise needs the image shape, and {type(self.unet).__name__} does "
+                                 "not say it: pass DDPM(..., in_channels=C, image_size=S), or init / noise")
+            height, width = (info.image_size, info.image_size) if isinstance(info.image_size, int) else info.image_size
+            return (n, info.in_channels, height, width)
         self._check_images(init, "init")
         if init.shape[0] != n or init.device != device:
             raise ValueError(f"init must hold n={n} images on the model's device {device}; got {describe(init)}")
@@ -276,9 +403,10 @@ class DDPM(nn.Module):
 
     def _check_images(self, x: object, name: str) -> None:
         check_float_tensor(x, name)
-        channels, factor = self.unet.in_channels, self.unet.downsampling_factor
-        if x.dim() != 4 or x.shape[1] != channels or x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"{name} must be [batch, {channels}, H, W] with H and W multiples of {factor}; "
+        channels, factor = self.network.in_channels, self.network.downsampling_factor
+        if x.dim() != 4 or (channels is not None and x.shape[1] != channels) or x.shape[2] % factor or \
+                x.shape[3] % factor:
+            raise ValueError(f"{name} must be [batch, {channels or 'C'}, H, W] with H and W multiples of {factor}; "
                              f"got {describe(x)}")
 
     def _starting_point(self, plan: "_SamplingPlan", noise, init, first_timestep: int) -> torch.Tensor:
@@ -342,7 +470,7 @@ class _StepFunction:
     guidance) and the fused DDPM/DDIM update. ``t``/``t_prev`` are Python ints or 0-d device tensors."""
 
     def __init__(self, model: DDPM, plan: _SamplingPlan):
-        self.unet, self.schedule, self.plan = model.unet, model.schedule, plan
+        self.network_output, self.schedule, self.plan = model.network_output, model.schedule, plan
         self.options = dict(prediction_type=model.prediction_type, clip_sample=plan.clip_sample,
                             generator=plan.generator)
         if plan.sampler == "ddim":
@@ -356,10 +484,10 @@ class _StepFunction:
     def __call__(self, x: torch.Tensor, t, prev) -> torch.Tensor:
         # Under autocast the U-Net answers in the autocast dtype; the step reads it in the sample's dtype.
         if self.plan.guided:
-            cond, uncond = self.unet(torch.cat([x, x]), t, self.labels).to(x.dtype).chunk(2)
+            cond, uncond = self.network_output(torch.cat([x, x]), t, self.labels).to(x.dtype).chunk(2)
             guidance = dict(uncond_output=uncond, guidance_scale=self.plan.guidance_scale)
         else:
-            cond, guidance = self.unet(x, t, self.labels).to(x.dtype), {}
+            cond, guidance = self.network_output(x, t, self.labels).to(x.dtype), {}
         return self.update(cond, t, x, self.schedule, prev_timestep=prev, **guidance, **self.options)
 
 

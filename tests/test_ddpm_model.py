@@ -6,9 +6,10 @@ import copy
 import diffusers
 import pytest
 import torch
+from torch import nn
 
 from genkernels.kernels import NoiseSchedule, ddim_step, use_impl
-from genkernels.models.ddpm import DDPM
+from genkernels.models.ddpm import DDPM, NetworkInfo
 from genkernels.models.schedulers import DDIMScheduler, DDPMScheduler
 from genkernels.models.unet import UNet
 from reference_checks import random_tensor
@@ -164,7 +165,8 @@ def test_short_training_run_lowers_the_loss_identically_under_both_impls():
 # sampling
 
 
-@pytest.mark.parametrize("prediction_type, spacing", [("epsilon", "leading"), ("v_prediction", "trailing")])
+@pytest.mark.parametrize("prediction_type, spacing", [("epsilon", "leading"), ("v_prediction", "trailing"),
+                                                      ("epsilon", "linspace")])
 def test_ddim_with_eta_zero_is_deterministic_and_is_the_scheduler_loop(prediction_type, spacing):
     model = tiny_ddpm(prediction_type=prediction_type)
     noise = random_tensor((2, 3, 8, 8), torch.float32, seed=6)
@@ -395,7 +397,7 @@ def test_loss_compiles_as_one_graph_with_the_fused_ops():
     (dict(noise=torch.zeros(2, 3, 4, 4)), ValueError, "noise must have shape"),
     (dict(cuda_graph=True), ValueError, "cuda_graph=True needs the model on a CUDA device"),
     (dict(cuda_graph=1), TypeError, "cuda_graph"),
-    (dict(timestep_spacing="linspace"), ValueError, "timestep_spacing"),
+    (dict(timestep_spacing="uniform"), ValueError, "timestep_spacing='uniform'"),
     (dict(generator="seed"), TypeError, "generator"),
 ])
 def test_sample_rejects_bad_arguments(kwargs, error, argument):
@@ -433,7 +435,7 @@ def test_loss_rejects_bad_arguments(kwargs, error, argument):
 
 
 @pytest.mark.parametrize("args, kwargs, error, argument", [
-    ((torch.nn.Linear(2, 2),), {}, TypeError, "unet must be a UNet"),
+    ((torch.nn.Linear(2, 2),), {}, TypeError, r"unet must be a noise-prediction network called as unet\(sample"),
     ((UNet(**{**TINY, "out_channels": 6}),), {}, ValueError, "out_channels=6"),
     ((UNet(**TINY), "linear"), {}, TypeError, "schedule must be a NoiseSchedule"),
     ((UNet(**TINY),), dict(prediction_type="noise"), ValueError, "prediction_type='noise'"),
@@ -442,6 +444,146 @@ def test_loss_rejects_bad_arguments(kwargs, error, argument):
 def test_constructor_rejects_bad_arguments(args, kwargs, error, argument):
     with pytest.raises(error, match=argument):
         DDPM(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# any noise-prediction network: diffusers' UNet2DModel, plain modules
+
+
+def tiny_unet2d(**kwargs):
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 attention_head_dim=8, **kwargs)
+
+
+def test_ddpm_trains_a_diffusers_unet2d_model_on_the_written_out_objective():
+    """DDPM used to refuse any network but genkernels' UNet (TypeError: unet must be a UNet)."""
+    unet = tiny_unet2d()
+    model = DDPM(unet, SCHEDULE, class_dropout_prob=0.0)
+    assert model.network == NetworkInfo(in_channels=3, out_channels=3, image_size=8, num_classes=None,
+                                        downsampling_factor=2)
+    x0, noise, t = images(), random_tensor((2, 3, 8, 8), torch.float32, seed=2), torch.tensor([3, 31])
+    alpha = SCHEDULE.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = (alpha.sqrt() * x0.double() + (1 - alpha).sqrt() * noise.double()).float()
+    expected = (unet(x_t, t).sample - noise).square().mean()
+    expected_grads = torch.autograd.grad(expected, list(unet.parameters()))
+    with use_impl("eager"):
+        loss = model.loss(x0, noise=noise, timesteps=t)
+    grads = torch.autograd.grad(loss, list(unet.parameters()))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5)])
+def test_ddpm_samples_from_a_diffusers_unet2d_model_as_diffusers_pipelines_do(sampler, eta):
+    """DDPM.sample with a UNet2DModel == diffusers' DDPMPipeline / DDIMPipeline running our scheduler on it (the
+    same generator draws the same starting noise and step noise)."""
+    unet = tiny_unet2d()
+    model = DDPM(unet, SCHEDULE)
+    with use_impl("eager"):
+        ours = model.sample(2, 4, sampler=sampler, eta=eta, generator=torch.Generator().manual_seed(7),
+                            progress=False)
+        if sampler == "ddpm":
+            pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=DDPMScheduler(SCHEDULE))
+            options = {}
+        else:
+            pipeline = diffusers.DDIMPipeline(unet=unet, scheduler=DDIMScheduler(SCHEDULE))
+            pipeline.scheduler = DDIMScheduler(SCHEDULE)
+            options = dict(eta=eta)
+        pipeline.set_progress_bar_config(disable=True)
+        expected = pipeline(batch_size=2, generator=torch.Generator().manual_seed(7), num_inference_steps=4,
+                            output_type="pt", **options).images
+    torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), expected, rtol=0, atol=1e-6)
+
+
+def test_a_class_conditional_unet2d_model_uses_its_last_class_as_the_null_class():
+    unet = tiny_unet2d(num_class_embeds=4)
+    model = DDPM(unet, SCHEDULE)
+    assert model.num_classes == 3
+    labels_seen = []
+    unet.register_forward_hook(lambda module, args, out: labels_seen.append(args[2].tolist()))
+    noise, labels = random_tensor((2, 3, 8, 8), torch.float32, seed=9), torch.tensor([0, 2])
+    with use_impl("eager"):
+        guided = model.sample(2, 2, sampler="ddim", guidance_scale=2.0, class_labels=labels, noise=noise,
+                              progress=False)
+        scheduler = DDIMScheduler(SCHEDULE)
+        scheduler.set_timesteps(2)
+        x = noise.clone()
+        for t in scheduler.timesteps.tolist():
+            cond, uncond = unet(x, t, labels).sample, unet(x, t, torch.tensor([3, 3])).sample
+            x = scheduler.step(uncond + 2.0 * (cond - uncond), t, x).prev_sample
+    assert labels_seen[0] == [0, 2, 3, 3]
+    torch.testing.assert_close(guided, x, rtol=1e-4, atol=1e-5)
+
+
+class PlainDenoiser(nn.Module):
+    """A module of the documented signature without genkernels' or diffusers' attributes."""
+
+    def __init__(self, as_tuple: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.as_tuple = as_tuple
+
+    def forward(self, sample, timestep):
+        out = torch.tanh(self.conv(sample)) * (1 + 0.001 * torch.as_tensor(timestep).float().reshape(-1, 1, 1, 1))
+        return (out,) if self.as_tuple else out
+
+
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_any_module_of_the_documented_signature_trains_and_samples(as_tuple):
+    net = PlainDenoiser(as_tuple)
+    model = DDPM(net, SCHEDULE, in_channels=3, image_size=(8, 6))
+    with use_impl("eager"):
+        loss = model.loss(images(), generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        samples = model.sample(2, 3, generator=torch.Generator().manual_seed(1), progress=False)
+        scheduler = DDPMScheduler(SCHEDULE)
+        scheduler.set_timesteps(3)
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 3, 8, 6, generator=generator)
+        for t in scheduler.timesteps:
+            out = net(x, t)
+            x = scheduler.step(out[0] if as_tuple else out, t, x, generator=generator).prev_sample
+    assert net.conv.weight.grad is not None and samples.shape == (2, 3, 8, 6)
+    torch.testing.assert_close(samples, x, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("unet, match", [
+    (nn.Conv2d(3, 3, 3), r"unet must be a noise-prediction network called as unet\(sample, timestep\[, "
+                         r"class_labels\]\).*got Conv2d, whose forward\(input"),
+    (lambda sample, timestep: sample, r"unet must be a noise-prediction network \(an nn.Module\).*got function"),
+    ("unet", r"unet must be a noise-prediction network.*got str"),
+])
+def test_unknown_networks_are_refused_naming_the_expected_signature(unet, match):
+    with pytest.raises(TypeError, match=match):
+        DDPM(unet, SCHEDULE)
+
+
+def test_network_outputs_of_the_wrong_kind_or_shape_and_unknown_image_sizes_are_refused():
+    class Wrong(nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, sample, timestep):
+            return self.out(sample)
+
+    with pytest.raises(ValueError, match=r"unet must return its input's shape \[2, 3, 8, 8\]"):
+        DDPM(Wrong(lambda x: x[:, :1]), SCHEDULE).loss(images())
+    with pytest.raises(TypeError, match="unet returned str"):
+        DDPM(Wrong(lambda x: "x"), SCHEDULE).loss(images())
+    with pytest.raises(ValueError, match=r"pass DDPM\(..., in_channels=C, image_size=S\)"):
+        DDPM(PlainDenoiser(), SCHEDULE).sample(2, progress=False)
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        DDPM(PlainDenoiser(), SCHEDULE, image_size=0)
+    with pytest.raises(ValueError, match="out_channels=6"):
+        DDPM(diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=6, layers_per_block=1,
+                                   block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                                   up_block_types=("UpBlock2D",), norm_num_groups=4), SCHEDULE)
 
 
 # --------------------------------------------------------------------------------------------------------------
