@@ -11,21 +11,26 @@ pixel) by zeroing part of a ``k x k`` kernel: with ``p = k // 2`` the centre is 
 - everything right of or below the centre is dropped.
 
 The kernels walk only the kept taps (``p * k + p`` of them, plus the centre), so a 7x7 kernel costs 24-25 taps
-instead of 49: masked taps are never read, and their weights' gradient is exactly zero. Each is an implicit GEMM: a tile
-of output pixels times a tile of output channels, accumulated in fp32 with ``tl.dot`` over channel blocks, one
-kept tap at a time, reading the zero padding through masked loads (no padded copy) and the input through its
-strides (no contiguous copy). A colour centre tap is summed one reduced colour group at a time into a tile of its
-own that ``tl.where`` adds only to the channels seeing that group, so nothing hidden by the mask (a masked weight
-entry, a later sub-pixel, a later pixel) is ever multiplied into an output: NaN/Inf there cannot reach it. The eager
-reference keeps the same promise by convolving only the kept taps. fp32 tiles use TF32 on a GPU when
-``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for its own fp32 convolutions), exact fp32
-otherwise; index arithmetic is int64.
+instead of 49: masked taps are never read, and their weight's gradient is exactly zero. Each is an implicit GEMM: a
+tile of output pixels times a tile of output channels, accumulated in fp32 with ``tl.dot``, one (kept tap, channel
+block) per step of a single loop, reading the zero padding through masked loads (no padded copy). The launcher packs
+the weight once per call into the layout the reduction walks (``[kept taps, C_in, C_out]``, contiguous) and hands
+the kernels channels_last activations, so tiles load 16 bytes at a time; a tile's pixel rows and columns are
+computed once, each tap's shift is a scalar. At a colour centre tap a tile of produced channels never straddles a
+colour group, so the whole tile sees the same reduced channels and only those are read: nothing hidden by the mask
+(a masked weight entry, a later sub-pixel, a later pixel) is ever multiplied into an output, and NaN/Inf there
+cannot reach it. The eager reference keeps the same promise by convolving only the kept taps. fp32 tiles use TF32
+on a GPU when ``torch.backends.cudnn.allow_tf32`` is set (PyTorch's default for its own fp32 convolutions), exact
+fp32 otherwise. Offsets are int32, or int64 when a tensor spans 2**31 elements. Tiles, pipeline depth and the
+weight gradient's split of its pixel reduction come from the device's SM count and shared memory
+(``launch.device_limits``), so they fit every architecture from sm_80 on.
 
 FLOPs per forward call, counting kept taps only: ``2 * N * C_out * C_in * kept_taps * H * W`` (the centre tap of a
 colour mask counts fully). The backward does the same twice (input and weight gradients).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -46,8 +51,16 @@ BLOCK_PIXELS = 64
 # Largest channel tiles; smaller channel counts get the next power of two (at least 16, tl.dot's minimum).
 MAX_BLOCK_CHANNELS_OUT = 128
 MAX_BLOCK_CHANNELS_IN = 64
-# Weight-gradient programs to aim for on a GPU before splitting the pixel reduction further (a few per SM).
-WEIGHT_GRAD_TARGET_PROGRAMS = 512
+# Pixels per step of the weight gradient's reduction (halved for fp32 operands, to keep the pipeline in shared
+# memory), and the CTAs per SM its split is sized for (4 warps at up to 255 registers: at least 2 fit; the
+# compiled-code report shows the figure).
+WEIGHT_GRAD_BLOCK_PIXELS = 64
+# Registers per thread of the compiled tiles (sm_90, from the compiled-code report), by produced-channel tile for
+# the gather kernel: what the launchers' occupancy (and so wave) estimates use.
+GATHER_REGISTERS = {128: 136, 64: 96, 32: 88, 16: 88}
+# How far the compiled registers may exceed those estimates (another Triton release) with the occupancy unchanged.
+REGISTER_MARGIN = 32
+WEIGHT_GRAD_BASE_REGISTERS = 96
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,139 +161,88 @@ def masked_conv2d_flops(x_shape, weight_shape, mask_type: str, color_channels: i
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _centre_sees(reduce_channel, out_channel, reduce_group_size, out_group_size, MASK_A: tl.constexpr,
-                 TRANSPOSED: tl.constexpr):
-    """``[R, O]`` booleans: which (reduced, produced) channel pairs the colour rule keeps at the centre tap.
-    Forward: reduce = input, out = output channel. Transposed (input gradient): reduce = output, out = input."""
-    reduce_group = (reduce_channel // reduce_group_size)[:, None]
-    out_group = (out_channel // out_group_size)[None, :]
-    if TRANSPOSED:
-        in_group, conv_out_group = out_group, reduce_group
-    else:
-        in_group, conv_out_group = reduce_group, out_group
-    if MASK_A:
-        return in_group < conv_out_group
-    else:
-        return in_group <= conv_out_group
-
-
-@triton.jit
-def _accumulate_tap(acc, src_pixel_ptr, w_out_ptr, row, col, pixel_ok, out_ok, reduce_start, reduce_end, height,
-                    width, src_sc, src_sh, src_sw, w_s_reduce, tap_offset, SHIFT_Y: tl.constexpr,
-                    SHIFT_X: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_REDUCE: tl.constexpr):
-    """``acc[P, O] += src[P, R] @ w[R, O]`` for one tap: ``src`` read at ``(row + SHIFT_Y, col + SHIFT_X)`` (zero
-    outside the image), ``w`` the tap's ``[reduced, produced]`` weight slice (``tap_offset`` from the weight's
-    first tap, int64), over reduced channels ``[reduce_start, reduce_end)`` in blocks. The shifts are constants,
-    so only the image edges a tap can cross are tested."""
-    in_image = pixel_ok
-    if SHIFT_Y < 0:
-        in_image = in_image & (row >= -SHIFT_Y)
-    if SHIFT_Y > 0:
-        in_image = in_image & (row < height - SHIFT_Y)
-    if SHIFT_X < 0:
-        in_image = in_image & (col >= -SHIFT_X)
-    if SHIFT_X > 0:
-        in_image = in_image & (col < width - SHIFT_X)
-    src_ptrs = (src_pixel_ptr + (SHIFT_Y * tl.cast(src_sh, tl.int64) + SHIFT_X * tl.cast(src_sw, tl.int64)))[:, None]
-    w_ptrs = (w_out_ptr + tap_offset)[None, :]
-    for start in range(reduce_start, reduce_end, BLOCK_REDUCE):
-        channel = (start + tl.arange(0, BLOCK_REDUCE)).to(tl.int64)
-        channel_ok = channel < reduce_end
-        src = tl.load(src_ptrs + channel[None, :] * src_sc, mask=in_image[:, None] & channel_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs + channel[:, None] * w_s_reduce, mask=channel_ok[:, None] & out_ok[None, :], other=0.0)
-        acc = dot(src, w, acc, NATIVE_DOT, IEEE)
-    return acc
-
-
-@triton.jit
-def _accumulate_colour_centre(acc, src_pixel_ptr, w_out_ptr, pixel_ok, out_channel, out_ok, first_group, last_group,
-                              n_reduce, src_sc, w_s_reduce, tap_offset, reduce_group_size, out_group_size,
-                              MASK_A: tl.constexpr, TRANSPOSED: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                              IEEE: tl.constexpr, BLOCK_REDUCE: tl.constexpr):
-    """The centre tap under the colour rule, one reduced colour group at a time (``first_group .. last_group``):
-    the group's product goes into a tile of its own, which ``tl.where`` adds only to the produced channels that
-    see the group. A masked (reduced, produced) pair is so never multiplied into an output it is hidden from:
-    NaN or Inf in a hidden sub-pixel (or in a masked weight entry) cannot reach it, as in the eager reference."""
-    produced_group = out_channel // out_group_size
-    for group in range(first_group, last_group + 1):
-        start = group * reduce_group_size
-        end = tl.minimum(start + reduce_group_size, n_reduce)
-        part = tl.zeros(acc.shape, dtype=tl.float32)
-        part = _accumulate_tap(part, src_pixel_ptr, w_out_ptr, produced_group, produced_group, pixel_ok, out_ok,
-                               start, end, 1, 1, src_sc, 0, 0, w_s_reduce, tap_offset, 0, 0, NATIVE_DOT, IEEE,
-                               BLOCK_REDUCE)
-        if TRANSPOSED:  # reduced: an output group; produced: input channels, seen by the outputs of later groups
-            sees = (produced_group < group) if MASK_A else (produced_group <= group)
-        else:  # reduced: an input group; produced: output channels
-            sees = (group < produced_group) if MASK_A else (group <= produced_group)
-        acc += tl.where(sees[None, :], part, 0.0)
-    return acc
-
-
-@triton.jit
 def _masked_conv2d_gather_kernel(
     src_ptr, w_ptr, bias_ptr, out_ptr,
-    batch, n_reduce, n_out, height, width,
-    src_sn, src_sc, src_sh, src_sw,
-    w_s_reduce, w_s_out, w_sh, w_sw, bias_s,
-    reduce_group_size, out_group_size,
+    total_pixels, plane, height, width, n_reduce, n_out,
+    src_sn, src_sc, src_sh, src_sw, bias_s,
+    reduce_group_size, produced_group_size, group_tiles,
     KSIZE: tl.constexpr, MASK_A: tl.constexpr, COLOR: tl.constexpr, TRANSPOSED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_REDUCE: tl.constexpr, BLOCK_CENTRE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr, INDEX64: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_REDUCE: tl.constexpr,
 ):
     """The forward (``TRANSPOSED=False``: src = x, reduce over input channels, taps read at ``+(d - p)``) and the
-    input gradient (``TRANSPOSED=True``: src = grad_out, reduce over output channels, taps read at ``-(d - p)``,
-    the weight read transposed). Output: contiguous ``[N, n_out, H, W]``, one ``[BLOCK_P, BLOCK_OUT]`` tile whose
-    rows run over the flattened (sample, pixel) index, so small images still fill a tile. Pixel, channel and
-    weight-tap offsets are int64 (``tl.cast`` also takes the scalars a launch specializes to the constant 1)."""
+    input gradient (``TRANSPOSED=True``: src = grad_out, reduce over output channels, taps read at ``-(d - p)``)
+    as one implicit GEMM: ``out[P, O] = sum_taps src[P + shift, R] @ w[tap, R, O]``.
+
+    ``w`` is the weight packed by the launcher as ``[kept taps, R, O]``, contiguous (the kept taps are the first
+    ``kept_taps`` of the row-major ``(dy, dx)`` order), so a tile of it is 16-byte rows of produced channels; the
+    source is read through its strides (the launcher hands it channels_last, so a tile is 16-byte rows of
+    reduced channels). A program's rows are ``BLOCK_P`` consecutive (sample, pixel) indices whose row and column
+    are computed once; every (tap, channel block) is one iteration of a single loop, the tap's shift a scalar and
+    the image edges a mask. A program's produced channels never straddle a colour group (``group_tiles`` tiles
+    per group of ``produced_group_size``), so at a colour centre tap the whole tile sees the same reduced channels
+    ``[lo, hi)``: only those are read and multiplied, and nothing the mask hides (a masked weight entry, a hidden
+    sub-pixel) reaches an output. Offsets are int32 unless ``INDEX64`` (a tensor spans 2**31 elements or more)."""
     PAD: tl.constexpr = KSIZE // 2
     SIGN: tl.constexpr = -1 if TRANSPOSED else 1
-    plane = tl.cast(height, tl.int64) * width
-    flat = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pixel_ok = flat < batch * plane
+    A_SHIFT: tl.constexpr = 1 if MASK_A else 0
+    # taps the main loop walks: the rows above the centre, the centre row's left part, and the centre itself when
+    # every channel pair keeps it (mask B without colour groups)
+    MAIN_TAPS: tl.constexpr = PAD * KSIZE + PAD + (1 if (not MASK_A and not COLOR) else 0)
+    CENTRE: tl.constexpr = PAD * KSIZE + PAD
+    pid_p = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    group = pid_o // group_tiles
+    out_channel = group * produced_group_size + (pid_o - group * group_tiles) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    out_ok = out_channel < (group + 1) * produced_group_size
+    if INDEX64:
+        flat = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    else:
+        flat = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixel_ok = flat < total_pixels
     n = flat // plane
-    pixel = flat % plane
+    pixel = flat - n * plane
     row = pixel // width
-    col = pixel % width
-    src_pixel_ptr = src_ptr + (n * src_sn + row * src_sh + col * src_sw)
-    out_channel = (tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)).to(tl.int64)
-    out_ok = out_channel < n_out
-    w_out_ptr = w_ptr + out_channel * w_s_out
-    w_sh64 = tl.cast(w_sh, tl.int64)
-    w_sw64 = tl.cast(w_sw, tl.int64)
+    col = pixel - row * width
+    src_pixel = n * src_sn + row * src_sh + col * src_sw
+    channels = tl.arange(0, BLOCK_REDUCE)
+    tap_size = n_reduce * n_out
     acc = tl.zeros((BLOCK_P, BLOCK_OUT), dtype=tl.float32)
 
-    # rows above the centre, whole
-    for dy in tl.static_range(PAD):
-        for dx in tl.static_range(KSIZE):
-            acc = _accumulate_tap(acc, src_pixel_ptr, w_out_ptr, row, col, pixel_ok, out_ok, 0, n_reduce, height,
-                                  width, src_sc, src_sh, src_sw, w_s_reduce, dy * w_sh64 + dx * w_sw64,
-                                  SIGN * (dy - PAD), SIGN * (dx - PAD), NATIVE_DOT, IEEE, BLOCK_REDUCE)
-    # the centre row, left of the centre
-    for dx in tl.static_range(PAD):
-        acc = _accumulate_tap(acc, src_pixel_ptr, w_out_ptr, row, col, pixel_ok, out_ok, 0, n_reduce, height,
-                              width, src_sc, src_sh, src_sw, w_s_reduce, PAD * w_sh64 + dx * w_sw64,
-                              0, SIGN * (dx - PAD), NATIVE_DOT, IEEE, BLOCK_REDUCE)
-    # the centre tap: whole (B), absent (A), or by colour group
-    centre_offset = PAD * w_sh64 + PAD * w_sw64
+    reduce_blocks = tl.cdiv(n_reduce, BLOCK_REDUCE)
+    for step in range(0, MAIN_TAPS * reduce_blocks):
+        tap = step // reduce_blocks
+        channel = (step - tap * reduce_blocks) * BLOCK_REDUCE + channels
+        dy = tap // KSIZE
+        shift_y = SIGN * (dy - PAD)
+        shift_x = SIGN * (tap - dy * KSIZE - PAD)
+        src_row = row + shift_y
+        src_col = col + shift_x
+        in_image = pixel_ok & (src_row >= 0) & (src_row < height) & (src_col >= 0) & (src_col < width)
+        channel_ok = channel < n_reduce
+        src = tl.load(src_ptr + (src_pixel + (shift_y * src_sh + shift_x * src_sw))[:, None]
+                      + channel[None, :] * src_sc, mask=in_image[:, None] & channel_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + tap * tap_size + channel[:, None] * n_out + out_channel[None, :],
+                    mask=channel_ok[:, None] & out_ok[None, :], other=0.0)
+        acc = dot(src, w, acc, NATIVE_DOT, IEEE)
+
     if COLOR:
-        # Only the reduced groups some produced channel of this tile may see: forward, input groups up to the
-        # tile's last output group; transposed, output groups from the tile's first input group on.
+        # the centre tap under the colour rule. Forward: output group g sees input groups < g (A) or <= g (B).
+        # Transposed: input group g is seen by output groups > g (A) or >= g (B).
         if TRANSPOSED:
-            first_group = (tl.program_id(1) * BLOCK_OUT) // out_group_size + MASK_A
-            last_group = 2
+            lo = (group + A_SHIFT) * reduce_group_size
+            hi = n_reduce
         else:
-            last_out = tl.minimum(tl.program_id(1) * BLOCK_OUT + BLOCK_OUT, n_out) - 1
-            first_group = 0
-            last_group = last_out // out_group_size - MASK_A
-        acc = _accumulate_colour_centre(acc, src_pixel_ptr, w_out_ptr, pixel_ok, out_channel, out_ok, first_group,
-                                        last_group, n_reduce, src_sc, w_s_reduce, centre_offset, reduce_group_size,
-                                        out_group_size, MASK_A, TRANSPOSED, NATIVE_DOT, IEEE, BLOCK_CENTRE)
-    elif not MASK_A:
-        acc = _accumulate_tap(acc, src_pixel_ptr, w_out_ptr, row, col, pixel_ok, out_ok, 0, n_reduce, height,
-                              width, src_sc, src_sh, src_sw, w_s_reduce, centre_offset, 0, 0, NATIVE_DOT, IEEE,
-                              BLOCK_REDUCE)
+            lo = 0
+            hi = (group + 1 - A_SHIFT) * reduce_group_size
+        for start in range(lo, hi, BLOCK_REDUCE):
+            channel = start + channels
+            channel_ok = channel < hi
+            src = tl.load(src_ptr + src_pixel[:, None] + channel[None, :] * src_sc,
+                          mask=pixel_ok[:, None] & channel_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + CENTRE * tap_size + channel[:, None] * n_out + out_channel[None, :],
+                        mask=channel_ok[:, None] & out_ok[None, :], other=0.0)
+            acc = dot(src, w, acc, NATIVE_DOT, IEEE)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_channel * bias_s, mask=out_ok, other=0.0).to(tl.float32)[None, :]
@@ -291,66 +253,92 @@ def _masked_conv2d_gather_kernel(
 @triton.jit
 def _masked_conv2d_weight_grad_kernel(
     x_ptr, grad_out_ptr, grad_w_ptr, grad_b_ptr,
-    batch, in_channels, out_channels, height, width, num_splits, num_taps,
+    in_channels, out_channels, height, width, num_taps,
+    tiles_w, tiles_per_sample, total_blocks, blocks_per_split,
     x_sn, x_sc, x_sh, x_sw,
     g_sn, g_sc, g_sh, g_sw,
     in_group_size, out_group_size,
     KSIZE: tl.constexpr, MASK_A: tl.constexpr, COLOR: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    INDEX64: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
 ):
     """``grad_w[o, i, tap] = sum_{n, h, w} grad_out[n, o, h, w] * x[n, i, h + dy - p, w + dx - p]`` for one kept
-    tap and one ``[BLOCK_CO, BLOCK_CI]`` tile, over this split's share of the blocks of (sample, pixel) rows.
-    Writes fp32 partial sums ``[num_splits, C_out, C_in, num_taps]`` (and ``[num_splits, C_out]`` for the bias
-    from the programs of tap 0 and the first input-channel block); the launcher adds the splits. At a colour
-    centre tap the pairs the rule masks are selected to exactly zero (``tl.where``: NaN there stays out)."""
+    tap and one ``[BLOCK_CO, BLOCK_CI]`` tile, over this split's contiguous share of the pixel blocks (a block is a
+    ``BLOCK_H x BLOCK_W`` patch of one sample: its rows and columns are shifts and masks of one ``arange``, and the
+    block's sample and corner come from int32 scalar divisions, so the loop holds no 64-bit division). Writes fp32
+    partial sums ``[num_splits, num_taps, C_out, C_in]`` (and ``[num_splits, C_out]`` for the bias from the programs
+    of tap 0 and the first input-channel block); the launcher adds the splits in a fixed order (deterministic). At a
+    colour centre tap the pairs the rule masks are selected to exactly zero (``tl.where``: NaN there stays out)."""
     PAD: tl.constexpr = KSIZE // 2
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
     tap = tl.program_id(0)
     split = tl.program_id(2)
     ci_blocks = tl.cdiv(in_channels, BLOCK_CI)
     co_block = tl.program_id(1) // ci_blocks
-    ci_block = tl.program_id(1) % ci_blocks
-    dy = tl.where(tap < PAD * KSIZE, tap // KSIZE, PAD)
-    dx = tl.where(tap < PAD * KSIZE, tap % KSIZE, tap - PAD * KSIZE)
-    out_channel = (co_block * BLOCK_CO + tl.arange(0, BLOCK_CO)).to(tl.int64)
-    in_channel = (ci_block * BLOCK_CI + tl.arange(0, BLOCK_CI)).to(tl.int64)
+    ci_block = tl.program_id(1) - co_block * ci_blocks
+    dy = tap // KSIZE
+    shift_y = dy - PAD
+    shift_x = tap - dy * KSIZE - PAD
+    out_channel = co_block * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    in_channel = ci_block * BLOCK_CI + tl.arange(0, BLOCK_CI)
     co_ok = out_channel < out_channels
     ci_ok = in_channel < in_channels
     with_bias = (tap == 0) & (ci_block == 0)
+    patch = tl.arange(0, BLOCK_P)
+    patch_row = patch // BLOCK_W
+    patch_col = patch % BLOCK_W
 
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    plane = tl.cast(height, tl.int64) * width
-    rows = tl.cast(batch, tl.int64) * plane
-    for block in range(tl.cast(split, tl.int64), tl.cdiv(rows, BLOCK_P), num_splits):
-        # rows of the reduction: the flattened (sample, pixel) index, as in the gather kernel
-        flat = block * BLOCK_P + tl.arange(0, BLOCK_P)
-        pixel_ok = flat < rows
-        n = flat // plane
-        pixel = flat % plane
-        row = pixel // width
-        col = pixel % width
-        grad = tl.load(grad_out_ptr + out_channel[:, None] * g_sc + (n * g_sn + row * g_sh + col * g_sw)[None, :],
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, total_blocks)
+    for block in range(first, last):
+        n = block // tiles_per_sample
+        tile = block - n * tiles_per_sample
+        tile_y = tile // tiles_w
+        row = tile_y * BLOCK_H + patch_row
+        col = (tile - tile_y * tiles_w) * BLOCK_W + patch_col
+        if INDEX64:
+            n = n.to(tl.int64)
+        pixel_ok = (row < height) & (col < width)
+        grad = tl.load(grad_out_ptr + (n * g_sn + row * g_sh + col * g_sw)[None, :] + out_channel[:, None] * g_sc,
                        mask=co_ok[:, None] & pixel_ok[None, :], other=0.0)
-        src_row = row + (dy - PAD)
-        src_col = col + (dx - PAD)
+        src_row = row + shift_y
+        src_col = col + shift_x
         in_image = pixel_ok & (src_row >= 0) & (src_row < height) & (src_col >= 0) & (src_col < width)
         src = tl.load(x_ptr + (n * x_sn + src_row * x_sh + src_col * x_sw)[:, None] + in_channel[None, :] * x_sc,
                       mask=in_image[:, None] & ci_ok[None, :], other=0.0)
         acc = dot(grad, src, acc, NATIVE_DOT, IEEE)
-        if with_bias:
+
+    if with_bias:
+        # the bias gradient: the same pixel blocks once more, in the programs of tap 0 and the first input-channel
+        # block only (kept out of the main loop, whose registers and pipeline it would otherwise share)
+        for block in range(first, last):
+            n = block // tiles_per_sample
+            tile = block - n * tiles_per_sample
+            tile_y = tile // tiles_w
+            row = tile_y * BLOCK_H + patch_row
+            col = (tile - tile_y * tiles_w) * BLOCK_W + patch_col
+            if INDEX64:
+                n = n.to(tl.int64)
+            pixel_ok = (row < height) & (col < width)
+            grad = tl.load(grad_out_ptr + (n * g_sn + row * g_sh + col * g_sw)[None, :]
+                           + out_channel[:, None] * g_sc, mask=co_ok[:, None] & pixel_ok[None, :], other=0.0)
             bias_acc += tl.sum(grad.to(tl.float32), axis=1)
 
     keep = co_ok[:, None] & ci_ok[None, :]
     if COLOR:
         is_centre = tap == PAD * KSIZE + PAD
-        # [C_out, C_in] roles are those of the transposed gather: reduce = output channel, out = input channel
-        sees = _centre_sees(out_channel, in_channel, out_group_size, in_group_size, MASK_A, True)
+        # [C_out, C_in]: output group go sees input group gi at the centre when gi < go (A) or gi <= go (B)
+        in_group = (in_channel // in_group_size)[None, :]
+        out_group = (out_channel // out_group_size)[:, None]
+        sees = (in_group < out_group) if MASK_A else (in_group <= out_group)
         acc = tl.where(is_centre & ~sees, 0.0, acc)
-    part = tl.cast(split, tl.int64) * out_channels + out_channel
-    offsets = (part[:, None] * in_channels + in_channel[None, :]) * num_taps + tap
+    part = split.to(tl.int64) * num_taps + tap
+    offsets = (part * out_channels + out_channel)[:, None] * in_channels + in_channel[None, :]
     tl.store(grad_w_ptr + offsets, acc, mask=keep)
     if with_bias:
-        tl.store(grad_b_ptr + part, bias_acc, mask=co_ok)
+        tl.store(grad_b_ptr + split.to(tl.int64) * out_channels + out_channel, bias_acc, mask=co_ok)
 
 
 def _channel_block(channels: int, largest: int) -> int:
@@ -369,42 +357,161 @@ def _group_size(channels: int, color_channels: int) -> int:
     return max(1, channels // color_channels)
 
 
+def _needs_index64(*tensors: torch.Tensor) -> bool:
+    """Whether some offset into one of ``tensors`` (the largest: the sum of ``(size - 1) * |stride|``, or its
+    element count) can reach 2**31: the kernels then index in int64, else in int32."""
+    limit = 2**31 - 1
+    for t in tensors:
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+        if span >= limit or t.numel() >= limit:
+            return True
+    return False
+
+
+def _pipeline(stage_bytes: int, registers: int, device: torch.device) -> tuple[int, int]:
+    """``(num_stages, CTAs per SM)``: a software pipeline of operand buffers (``stage_bytes`` each) within 3/4 of
+    the device's shared memory per CTA (``launch.device_limits``: 99 KB on sm_86/89, 163 KB on sm_80, 227 KB on
+    sm_90), 3 stages or, where that leaves the CTAs per SM to the registers, the fewest more that make shared memory
+    the limit. Shared memory is known exactly here; registers only roughly (``registers`` is the compiled-code
+    report's figure, and Triton releases differ by a few dozen), so with shared memory binding up to
+    ``REGISTER_MARGIN`` more registers per thread leave the occupancy, and so the waves a grid is sized for,
+    unchanged."""
+    limits = launch.device_limits(device)
+    most = max(1, limits.shared_memory_per_cta * 3 // 4 // max(stage_bytes, 1))
+    by_registers = _ctas_per_sm(limits, registers + REGISTER_MARGIN, 0)
+    first = min(3, most)
+    for stages in range(first, min(most, 8) + 1):
+        by_shared = limits.shared_memory_per_sm // (stages * stage_bytes + 1024)
+        if by_shared <= by_registers:
+            return stages, max(1, by_shared)
+    return first, _ctas_per_sm(limits, registers, first * stage_bytes)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with channels innermost (a no-op when it already is, or broadcast along channels): the kernels read
+    their activations as 16-byte rows of channels."""
+    if t.stride(1) in (0, 1) or t.shape[1] == 1:
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _pack_weight(weight: torch.Tensor, num_taps: int, transposed: bool) -> torch.Tensor:
+    """The kept taps of ``weight`` ``[C_out, C_in, k, k]`` as a contiguous ``[num_taps, R, O]``: ``R, O = C_in,
+    C_out`` for the forward, ``C_out, C_in`` for the input gradient (the layout the reduction walks). Masked taps
+    are not copied; masked pairs of a colour centre tap are copied but never read."""
+    kernel_size = weight.shape[-1]
+    order = (2, 3, 0, 1) if transposed else (2, 3, 1, 0)
+    taps = weight.permute(*order).reshape(kernel_size * kernel_size, *(weight.shape[i] for i in order[2:]))
+    return taps[:num_taps].contiguous()
+
+
+def _ctas_per_sm(limits, registers: int, shared_bytes: int, num_warps: int = 4) -> int:
+    """CTAs of a kernel resident per SM (what bench/resources.py reads from the compiled code), from an estimate of
+    its registers per thread and shared memory: registers go per warp in units of 256, and every CTA reserves
+    1 KB of shared memory beyond its own."""
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    return max(1, min(limits.registers_per_sm // (per_warp * num_warps),
+                      limits.shared_memory_per_sm // (shared_bytes + 1024),
+                      limits.max_warps_per_sm // num_warps, limits.max_ctas_per_sm))
+
+
+def _wave_fill(ctas: int, ctas_per_sm: int, sm_count: int) -> tuple[float, float]:
+    """``(waves, efficiency)`` of ``ctas`` programs on ``sm_count`` SMs holding ``ctas_per_sm`` each."""
+    slots = ctas_per_sm * sm_count
+    waves = ctas / slots
+    return waves, ctas / (math.ceil(waves) * slots) if ctas else 1.0
+
+
+def _fills_waves(waves: float, efficiency: float) -> bool:
+    """The wave budget of the compiled-code report: 4 waves or more, or at least 90% of the last wave's slots."""
+    return waves >= 4 or efficiency >= 0.9
+
+
+def _gather_config(pixel_tiles: int, groups: int, produced_group: int, block_reduce: int, element_size: int,
+                   device: torch.device) -> tuple[int, int]:
+    """``(BLOCK_OUT, num_stages)`` of the gather kernel: the widest produced-channel tile (up to 128) whose grid
+    fills the device's waves (``launch.device_limits``: SM count, shared memory), halving it while the grid would
+    leave more than 10% of a last wave under 4 waves; the pipeline and the occupancy it pins from
+    :func:`_pipeline`, with ``GATHER_REGISTERS`` (the registers per thread of the compiled tiles, from the
+    compiled-code report)."""
+    limits = launch.device_limits(device)
+    widest = _channel_block(produced_group, MAX_BLOCK_CHANNELS_OUT)
+    candidates = []
+    for block_out in (widest, widest // 2, widest // 4):
+        if block_out < 32 and block_out != widest:
+            break
+        stage_bytes = (BLOCK_PIXELS + block_out) * block_reduce * element_size
+        stages, per_sm = _pipeline(stage_bytes, GATHER_REGISTERS.get(block_out, 128), device)
+        ctas = pixel_tiles * groups * triton.cdiv(produced_group, block_out)
+        waves, efficiency = _wave_fill(ctas, per_sm, limits.sm_count)
+        if _fills_waves(waves, efficiency):
+            return block_out, stages
+        candidates.append((efficiency, block_out, stages))
+    _, block_out, stages = max(candidates, key=lambda c: (c[0], c[1]))
+    return block_out, stages
+
+
 def _launch_gather(src, weight, bias, n_out, mask_type, color_channels, transposed):
     batch, n_reduce, height, width = src.shape
     out = torch.empty((batch, n_out, height, width), device=src.device, dtype=src.dtype)
     if out.numel() == 0:
         return out
-    w_s_out, w_s_reduce = weight.stride(0), weight.stride(1)
-    if transposed:
-        w_s_out, w_s_reduce = w_s_reduce, w_s_out
-    block_out = _channel_block(n_out, MAX_BLOCK_CHANNELS_OUT)
-    block_reduce = _channel_block(n_reduce, MAX_BLOCK_CHANNELS_IN)
-    reduce_group = _group_size(n_reduce, color_channels)
-    grid = (triton.cdiv(batch * height * width, BLOCK_PIXELS), triton.cdiv(n_out, block_out))
+    kernel_size = weight.shape[-1]
+    src = _channels_last(src)
+    packed = _pack_weight(weight, kept_taps(kernel_size, mask_type, color_channels), transposed)
+    groups = color_channels if color_channels == 3 else 1
+    produced_group = n_out // groups
+    reduce_group = n_reduce // groups
+    wide = src.dtype == torch.float32
+    block_reduce = _channel_block(n_reduce if groups == 1 else reduce_group,
+                                  MAX_BLOCK_CHANNELS_IN // (2 if wide else 1))
+    pixel_tiles = triton.cdiv(batch * height * width, BLOCK_PIXELS)
+    block_out, stages = _gather_config(pixel_tiles, groups, produced_group, block_reduce, src.element_size(),
+                                       src.device)
+    block_out = int(launch_setting("masked_conv2d", "gather_block_out", block_out))
+    group_tiles = triton.cdiv(produced_group, block_out)
+    grid = (pixel_tiles, groups * group_tiles)
     _masked_conv2d_gather_kernel[grid](
-        src, weight, bias if bias is not None else weight, out,
-        batch, n_reduce, n_out, height, width,
-        *src.stride(), w_s_reduce, w_s_out, weight.stride(2), weight.stride(3),
-        bias.stride(0) if bias is not None else 0,
-        reduce_group, _group_size(n_out, color_channels),
-        KSIZE=weight.shape[-1], MASK_A=mask_type == "A", COLOR=color_channels == 3, TRANSPOSED=transposed,
+        src, packed, bias if bias is not None else packed, out,
+        batch * height * width, height * width, height, width, n_reduce, n_out,
+        *src.stride(), bias.stride(0) if bias is not None else 0,
+        reduce_group, produced_group, group_tiles,
+        KSIZE=kernel_size, MASK_A=mask_type == "A", COLOR=color_channels == 3, TRANSPOSED=transposed,
         HAS_BIAS=bias is not None, NATIVE_DOT=launch.native_dot(src.device), IEEE=_ieee_dot(),
+        INDEX64=bool(launch_setting("masked_conv2d", "index64", _needs_index64(src, out, packed))),
         BLOCK_P=BLOCK_PIXELS, BLOCK_OUT=block_out, BLOCK_REDUCE=block_reduce,
-        BLOCK_CENTRE=_channel_block(reduce_group, MAX_BLOCK_CHANNELS_IN) if color_channels == 3 else block_reduce,
-        num_warps=4,
+        num_warps=4, num_stages=stages,
     )
     return out
 
 
-def _weight_grad_splits(programs: int, reduction_blocks: int, device: torch.device) -> int:
-    """Splits of the weight gradient's pixel reduction: a few programs per SM on a GPU, one in the interpreter
-    (its cost is programs x iterations). Tests force it with
-    ``force_launch_settings("masked_conv2d", weight_grad_splits=n)``."""
-    if device.type != "cuda" or interpreter_enabled():
-        splits = 1
-    else:
-        splits = max(1, min(reduction_blocks, WEIGHT_GRAD_TARGET_PROGRAMS // max(1, programs)))
-    return max(1, int(launch_setting("masked_conv2d", "weight_grad_splits", splits)))
+def _weight_grad_registers(block_co: int, block_ci: int) -> int:
+    """Registers per thread of a compiled weight-gradient tile (sm_90, from the compiled-code report): the fp32
+    accumulator's share of 128 threads plus the loop's addresses and masks."""
+    return WEIGHT_GRAD_BASE_REGISTERS + block_co * block_ci // 128
+
+
+def _weight_grad_splits(programs: int, total_blocks: int, per_sm: int, device: torch.device) -> int:
+    """Splits of the weight gradient's pixel reduction (each a contiguous share of the ``total_blocks`` pixel
+    blocks). On a GPU (and when launches are captured for one): the fewest that fill at least 90% of one wave of
+    the device's SMs (``launch.device_limits``) and 90% of their last wave, or make 4 waves or more, at the
+    occupancy of ``per_sm`` CTAs per SM (:func:`_pipeline`); one in the interpreter (its cost is programs x iterations).
+    Tests force it with ``force_launch_settings("masked_conv2d", weight_grad_splits=n)``."""
+    splits = 1
+    if (device.type == "cuda" and not interpreter_enabled()) or launch.capturing():
+        limits = launch.device_limits(device)
+        best = (-1.0, total_blocks)
+        for count in range(1, total_blocks + 1):
+            count = triton.cdiv(total_blocks, triton.cdiv(total_blocks, count))  # the splits that run
+            waves, efficiency = _wave_fill(programs * count, per_sm, limits.sm_count)
+            if waves >= 0.9 and _fills_waves(waves, efficiency):
+                best = (2.0, count)
+                break
+            if efficiency > best[0] + 1e-9:
+                best = (efficiency, count)
+        splits = best[1]
+    splits = max(1, int(launch_setting("masked_conv2d", "weight_grad_splits", splits)))
+    return triton.cdiv(total_blocks, triton.cdiv(total_blocks, min(splits, total_blocks)))
 
 
 def _launch_weight_grad(grad_out, x, weight, mask_type, color_channels):
@@ -416,29 +523,42 @@ def _launch_weight_grad(grad_out, x, weight, mask_type, color_channels):
         # no product to differentiate (an empty image or channel axis, or a 1x1 mask-A kernel without colours):
         # the bias gradient is a plain sum
         return grad_w, grad_out.sum((0, 2, 3), dtype=torch.float32).to(grad_out.dtype)
+    x, grad_out = _channels_last(x), _channels_last(grad_out)
+    wide = x.dtype == torch.float32
     block_co = _channel_block(out_channels, MAX_BLOCK_CHANNELS_OUT)
     block_ci = _channel_block(in_channels, MAX_BLOCK_CHANNELS_IN)
+    block_pixels = WEIGHT_GRAD_BLOCK_PIXELS // (2 if wide else 1)
+    block_w = min(triton.next_power_of_2(width), block_pixels)
+    block_h = block_pixels // block_w
+    tiles_w = triton.cdiv(width, block_w)
+    tiles_per_sample = triton.cdiv(height, block_h) * tiles_w
+    total_blocks = batch * tiles_per_sample
     tiles = triton.cdiv(out_channels, block_co) * triton.cdiv(in_channels, block_ci)
-    reduction_blocks = triton.cdiv(batch * height * width, BLOCK_PIXELS)
-    splits = _weight_grad_splits(num_taps * tiles, reduction_blocks, x.device)
-    partial_w = torch.empty((splits, out_channels, in_channels, num_taps), device=x.device, dtype=torch.float32)
+    stage_bytes = (block_co + block_ci) * block_pixels * x.element_size()
+    stages, per_sm = _pipeline(stage_bytes, _weight_grad_registers(block_co, block_ci), x.device)
+    splits = _weight_grad_splits(num_taps * tiles, total_blocks, per_sm, x.device)
+    blocks_per_split = triton.cdiv(total_blocks, splits)
+    partial_w = torch.empty((splits, num_taps, out_channels, in_channels), device=x.device, dtype=torch.float32)
     partial_b = torch.empty((splits, out_channels), device=x.device, dtype=torch.float32)
     _masked_conv2d_weight_grad_kernel[(num_taps, tiles, splits)](
         x, grad_out, partial_w, partial_b,
-        batch, in_channels, out_channels, height, width, splits, num_taps,
+        in_channels, out_channels, height, width, num_taps,
+        tiles_w, tiles_per_sample, total_blocks, blocks_per_split,
         *x.stride(), *grad_out.stride(),
         _group_size(in_channels, color_channels), _group_size(out_channels, color_channels),
         KSIZE=kernel_size, MASK_A=mask_type == "A", COLOR=color_channels == 3,
-        NATIVE_DOT=launch.native_dot(x.device), IEEE=_ieee_dot(), BLOCK_P=BLOCK_PIXELS, BLOCK_CO=block_co,
-        BLOCK_CI=block_ci, num_warps=4,
+        NATIVE_DOT=launch.native_dot(x.device), IEEE=_ieee_dot(),
+        INDEX64=bool(launch_setting("masked_conv2d", "index64", _needs_index64(x, grad_out, partial_w))),
+        BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_CO=block_co, BLOCK_CI=block_ci,
+        num_warps=4, num_stages=stages,
     )
     kept = partial_w.sum(0) if splits > 1 else partial_w[0]
     # The kept taps are exactly the first num_taps in row-major (dy, dx) order: the rows above the centre, the
     # centre row's left half, the centre. Every other tap keeps its zero gradient.
-    grad_w.view(out_channels, in_channels, kernel_size * kernel_size)[:, :, :num_taps] = kept.to(weight.dtype)
+    grad_w.view(out_channels, in_channels, kernel_size * kernel_size)[:, :, :num_taps] = \
+        kept.permute(1, 2, 0).to(weight.dtype)
     grad_b = partial_b.sum(0) if splits > 1 else partial_b[0]
     return grad_w, grad_b.to(grad_out.dtype)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # torch.library registration (usable under torch.compile(fullgraph=True))
@@ -485,6 +605,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)  # once, for both kernels
     if ctx.needs_input_grad[0]:
         grad_x = torch.ops.genkernels.masked_conv2d_input_grad(grad_out, weight, ctx.mask_type, ctx.color_channels)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
@@ -571,6 +692,8 @@ def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     impl = choose_impl(impl, "masked_conv2d", {"x": x, "weight": weight, "bias": bias})
     if impl == "eager":
         return masked_conv2d_reference(x, weight, bias, mask_type, color_channels)
+    # channels innermost (the kernels read 16-byte rows of channels); saved so for the weight gradient too
+    x = x.contiguous(memory_format=torch.channels_last)
     return torch.ops.genkernels.masked_conv2d(x, weight, bias, mask_type, color_channels)
 
 
