@@ -2,7 +2,10 @@
 
 Token and learned position embeddings, ``n_layer`` pre-norm blocks
 ``x = x + Attn(LN(x)); x = x + MLP(LN(x))`` with causal (optionally grouped-query) self-attention and a GELU MLP
-of width ``4 * n_embd``, a final LayerNorm and an output head tied to the token embedding (Radford et al. 2019).
+of width ``4 * n_embd`` (exact GELU, or GPT-2's tanh approximation with ``activation="gelu_tanh"``; its bias and
+activation are one :func:`~genkernels.kernels.bias_act` pass), a final LayerNorm and an output head tied to the
+token embedding (Radford et al. 2019). :meth:`GPT.from_hf` loads a transformers GPT-2 (``GPT2LMHeadModel`` /
+``GPT2Model`` or their state_dict) and :meth:`GPT.to_hf_state_dict` / :meth:`GPT.to_hf` convert back.
 Training runs :func:`~genkernels.kernels.attention.flash_attention`; :meth:`GPT.generate` fills a
 :class:`~genkernels.models.attention.KVCache` with one ``flash_attention`` call per layer over the prompt, then
 makes one :func:`~genkernels.kernels.attention.decode_attention` call per layer and new token.
@@ -11,14 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genkernels.kernels.bias_act import bias_act
 from genkernels.kernels.checks import (
     check_bool,
+    check_choice,
     check_in_range,
     check_int,
     check_integer_tensor,
@@ -32,6 +37,8 @@ from .attention import KVCache, MultiheadSelfAttention, check_head_counts
 EMBEDDING_DTYPES = (torch.int64, torch.int32)
 # The ignore_index of the loss: a target of -1 is left out of the mean.
 IGNORE_INDEX = -1
+# The MLP activations (names of genkernels.kernels.bias_act): exact GELU, and its tanh approximation (GPT-2's).
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 @dataclasses.dataclass
@@ -40,7 +47,9 @@ class GPTConfig:
 
     Every size is a positive int (``TypeError`` for another type, ``ValueError`` for 0 or less, naming the
     field); ``n_embd`` must be divisible by ``n_head`` into a head dim the attention kernels take ([16, 256]),
-    and ``n_kv_head`` must divide ``n_head``. No dropout (the model has none)."""
+    and ``n_kv_head`` must divide ``n_head``. ``activation`` is the MLP's: "gelu" (exact, erf) or "gelu_tanh"
+    (the tanh approximation GPT-2 uses, transformers' "gelu_new"); ``norm_eps`` the LayerNorms' epsilon (> 0).
+    No dropout (the model has none)."""
 
     vocab_size: int = 50304
     block_size: int = 1024
@@ -49,6 +58,8 @@ class GPTConfig:
     n_kv_head: Optional[int] = None
     n_embd: int = 768
     bias: bool = True
+    activation: str = "gelu"
+    norm_eps: float = 1e-5
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer"):
@@ -58,6 +69,8 @@ class GPTConfig:
         self.n_kv_head = check_head_counts(self.n_embd, self.n_head, self.n_kv_head,
                                            ("n_embd", "n_head", "n_kv_head"))
         check_bool(self.bias, "bias")
+        check_choice(self.activation, "activation", ACTIVATIONS)
+        self.norm_eps = check_real(self.norm_eps, "norm_eps", low=0.0, low_inclusive=False)
 
     @property
     def head_dim(self) -> int:
@@ -65,16 +78,25 @@ class GPTConfig:
 
 
 class MLP(nn.Module):
-    """``c_proj(GELU(c_fc(x)))`` with hidden width ``4 * n_embd`` (exact erf GELU)."""
+    """``c_proj(act(c_fc(x)))`` with hidden width ``4 * n_embd``; ``c_fc``'s bias and the activation (exact GELU
+    or its tanh approximation, ``config.activation``) run as one :func:`bias_act` pass after the bias-free
+    matmul (the parameters and state_dict keys of two ``nn.Linear`` layers)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.activation = config.activation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        hidden = F.linear(x, self.c_fc.weight)
+        bias = self.c_fc.bias
+        if bias is not None and bias.dtype != hidden.dtype:  # under autocast, as nn.Linear casts its bias
+            bias = bias.to(hidden.dtype)
+        return self.c_proj(bias_act(hidden, bias, dim=-1, act=self.activation))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
 
 
 class Block(nn.Module):
@@ -82,10 +104,10 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.attn = MultiheadSelfAttention(config.n_embd, config.n_head, config.n_kv_head, causal=True,
                                            bias=config.bias)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None, layer_idx: int = 0) -> torch.Tensor:
@@ -110,7 +132,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
@@ -273,6 +295,207 @@ class GPT(nn.Module):
             if generator.device.type != idx.device.type:
                 raise ValueError(f"generator is on {generator.device}; idx is on {idx.device}")
 
+    # ------------------------------------------------------------------------------------------------------------
+    # transformers GPT-2 <-> GPT
+
+    @classmethod
+    def from_hf(cls, model_or_state_dict, config=None) -> "GPT":
+        """The same language model as a transformers GPT-2, with its weights (copied).
+
+        ``model_or_state_dict`` is a ``GPT2LMHeadModel`` or ``GPT2Model`` (its ``config`` is read; ``config`` must
+        then be None), or the state_dict of either together with ``config``: a ``GPT2Config``, a mapping of its
+        fields (missing ones take GPT-2's defaults) or a :class:`GPTConfig`. GPT-2's ``Conv1D`` weights (stored
+        ``[in, out]``) are transposed into ``nn.Linear`` layout; ``c_attn``'s ``[q | k | v]`` columns are the
+        packed QKV projection as they are. The result has the weights' dtype and device and, for a model, its
+        training mode.
+
+        The config maps as: ``n_positions`` -> ``block_size``, ``layer_norm_epsilon`` -> ``norm_eps``,
+        ``activation_function`` "gelu" -> "gelu", "gelu_new" / "gelu_pytorch_tanh" -> "gelu_tanh"; ``vocab_size``,
+        ``n_embd``, ``n_layer``, ``n_head`` as they are. ``GPT`` has no dropout: ``*_pdrop`` are ignored, so the
+        outputs equal the GPT-2's in eval mode (or with zero dropout). ``ValueError`` naming the key for what
+        ``GPT`` cannot express: ``n_inner`` other than ``4 * n_embd``, ``scale_attn_weights=False``,
+        ``scale_attn_by_inverse_layer_idx``, ``reorder_and_upcast_attn``, ``add_cross_attention``, untied output
+        embeddings (``tie_word_embeddings=False``), another ``activation_function`` or ``model_type``.
+        """
+        if isinstance(model_or_state_dict, nn.Module):
+            name = type(model_or_state_dict).__name__
+            if name not in ("GPT2LMHeadModel", "GPT2Model") or not hasattr(model_or_state_dict, "config"):
+                raise TypeError(f"from_hf converts a transformers GPT2LMHeadModel or GPT2Model (or their state_dict "
+                                f"with config=); got {name}")
+            if config is not None:
+                raise ValueError("config must be None when a GPT-2 model is given (its own config is read)")
+            config, state = model_or_state_dict.config, model_or_state_dict.state_dict()
+            training = model_or_state_dict.training
+        elif isinstance(model_or_state_dict, Mapping):
+            if config is None:
+                raise ValueError("config is required with a state_dict (n_head cannot be read from the weights): "
+                                 "pass the GPT2Config, a mapping of its fields, or a GPTConfig")
+            state, training = model_or_state_dict, True
+        else:
+            raise TypeError(f"model_or_state_dict must be a transformers GPT-2 model or its state_dict; got "
+                            f"{type(model_or_state_dict).__name__}")
+        gpt_config = config if isinstance(config, GPTConfig) else gpt_config_from_hf(config)
+        if gpt_config.n_kv_head != gpt_config.n_head or not gpt_config.bias:
+            raise ValueError(f"config: n_kv_head={gpt_config.n_kv_head} with n_head={gpt_config.n_head} and "
+                             f"bias={gpt_config.bias}: a GPT-2 has n_kv_head = n_head and bias=True")
+        with torch.device("meta"):
+            model = cls(gpt_config)
+        model.load_state_dict(_state_dict_from_hf(state, gpt_config), strict=True, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True gave the two keys separate parameters
+        left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"the conversion left {left[:4]} unloaded")
+        return model.train(training)
+
+    def hf_config_dict(self) -> dict:
+        """The ``GPT2Config`` fields of this model (``GPT2Config(**gpt.hf_config_dict())``); dropout 0, as GPT has
+        none. ``ValueError`` naming ``n_kv_head`` or ``bias`` for a model GPT-2 cannot express (grouped-query
+        attention, no biases)."""
+        config = self.config
+        if config.n_kv_head != config.n_head:
+            raise ValueError(f"n_kv_head={config.n_kv_head} (grouped-query attention) has no GPT-2 equivalent: "
+                             f"GPT-2 has n_head={config.n_head} key/value heads")
+        if not config.bias:
+            raise ValueError("bias=False has no GPT-2 equivalent: GPT-2's layers and LayerNorms all have biases")
+        return dict(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                    n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
+                    activation_function=_HF_ACTIVATION_NAMES[config.activation],
+                    layer_norm_epsilon=config.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                    scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+                    add_cross_attention=False, tie_word_embeddings=True,
+                    # GPT-2's <|endoftext|> where the vocabulary has it (transformers rejects ids outside it)
+                    bos_token_id=_GPT2_END_OF_TEXT if config.vocab_size > _GPT2_END_OF_TEXT else None,
+                    eos_token_id=_GPT2_END_OF_TEXT if config.vocab_size > _GPT2_END_OF_TEXT else None)
+
+    def to_hf_state_dict(self) -> dict:
+        """This model's weights under a ``GPT2LMHeadModel``'s state_dict keys (copies; ``Conv1D`` layout, i.e. the
+        Linear weights transposed; ``lm_head.weight`` is the same tensor as ``transformer.wte.weight``). Raises
+        as :meth:`hf_config_dict` for a model GPT-2 cannot express."""
+        self.hf_config_dict()
+        ours = {name: tensor.detach() for name, tensor in self.state_dict().items()}
+        theirs = {}
+        for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+            theirs[f"transformer.{name}"] = ours[f"transformer.{name}"].clone()
+        for i in range(self.config.n_layer):
+            for hf_name, our_name, transpose in _HF_BLOCK_LAYERS:
+                for suffix in ("weight", "bias"):
+                    tensor = ours[f"transformer.h.{i}.{our_name}.{suffix}"]
+                    tensor = tensor.t() if transpose and suffix == "weight" else tensor
+                    theirs[f"transformer.h.{i}.{hf_name}.{suffix}"] = tensor.contiguous().clone()
+        theirs["lm_head.weight"] = theirs["transformer.wte.weight"]
+        return theirs
+
+    def to_hf(self):
+        """A transformers ``GPT2LMHeadModel`` computing what this model computes (weights copied, tied output
+        embedding; this model's dtype, device and training mode; dropout 0)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(GPT2Config(**self.hf_config_dict()))
+        model.load_state_dict(self.to_hf_state_dict(), strict=True, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight
+        left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"the conversion left {left[:4]} unloaded")
+        return model.train(self.training)
+
+# ----------------------------------------------------------------------------------------------------------------
+# transformers GPT-2 configurations and weights
+
+# GPT2Config's defaults of the fields the conversion reads (a mapping without a field means the default).
+_GPT2_DEFAULTS = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                      n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                      scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+                      add_cross_attention=False, tie_word_embeddings=True)
+# transformers' activation names -> GPTConfig.activation (the same function; gelu_new is GPT-2's tanh GELU)
+_ACTIVATIONS_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_HF_ACTIVATION_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+_GPT2_END_OF_TEXT = 50256
+# (GPT-2 layer, our layer, Conv1D weight to transpose) inside block h.{i}
+_HF_BLOCK_LAYERS = (("ln_1", "ln_1", False), ("attn.c_attn", "attn.qkv_proj", True),
+                    ("attn.c_proj", "attn.out_proj", True), ("ln_2", "ln_2", False), ("mlp.c_fc", "mlp.c_fc", True),
+                    ("mlp.c_proj", "mlp.c_proj", True))
+
+
+def gpt_config_from_hf(config) -> GPTConfig:
+    """The :class:`GPTConfig` of a transformers ``GPT2Config`` (or a mapping of its fields; missing fields take
+    GPT-2's defaults). ``ValueError`` naming the key of a setting :class:`GPT` cannot express (see
+    :meth:`GPT.from_hf`)."""
+    if isinstance(config, Mapping):
+        values = {key: config.get(key, default) for key, default in _GPT2_DEFAULTS.items()}
+    elif hasattr(config, "n_embd") and hasattr(config, "to_dict"):
+        values = {key: getattr(config, key, default) for key, default in _GPT2_DEFAULTS.items()}
+    else:
+        raise TypeError(f"config must be a GPT2Config, a mapping of its fields or a GPTConfig; got "
+                        f"{type(config).__name__}")
+
+    def refuse(key: str, expected: str) -> ValueError:
+        return ValueError(f"cannot convert this GPT-2 config: {key}={values[key]!r} is not supported; GPT takes "
+                          f"{expected}")
+
+    if values["model_type"] != "gpt2":
+        raise refuse("model_type", "'gpt2'")
+    fixed = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+             "add_cross_attention": False, "tie_word_embeddings": True}
+    for key, value in fixed.items():
+        if values[key] is not value:
+            raise refuse(key, f"{value} only")
+    if values["activation_function"] not in _ACTIVATIONS_FROM_HF:
+        raise refuse("activation_function", f"one of {sorted(_ACTIVATIONS_FROM_HF)}")
+    n_embd = values["n_embd"]
+    if values["n_inner"] is not None and values["n_inner"] != 4 * check_int(n_embd, "n_embd"):
+        raise refuse("n_inner", f"None or 4 * n_embd = {4 * n_embd}")
+    try:
+        return GPTConfig(vocab_size=values["vocab_size"], block_size=values["n_positions"],
+                         n_layer=values["n_layer"], n_head=values["n_head"], n_kv_head=None, n_embd=n_embd,
+                         bias=True, activation=_ACTIVATIONS_FROM_HF[values["activation_function"]],
+                         norm_eps=values["layer_norm_epsilon"])
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"cannot convert this GPT-2 config: {error} (GPTConfig's block_size is GPT-2's "
+                          "n_positions, norm_eps its layer_norm_epsilon)") from error
+
+
+def _state_dict_from_hf(state: Mapping, config: GPTConfig) -> dict:
+    """A :class:`GPT` state_dict from a ``GPT2LMHeadModel`` / ``GPT2Model`` state_dict (copies). ``ValueError``
+    for missing, unexpected or misshapen weights, and for an output head that is not the token embedding."""
+    prefix = "transformer."
+    theirs = {(key[len(prefix):] if key.startswith(prefix) else key): tensor for key, tensor in state.items()}
+    head = theirs.pop("lm_head.weight", None)
+    for i in range(config.n_layer):  # the causal-mask buffers of older transformers releases
+        for buffer in (f"h.{i}.attn.bias", f"h.{i}.attn.masked_bias"):
+            theirs.pop(buffer, None)
+    used, ours = set(), {}
+
+    def take(key: str) -> torch.Tensor:
+        if key not in theirs:
+            raise ValueError(f"the GPT-2 state_dict has no {key!r} (expected n_layer={config.n_layer} blocks)")
+        used.add(key)
+        return theirs[key].detach()
+
+    for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+        ours[f"transformer.{name}"] = take(name).clone()
+    for i in range(config.n_layer):
+        for hf_name, our_name, transpose in _HF_BLOCK_LAYERS:
+            for suffix in ("weight", "bias"):
+                tensor = take(f"h.{i}.{hf_name}.{suffix}")
+                tensor = tensor.t() if transpose and suffix == "weight" else tensor
+                ours[f"transformer.h.{i}.{our_name}.{suffix}"] = tensor.contiguous().clone()
+    unexpected = sorted(set(theirs) - used)
+    if unexpected:
+        raise ValueError(f"the GPT-2 state_dict holds weights GPT has no place for: {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''} (n_layer={config.n_layer})")
+    wte = ours["transformer.wte.weight"]
+    if head is not None and not (head.shape == wte.shape and torch.equal(head.detach().to(wte.device), wte)):
+        raise ValueError("tie_word_embeddings: the state_dict's lm_head.weight differs from transformer.wte.weight, "
+                         "and GPT's output head is tied to its token embedding")
+    ours["lm_head.weight"] = wte
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    wrong = [f"{name}: {tuple(t.shape)}, expected {expected[name]}" for name, t in ours.items()
+             if tuple(t.shape) != expected[name]]
+    if wrong:
+        raise ValueError(f"the GPT-2 state_dict does not match its config: {'; '.join(wrong[:4])}")
+    return ours
 
 def _widened(ids: torch.Tensor) -> torch.Tensor:
     """Token ids in a dtype nn.Embedding takes (and that compares with the vocabulary bounds exactly: a uint8 or

@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
 from genkernels.kernels import use_impl
 from genkernels.models import attention as attention_module
+from genkernels.models import gpt as gpt_module
 from genkernels.models.attention import KVCache, MultiheadSelfAttention
 from genkernels.models.gpt import GPT, GPTConfig
 from reference_checks import assert_close_to_reference, random_tensor
@@ -49,14 +51,16 @@ def sdpa_self_attention(layer: MultiheadSelfAttention, x: torch.Tensor) -> torch
 
 def functional_gpt(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """GPT-2's forward written out with functional ops on ``model``'s weights (the head reuses ``wte``)."""
-    t = model.transformer
+    t, eps = model.transformer, model.config.norm_eps
+    approximate = {"gelu": "none", "gelu_tanh": "tanh"}[model.config.activation]
     x = t.wte.weight[idx] + t.wpe.weight[: idx.shape[1]]
     for block in t.h:
-        x = x + sdpa_self_attention(block.attn, F.layer_norm(x, x.shape[-1:], block.ln_1.weight, block.ln_1.bias))
-        hidden = F.layer_norm(x, x.shape[-1:], block.ln_2.weight, block.ln_2.bias)
-        hidden = F.gelu(F.linear(hidden, block.mlp.c_fc.weight, block.mlp.c_fc.bias))
+        x = x + sdpa_self_attention(block.attn, F.layer_norm(x, x.shape[-1:], block.ln_1.weight, block.ln_1.bias,
+                                                             eps))
+        hidden = F.layer_norm(x, x.shape[-1:], block.ln_2.weight, block.ln_2.bias, eps)
+        hidden = F.gelu(F.linear(hidden, block.mlp.c_fc.weight, block.mlp.c_fc.bias), approximate=approximate)
         x = x + F.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
-    return F.linear(F.layer_norm(x, x.shape[-1:], t.ln_f.weight, t.ln_f.bias), t.wte.weight)
+    return F.linear(F.layer_norm(x, x.shape[-1:], t.ln_f.weight, t.ln_f.bias, eps), t.wte.weight)
 
 
 def grads_of(module: nn.Module, output: torch.Tensor, grad_output: torch.Tensor, *extra: torch.Tensor) -> dict:
@@ -364,6 +368,11 @@ def test_short_training_run_converges_identically_under_both_impls():
     (dict(n_kv_head=-2), ValueError, "n_kv_head=-2"),
     (dict(n_embd=0), ValueError, "n_embd=0"),
     (dict(n_embd=64.0), TypeError, "n_embd"),
+    (dict(activation="relu"), ValueError, "activation"),
+    (dict(activation="gelu_new"), ValueError, "activation"),
+    (dict(norm_eps=0.0), ValueError, "norm_eps"),
+    (dict(norm_eps=float("nan")), ValueError, "norm_eps"),
+    (dict(norm_eps="1e-5"), TypeError, "norm_eps"),
 ])
 def test_config_rejects_bad_sizes(overrides, error, argument):
     with pytest.raises(error, match=argument):
@@ -565,6 +574,235 @@ def test_kv_cache_rejects_bad_sizes(args, error, argument):
     with pytest.raises(error, match=argument):
         KVCache(*args)
 
+
+# --------------------------------------------------------------------------------------------------------------
+# the MLP activation and the transformers GPT-2 converters
+
+# GPT-2 at a tiny size (head_dim 16: the attention kernels take head dims in [16, 256]); no dropout, so the
+# transformers model computes the same function in training mode too.
+HF_TINY = dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+
+
+def tiny_hf_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    """A tiny transformers GPT-2 with weights drawn wider than its init (so that every layer matters and greedy
+    generation does not get stuck on one token)."""
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**{**HF_TINY, **overrides}))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def hf_logits_loss_grads(model: GPT2LMHeadModel, idx: torch.Tensor):
+    """transformers' logits, loss (its labels are shifted inside) and parameter gradients (by state_dict name)."""
+    out = model(idx, labels=idx)
+    names, parameters = zip(*model.named_parameters())
+    return out.logits, out.loss, dict(zip(names, torch.autograd.grad(out.loss, parameters)))
+
+
+def gpt_logits_loss_grads(model: GPT, idx: torch.Tensor):
+    """Our logits, loss and gradients for transformers' next-token objective (the last position has no target)."""
+    targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)
+    logits, loss = model(idx, targets)
+    names, parameters = zip(*model.named_parameters())
+    return logits, loss, dict(zip(names, torch.autograd.grad(loss, parameters)))
+
+
+def as_gpt_grads(hf_grads: dict, config) -> dict:
+    """transformers' gradients under our parameter names: the converter applied to a state_dict of gradients."""
+    return dict(GPT.from_hf(hf_grads, config=config).named_parameters())
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_activation_option_is_the_exact_or_tanh_gelu_fused_with_the_bias(activation, monkeypatch):
+    model = tiny_gpt(seed=30, activation=activation, norm_eps=1e-3)
+    calls = []
+    real = gpt_module.bias_act
+    monkeypatch.setattr(gpt_module, "bias_act", lambda *a, **k: calls.append(k["act"]) or real(*a, **k))
+    idx = token_ids((2, 7), seed=31)
+    with use_impl("eager"):
+        logits = model(idx)[0]
+    assert calls == [activation] * TINY["n_layer"]
+    torch.testing.assert_close(logits.double(), functional_gpt(copy.deepcopy(model).double(), idx), rtol=1e-5,
+                               atol=1e-5)
+    mlp = copy.deepcopy(model.transformer.h[0].mlp)
+    with torch.no_grad():  # wider weights than the init's, to tell the two GELUs apart
+        for parameter in mlp.parameters():
+            parameter.normal_(0.0, 0.3)
+    x = random_tensor((2, 5, TINY["n_embd"]), torch.float32, seed=32)
+    hidden = F.linear(x.double(), mlp.c_fc.weight.double(), mlp.c_fc.bias.double())
+    results = {}
+    for approximate in ("none", "tanh"):
+        results[approximate] = F.linear(F.gelu(hidden, approximate=approximate), mlp.c_proj.weight.double(),
+                                        mlp.c_proj.bias.double())
+    assert (results["none"] - results["tanh"]).abs().max() > 1e-3
+    reference = results["none" if activation == "gelu" else "tanh"]
+    for impl in IMPLS:
+        with use_impl(impl):
+            torch.testing.assert_close(mlp(x).double(), reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation_function", ["gelu_new", "gelu", "gelu_pytorch_tanh"])
+def test_from_hf_matches_transformers_logits_loss_and_grads(activation_function):
+    hf = tiny_hf_gpt2(seed=32, activation_function=activation_function, layer_norm_epsilon=1e-4)
+    model = GPT.from_hf(hf)
+    assert model.config.activation == ("gelu" if activation_function == "gelu" else "gelu_tanh")
+    assert model.config.norm_eps == 1e-4 and model.config.block_size == 32
+    idx = token_ids((2, 13), seed=33, vocab=64)
+    reference = hf_logits_loss_grads(copy.deepcopy(hf).double(), idx)
+    baseline = hf_logits_loss_grads(hf, idx)
+    with use_impl("eager"):
+        ours = gpt_logits_loss_grads(model, idx)
+    for what, i in (("logits", 0), ("loss", 1)):
+        assert_close_to_reference(ours[i], reference[i], baseline[i], what)
+    reference_grads, baseline_grads = (as_gpt_grads(grads, hf.config) for grads in (reference[2], baseline[2]))
+    assert ours[2].keys() == reference_grads.keys()
+    for name, grad in ours[2].items():
+        assert_close_to_reference(grad, reference_grads[name], baseline_grads[name], f"grad {name}")
+
+
+def test_triton_impl_of_a_converted_gpt_matches_transformers():
+    hf = tiny_hf_gpt2(seed=34, n_layer=1)
+    model = GPT.from_hf(hf)
+    idx = token_ids((1, 9), seed=35, vocab=64)
+    reference = hf_logits_loss_grads(copy.deepcopy(hf).double(), idx)
+    baseline = hf_logits_loss_grads(hf, idx)
+    with use_impl("triton"):
+        ours = gpt_logits_loss_grads(model, idx)
+    assert_close_to_reference(ours[0], reference[0], baseline[0], "logits")
+    assert_close_to_reference(ours[1], reference[1], baseline[1], "loss")
+    reference_grads, baseline_grads = (as_gpt_grads(grads, hf.config) for grads in (reference[2], baseline[2]))
+    for name, grad in ours[2].items():
+        assert_close_to_reference(grad, reference_grads[name], baseline_grads[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_greedy_cached_generation_gives_the_tokens_of_transformers(impl):
+    hf = tiny_hf_gpt2(seed=36).eval()
+    model = GPT.from_hf(hf)
+    prompt = token_ids((2, 5), seed=37, vocab=64)
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                           pad_token_id=0)
+    with use_impl(impl):
+        tokens = model.generate(prompt, 8, temperature=0.0)
+    assert torch.equal(tokens, expected)
+    assert len(set(tokens[:, 5:].flatten().tolist())) > 2  # not one repeated token
+
+
+def test_from_hf_reads_a_gpt2_model_or_a_state_dict_with_its_config():
+    hf = tiny_hf_gpt2(seed=38).train()
+    reference = GPT.from_hf(hf)
+    assert reference.training and reference.lm_head.weight is reference.transformer.wte.weight
+    bare = GPT2Model(hf.config)
+    bare.load_state_dict(hf.transformer.state_dict())
+    config_as_dict = {key: getattr(hf.config, key) for key in ("vocab_size", "n_positions", "n_embd", "n_layer",
+                                                               "n_head", "activation_function")}
+    for model in (GPT.from_hf(bare), GPT.from_hf(hf.state_dict(), config=hf.config),
+                  GPT.from_hf(bare.state_dict(), config=config_as_dict),
+                  GPT.from_hf(hf.state_dict(), config=reference.config)):
+        assert model.config == reference.config
+        assert model.lm_head.weight is model.transformer.wte.weight
+        for (name, tensor), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(tensor, expected), name
+    # copies, not views of the transformers model's weights
+    assert reference.transformer.wte.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_to_hf_to_gpt_round_trips_bit_exactly(dtype):
+    model = tiny_gpt(seed=39, n_kv_head=None, activation="gelu_tanh", norm_eps=1e-6).to(dtype)
+    with torch.no_grad():  # non-trivial LayerNorm affines
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    hf = model.to_hf()
+    assert isinstance(hf, GPT2LMHeadModel) and hf.lm_head.weight is hf.transformer.wte.weight
+    assert hf.config.activation_function == "gelu_new" and hf.config.layer_norm_epsilon == 1e-6
+    assert hf.transformer.wte.weight.dtype == dtype
+    for back in (GPT.from_hf(hf), GPT.from_hf(model.to_hf_state_dict(), config=model.hf_config_dict())):
+        assert back.config == model.config
+        ours, theirs = model.state_dict(), back.state_dict()
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert theirs[name].dtype == dtype and torch.equal(theirs[name], ours[name]), name
+    hf_state = hf.state_dict()
+    again = GPT.from_hf(hf).to_hf_state_dict()
+    assert hf_state.keys() == again.keys()
+    assert all(torch.equal(hf_state[name], again[name]) for name in hf_state)
+
+
+def test_gpt_to_hf_matches_our_logits():
+    model = tiny_gpt(seed=40, n_kv_head=None)
+    idx = token_ids((2, 11), seed=41)
+    with use_impl("eager"):
+        expected = model(idx)[0]
+    hf = model.to_hf()
+    assert hf.config.activation_function == "gelu"
+    reference = functional_gpt(copy.deepcopy(model).double(), idx)
+    assert_close_to_reference(hf(idx).logits, reference, expected, "transformers logits")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("scale_attn_by_inverse_layer_idx", True),
+    ("reorder_and_upcast_attn", True),
+    ("add_cross_attention", True),
+    ("scale_attn_weights", False),
+    ("tie_word_embeddings", False),
+    ("activation_function", "relu"),
+    ("activation_function", "quick_gelu"),
+    ("n_inner", 100),
+    ("model_type", "gpt_neo"),
+])
+def test_from_hf_rejects_configs_gpt_cannot_express(key, value):
+    config = {**HF_TINY, key: value}
+    with pytest.raises(ValueError, match=key):
+        GPT.from_hf(tiny_hf_gpt2().state_dict(), config=config)
+
+
+@pytest.mark.parametrize("key, value", [("add_cross_attention", True), ("scale_attn_by_inverse_layer_idx", True),
+                                        ("activation_function", "silu")])
+def test_from_hf_rejects_a_transformers_model_it_cannot_express(key, value):
+    with pytest.raises(ValueError, match=key):
+        GPT.from_hf(tiny_hf_gpt2(**{key: value}))
+
+
+@pytest.mark.parametrize("make, error, argument", [
+    (lambda: GPT.from_hf(nn.Linear(2, 2)), TypeError, "Linear"),
+    (lambda: GPT.from_hf("gpt2"), TypeError, "str"),
+    (lambda: GPT.from_hf(tiny_hf_gpt2().state_dict()), ValueError, "config is required"),
+    (lambda: GPT.from_hf(tiny_hf_gpt2(), config=HF_TINY), ValueError, "config must be None"),
+    (lambda: GPT.from_hf({}, config=[1]), TypeError, "config"),
+    (lambda: GPT.from_hf({}, config={**HF_TINY, "n_head": 4}), ValueError, "n_embd=32"),  # head_dim 8
+    (lambda: GPT.from_hf({}, config={**HF_TINY, "n_positions": 0}), ValueError, "n_positions"),
+    (lambda: GPT.from_hf({}, config=GPTConfig(**TINY)), ValueError, "n_kv_head=2"),
+    (lambda: GPT.from_hf({}, config=GPTConfig(**{**TINY, "n_kv_head": None, "bias": False})), ValueError,
+     "bias=False"),
+    (lambda: GPT.from_hf(tiny_hf_gpt2().state_dict(), config={**HF_TINY, "n_layer": 3}), ValueError, "h.2"),
+    (lambda: GPT.from_hf(tiny_hf_gpt2().state_dict(), config={**HF_TINY, "n_layer": 1}), ValueError, "h.1"),
+    (lambda: GPT.from_hf(tiny_hf_gpt2().state_dict(), config={**HF_TINY, "n_embd": 48, "n_head": 3}), ValueError,
+     "does not match its config"),
+])
+def test_from_hf_rejects_bad_arguments(make, error, argument):
+    with pytest.raises(error, match=argument):
+        make()
+
+
+def test_from_hf_rejects_an_output_head_that_is_not_the_token_embedding():
+    state = dict(tiny_hf_gpt2().state_dict())
+    state["lm_head.weight"] = state["lm_head.weight"] + 1
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        GPT.from_hf(state, config=HF_TINY)
+
+
+@pytest.mark.parametrize("overrides, argument", [(dict(n_kv_head=2), "n_kv_head=2"),
+                                                (dict(n_kv_head=None, bias=False), "bias=False")])
+def test_to_hf_rejects_models_gpt2_cannot_express(overrides, argument):
+    model = tiny_gpt(**overrides)
+    for convert in (model.to_hf, model.to_hf_state_dict, model.hf_config_dict):
+        with pytest.raises(ValueError, match=argument):
+            convert()
 
 # --------------------------------------------------------------------------------------------------------------
 # GPU sizes

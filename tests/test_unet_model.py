@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DModel
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from genkernels.kernels import use_impl
@@ -284,7 +286,7 @@ def test_forward_on_other_image_sizes_and_an_empty_batch():
 @pytest.mark.parametrize("overrides, error, argument", [
     (dict(num_groups=5), ValueError, "num_groups=5"),
     (dict(attention_resolutions=(2,)), ValueError, "attention_resolutions"),
-    (dict(num_head_channels=8), ValueError, "head dim"),
+    (dict(num_head_channels=64), ValueError, "num_head_channels=64"),
     (dict(num_heads=3), ValueError, "num_heads=3"),
     (dict(image_size=9), ValueError, "image_size=9"),
     (dict(channel_mult=()), ValueError, "channel_mult"),
@@ -305,6 +307,12 @@ def test_forward_on_other_image_sizes_and_an_empty_batch():
     (dict(channel_mult=(1, 0)), ValueError, "channel_mult"),
     (dict(norm_eps=-1.0), ValueError, "norm_eps"),
     (dict(attention_resolutions=(4.0,)), TypeError, "attention_resolutions"),
+    (dict(flip_sin_to_cos=1), TypeError, "flip_sin_to_cos"),
+    (dict(freq_shift=float("nan")), ValueError, "freq_shift"),
+    (dict(freq_shift="1"), TypeError, "freq_shift"),
+    (dict(freq_shift=8), ValueError, "freq_shift=8"),  # base_channels // 2 - freq_shift = 0
+    (dict(downsample_padding=2), ValueError, "downsample_padding=2"),
+    (dict(downsample_padding=1.0), TypeError, "downsample_padding"),
 ])
 def test_constructor_rejects_bad_configurations(overrides, error, argument):
     with pytest.raises(error, match=argument):
@@ -374,7 +382,295 @@ def test_forward_rejects_class_labels_for_an_unconditional_network():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# GPU
+# diffusers UNet2DModel converters
+
+# The DDPM checkpoints' UNet2DModel configuration (google/ddpm-cifar10-32), and tiny versions of it.
+DDPM_CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                    layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                                          "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+                    norm_num_groups=32, norm_eps=1e-6, freq_shift=1, flip_sin_to_cos=False, downsample_padding=0,
+                    time_embedding_type="positional", center_input_sample=False, act_fn="silu",
+                    mid_block_scale_factor=1)
+DIFFUSERS_TINY = {**DDPM_CIFAR10, "sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,
+                  "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+                  "up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "norm_num_groups": 8}
+DIFFUSERS_CONFIGS = {
+    "ddpm": DIFFUSERS_TINY,
+    # the other options a UNet2DModel of this family takes: cosines first, no frequency shift, symmetric
+    # downsampling padding, a fixed head dim (two heads), attention at the first level, class labels, 3 levels
+    "options": {**DIFFUSERS_TINY, "block_out_channels": (32, 32, 64), "layers_per_block": 2,
+                "down_block_types": ("AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D"), "attention_head_dim": 16,
+                "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "num_class_embeds": 5,
+                "norm_eps": 1e-5},
+    # head dim 8 (diffusers' default attention_head_dim): outside the attention kernels' range, so the attention
+    # runs the PyTorch reference under impl="auto"
+    "head_dim_8": {**DIFFUSERS_TINY, "attention_head_dim": 8},
+}
+
+
+def tiny_diffusers_unet(config: dict, seed: int = 0) -> UNet2DModel:
+    """A diffusers UNet2DModel whose weights are perturbed (its zero-free init would leave little to compare)."""
+    torch.manual_seed(seed)
+    model = UNet2DModel(**config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def diffusers_output_and_grads(model, x, t, labels, weights):
+    out = model(x, t, class_labels=labels).sample
+    loss = (out.double() * weights).sum()
+    names, parameters = zip(*model.named_parameters())
+    return out, dict(zip(names, torch.autograd.grad(loss, parameters)))
+
+
+def as_unet_grads(grads: dict, config) -> dict:
+    """diffusers' gradients under our parameter names: the converter applied to a state_dict of gradients."""
+    return dict(UNet.from_diffusers(grads, config=config).named_parameters())
+
+
+def unet_output_and_grads(model, x, t, labels, weights):
+    out, grads = output_and_grads(model, x, t, labels, weights)
+    return out, dict(zip([name for name, _ in model.named_parameters()], grads))
+
+
+def compare_with_diffusers(name: str, impl: str, batch: int = 2, side: int = 16, grads: bool = True):
+    config = DIFFUSERS_CONFIGS[name]
+    theirs = tiny_diffusers_unet(config)
+    ours = UNet.from_diffusers(theirs)
+    x = random_tensor((batch, 3, side, side), torch.float32, seed=50)
+    t = torch.tensor([3, 917][:batch])
+    labels = torch.tensor([0, 4][:batch]) if config.get("num_class_embeds") else None
+    weights = random_tensor((batch, 3, side, side), torch.float64, seed=51)
+    reference, reference_grads = diffusers_output_and_grads(copy.deepcopy(theirs).double(), x.double(), t, labels,
+                                                            weights)
+    baseline, baseline_grads = diffusers_output_and_grads(theirs, x, t, labels, weights)
+    with use_impl(impl):
+        if not grads:
+            with torch.no_grad():
+                assert_close_to_reference(ours(x, t, labels), reference, baseline, "output")
+            return ours
+        out, grads = unet_output_and_grads(ours, x, t, labels, weights)
+    assert_close_to_reference(out, reference, baseline, "output")
+    reference_grads = as_unet_grads(reference_grads, theirs.config)
+    baseline_grads = as_unet_grads(baseline_grads, theirs.config)
+    assert grads.keys() == reference_grads.keys()
+    for key, grad in grads.items():
+        assert_close_to_reference(grad, reference_grads[key], baseline_grads[key], f"grad {key}")
+    return ours
+
+
+@pytest.mark.parametrize("name", list(DIFFUSERS_CONFIGS))
+def test_from_diffusers_matches_unet2dmodel_output_and_gradients(name):
+    ours = compare_with_diffusers(name, "eager")
+    if name == "ddpm":
+        assert ours.downsample_padding == 0 and not ours.flip_sin_to_cos and ours.freq_shift == 1
+        assert ours.norm_eps == 1e-6 and ours.attention_levels == {1}
+        assert [block.num_heads for block in ours.modules() if isinstance(block, AttentionBlock)] == [1] * 4
+    if name == "options":
+        assert ours.num_classes == 4 and ours.attention_levels == {0} and ours.channel_mult == (1, 1, 2)
+
+
+def test_triton_impl_of_a_converted_unet_matches_diffusers():
+    config = {**DIFFUSERS_TINY, "sample_size": 8, "block_out_channels": (16, 32), "norm_num_groups": 4}
+    DIFFUSERS_CONFIGS["triton_tiny"] = config
+    try:
+        # the output only: the Triton backward of the same layers is checked in
+        # test_triton_and_eager_match_a_float64_oracle_in_output_and_every_parameter_gradient
+        compare_with_diffusers("triton_tiny", "triton", batch=1, side=8, grads=False)
+    finally:
+        del DIFFUSERS_CONFIGS["triton_tiny"]
+
+
+def test_ddpm_cifar10_checkpoint_configuration_converts_to_the_published_architecture():
+    theirs = UNet2DModel(**DDPM_CIFAR10)
+    ours = UNet.from_diffusers(theirs)
+    assert (ours.base_channels, ours.channel_mult, ours.num_res_blocks) == (128, (1, 2, 2, 2), 2)
+    assert ours.attention_levels == {1} and ours.image_size == 32 and ours.downsample_padding == 0
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters()) == ddpm_parameter_count(128, (1, 2, 2, 2), 2, {1})
+    x = random_tensor((1, 3, 32, 32), torch.float32, seed=52)
+    with torch.no_grad(), use_impl("eager"):
+        expected = theirs(x, 500).sample
+        out = ours(x, 500)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(num_classes=3, downsample_padding=0), dict(flip_sin_to_cos=True, freq_shift=0.5),
+    dict(num_heads=2, attention_resolutions=(4,)), dict(num_head_channels=8, channel_mult=(1, 2, 2)),
+], ids=["default", "classes-padding0", "embedding", "fixed-heads", "head-dim-8"])
+def test_unet_to_diffusers_to_unet_round_trips_bit_exactly(overrides):
+    ours = tiny_unet(seed=53, **overrides)
+    theirs = ours.to_diffusers()
+    assert isinstance(theirs, UNet2DModel) and theirs.training == ours.training
+    back = UNet.from_diffusers(theirs)
+    state, again = ours.state_dict(), back.state_dict()
+    assert state.keys() == again.keys()
+    for key in state:
+        assert torch.equal(state[key], again[key]), key
+    assert back.attention_levels == ours.attention_levels and back.downsample_padding == ours.downsample_padding
+    from_state = UNet.from_diffusers(ours.to_diffusers_state_dict(), config=ours.diffusers_config())
+    assert all(torch.equal(state[key], tensor) for key, tensor in from_state.state_dict().items())
+    # and diffusers -> ours -> diffusers
+    their_state, their_again = theirs.state_dict(), back.to_diffusers().state_dict()
+    assert their_state.keys() == their_again.keys()
+    assert all(torch.equal(their_state[key], their_again[key]) for key in their_state)
+
+
+def test_to_diffusers_gives_a_unet2dmodel_with_our_outputs():
+    ours = tiny_unet(seed=54, num_classes=3, downsample_padding=0, flip_sin_to_cos=True, freq_shift=0)
+    ours.eval()
+    theirs = ours.to_diffusers()
+    x = random_tensor((2, 3, 8, 8), torch.float32, seed=55)
+    t, labels = torch.tensor([7, 400]), torch.tensor([1, 3])
+    with torch.no_grad(), use_impl("eager"):
+        expected = ours(x, t, labels)
+    reference = copy.deepcopy(theirs).double()(x.double(), t, class_labels=labels).sample
+    assert_close_to_reference(theirs(x, t, class_labels=labels).sample.detach(), reference, expected)
+    assert not theirs.training and theirs.dtype == torch.float32
+
+
+def test_from_diffusers_keeps_dtype_and_mode_and_copies_the_weights():
+    theirs = tiny_diffusers_unet(DIFFUSERS_TINY).to(torch.bfloat16).train()
+    ours = UNet.from_diffusers(theirs)
+    assert ours.training and all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert ours.conv_in.weight.data_ptr() != theirs.conv_in.weight.data_ptr()
+    assert torch.equal(ours.conv_in.weight, theirs.conv_in.weight)
+
+
+@pytest.mark.parametrize("flip_sin_to_cos, freq_shift, dim", [(False, 1, 32), (True, 0, 32), (True, 1, 33),
+                                                              (False, 0.5, 16)])
+def test_timestep_embedding_options_give_diffusers_embedding_bit_for_bit(flip_sin_to_cos, freq_shift, dim):
+    t = torch.tensor([0, 1, 17, 999, 12345])
+    expected = get_timestep_embedding(t, dim, flip_sin_to_cos=flip_sin_to_cos, downscale_freq_shift=freq_shift)
+    assert torch.equal(timestep_embedding(t, dim, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift), expected)
+
+
+def test_downsample_padding_0_pads_bottom_and_right_as_tensorflow_same():
+    torch.manual_seed(56)
+    down = unet_module.Downsample(4, padding=0)
+    x = random_tensor((2, 4, 6, 8), torch.float32, seed=57)
+    expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2)
+    assert down(x).shape == (2, 4, 3, 4)
+    torch.testing.assert_close(down(x), expected, rtol=0, atol=0)
+    assert unet_module.Downsample(4).conv.padding == (1, 1)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("center_input_sample", True),
+    ("time_embedding_type", "fourier"),
+    ("time_embedding_dim", 64),
+    ("mid_block_type", None),
+    ("mid_block_scale_factor", 2),
+    ("downsample_type", "resnet"),
+    ("upsample_type", "resnet"),
+    ("resnet_time_scale_shift", "scale_shift"),
+    ("add_attention", False),
+    ("class_embed_type", "timestep"),
+    ("act_fn", "gelu"),
+    ("block_out_channels", (32, 48)),
+    ("down_block_types", ("DownBlock2D", "CrossAttnDownBlock2D")),
+    ("down_block_types", ("DownBlock2D",)),
+    ("up_block_types", ("UpBlock2D", "AttnUpBlock2D")),
+    ("downsample_padding", 2),
+    ("norm_num_groups", 5),
+    ("attn_norm_num_groups", 4),
+    ("attention_head_dim", 24),
+    ("num_class_embeds", 1),
+    ("sample_size", 15),
+    ("sample_size", (16, 8)),
+    ("layers_per_block", 0),
+])
+def test_from_diffusers_rejects_configs_unet_cannot_express(key, value):
+    with pytest.raises(ValueError, match=key):
+        UNet.from_diffusers({}, config={**DIFFUSERS_TINY, key: value})
+
+
+def test_from_diffusers_rejects_a_unet2dmodel_it_cannot_express():
+    with pytest.raises(ValueError, match="center_input_sample"):
+        UNet.from_diffusers(UNet2DModel(**{**DIFFUSERS_TINY, "center_input_sample": True}))
+
+
+@pytest.mark.parametrize("make, error, argument", [
+    (lambda: UNet.from_diffusers(nn.Conv2d(3, 3, 1)), TypeError, "Conv2d"),
+    (lambda: UNet.from_diffusers("google/ddpm-cifar10-32"), TypeError, "str"),
+    (lambda: UNet.from_diffusers(UNet2DModel(**DIFFUSERS_TINY).state_dict()), ValueError, "config is required"),
+    (lambda: UNet.from_diffusers(UNet2DModel(**DIFFUSERS_TINY), config=DIFFUSERS_TINY), ValueError,
+     "config must be None"),
+    (lambda: UNet.from_diffusers({}, config=[1]), TypeError, "config"),
+    (lambda: UNet.from_diffusers({}, config=DIFFUSERS_TINY), ValueError, "has no 'time_embedding.linear_1.weight'"),
+    (lambda: UNet.from_diffusers({**UNet2DModel(**DIFFUSERS_TINY).state_dict(), "extra.weight": torch.zeros(1)},
+                                 config=DIFFUSERS_TINY), ValueError, "extra.weight"),
+    (lambda: UNet.from_diffusers(UNet2DModel(**DIFFUSERS_TINY).state_dict(),
+                                 config={**DIFFUSERS_TINY, "in_channels": 4}), ValueError,
+     "does not match its config"),
+])
+def test_from_diffusers_rejects_bad_arguments(make, error, argument):
+    with pytest.raises(error, match=argument):
+        make()
+
+
+def test_to_diffusers_rejects_a_fixed_head_count_over_attention_blocks_of_different_widths():
+    model = tiny_unet(num_heads=2, attention_resolutions=(8, 4))  # widths 16 and 32, two heads each
+    for convert in (model.diffusers_config, model.to_diffusers):
+        with pytest.raises(ValueError, match="num_heads=2"):
+            convert()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# constructor errors that say what to change (issue 13 item 6)
+
+
+def test_a_too_small_unet_names_the_options_to_change():
+    """It used to say only ``num_head_channels=64 must divide the attention width 32``."""
+    small = dict(TINY, num_head_channels=64)
+    with pytest.raises(ValueError, match=r"num_head_channels=64 must divide the width of the attention blocks at "
+                                         r"level 1 \(4x4 for image_size=8\) and the middle block's attention .*32 "
+                                         r"channels wide \(base_channels=16 x channel_mult\[1\]=2\): set "
+                                         r"num_head_channels to a divisor of 32 \(e\.g\. 32\), or set num_heads, or "
+                                         r"change base_channels / channel_mult"):
+        UNet(**small)
+    with pytest.raises(ValueError, match=r"at level 0 \(8x8 for image_size=8\), 16 channels wide .* or leave 8 out "
+                                         r"of attention_resolutions=\(8,\)"):
+        UNet(**{**small, "attention_resolutions": (8,), "num_head_channels": 32})
+    with pytest.raises(ValueError, match=r"num_heads=3 must divide the width of .*: set num_heads to a divisor of 32 "
+                                         r"\(e\.g\. 2\)"):
+        UNet(**{**TINY, "num_heads": 3})
+
+
+def test_every_constructor_argument_is_checked_before_any_layer_is_built(monkeypatch):
+    def no_layers(*args, **kwargs):
+        raise AssertionError("a layer was built before the arguments were checked")
+
+    monkeypatch.setattr(unet_module, "ResBlock", no_layers)
+    monkeypatch.setattr(unet_module, "AttentionBlock", no_layers)
+    for overrides, argument in ((dict(num_head_channels=64), "num_head_channels=64"), (dict(num_heads=3), "num_heads"),
+                                (dict(num_groups=5), "num_groups"), (dict(downsample_padding=2), "downsample_padding"),
+                                (dict(freq_shift=8), "freq_shift")):
+        with pytest.raises(ValueError, match=argument):
+            UNet(**{**TINY, **overrides})
+
+
+def test_head_dims_outside_the_kernels_range_run_the_pytorch_attention():
+    """head dim 8 (a diffusers default) used to be refused; it now runs the attention's PyTorch reference under
+    impl="auto" and names the reason under impl="triton"."""
+    model = tiny_unet(num_head_channels=8)
+    assert [block.num_heads for block in model.modules() if isinstance(block, AttentionBlock)] == [4] * 4
+    x = random_tensor((1, 3, 8, 8), torch.float32, seed=58)
+    reference = oracle_unet(copy.deepcopy(model).double(), x.double(), torch.tensor([20.0], dtype=torch.float64))
+    with use_impl("eager"):
+        assert_close_to_reference(model(x, 20), reference, reference.float())
+    block = model.mid.attentions[0]
+    h = random_tensor((1, 32, 4, 4), torch.float32, seed=59)
+    expected = oracle_attention(copy.deepcopy(block).double(), h.double())
+    assert_close_to_reference(block(h), expected, expected.float())  # impl="auto": the PyTorch attention
+    with use_impl("triton"), pytest.raises(ValueError, match="head_dim"):
+        block(h)
 
 
 @pytest.mark.gpu
