@@ -9,8 +9,9 @@ online softmax, keeping the running row maximum ``m``, the running sum ``l`` and
 ``[seq_q, seq_k]`` score matrix never exists in memory. It stores the row logsumexp for the backward pass.
 Backward (Dao 2023, Algorithm 2, split in two kernels so that no program needs atomics):
 ``delta_i = sum_d dO_id O_id``; with ``P = exp(S - lse)`` and ``dS = P * (dO V^T - delta)``,
-``dV = P^T dO``, ``dK = scale * dS^T Q`` (one program per key block, looping over the query blocks of every query
-head of its group) and ``dQ = scale * dS K`` (one program per query block, looping over key blocks).
+``dQ = scale * dS K`` (one program per query block, looping over key blocks; it runs first and also writes
+``delta`` for its rows, so no separate pass re-reads ``dO``) and ``dV = P^T dO``, ``dK = scale * dS^T Q`` (one
+program per key block, looping over the query blocks of every query head of its group).
 
 Causal masking is aligned to the bottom-right corner: query ``i`` sees key ``j`` iff ``j <= i + seq_k - seq_q``
 (SDPA's ``is_causal=True`` when the lengths are equal). Key blocks that no row of a query block can see are never
@@ -35,10 +36,16 @@ never reach it: their scores are selected away with ``tl.where``, and a program 
 [16, 256] run the eager reference (``runtime.choose_impl``).
 
 Decode (flash-decoding): the keys of each sequence are split over ``num_splits`` programs, each writing its
-partial ``(max, sum, unnormalized output)``; a combine kernel merges the splits with the same rescaling rule.
+partial ``(max, sum, unnormalized output)``; a combine kernel merges the splits with the same rescaling rule. The
+split count is sized from the GPU's SM count so that the grid is whole waves (:func:`decode_split_plan`).
+
+Tiles, pipeline depths and decode rows are chosen per device from ``launch.device_limits`` (SM count, shared
+memory per CTA), so every config fits sm_80 (163 KB), sm_86/sm_89 (99 KB) and sm_90 (227 KB): see :data:`_TILES`.
+TMA is not used (plain pointer loads, pipelined by Triton).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -56,7 +63,7 @@ from .checks import (
     check_tensor,
     describe,
 )
-from .launch import batch_chunks, native_dot
+from .launch import batch_chunks, device_limits, launch_setting, native_dot
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import dot
 
@@ -381,10 +388,10 @@ def _attention_forward_repair_kernel(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Run after the forward kernel on its grid: a query block whose output holds a NaN is recomputed by
-    :func:`_exact_values_pass` (its rows and lse rewritten); every other block only reads its output once. A
-    kernel of its own, so the exact pass costs the forward kernel no registers (in it, it made the d64 tiles
-    spill)."""
+    """Run after the forward kernel, over row blocks of its own (smaller than the forward's, so several CTAs fit
+    an SM: a memory-bound pass): a block whose output holds a NaN is recomputed by :func:`_exact_values_pass`
+    (row by row: its rows and lse rewritten); every other block only reads its output once. A kernel of its own,
+    so the exact pass costs the forward kernel no registers (in it, it made the d64 tiles spill)."""
     block_m = tl.program_id(0)
     head = tl.program_id(1)
     heads_q = tl.num_programs(1)
@@ -410,26 +417,6 @@ def _attention_forward_repair_kernel(
                                                    0, key_end, rows, offset, dims, dim_ok, CAUSAL, IEEE)
         _store_rows(acc, row_sum, row_max, rows, row_ok, offset, dims, dim_ok, out_base, o_ss, o_sd,
                     lse_ptr + (batch * heads_q + head) * seq_q, CAUSAL)
-
-
-@triton.jit
-def _attention_backward_preprocess_kernel(
-    out_ptr, grad_out_ptr, delta_ptr, batch_start, seq_q, head_dim,
-    o_sb, o_sh, o_ss, o_sd, do_sb, do_sh, do_ss, do_sd,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """``delta_i = sum_d dO_id * O_id`` (fp32, ``[batch, heads_q, seq_q]``)."""
-    head = tl.program_id(1).to(tl.int64)
-    batch = (batch_start + tl.program_id(2)).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < seq_q
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
-    out = _load_tile(out_ptr + batch * o_sb + head * o_sh, rows, row_ok, o_ss, dims, dim_ok, o_sd, True)
-    grad_out = _load_tile(grad_out_ptr + batch * do_sb + head * do_sh, rows, row_ok, do_ss, dims, dim_ok, do_sd,
-                          True)
-    delta_base = delta_ptr + (batch * tl.num_programs(1) + head) * seq_q
-    tl.store(delta_base + rows, tl.sum(out * grad_out, 1), mask=row_ok)
 
 
 @triton.jit
@@ -554,14 +541,15 @@ def _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss
 
 @triton.jit
 def _attention_backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, out_ptr, lse_ptr, delta_ptr, dq_ptr,
     batch_start, seq_q, seq_k, head_dim, group_size, scale_log2, scale,
     q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, do_sb, do_sh, do_ss, do_sd,
-    dq_sb, dq_sh, dq_ss, dq_sd,
+    o_sb, o_sh, o_ss, o_sd, dq_sb, dq_sh, dq_ss, dq_sd,
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per query block: dQ = scale * sum over visible key blocks of dS K."""
+    """One program per query block: ``delta = rowsum(dO * O)`` (fp32, stored for the dK/dV kernel, which runs
+    after this one) and dQ = scale * sum over visible key blocks of dS K."""
     block_m = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     heads_q = tl.num_programs(1)
@@ -577,7 +565,9 @@ def _attention_backward_dq_kernel(
                           UPCAST)
     stats_base = (batch * heads_q + head) * seq_q
     lse = tl.load(lse_ptr + stats_base + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + stats_base + rows, mask=row_ok, other=0.0)
+    out = _load_tile(out_ptr + batch * o_sb + head * o_sh, rows, row_ok, o_ss, dims, dim_ok, o_sd, True)
+    delta = tl.sum(out * grad_out.to(tl.float32), 1)
+    tl.store(delta_ptr + stats_base + rows, delta, mask=row_ok)
     k_base = k_ptr + batch * k_sb + kv_head * k_sh
     v_base = v_ptr + batch * v_sb + kv_head * v_sh
     offset = seq_k - seq_q
@@ -638,62 +628,97 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    max_ptr, sum_ptr, acc_ptr, seqlens_ptr, out_ptr, batch_start, head_dim, num_splits, seqlens_stride,
-    o_sb, o_sh, o_sd, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    max_ptr, sum_ptr, acc_ptr, seqlens_ptr, out_ptr, batch_start, heads_q, head_dim, num_splits, seqlens_stride,
+    o_sb, o_sh, o_sd, BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the splits of one (sequence, query head): ``O = sum_s w_s acc_s / sum_s w_s l_s`` with
-    ``w_s = exp2(m_s - max_s m_s)``; 0 when the sequence is empty, NaN when it is not but every score is -inf
-    (the softmax's 0 / 0)."""
-    head = tl.program_id(0).to(tl.int64)
+    """Merge the splits of ``BLOCK_HEADS`` query heads of one sequence: ``O = sum_s w_s acc_s / sum_s w_s l_s``
+    with ``w_s = exp2(m_s - max_s m_s)``; 0 when the sequence is empty, NaN when it is not but every score is
+    -inf (the softmax's 0 / 0). The splits are folded one at a time with the same rescaling."""
+    heads = tl.program_id(0) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+    head_ok = heads < heads_q
     batch = (batch_start + tl.program_id(1)).to(tl.int64)
-    splits = tl.arange(0, BLOCK_S)
-    split_ok = splits < num_splits
-    stats = (batch * tl.num_programs(0) + head) * num_splits + splits
-    split_max = tl.load(max_ptr + stats, mask=split_ok, other=float("-inf"))
-    split_sum = tl.load(sum_ptr + stats, mask=split_ok, other=0.0)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < head_dim
-    acc = _load_tile(acc_ptr, stats, split_ok, head_dim, dims, dim_ok, 1, False)
-    overall_max = tl.max(split_max, 0)
-    weights = tl.exp2(split_max - tl.where(overall_max == float("-inf"), 0.0, overall_max))
-    total = tl.sum(weights * split_sum, 0)
-    out = tl.sum(weights[:, None] * acc, 0) / tl.where(total == 0, 1.0, total)
+    stats = (batch * heads_q + heads) * num_splits
+    overall_max = tl.full([BLOCK_HEADS], float("-inf"), tl.float32)
+    for split in range(0, num_splits):
+        split_max = tl.load(max_ptr + stats + split, mask=head_ok, other=float("-inf"))
+        overall_max = tl.maximum(overall_max, split_max)
+    safe_max = tl.where(overall_max == float("-inf"), 0.0, overall_max)
+    total = tl.zeros([BLOCK_HEADS], tl.float32)
+    out = tl.zeros([BLOCK_HEADS, BLOCK_D], tl.float32)
+    for split in range(0, num_splits):
+        weight = tl.exp2(tl.load(max_ptr + stats + split, mask=head_ok, other=float("-inf")) - safe_max)
+        total += weight * tl.load(sum_ptr + stats + split, mask=head_ok, other=0.0)
+        acc = _load_tile(acc_ptr, stats + split, head_ok, head_dim, dims, dim_ok, 1, False)
+        out += weight[:, None] * acc
+    out = out / tl.where(total == 0, 1.0, total)[:, None]
     seqlen = tl.load(seqlens_ptr + batch * seqlens_stride)
-    out = tl.where((total == 0) & (seqlen > 0), float("nan"), out)
-    tl.store(out_ptr + batch * o_sb + head * o_sh + dims * o_sd, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+    out = tl.where(((total == 0) & (seqlen > 0))[:, None], float("nan"), out)
+    _store_tile(out_ptr + batch * o_sb, out, heads, head_ok, o_sh, dims, dim_ok, o_sd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-# Tile sizes by the bytes of one padded row (BLOCK_D * element size), chosen so that the pipelined tiles fit in
-# Hopper's 227 KB of shared memory and the fp32 accumulators in registers. Backward follows Triton's fused-attention
-# tutorial: dK/dV keeps a tall key block and streams short query blocks, dQ the other way round.
-# Each entry: forward, dK/dV and dQ (BLOCK_M, BLOCK_N, num_warps), and the decode BLOCK_N.
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by how the dots run ("mma": fp16/bf16 on the tensor
+# cores; "fma": fp32 in exact FMA) and BLOCK_D, each a list of (shared memory per CTA it needs, tiles) from the
+# largest GPU down: the launcher takes the first entry that fits the device's per-CTA shared memory
+# (launch.device_limits: 227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/sm_89), so every config fits every
+# architecture from sm_80 on. Fitted to the compiled code (genkernels.bench.resources): no spills at 255
+# registers, warpgroup MMA on sm_90. Backward follows Triton's fused-attention tutorial: dK/dV keeps a tall key
+# block and streams short query blocks, dQ the other way round. The repair kernel's BLOCK_N is unused (it walks the
+# keys one at a time); its row block is its own, small enough for several CTAs per SM.
+KB = 1024
+_ANY = 0
 _TILES = {
-    128: ((128, 64, 4), (32, 128, 4), (128, 32, 4), 128),
-    256: ((128, 64, 8), (32, 128, 8), (128, 32, 8), 64),
-    512: ((64, 32, 4), (32, 64, 8), (64, 32, 8), 32),
-    1024: ((32, 32, 4), (16, 32, 4), (32, 16, 4), 16),
+    "mma": {
+        64: {"forward": [(_ANY, (128, 64, 4, 3))],
+             "dkdv": [(_ANY, (32, 64, 4, 3))],
+             "dq": [(_ANY, (128, 32, 4, 3))],
+             "repair": [(_ANY, (32, 0, 4, 1))]},
+        128: {"forward": [(160 * KB, (128, 64, 8, 3)), (_ANY, (128, 64, 8, 2))],
+              "dkdv": [(_ANY, (16, 64, 8, 3))],
+              "dq": [(160 * KB, (128, 32, 8, 3)), (_ANY, (128, 32, 8, 2))],
+              "repair": [(_ANY, (32, 0, 4, 1))]},
+        256: {"forward": [(_ANY, (64, 32, 8, 2))],
+              "dkdv": [(_ANY, (16, 32, 8, 2))],
+              "dq": [(160 * KB, (64, 32, 8, 2)), (_ANY, (64, 16, 8, 2))],
+              "repair": [(_ANY, (16, 0, 4, 1))]},
+    },
+    "fma": {
+        64: {"forward": [(_ANY, (32, 32, 4, 2))],
+             "dkdv": [(_ANY, (32, 16, 8, 2))],
+             "dq": [(_ANY, (32, 16, 4, 2))],
+             "repair": [(_ANY, (32, 0, 8, 1))]},
+        128: {"forward": [(_ANY, (16, 32, 8, 2))],
+              "dkdv": [(_ANY, (16, 16, 8, 2))],
+              "dq": [(_ANY, (16, 32, 8, 2))],
+              "repair": [(_ANY, (16, 0, 4, 1))]},
+        256: {"forward": [(_ANY, (16, 32, 8, 2))],
+              "dkdv": [(_ANY, (16, 16, 8, 2))],
+              "dq": [(_ANY, (16, 16, 8, 2))],
+              "repair": [(_ANY, (16, 0, 4, 1))]},
+    },
 }
-PREPROCESS_BLOCK_M = 64
-# Flash-decoding: enough programs to fill a large GPU several times, at most this many splits per sequence.
-DECODE_TARGET_PROGRAMS = 512
-DECODE_MAX_SPLITS = 64
-DECODE_MAX_BLOCK_H = 64
+ATTENTION_KERNELS = ("forward", "repair", "dkdv", "dq")
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _tiles(head_dim: int, dtype: torch.dtype):
-    return _TILES[_row_bytes(head_dim, torch.empty((), dtype=dtype).element_size())]
-
-
-def _row_bytes(head_dim: int, element_size: int) -> int:
-    """The key of :data:`_TILES`: bytes of one padded row, at least 128 (small head dims share those tiles)."""
-    return max(128, _block_d(head_dim) * element_size)
+def attention_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """``{kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}`` for flash attention on ``device`` (the first
+    entry of :data:`_TILES` that fits its shared memory per CTA). Tests force tiles with
+    ``launch.force_launch_settings("flash_attention", forward=(...), ...)``."""
+    limits = device_limits(device)
+    table = _TILES["fma" if dtype == torch.float32 else "mma"][max(64, _block_d(head_dim))]
+    chosen = {}
+    for kernel in ATTENTION_KERNELS:
+        tiles = next(tiles for needed, tiles in table[kernel] if limits.shared_memory_per_cta >= needed)
+        chosen[kernel] = tuple(launch_setting("flash_attention", kernel, tiles))
+    return chosen
 
 
 def _kernel_flags(dtype: torch.dtype, device: torch.device) -> dict:
@@ -713,16 +738,20 @@ def _launch_forward(q, k, v, causal: bool, scale: float):
         return out, lse
     if seq_k == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    (block_m, block_n, num_warps), _, _, _ = _tiles(head_dim, q.dtype)
+    tiles = attention_tiles(head_dim, q.dtype, q.device)
     flags = _kernel_flags(q.dtype, q.device)
+    block_d = _block_d(head_dim)
     for start, count in batch_chunks(batch):
-        grid = (triton.cdiv(seq_q, block_m), heads_q, count)
         args = (q, k, v, out, lse, start, seq_q, seq_k, head_dim, heads_q // heads_kv, scale * LOG2_E,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride())
-        _attention_forward_kernel[grid](*args, CAUSAL=causal, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
-                                        BLOCK_D=_block_d(head_dim), num_warps=num_warps)
-        _attention_forward_repair_kernel[grid](*args, CAUSAL=causal, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"],
-                                               BLOCK_M=block_m, BLOCK_D=_block_d(head_dim), num_warps=num_warps)
+        block_m, block_n, num_warps, num_stages = tiles["forward"]
+        _attention_forward_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
+            *args, CAUSAL=causal, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=num_warps, num_stages=num_stages)
+        block_m, _, num_warps, num_stages = tiles["repair"]
+        _attention_forward_repair_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
+            *args, CAUSAL=causal, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"], BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
@@ -734,35 +763,76 @@ def _launch_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq, dk, dv
-    block_d = _block_d(head_dim)
-    _, dkdv_tiles, dq_tiles, _ = _tiles(head_dim, q.dtype)
+    tiles = attention_tiles(head_dim, q.dtype, q.device)
+    # delta_i = sum_d dO_id O_id, written by the dQ kernel (which holds dO's rows anyway) for the dK/dV kernel
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    flags = dict(CAUSAL=causal, **_kernel_flags(q.dtype, q.device), BLOCK_D=block_d)
+    flags = dict(CAUSAL=causal, **_kernel_flags(q.dtype, q.device), BLOCK_D=_block_d(head_dim))
     group_size = heads_q // heads_kv
     for start, count in batch_chunks(batch):
-        _attention_backward_preprocess_kernel[(triton.cdiv(seq_q, PREPROCESS_BLOCK_M), heads_q, count)](
-            out, grad_out, delta, start, seq_q, head_dim, *out.stride(), *grad_out.stride(),
-            BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=block_d, num_warps=4)
-        block_m, block_n, num_warps = dkdv_tiles
+        block_m, block_n, num_warps, num_stages = tiles["dq"]
+        _attention_backward_dq_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
+            q, k, v, grad_out, out, lse, delta, dq, start, seq_q, seq_k, head_dim, group_size, scale * LOG2_E,
+            scale, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *dq.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **flags)
+        block_m, block_n, num_warps, num_stages = tiles["dkdv"]
         _attention_backward_dkdv_kernel[(triton.cdiv(seq_k, block_n), heads_kv, count)](
             q, k, v, grad_out, lse, delta, dk, dv, start, seq_q, seq_k, head_dim, group_size, scale * LOG2_E, scale,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
-        block_m, block_n, num_warps = dq_tiles
-        _attention_backward_dq_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
-            q, k, v, grad_out, lse, delta, dq, start, seq_q, seq_k, head_dim, group_size, scale * LOG2_E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **flags)
     return dq, dk, dv
 
 
-def decode_split_plan(batch: int, heads_kv: int, max_seq: int, block_n: int) -> tuple[int, int]:
-    """``(num_splits, split_size)``: split the ``max_seq`` cached keys into runs of whole ``block_n`` blocks so
-    that ``batch * heads_kv * num_splits`` programs fill the GPU (a lone long sequence included)."""
+# Flash-decoding. The query heads of one key/value head are stacked into the rows of the partial kernel's dots:
+# for fp16/bf16, 64 rows on sm_90 (warpgroup MMA takes M = 64 per warpgroup; the rows past the group are padding,
+# free in a kernel bound by reading the cache) and 16 elsewhere (mma.sync's M); fp32 (exact FMA) takes 16. A group
+# larger than that runs in chunks. Keys per block and pipeline stages by dot kind and BLOCK_D (fitting 99 KB per
+# CTA). The CTAs per SM that the split plan sizes its grid with model the compiled partial kernel, whose limit is
+# its shared memory (report: genkernels.bench.resources).
+DECODE_MAX_SPLITS = 128
+DECODE_SPLIT_OVERHEAD_BLOCKS = 2  # what a split costs beyond its key blocks (prologue, partials, combine), in blocks
+# (dot kind, BLOCK_D): BLOCK_N, num_stages, num_warps, and the registers per thread of the compiled partial kernel
+# at 64 stacked rows on sm_90 (triton 3.6-3.9; the CTAs-per-SM model below reads them)
+_DECODE_TILES = {
+    ("mma", 64): (64, 3, 4, 168), ("mma", 128): (64, 3, 4, 255), ("mma", 256): (32, 2, 8, 255),
+    ("fma", 64): (32, 2, 4, 176), ("fma", 128): (16, 2, 4, 255), ("fma", 256): (16, 2, 4, 255),
+}
+
+
+def decode_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_H, BLOCK_N, num_stages, num_warps, registers)`` of the decode partial kernel."""
+    fma = dtype == torch.float32
+    block_h = 16 if fma or device_limits(device).arch < 90 else 64
+    return (block_h, *_DECODE_TILES[("fma" if fma else "mma", max(64, _block_d(head_dim)))])
+
+
+def decode_ctas_per_sm(limits, block_h: int, block_n: int, block_d: int, num_stages: int, num_warps: int,
+                       registers: int, element_size: int) -> int:
+    """CTAs of the decode partial kernel resident per SM, as the compiled kernel's resources give them: its shared
+    memory (the query rows and the pipelined key and value blocks: ``num_stages`` buffers on sm_90, one fewer
+    before) and its registers (allocated per warp in units of 256)."""
+    buffers = num_stages if limits.arch >= 90 else max(1, num_stages - 1)
+    smem = (2 * buffers * block_n + block_h) * block_d * element_size + 1024
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = limits.registers_per_sm // (per_warp * num_warps)
+    return max(1, min(limits.max_ctas_per_sm, limits.shared_memory_per_sm // smem, by_registers))
+
+
+@functools.lru_cache(maxsize=4096)
+def decode_split_plan(pairs: int, max_seq: int, block_n: int, slots: int) -> tuple[int, int]:
+    """``(num_splits, split_size)`` for ``pairs`` (batch x key/value head chunks) sequences of ``max_seq`` keys on
+    a GPU holding ``slots`` partial-kernel CTAs at once (SMs x CTAs per SM): the split, in whole ``block_n``
+    blocks, that minimizes ``waves x (blocks per split + DECODE_SPLIT_OVERHEAD_BLOCKS)``, so the grid comes out as
+    whole waves (a lone long sequence is split across the GPU; a large batch is not split at all)."""
     blocks = max(1, triton.cdiv(max_seq, block_n))
-    wanted = max(1, min(DECODE_MAX_SPLITS, triton.cdiv(DECODE_TARGET_PROGRAMS, max(1, batch * heads_kv))))
-    split_size = triton.cdiv(blocks, min(blocks, wanted)) * block_n
-    return triton.cdiv(max(max_seq, 1), split_size), split_size
+    best = None
+    for wanted in range(1, min(blocks, DECODE_MAX_SPLITS) + 1):
+        per_split = triton.cdiv(blocks, wanted)
+        splits = triton.cdiv(blocks, per_split)
+        cost = (triton.cdiv(pairs * splits, slots) * (per_split + DECODE_SPLIT_OVERHEAD_BLOCKS), splits)
+        if best is None or cost < best[0]:
+            best = (cost, splits, per_split)
+    _, splits, per_split = best
+    return splits, per_split * block_n
 
 
 def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float):
@@ -773,25 +843,32 @@ def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float):
         return out
     if max_seq == 0:
         return out.zero_()
+    limits = device_limits(q.device)
     block_d = _block_d(head_dim)
-    block_n = _tiles(head_dim, q.dtype)[3]
+    block_h, block_n, num_stages, num_warps, registers = decode_tiles(head_dim, q.dtype, q.device)
+    block_h = launch_setting("decode_attention", "block_h", block_h)
     group_size = heads_q // heads_kv
-    block_h = max(16, min(DECODE_MAX_BLOCK_H, triton.next_power_of_2(group_size)))
     head_chunks = triton.cdiv(group_size, block_h)
-    num_splits, split_size = decode_split_plan(batch, heads_kv * head_chunks, max_seq, block_n)
+    per_sm = decode_ctas_per_sm(limits, block_h, block_n, block_d, num_stages, num_warps, registers,
+                                q.element_size())
+    num_splits, split_size = launch_setting("decode_attention", "split", None) or decode_split_plan(
+        batch * heads_kv * head_chunks, max_seq, block_n, limits.sm_count * per_sm)
     split_max = torch.empty((batch, heads_q, num_splits), dtype=torch.float32, device=q.device)
     split_sum = torch.empty_like(split_max)
     split_acc = torch.empty((batch, heads_q, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    # the combine kernel: a few heads per program, so that its output rows go out 16 bytes per thread
+    combine_heads = max(1, min(triton.next_power_of_2(heads_q), 256 // block_d))
     for start, count in batch_chunks(batch):
         _decode_partial_kernel[(num_splits, heads_kv * head_chunks, count)](
             q, k_cache, v_cache, cache_seqlens, split_max, split_sum, split_acc, start, head_dim, group_size,
             head_chunks, split_size, num_splits, scale * LOG2_E,
             q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(), cache_seqlens.stride(0),
-            **_kernel_flags(q.dtype, q.device), BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
-        _decode_combine_kernel[(heads_q, count)](
-            split_max, split_sum, split_acc, cache_seqlens, out, start, head_dim, num_splits, cache_seqlens.stride(0),
-            out.stride(0), out.stride(1), out.stride(3), BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-            BLOCK_D=block_d, num_warps=4)
+            **_kernel_flags(q.dtype, q.device), BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=num_warps, num_stages=num_stages)
+        _decode_combine_kernel[(triton.cdiv(heads_q, combine_heads), count)](
+            split_max, split_sum, split_acc, cache_seqlens, out, start, heads_q, head_dim, num_splits,
+            cache_seqlens.stride(0), out.stride(0), out.stride(1), out.stride(3), BLOCK_HEADS=combine_heads,
+            BLOCK_D=block_d, num_warps=1)
     return out
 
 

@@ -13,9 +13,13 @@ from genkernels.kernels.attention import (
     causal_visibility,
     decode_attention,
     decode_attention_reference,
+    attention_tiles,
+    decode_ctas_per_sm,
     decode_split_plan,
+    decode_tiles,
     flash_attention,
 )
+from genkernels.kernels import launch
 
 
 def _qkv(batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, device, seed=0):
@@ -189,9 +193,85 @@ def test_decode_reference_matches_attention_over_the_prefix():
 
 
 def test_decode_split_plan_fills_the_gpu_from_one_long_sequence():
-    splits, split_size = decode_split_plan(batch=1, heads_kv=8, max_seq=32768, block_n=64)
-    assert splits == 64 and split_size % 64 == 0 and splits * split_size >= 32768
-    assert decode_split_plan(batch=256, heads_kv=32, max_seq=1000, block_n=64) == (1, 1024)
+    splits, split_size = decode_split_plan(pairs=8, max_seq=32768, block_n=64, slots=264)
+    assert splits == 32 and split_size % 64 == 0 and splits * split_size >= 32768 > (splits - 1) * split_size
+    assert decode_split_plan(pairs=256 * 32, max_seq=1000, block_n=64, slots=264) == (1, 1024)
+
+
+@pytest.mark.parametrize("sm_count,ctas_per_sm", [(132, 2), (132, 4), (142, 2)])
+@pytest.mark.parametrize("max_seq", [1024, 2048, 4096, 8192, 16384, 32768, 1000])
+def test_decode_split_plan_makes_whole_waves(sm_count, ctas_per_sm, max_seq):
+    """The benchmark's decode (8 sequences x 8 key/value heads) used to launch a fixed 512-program grid: 1.29
+    waves on 132 SMs at 3 CTAs per SM whatever the cache length. Sized from the SM count, the grid fills at
+    least 90% of its last wave, and every split holds whole key blocks that together cover the cache."""
+    slots = sm_count * ctas_per_sm
+    splits, split_size = decode_split_plan(pairs=64, max_seq=max_seq, block_n=64, slots=slots)
+    assert split_size % 64 == 0 and splits * split_size >= max_seq > (splits - 1) * split_size
+    programs = 64 * splits
+    assert programs / (math.ceil(programs / slots) * slots) >= 0.9
+
+
+def test_decode_grid_is_sized_from_the_device_limits():
+    """Captured as on each architecture, the partial kernel's grid follows that GPU's SM count (not a fixed
+    512 programs) and the rows of its dots follow its tensor cores (64 stacked query heads for sm_90's warpgroup
+    MMA, 16 elsewhere)."""
+    for arch in (80, 86, 90):
+        device_limits = launch.ARCH_LIMITS[arch]
+        with launch.capturing_for(device_limits):
+            block_h, block_n, stages, warps, registers = decode_tiles(128, torch.bfloat16, torch.device("meta"))
+            per_sm = decode_ctas_per_sm(device_limits, block_h, block_n, 128, stages, warps, registers, 2)
+            splits, _ = decode_split_plan(64, 4096, block_n, device_limits.sm_count * per_sm)
+        assert block_h == (64 if arch >= 90 else 16)
+        slots = device_limits.sm_count * per_sm
+        assert 64 * splits / (math.ceil(64 * splits / slots) * slots) >= 0.75
+
+
+def _pipelined_shared_bytes(kernel, tiles, block_d, element_size):
+    """Shared memory a tensor-core tile config needs: the tiles a program keeps for its whole life plus
+    ``num_stages`` copies of the tiles it streams (the compiled figure on sm_90, an upper bound before)."""
+    block_m, block_n, _, stages = tiles
+    resident, streamed = {"forward": (block_m, 2 * block_n), "dkdv": (2 * block_n, 2 * block_m),
+                          "dq": (2 * block_m, 2 * block_n)}[kernel]
+    return (resident + stages * streamed) * block_d * element_size
+
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_attention_tiles_fit_the_shared_memory_of_each_architecture(arch, head_dim):
+    """Tiles used to be one table written for Hopper: bf16 d256 backward needed 160 KB (115 KB compiled off
+    Hopper) where sm_86/sm_89 have 99 KB per CTA. The launcher now picks them from the device's limits."""
+    limits = launch.ARCH_LIMITS[arch]
+    with launch.capturing_for(limits):
+        tiles = attention_tiles(head_dim, torch.bfloat16, torch.device("meta"))
+    for kernel in ("forward", "dkdv", "dq"):
+        need = _pipelined_shared_bytes(kernel, tiles[kernel], head_dim, 2)
+        assert need <= limits.shared_memory_per_cta, (kernel, tiles[kernel], need)
+
+
+def test_attention_tiles_can_be_forced_for_tests(device):
+    """launch.force_launch_settings reaches every tile of the launcher (small tiles at a small shape give
+    several blocks per program loop), and forced tiles give the same numbers."""
+    q, k, v = _qkv(1, 2, 1, 37, 29, 32, torch.float32, device)
+    forced = dict(forward=(16, 16, 4, 1), repair=(16, 0, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1))
+    with launch.force_launch_settings("flash_attention", **forced):
+        assert attention_tiles(32, torch.float32, q.device) == forced
+        _assert_attention_matches(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("block_h,split", [(16, (3, 64)), (None, None)])
+def test_decode_attention_head_chunks_and_splits(block_h, split, device):
+    """A group of 21 query heads per key/value head in chunks of 16 stacked rows (or 64 at once), the keys in
+    forced splits, and a combine of several heads per program (with a masked last one)."""
+    q = random_tensor((2, 42, 1, 32), torch.float16, 0, device)
+    k_cache = random_tensor((2, 2, 150, 32), torch.float16, 1, device)
+    v_cache = random_tensor((2, 2, 150, 32), torch.float16, 2, device)
+    seqlens = torch.tensor([150, 70], dtype=torch.int32, device=device)
+    settings = {name: value for name, value in (("block_h", block_h), ("split", split)) if value is not None}
+    with launch.force_launch_settings("decode_attention", **settings):
+        kernel = decode_attention(q, k_cache, v_cache, seqlens, impl="triton")
+    eager = decode_attention(q, k_cache, v_cache, seqlens, impl="eager")
+    reference = decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), seqlens)
+    assert_close_to_reference(kernel, reference, eager)
 
 
 def test_decode_attention_empty_batch_and_empty_cache(device):
