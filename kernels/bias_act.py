@@ -39,7 +39,8 @@ import triton.language as tl
 
 from .checks import check_choice, check_float_tensor, check_int, check_real, check_same_device, check_same_dtype
 from .checks import describe
-from .launch import elementwise_block, is_dense
+from .diffusion import span_of_program, wave_split
+from .launch import is_dense
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import sigmoid, tanh
 
@@ -255,62 +256,67 @@ def _bias_act_kernel(
     MASK_FIRST: tl.constexpr, DIM_INNERMOST: tl.constexpr, OFFSETS_64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Every tensor but the bias shares one dense layout: element k of the walk sits at offset k in each of them.
-    # The bias is read through its own stride (any: sliced, or 0 for an expanded one).
+    # The bias is read through its own stride (any: sliced, or 0 for an expanded one). Each program walks its
+    # share of the tensor (span_of_program: whole units of two 16-byte vectors) in steps of BLOCK.
+    lo, hi, steps = span_of_program(numel, BLOCK)
     if OFFSETS_64:
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        lanes = tl.arange(0, BLOCK).to(tl.int64)
     else:
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
+        lo, hi, steps = lo.to(tl.int32), hi.to(tl.int32), steps.to(tl.int32)
+        lanes = tl.arange(0, BLOCK)
+    for step in range(steps):
+        offsets = tl.multiple_of(lo + step * BLOCK, BLOCK // 16) + lanes
+        mask = offsets < hi
 
-    if MODE == 0 or not REF_Y:
-        s = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            if DIM_INNERMOST:
-                channel = offsets % channels
-            else:
-                channel = (offsets // dim_stride) % channels
-            s += tl.load(bias_ptr + channel * bias_stride, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 0 or not REF_Y:
+            s = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                if DIM_INNERMOST:
+                    channel = offsets % channels
+                else:
+                    channel = (offsets // dim_stride) % channels
+                s += tl.load(bias_ptr + channel * bias_stride, mask=mask, other=0.0).to(tl.float32)
 
-    if MODE == 0:
-        y = _activate(s, alpha, ACT) * gain
-        if CLAMP:
-            y = tl.minimum(tl.maximum(y, -clamp, propagate_nan=tl.PropagateNan.ALL), clamp,
-                           propagate_nan=tl.PropagateNan.ALL)
-        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        if REF_Y:
-            y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            d1, d2 = _derivatives_from_y(y * inv_gain, alpha, ACT)
+        if MODE == 0:
+            y = _activate(s, alpha, ACT) * gain
+            if CLAMP:
+                y = tl.minimum(tl.maximum(y, -clamp, propagate_nan=tl.PropagateNan.ALL), clamp,
+                               propagate_nan=tl.PropagateNan.ALL)
+            tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            d1, d2 = _derivatives_from_x(s, ACT)
-        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if MODE == 2:
-            dy *= tl.load(ddx_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * grad2_scale
-            derivative = d2
-        else:
-            dy *= gain
-            derivative = d1
-        if CLAMP:
-            # torch.clamp's gradient mask (self >= min) & (self <= max), false at a NaN output. As in torch's
-            # autograd, the gradient (MASK_FIRST) masks dy before the product, so a NaN derivative still gives
-            # NaN; its adjoint (the derivative in dy) masks the product, so a masked NaN derivative is dropped.
             if REF_Y:
-                # a stored output at +-clamp is taken as saturated: the forward stored the clamp rounded to y's
-                # dtype (0.7 is 0.69921875 in bf16), so compare with that rounded bound, not the fp32 one
-                y_clamp = (tl.zeros_like(y) + clamp).to(y_ptr.dtype.element_ty).to(tl.float32)
-                passes = tl.abs(y) < y_clamp
+                y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                d1, d2 = _derivatives_from_y(y * inv_gain, alpha, ACT)
             else:
-                passes = tl.abs(_activate(s, alpha, ACT) * gain) <= clamp
-            if MASK_FIRST:
-                result = tl.where(passes, dy, 0.0) * derivative
+                d1, d2 = _derivatives_from_x(s, ACT)
+            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            if MODE == 2:
+                dy *= tl.load(ddx_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * grad2_scale
+                derivative = d2
             else:
-                result = tl.where(passes, dy * derivative, 0.0)
-        else:
-            result = dy * derivative
-        if ACT == 1:
-            # relu's zero derivative is a selection (threshold_backward), not a product: an Inf dy gives 0
-            result = tl.where(derivative == 0.0, 0.0, result)
-        tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+                dy *= gain
+                derivative = d1
+            if CLAMP:
+                # torch.clamp's gradient mask (self >= min) & (self <= max), false at a NaN output. As in torch's
+                # autograd, the gradient (MASK_FIRST) masks dy before the product, so a NaN derivative still gives
+                # NaN; its adjoint (the derivative in dy) masks the product, so a masked NaN derivative is dropped.
+                if REF_Y:
+                    # a stored output at +-clamp is taken as saturated: the forward stored the clamp rounded to y's
+                    # dtype (0.7 is 0.69921875 in bf16), so compare with that rounded bound, not the fp32 one
+                    y_clamp = (tl.zeros_like(y) + clamp).to(y_ptr.dtype.element_ty).to(tl.float32)
+                    passes = tl.abs(y) < y_clamp
+                else:
+                    passes = tl.abs(_activate(s, alpha, ACT) * gain) <= clamp
+                if MASK_FIRST:
+                    result = tl.where(passes, dy, 0.0) * derivative
+                else:
+                    result = tl.where(passes, dy * derivative, 0.0)
+            else:
+                result = dy * derivative
+            if ACT == 1:
+                # relu's zero derivative is a selection (threshold_backward), not a product: an Inf dy gives 0
+                result = tl.where(derivative == 0.0, 0.0, result)
+            tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -347,16 +353,18 @@ def _launch(mode: int, act: str, out_dtype: torch.dtype, x, bias, y, dy, ddx, di
     # a dim of one element may carry any stride (even 0): it is never stepped along, every element is channel 0
     dim_stride = like.stride(dim) if channels > 1 else 1
     bias_stride = bias.stride(0) if has_bias and channels > 1 else 0
-    offsets_64 = numel >= 2**31 or (channels - 1) * bias_stride >= 2**31
-    block, num_warps = elementwise_block(numel)
-    _bias_act_kernel[(triton.cdiv(numel, block),)](
+    # the widest tensor read or written sets the tile (one 16-byte vector per thread for it)
+    element_bytes = max(t.element_size() for t in (out, x, y, dy, ddx) if t is not None)
+    split = wave_split("bias_act", numel, 1, element_bytes, out.device)
+    offsets_64 = numel + split.tile >= 2**31 or (channels - 1) * bias_stride >= 2**31
+    _bias_act_kernel[(split.programs,)](
         out, x if x is not None else like, bias if has_bias else like, y if y is not None else like,
         dy if dy is not None else like, ddx if ddx is not None else like,
         numel, dim_stride, channels, bias_stride, alpha, gain, 1.0 / gain if gain != 0 else 0.0,
         clamp if clamp is not None else 0.0, grad2_scale,
         MODE=mode, ACT=spec.code, HAS_BIAS=has_bias, REF_Y=mode != MODE_FORWARD and spec.ref == "y",
         CLAMP=clamp is not None, MASK_FIRST=mask_first, DIM_INNERMOST=dim_stride == 1, OFFSETS_64=offsets_64,
-        BLOCK=block, num_warps=num_warps,
+        BLOCK=split.tile, num_warps=split.num_warps,
     )
     return out
 

@@ -6,9 +6,9 @@ conditioner network that predicts a per-element ``log_scale`` and ``shift``, and
     forward:  y = x * scale + shift,          logdet[b] = + sum_i log(scale[b, i])
     reverse:  y = (x - shift) / scale,        logdet[b] = - sum_i log(scale[b, i])
 
-One Triton program handles a run of ``BLOCK`` elements of each of ``SAMPLES`` consecutive samples (one sample and
-several programs per sample for big samples, several small samples per program): it reads ``x``, ``log_scale`` and
-``shift`` once, writes ``y`` once, and writes the fp32 sum of ``log(scale)`` over each sample's run. The per-sample
+One Triton program (one warp) walks a span of one sample (the spans sized so the grid fills whole waves of the
+GPU, see :func:`~genkernels.kernels.diffusion.wave_split`): it reads ``x``, ``log_scale`` and ``shift`` once,
+writes ``y`` once, and writes the fp32 sum of ``log(scale)`` over its span. The per-sample
 log-determinant is the sum of those few partial sums (one per block of the sample, added in a fixed order: the
 result is deterministic, no atomics).
 
@@ -42,18 +42,14 @@ from .checks import (
     check_min_rank,
     check_same_device,
 )
-from .launch import MAX_GRID_YZ, batch_chunks, elementwise_block, per_sample_layout
+from .diffusion import span_of_program, tile_of_span, wave_split
+from .launch import batch_chunks, per_sample_layout
 from .runtime import choose_impl, compute_dtype
 from .triton_helpers import sample_offsets, sigmoid
 
 SCALE_FNS = ("exp", "sigmoid")
 # Glow's shift of the raw conditioner output: scale = sigmoid(a + 2) starts near 0.88 for a ~ 0.
 SIGMOID_OFFSET = 2.0
-# Elements of one sample a program covers: the smallest of these that holds the sample (else the largest, and
-# several programs per sample). Powers of 4 keep the compiled variants few; a sample wastes < 3/4 of its lanes.
-SAMPLE_BLOCKS = (16, 64, 256, 1024, 4096)
-# Small samples are packed several to a program, up to this many elements per program.
-MIN_TILE = 1024
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,7 +92,10 @@ def _softplus(t):
     e = tl.exp(-tl.abs(t))
     one_plus = 1.0 + e
     rounds_to_one = one_plus == 1.0
-    log1p = tl.where(rounds_to_one, e, tl.log(one_plus) * e / tl.where(rounds_to_one, 1.0, one_plus - 1.0))
+    # the correction e / ((1 + e) - 1) is a ratio near 1: a 2-ulp division (div.full) keeps its digits and, unlike
+    # the IEEE division, holds the bf16 forward within 64 registers per thread (32 one-warp CTAs per SM)
+    correction = tl.fdiv(e, tl.where(rounds_to_one, 1.0, one_plus - 1.0), ieee_rounding=False)
+    log1p = tl.where(rounds_to_one, e, tl.log(one_plus) * correction)
     return tl.maximum(t, 0.0, propagate_nan=tl.PropagateNan.ALL) + log1p
 
 
@@ -110,7 +109,9 @@ def _scale_terms(raw, SIGMOID: tl.constexpr, REVERSE: tl.constexpr):
         if REVERSE:
             multiplier = 1.0 + tl.exp(-shifted)
         else:
-            multiplier = sigmoid(shifted)
+            # sigmoid(shifted) = (1 or e) / (1 + e), e = exp(-|shifted|): the exp _softplus takes too (one exp)
+            e = tl.exp(-tl.abs(shifted))
+            multiplier = tl.where(shifted >= 0, 1.0, e) / (1.0 + e)
         dlog = sigmoid(-shifted)
     else:
         log_scale = raw
@@ -125,132 +126,113 @@ def _scale_terms(raw, SIGMOID: tl.constexpr, REVERSE: tl.constexpr):
 @triton.jit
 def _affine_coupling_fwd_kernel(
     y_ptr, x_ptr, log_scale_ptr, shift_ptr, partial_ptr,
-    batch_start, batch_end, inner_numel, num_blocks, size1, size2, size3,
+    batch_start, inner_numel, num_blocks, size1, size2, size3,
     y_sb, y_s0, y_s1, y_s2, y_s3,
     x_sb, x_s0, x_s1, x_s2, x_s3,
     a_sb, a_s0, a_s1, a_s2, a_s3,
     t_sb, t_s0, t_s1, t_s2, t_s3,
     SIGMOID: tl.constexpr, REVERSE: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
-    SAMPLES: tl.constexpr,
 ):
-    # A [SAMPLES, BLOCK] tile: rows are samples, columns elements of a sample.
-    samples = batch_start + tl.program_id(1) * SAMPLES + tl.arange(0, SAMPLES)
-    block_index = tl.program_id(0)
-    batch_index = samples[:, None]
-    inner = (block_index.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64))[None, :]
-    mask = (inner < inner_numel) & (batch_index < batch_end)
+    # program (p, b) walks span p of sample b in BLOCK steps and writes the sum of log(scale) over it
+    batch_index = batch_start + tl.program_id(1)
+    lo, hi, steps = span_of_program(inner_numel, BLOCK)
+    log_scales = tl.zeros((BLOCK,), tl.float32)
+    for step in range(steps):
+        _, inner, mask = tile_of_span(lo, hi, step, BLOCK)
+        x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        a_offsets = sample_offsets(batch_index, inner, a_sb, a_s0, a_s1, a_s2, a_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        t_offsets = sample_offsets(batch_index, inner, t_sb, t_s0, t_s1, t_s2, t_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+        raw = tl.load(log_scale_ptr + a_offsets, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + t_offsets, mask=mask, other=0.0).to(tl.float32)
 
-    x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
-                               INNER_CONTIGUOUS)
-    a_offsets = sample_offsets(batch_index, inner, a_sb, a_s0, a_s1, a_s2, a_s3, size1, size2, size3,
-                               INNER_CONTIGUOUS)
-    t_offsets = sample_offsets(batch_index, inner, t_sb, t_s0, t_s1, t_s2, t_s3, size1, size2, size3,
-                               INNER_CONTIGUOUS)
-    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-    raw = tl.load(log_scale_ptr + a_offsets, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + t_offsets, mask=mask, other=0.0).to(tl.float32)
-
-    log_scale, multiplier, _ = _scale_terms(raw, SIGMOID, REVERSE)
-    if REVERSE:
-        y = (x - shift) * multiplier
-    else:
-        y = x * multiplier + shift
-    y_offsets = sample_offsets(batch_index, inner, y_sb, y_s0, y_s1, y_s2, y_s3, size1, size2, size3,
-                               INNER_CONTIGUOUS)
-    tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    partial = tl.sum(tl.where(mask, log_scale, 0.0), axis=1)
+        log_scale, multiplier, _ = _scale_terms(raw, SIGMOID, REVERSE)
+        if REVERSE:
+            y = (x - shift) * multiplier
+        else:
+            y = x * multiplier + shift
+        y_offsets = sample_offsets(batch_index, inner, y_sb, y_s0, y_s1, y_s2, y_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+        log_scales += tl.where(mask, log_scale, 0.0)
+    partial = tl.sum(log_scales, axis=0)
     if REVERSE:
         partial = -partial
-    tl.store(partial_ptr + samples.to(tl.int64) * num_blocks + block_index, partial, mask=samples < batch_end)
+    tl.store(partial_ptr + batch_index.to(tl.int64) * num_blocks + tl.program_id(0), partial)
 
 
 @triton.jit
 def _affine_coupling_bwd_kernel(
     grad_x_ptr, grad_a_ptr, saved_ptr, log_scale_ptr, grad_y_ptr, grad_logdet_ptr,
-    batch_start, batch_end, inner_numel, grad_logdet_stride, size1, size2, size3,
+    batch_start, inner_numel, grad_logdet_stride, size1, size2, size3,
     gx_sb, gx_s0, gx_s1, gx_s2, gx_s3,
     ga_sb, ga_s0, ga_s1, ga_s2, ga_s3,
     u_sb, u_s0, u_s1, u_s2, u_s3,
     a_sb, a_s0, a_s1, a_s2, a_s3,
     gy_sb, gy_s0, gy_s1, gy_s2, gy_s3,
     SIGMOID: tl.constexpr, REVERSE: tl.constexpr, HAS_GRAD_Y: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr,
-    BLOCK: tl.constexpr, SAMPLES: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    batch_index = (batch_start + tl.program_id(1) * SAMPLES + tl.arange(0, SAMPLES))[:, None]
-    inner = (tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64))[None, :]
-    in_batch = batch_index < batch_end
-    mask = (inner < inner_numel) & in_batch
+    batch_index = batch_start + tl.program_id(1)
+    grad_logdet = tl.load(grad_logdet_ptr + batch_index.to(tl.int64) * grad_logdet_stride).to(tl.float32)
+    lo, hi, steps = span_of_program(inner_numel, BLOCK)
+    for step in range(steps):
+        _, inner, mask = tile_of_span(lo, hi, step, BLOCK)
+        u_offsets = sample_offsets(batch_index, inner, u_sb, u_s0, u_s1, u_s2, u_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        a_offsets = sample_offsets(batch_index, inner, a_sb, a_s0, a_s1, a_s2, a_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        raw = tl.load(log_scale_ptr + a_offsets, mask=mask, other=0.0).to(tl.float32)
 
-    u_offsets = sample_offsets(batch_index, inner, u_sb, u_s0, u_s1, u_s2, u_s3, size1, size2, size3,
-                               INNER_CONTIGUOUS)
-    a_offsets = sample_offsets(batch_index, inner, a_sb, a_s0, a_s1, a_s2, a_s3, size1, size2, size3,
-                               INNER_CONTIGUOUS)
-    raw = tl.load(log_scale_ptr + a_offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_logdet = tl.load(grad_logdet_ptr + batch_index.to(tl.int64) * grad_logdet_stride, mask=in_batch,
-                          other=0.0).to(tl.float32)
+        _, multiplier, dlog = _scale_terms(raw, SIGMOID, REVERSE)
+        if HAS_GRAD_Y:
+            gy_offsets = sample_offsets(batch_index, inner, gy_sb, gy_s0, gy_s1, gy_s2, gy_s3, size1, size2,
+                                        size3, INNER_CONTIGUOUS)
+            # saved = x (forward direction) or the output y (reverse direction)
+            saved = tl.load(saved_ptr + u_offsets, mask=mask, other=0.0).to(tl.float32)
+            grad_y = tl.load(grad_y_ptr + gy_offsets, mask=mask, other=0.0).to(tl.float32)
+            grad_x = grad_y * multiplier
+            if REVERSE:
+                grad_a = -(grad_y * saved + grad_logdet) * dlog
+            else:
+                grad_a = (grad_x * saved + grad_logdet) * dlog
+        else:
+            # only logdet was used: y's terms are dropped, not multiplied by a zero gradient (inf * 0 = NaN)
+            grad_x = tl.zeros_like(raw)
+            if REVERSE:
+                grad_a = -grad_logdet * dlog
+            else:
+                grad_a = grad_logdet * dlog
 
-    _, multiplier, dlog = _scale_terms(raw, SIGMOID, REVERSE)
-    if HAS_GRAD_Y:
-        gy_offsets = sample_offsets(batch_index, inner, gy_sb, gy_s0, gy_s1, gy_s2, gy_s3, size1, size2, size3,
+        gx_offsets = sample_offsets(batch_index, inner, gx_sb, gx_s0, gx_s1, gx_s2, gx_s3, size1, size2, size3,
                                     INNER_CONTIGUOUS)
-        # saved = x (forward direction) or the output y (reverse direction)
-        saved = tl.load(saved_ptr + u_offsets, mask=mask, other=0.0).to(tl.float32)
-        grad_y = tl.load(grad_y_ptr + gy_offsets, mask=mask, other=0.0).to(tl.float32)
-        grad_x = grad_y * multiplier
-        if REVERSE:
-            grad_a = -(grad_y * saved + grad_logdet) * dlog
-        else:
-            grad_a = (grad_x * saved + grad_logdet) * dlog
-    else:
-        # only logdet was used: y's terms are dropped, not multiplied by a zero gradient (inf * 0 = NaN)
-        grad_x = tl.zeros_like(raw)
-        if REVERSE:
-            grad_a = -grad_logdet * dlog
-        else:
-            grad_a = grad_logdet * dlog
-
-    gx_offsets = sample_offsets(batch_index, inner, gx_sb, gx_s0, gx_s1, gx_s2, gx_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    ga_offsets = sample_offsets(batch_index, inner, ga_sb, ga_s0, ga_s1, ga_s2, ga_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    tl.store(grad_x_ptr + gx_offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_a_ptr + ga_offsets, grad_a.to(grad_a_ptr.dtype.element_ty), mask=mask)
+        ga_offsets = sample_offsets(batch_index, inner, ga_sb, ga_s0, ga_s1, ga_s2, ga_s3, size1, size2, size3,
+                                    INNER_CONTIGUOUS)
+        tl.store(grad_x_ptr + gx_offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_a_ptr + ga_offsets, grad_a.to(grad_a_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _tile_config(inner_numel: int) -> tuple[int, int, int]:
-    """``(BLOCK, SAMPLES, num_warps)`` for samples of ``inner_numel`` elements."""
-    block = next((b for b in SAMPLE_BLOCKS if b >= inner_numel), SAMPLE_BLOCKS[-1])
-    samples = max(1, MIN_TILE // block)
-    return block, samples, elementwise_block(block * samples)[1]
-
-
-def _grids(layout, block: int, samples: int):
-    """``(batch_start, batch_end, grid)`` per chunk of the batch that fits the grid's second axis."""
-    num_blocks = triton.cdiv(layout.inner_numel, block)
-    for start, count in batch_chunks(layout.batch, MAX_GRID_YZ * samples):
-        yield start, start + count, (num_blocks, triton.cdiv(count, samples))
-
-
 def _launch_forward(x, log_scale, shift, scale_fn: str, reverse: bool):
     y = torch.empty_like(x)
     batch = x.shape[0]
     if x.numel() == 0:
         return y, torch.zeros(batch, dtype=torch.float32, device=x.device)
     layout, (y_, x_, a_, t_) = per_sample_layout([y, x, log_scale, shift])
-    block, samples, num_warps = _tile_config(layout.inner_numel)
-    num_blocks = triton.cdiv(layout.inner_numel, block)
-    partials = torch.empty((batch, num_blocks), dtype=torch.float32, device=x.device)
-    for start, end, grid in _grids(layout, block, samples):
-        _affine_coupling_fwd_kernel[grid](
+    split = wave_split("affine_coupling", layout.inner_numel, batch, x.element_size(), x.device)
+    partials = torch.empty((batch, split.programs), dtype=torch.float32, device=x.device)
+    for start, count in batch_chunks(batch):
+        _affine_coupling_fwd_kernel[(split.programs, count)](
             y_, x_, a_, t_, partials,
-            start, end, layout.inner_numel, num_blocks, *layout.inner_sizes[1:],
+            start, layout.inner_numel, split.programs, *layout.inner_sizes[1:],
             *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.strides[3],
             SIGMOID=scale_fn == "sigmoid", REVERSE=reverse, INNER_CONTIGUOUS=layout.inner_contiguous,
-            BLOCK=block, SAMPLES=samples, num_warps=num_warps,
+            BLOCK=split.tile, num_warps=split.num_warps,
         )
     return y, partials.sum(dim=1)
 
@@ -268,14 +250,14 @@ def _launch_backward(grad_y, grad_logdet, saved, log_scale, scale_fn: str, rever
     gx_, ga_, u_, a_ = tensors[:4]
     gy_ = tensors[4] if grad_y is not None else u_  # a pointer the HAS_GRAD_Y=False branch never reads
     gy_strides = layout.strides[4] if grad_y is not None else layout.strides[2]
-    block, samples, num_warps = _tile_config(layout.inner_numel)
-    for start, end, grid in _grids(layout, block, samples):
-        _affine_coupling_bwd_kernel[grid](
+    split = wave_split("affine_coupling", layout.inner_numel, layout.batch, saved.element_size(), saved.device)
+    for start, count in batch_chunks(layout.batch):
+        _affine_coupling_bwd_kernel[(split.programs, count)](
             gx_, ga_, u_, a_, gy_, grad_logdet,
-            start, end, layout.inner_numel, grad_logdet.stride(0), *layout.inner_sizes[1:],
+            start, layout.inner_numel, grad_logdet.stride(0), *layout.inner_sizes[1:],
             *layout.strides[0], *layout.strides[1], *layout.strides[2], *layout.strides[3], *gy_strides,
             SIGMOID=scale_fn == "sigmoid", REVERSE=reverse, HAS_GRAD_Y=grad_y is not None,
-            INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=block, SAMPLES=samples, num_warps=num_warps,
+            INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=split.tile, num_warps=split.num_warps,
         )
     return gx_, ga_
 

@@ -38,9 +38,9 @@ from .checks import (
     check_values,
     describe,
 )
-from .launch import SampleWalk, batch_chunks, draw_philox_seed
+from .launch import NOISE_PHILOX_BLOCK, NOISE_PHILOX_GATHER, SampleWalk, batch_chunks, draw_philox_seed
 from .runtime import choose_impl, compute_dtype
-from .triton_helpers import noise_values, sample_block, sample_offsets
+from .triton_helpers import sample_offsets
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -280,6 +280,215 @@ def ddim_step_reference(model_output: torch.Tensor, timestep: torch.Tensor, samp
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Walk helpers of the kernels with in-kernel noise (the step here, q_sample and the loss, reparameterize_kl)
+# ----------------------------------------------------------------------------------------------------------------
+# The kernels' NOISE_MODE: SampleWalk's modes (none, tensor, Philox four at a time, Philox element by element), the
+# Philox modes computing the row-major index in int32 (a sample of < 2**31 elements, the launchers check), and
+# their int64 versions for larger samples.
+NOISE_BLOCK_64, NOISE_GATHER_64 = 4, 5
+
+
+def walk_is_contiguous(walk: SampleWalk) -> bool:
+    """Whether every tensor of ``walk`` holds element ``i`` of a sample at ``batch offset + i`` (``i`` the walk
+    index), so kernels can address them with INNER_CONTIGUOUS. True for the layouts SampleWalk already calls
+    inner-contiguous, and also when only the noise's row-major index splits the walk into several dims: a
+    channels_last or permuted dense batch with drawn noise, whose loads and stores are then one 16-byte-aligned
+    run (the index alone is unravelled, in int32)."""
+    layout = walk.layout
+    if layout.inner_contiguous:
+        return True
+    expected, running = [], 1
+    for size in reversed(layout.inner_sizes):
+        expected.append(running)
+        running *= size
+    expected.reverse()
+    return all(all(size == 1 or stride == want for size, stride, want in zip(layout.inner_sizes, strides[1:], expected))
+               for strides in (walk.strides(name) for name in walk.tensors))
+
+
+def walk_noise_mode(walk: SampleWalk) -> int:
+    """The NOISE_MODE for :func:`walk_noise`: the walk's, or the int64 versions of the Philox modes when a sample
+    has 2**31 elements or more."""
+    if walk.layout.inner_numel < 2**31:
+        return walk.noise_mode
+    return {NOISE_PHILOX_BLOCK: NOISE_BLOCK_64, NOISE_PHILOX_GATHER: NOISE_GATHER_64}.get(walk.noise_mode,
+                                                                                        walk.noise_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveSplit:
+    """How a per-sample elementwise kernel covers ``[batch, inner]``: ``programs`` programs per sample (grid
+    ``(programs, batch)``), program ``p`` walking units ``[p U / programs, (p + 1) U / programs)`` of the
+    sample's ``U = cdiv(inner, tile / 16)`` units of ``tile / 16`` elements (two 16-byte vectors, and Philox
+    groups of 4: every program starts 16-byte aligned and on a Philox group, and the spans differ by at most one
+    unit; a unit of one vector made the spans' masks cost the bf16 coupling forward 8 registers), in steps of ``tile`` elements with ``num_warps`` warps."""
+
+    tile: int
+    programs: int
+    num_warps: int = 1
+
+
+# Launch settings the tests may force (launch.force_launch_settings(op, programs_per_sample=...)).
+SPLIT_SETTING = "programs_per_sample"
+
+
+def wave_split(op_name: str, inner_numel: int, batch: int, element_bytes: int, device: torch.device) -> WaveSplit:
+    """Programs per sample so that the grid fills whole waves of the device.
+
+    Every program is one warp, so at most ``max_ctas_per_sm`` of them are resident per SM (the CTA limit, 32 on
+    sm_80/sm_90, binds before the register file while a kernel needs <= 64 registers per thread at one warp,
+    which the compiled-code budgets hold): a wave is exactly ``sm_count * max_ctas_per_sm`` programs whatever the
+    compiled register count. The grid ``programs * batch`` is the largest within one wave (within 2 or 3 for a
+    batch too large for one) that fills >= 90% of it, else 4 waves; each program walks an equal share of its
+    sample (to one unit) in tiles of one 16-byte vector per thread. A sample of fewer units than that gets one
+    program per unit (a problem smaller than a wave). In the CPU interpreter (about 4 ms per program and tile) one
+    program per sample walks it in tiles of up to 4096 elements, unless a test forces
+    ``programs_per_sample``."""
+    from .launch import capturing, device_limits, launch_setting
+    from .runtime import interpreter_enabled
+
+    tile = 32 * max(4, 16 // element_bytes)  # one 16-byte vector per thread (at least one Philox group)
+    units = max(1, triton.cdiv(inner_numel, tile // 16))
+    forced = launch_setting(op_name, SPLIT_SETTING, None)
+    if forced is not None:
+        return WaveSplit(tile, max(1, min(int(forced), units)))
+    if interpreter_enabled() and not capturing() and device.type != "cuda":
+        tile = max(128, min(4096, triton.next_power_of_2(inner_numel)))
+        return WaveSplit(tile, 1, max(1, min(8, tile // 512)))
+    limits = device_limits(device)
+    slots = limits.sm_count * limits.max_ctas_per_sm
+    for waves in (1, 2, 3):
+        programs = (waves * slots) // batch
+        if programs >= 1 and programs * batch >= 0.9 * waves * slots:
+            return WaveSplit(tile, min(programs, units))
+    return WaveSplit(tile, min(units, triton.cdiv(4 * slots, batch)))
+
+
+@triton.jit
+def span_of_program(inner_numel, TILE: tl.constexpr):
+    """This program's run ``[lo, hi)`` of its sample (its share of the sample's units of ``TILE // 16`` elements,
+    two 16-byte vectors, among the ``num_programs(0)`` programs of the sample, see :class:`WaveSplit`)
+    and the number of ``TILE`` steps that cover it (int32)."""
+    UNIT: tl.constexpr = TILE // 16
+    units = (inner_numel.to(tl.int64) + (UNIT - 1)) // UNIT
+    programs = tl.num_programs(0).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)
+    lo = (program * units // programs) * UNIT
+    hi = tl.minimum(((program + 1) * units // programs) * UNIT, inner_numel)
+    return lo, hi, tl.cdiv(hi - lo, TILE)
+
+
+@triton.jit
+def tile_of_span(lo, hi, step, TILE: tl.constexpr):
+    """The ``step``-th tile of a span: its first index (a multiple of ``TILE // 16``), its int64 indices and their
+    mask."""
+    first = tl.multiple_of(lo + step * TILE, TILE // 16)
+    inner = first + tl.arange(0, TILE).to(tl.int64)
+    return first, inner, inner < hi
+
+
+@triton.jit
+def sincos_turns(u):
+    """``(sin(2 pi u), cos(2 pi u))`` in fp32 for ``u`` in [0, 1), to about 1e-7: the quarter turn ``q =
+    round(4 u)`` is taken out exactly, and the rest ``x = 2 pi (u - q / 4)``, ``|x| <= pi / 4``, goes through
+    Taylor polynomials (to x^9 and x^10). libdevice's ``sinf``/``cosf`` would reduce any argument (Payne-Hanek,
+    a local-memory table: the stack frame of every kernel with drawn noise) although the angle is known to be
+    below 2 pi."""
+    quarter = tl.floor(4.0 * u + 0.5)
+    x = (u - 0.25 * quarter) * 6.283185307179586
+    x2 = x * x
+    sin_x = x * (1.0 + x2 * (-1.0 / 6.0 + x2 * (1.0 / 120.0 + x2 * (-1.0 / 5040.0 + x2 * (1.0 / 362880.0)))))
+    cos_x = 1.0 + x2 * (-0.5 + x2 * (1.0 / 24.0 + x2 * (-1.0 / 720.0 + x2 * (1.0 / 40320.0
+                                                                                  + x2 * (-1.0 / 3628800.0)))))
+    q = quarter.to(tl.int32) & 3
+    sin_t = tl.where(q == 0, sin_x, tl.where(q == 1, cos_x, tl.where(q == 2, -sin_x, -cos_x)))
+    cos_t = tl.where(q == 0, cos_x, tl.where(q == 1, -sin_x, tl.where(q == 2, -cos_x, sin_x)))
+    return sin_t, cos_t
+
+
+@triton.jit
+def _box_muller(u_a, u_b):
+    """Triton's ``pair_uniform_to_normal``, ``rho (cos, sin)(2 pi u_b)`` with ``rho = sqrt(-2 ln max(u_a,
+    1e-7))``, its sine and cosine from :func:`sincos_turns`."""
+    radius = tl.sqrt(-2.0 * tl.log(tl.maximum(u_a, 1.0e-7)))
+    sin_t, cos_t = sincos_turns(u_b)
+    return radius * cos_t, radius * sin_t
+
+
+@triton.jit
+def _philox_words(seed, group, batch_index, WIDE: tl.constexpr):
+    """The four Philox words of groups ``group`` of sample ``batch_index``; ``WIDE``: int64 groups (a sample of
+    2**31 elements or more), else int32 ones (high counter word 0)."""
+    if WIDE:
+        group_lo = (group & 0xFFFFFFFF).to(tl.uint32)
+        group_hi = (group >> 32).to(tl.uint32)
+    else:
+        group_lo = group.to(tl.uint32)
+        group_hi = tl.zeros_like(group_lo)
+    zero = tl.zeros_like(group_lo)
+    return tl.philox(seed, group_lo, group_hi, zero + batch_index.to(tl.uint32), zero)
+
+
+@triton.jit
+def _philox_block(seed, batch_index, first, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """``philox_normal_block``'s draws of elements ``first .. first + BLOCK - 1`` (the same stream)."""
+    if WIDE:
+        group = first // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    else:
+        group = first.to(tl.int32) // 4 + tl.arange(0, BLOCK // 4)
+    r0, r1, r2, r3 = _philox_words(seed, group, batch_index, WIDE)
+    n0, n1 = _box_muller(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = _box_muller(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+
+
+@triton.jit
+def _philox_at(seed, batch_index, index, WIDE: tl.constexpr):
+    """The draw :func:`_philox_block` gives element ``index`` (a block of row-major indices in any order), from
+    that element's own Philox group."""
+    r0, r1, r2, r3 = _philox_words(seed, index >> 2, batch_index, WIDE)
+    lane = index & 3
+    first_pair = lane < 2
+    n_cos, n_sin = _box_muller(tl.uint_to_uniform_float(tl.where(first_pair, r0, r2)),
+                               tl.uint_to_uniform_float(tl.where(first_pair, r1, r3)))
+    return tl.where((lane & 1) == 0, n_cos, n_sin)
+
+
+@triton.jit
+def walk_noise(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+               index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE: tl.constexpr,
+               INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
+    """fp32 noise of elements ``inner`` (from ``first``) of sample ``batch_index``, by the NOISE_MODE of
+    :func:`walk_noise_mode`: none (0), read from ``noise_ptr`` (1), Philox four at a time (2, 4 for int64
+    indices) or element by element at its row-major index (3, 5). Element by element, the row-major index of each
+    walked element is its walk coordinates dotted with the index strides, in int32 below 2**31 elements: for a
+    channels_last batch walked in memory order (pixel p, channel c) that is ``p + c * H * W``, one 32-bit division
+    by the channel count per element and no 64-bit ones."""
+    if NOISE_MODE == 1:
+        offsets = sample_offsets(batch_index, inner, z_sb, z_s0, z_s1, z_s2, z_s3, size1, size2, size3,
+                                 INNER_CONTIGUOUS)
+        eps = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    elif NOISE_MODE == 2 or NOISE_MODE == 4:
+        eps = _philox_block(tl.load(seed_ptr), batch_index, first, BLOCK, NOISE_MODE == 4)
+    elif NOISE_MODE == 3 or NOISE_MODE == 5:
+        if NOISE_MODE == 3:
+            i = inner.to(tl.int32)
+        else:
+            i = inner
+        c3 = i % size3
+        rest = i // size3
+        c2 = rest % size2
+        rest = rest // size2
+        c1 = rest % size1
+        c0 = rest // size1
+        index = c0 * index_s0 + c1 * index_s1 + c2 * index_s2 + c3 * index_s3
+        eps = _philox_at(tl.load(seed_ptr), batch_index, index, NOISE_MODE == 5)
+    else:
+        eps = tl.zeros((BLOCK,), tl.float32)
+    return eps
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Triton kernels: the step and its gradient
 # ----------------------------------------------------------------------------------------------------------------
 SCHEDULER_DDPM, SCHEDULER_DDIM = 0, 1
@@ -394,42 +603,45 @@ def _denoise_step_kernel(
     Each ``*_strides`` is a ``(batch, 4 inner)`` tuple, ``sizes`` the inner sizes 1..3 of the walk. A term whose
     coefficient is zero (a constexpr zero, or this sample's final step) is left out rather than multiplied by 0,
     so +-Inf inputs give what the math gives."""
-    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
-    # The bulk loads go first so that their latency overlaps the dependent gathers of the schedule terms below.
-    model_output = _load_guided(model_output_ptr, uncond_ptr, batch_index, inner, mask, model_output_strides,
-                                uncond_strides, sizes, guidance_scale, GUIDANCE, INNER_CONTIGUOUS)
-    x_offsets = _walk_offsets(batch_index, inner, sample_strides, sizes, INNER_CONTIGUOUS)
-    x_t = tl.load(sample_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    batch_index = batch_start + tl.program_id(1)
     sqrt_alpha, sqrt_beta, coef_x0, coef_sample, coef_eps, sigma = _step_coefficients(
         table_ptr, timestep_ptr, prev_timestep_ptr, timestep_value, prev_timestep_value, timestep_stride,
         prev_timestep_stride, num_train_timesteps, batch_index, eta, SCHEDULER, FIXED_LARGE, FINAL_ALPHA_IS_ONE,
         TIMESTEP_IN_TENSOR, PREV_TIMESTEP_IN_TENSOR)
+    lo, hi, steps = span_of_program(inner_numel, BLOCK)
+    for step in range(steps):
+        first, inner, mask = tile_of_span(lo, hi, step, BLOCK)
+        # The bulk loads go first so that their latency overlaps the dependent gathers of the schedule terms below.
+        model_output = _load_guided(model_output_ptr, uncond_ptr, batch_index, inner, mask, model_output_strides,
+                                    uncond_strides, sizes, guidance_scale, GUIDANCE, INNER_CONTIGUOUS)
+        x_offsets = _walk_offsets(batch_index, inner, sample_strides, sizes, INNER_CONTIGUOUS)
+        x_t = tl.load(sample_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
 
-    x0 = _predict_original(x_t, model_output, sqrt_alpha, sqrt_beta, clip_range, PREDICTION, CLIP)
-    prev_sample = coef_x0 * x0
-    if SCHEDULER == 0:  # DDPM: the x_t term (absent at a final step to a_prev = 1)
-        if coef_sample != 0.0:
-            prev_sample += coef_sample * x_t
-    else:  # DDIM: the eps term (absent at a final step to a_prev = 1, and where sigma takes all of 1 - a_prev)
-        if coef_eps != 0.0:
-            if USE_CLIPPED_MODEL_OUTPUT:
-                eps = (x_t - sqrt_alpha * x0) * (1.0 / sqrt_beta)
-            elif PREDICTION == 0:
-                eps = model_output
-            elif PREDICTION == 1:
-                eps = (x_t - sqrt_alpha * model_output) * (1.0 / sqrt_beta)
-            else:
-                eps = sqrt_alpha * model_output + sqrt_beta * x_t
-            prev_sample += coef_eps * eps
-    if NOISE_MODE != 0:
-        if sigma != 0.0:  # no noise at DDPM's t = 0, nor at a DDIM step with sigma = 0
-            prev_sample += sigma * noise_values(
-                noise_ptr, seed_ptr, batch_index, first, inner, mask, noise_strides[0], noise_strides[1],
-                noise_strides[2], noise_strides[3], noise_strides[4], index_strides[0], index_strides[1],
-                index_strides[2], index_strides[3], sizes[0], sizes[1], sizes[2], NOISE_MODE, INNER_CONTIGUOUS,
-                BLOCK)
-    out_offsets = _walk_offsets(batch_index, inner, out_strides, sizes, INNER_CONTIGUOUS)
-    tl.store(out_ptr + out_offsets, prev_sample.to(out_ptr.dtype.element_ty), mask=mask)
+        x0 = _predict_original(x_t, model_output, sqrt_alpha, sqrt_beta, clip_range, PREDICTION, CLIP)
+        prev_sample = coef_x0 * x0
+        if SCHEDULER == 0:  # DDPM: the x_t term (absent at a final step to a_prev = 1)
+            if coef_sample != 0.0:
+                prev_sample += coef_sample * x_t
+        else:  # DDIM: the eps term (absent at a final step to a_prev = 1, and where sigma takes all of 1 - a_prev)
+            if coef_eps != 0.0:
+                if USE_CLIPPED_MODEL_OUTPUT:
+                    eps = (x_t - sqrt_alpha * x0) * (1.0 / sqrt_beta)
+                elif PREDICTION == 0:
+                    eps = model_output
+                elif PREDICTION == 1:
+                    eps = (x_t - sqrt_alpha * model_output) * (1.0 / sqrt_beta)
+                else:
+                    eps = sqrt_alpha * model_output + sqrt_beta * x_t
+                prev_sample += coef_eps * eps
+        if NOISE_MODE != 0:
+            if sigma != 0.0:  # no noise at DDPM's t = 0, nor at a DDIM step with sigma = 0
+                prev_sample += sigma * walk_noise(
+                    noise_ptr, seed_ptr, batch_index, first, inner, mask, noise_strides[0], noise_strides[1],
+                    noise_strides[2], noise_strides[3], noise_strides[4], index_strides[0], index_strides[1],
+                    index_strides[2], index_strides[3], sizes[0], sizes[1], sizes[2], NOISE_MODE, INNER_CONTIGUOUS,
+                    BLOCK)
+        out_offsets = _walk_offsets(batch_index, inner, out_strides, sizes, INNER_CONTIGUOUS)
+        tl.store(out_ptr + out_offsets, prev_sample.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_STEP_SCALARS)
@@ -450,75 +662,78 @@ def _denoise_step_backward_kernel(
     """The step's gradient: for fixed timesteps ``x_prev`` is linear in ``x_t``, the (guided) network output
     ``m`` and ``z``, except for the clamp of ``x0``, whose derivative is 0 outside ``[-range, range]`` (and at NaN),
     as torch.clamp's. ``x0``, and so ``model_output``/``sample``/``uncond``, is only read when ``CLIP``."""
-    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
-    g_offsets = _walk_offsets(batch_index, inner, grad_strides, sizes, INNER_CONTIGUOUS)
-    g = tl.load(grad_ptr + g_offsets, mask=mask, other=0.0).to(tl.float32)
+    batch_index = batch_start + tl.program_id(1)
     sqrt_alpha, sqrt_beta, coef_x0, coef_sample, coef_eps, sigma = _step_coefficients(
         table_ptr, timestep_ptr, prev_timestep_ptr, timestep_value, prev_timestep_value, timestep_stride,
         prev_timestep_stride, num_train_timesteps, batch_index, eta, SCHEDULER, FIXED_LARGE, FINAL_ALPHA_IS_ONE,
         TIMESTEP_IN_TENSOR, PREV_TIMESTEP_IN_TENSOR)
-    inv_sqrt_alpha = 1.0 / sqrt_alpha
-    inv_sqrt_beta = 1.0 / sqrt_beta
-    # The coefficient of the clamped x0 in x_prev (with USE_CLIPPED_MODEL_OUTPUT, eps = (x_t - sqrt(a_t) x0) /
-    # sqrt(1 - a_t) depends on it too)
-    x0_weight = coef_x0
-    if SCHEDULER == 1:
-        if USE_CLIPPED_MODEL_OUTPUT:
-            x0_weight = coef_x0 - coef_eps * sqrt_alpha * inv_sqrt_beta
-    grad_x0 = x0_weight * g
-    if CLIP:
-        model_output = _load_guided(model_output_ptr, uncond_ptr, batch_index, inner, mask, model_output_strides,
-                                    uncond_strides, sizes, guidance_scale, GUIDANCE, INNER_CONTIGUOUS)
-        x_offsets = _walk_offsets(batch_index, inner, sample_strides, sizes, INNER_CONTIGUOUS)
-        x_t = tl.load(sample_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-        x0 = _predict_original(x_t, model_output, sqrt_alpha, sqrt_beta, clip_range, PREDICTION, False)
-        grad_x0 = tl.where((x0 >= -clip_range) & (x0 <= clip_range), grad_x0, 0.0)
-    # through x0 (d x0 / d x_t and d x0 / d m)
-    if PREDICTION == 0:
-        grad_sample = grad_x0 * inv_sqrt_alpha
-        grad_output = -(sqrt_beta * inv_sqrt_alpha) * grad_x0
-    elif PREDICTION == 1:
-        grad_sample = tl.zeros_like(g)
-        grad_output = grad_x0
-    else:
-        grad_sample = sqrt_alpha * grad_x0
-        grad_output = -sqrt_beta * grad_x0
-    # the direct terms: DDPM's coef_sample * x_t, DDIM's coef_eps * eps (left out where zero, as in the forward)
-    if SCHEDULER == 0:
-        if coef_sample != 0.0:
-            grad_sample += coef_sample * g
-    else:
-        if coef_eps != 0.0:
+    lo, hi, steps = span_of_program(inner_numel, BLOCK)
+    for step in range(steps):
+        first, inner, mask = tile_of_span(lo, hi, step, BLOCK)
+        g_offsets = _walk_offsets(batch_index, inner, grad_strides, sizes, INNER_CONTIGUOUS)
+        g = tl.load(grad_ptr + g_offsets, mask=mask, other=0.0).to(tl.float32)
+        inv_sqrt_alpha = 1.0 / sqrt_alpha
+        inv_sqrt_beta = 1.0 / sqrt_beta
+        # The coefficient of the clamped x0 in x_prev (with USE_CLIPPED_MODEL_OUTPUT, eps = (x_t - sqrt(a_t) x0) /
+        # sqrt(1 - a_t) depends on it too)
+        x0_weight = coef_x0
+        if SCHEDULER == 1:
             if USE_CLIPPED_MODEL_OUTPUT:
-                grad_sample += (coef_eps * inv_sqrt_beta) * g
-            elif PREDICTION == 0:
-                grad_output += coef_eps * g
-            elif PREDICTION == 1:
-                grad_sample += (coef_eps * inv_sqrt_beta) * g
-                grad_output += -(coef_eps * sqrt_alpha * inv_sqrt_beta) * g
-            else:
-                grad_sample += (coef_eps * sqrt_beta) * g
-                grad_output += (coef_eps * sqrt_alpha) * g
-    if NEED_SAMPLE:
-        offsets = _walk_offsets(batch_index, inner, grad_sample_strides, sizes, INNER_CONTIGUOUS)
-        tl.store(grad_sample_ptr + offsets, grad_sample.to(grad_sample_ptr.dtype.element_ty), mask=mask)
-    if NEED_MODEL_OUTPUT:
-        grad_model_output = grad_output
-        if GUIDANCE:
-            grad_model_output = guidance_scale * grad_output
-        offsets = _walk_offsets(batch_index, inner, grad_model_output_strides, sizes, INNER_CONTIGUOUS)
-        tl.store(grad_model_output_ptr + offsets, grad_model_output.to(grad_model_output_ptr.dtype.element_ty),
-                 mask=mask)
-    if NEED_UNCOND:
-        offsets = _walk_offsets(batch_index, inner, grad_uncond_strides, sizes, INNER_CONTIGUOUS)
-        tl.store(grad_uncond_ptr + offsets, ((1.0 - guidance_scale) * grad_output).to(
-            grad_uncond_ptr.dtype.element_ty), mask=mask)
-    if NEED_NOISE:
-        grad_noise = tl.zeros_like(g)
-        if sigma != 0.0:
-            grad_noise = sigma * g
-        offsets = _walk_offsets(batch_index, inner, grad_noise_strides, sizes, INNER_CONTIGUOUS)
-        tl.store(grad_noise_ptr + offsets, grad_noise.to(grad_noise_ptr.dtype.element_ty), mask=mask)
+                x0_weight = coef_x0 - coef_eps * sqrt_alpha * inv_sqrt_beta
+        grad_x0 = x0_weight * g
+        if CLIP:
+            model_output = _load_guided(model_output_ptr, uncond_ptr, batch_index, inner, mask, model_output_strides,
+                                        uncond_strides, sizes, guidance_scale, GUIDANCE, INNER_CONTIGUOUS)
+            x_offsets = _walk_offsets(batch_index, inner, sample_strides, sizes, INNER_CONTIGUOUS)
+            x_t = tl.load(sample_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+            x0 = _predict_original(x_t, model_output, sqrt_alpha, sqrt_beta, clip_range, PREDICTION, False)
+            grad_x0 = tl.where((x0 >= -clip_range) & (x0 <= clip_range), grad_x0, 0.0)
+        # through x0 (d x0 / d x_t and d x0 / d m)
+        if PREDICTION == 0:
+            grad_sample = grad_x0 * inv_sqrt_alpha
+            grad_output = -(sqrt_beta * inv_sqrt_alpha) * grad_x0
+        elif PREDICTION == 1:
+            grad_sample = tl.zeros_like(g)
+            grad_output = grad_x0
+        else:
+            grad_sample = sqrt_alpha * grad_x0
+            grad_output = -sqrt_beta * grad_x0
+        # the direct terms: DDPM's coef_sample * x_t, DDIM's coef_eps * eps (left out where zero, as in the forward)
+        if SCHEDULER == 0:
+            if coef_sample != 0.0:
+                grad_sample += coef_sample * g
+        else:
+            if coef_eps != 0.0:
+                if USE_CLIPPED_MODEL_OUTPUT:
+                    grad_sample += (coef_eps * inv_sqrt_beta) * g
+                elif PREDICTION == 0:
+                    grad_output += coef_eps * g
+                elif PREDICTION == 1:
+                    grad_sample += (coef_eps * inv_sqrt_beta) * g
+                    grad_output += -(coef_eps * sqrt_alpha * inv_sqrt_beta) * g
+                else:
+                    grad_sample += (coef_eps * sqrt_beta) * g
+                    grad_output += (coef_eps * sqrt_alpha) * g
+        if NEED_SAMPLE:
+            offsets = _walk_offsets(batch_index, inner, grad_sample_strides, sizes, INNER_CONTIGUOUS)
+            tl.store(grad_sample_ptr + offsets, grad_sample.to(grad_sample_ptr.dtype.element_ty), mask=mask)
+        if NEED_MODEL_OUTPUT:
+            grad_model_output = grad_output
+            if GUIDANCE:
+                grad_model_output = guidance_scale * grad_output
+            offsets = _walk_offsets(batch_index, inner, grad_model_output_strides, sizes, INNER_CONTIGUOUS)
+            tl.store(grad_model_output_ptr + offsets, grad_model_output.to(grad_model_output_ptr.dtype.element_ty),
+                     mask=mask)
+        if NEED_UNCOND:
+            offsets = _walk_offsets(batch_index, inner, grad_uncond_strides, sizes, INNER_CONTIGUOUS)
+            tl.store(grad_uncond_ptr + offsets, ((1.0 - guidance_scale) * grad_output).to(
+                grad_uncond_ptr.dtype.element_ty), mask=mask)
+        if NEED_NOISE:
+            grad_noise = tl.zeros_like(g)
+            if sigma != 0.0:
+                grad_noise = sigma * g
+            offsets = _walk_offsets(batch_index, inner, grad_noise_strides, sizes, INNER_CONTIGUOUS)
+            tl.store(grad_noise_ptr + offsets, grad_noise.to(grad_noise_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,7 +777,7 @@ def _walk_arguments(walk: SampleWalk, pointers: dict) -> dict:
     names; a tensor left out gets a placeholder pointer and zero strides), and the walk's sizes and layout."""
     placeholder = next(iter(walk.tensors.values()))
     arguments = dict(inner_numel=walk.layout.inner_numel, sizes=tuple(walk.layout.inner_sizes[1:]),
-                     INNER_CONTIGUOUS=walk.layout.inner_contiguous, BLOCK=walk.block)
+                     INNER_CONTIGUOUS=walk_is_contiguous(walk))
     for kernel_name, walk_name in pointers.items():
         arguments[f"{kernel_name}_ptr"] = walk.tensor(walk_name, placeholder)
         arguments[f"{kernel_name}_strides"] = tuple(walk.strides(walk_name))
@@ -583,9 +798,12 @@ def _launch_denoise_step(options: _StepOptions, model_output, sample, noise, see
         **_timestep_arguments(table, timestep, timestep_value, prev_timestep, prev_timestep_value),
         **options.scalars(), **options.constexprs(),
         seed_ptr=seed if seed is not None else table, index_strides=tuple(walk.index_strides),
-        NOISE_MODE=walk.noise_mode, GUIDANCE=uncond_output is not None)
+        NOISE_MODE=walk_noise_mode(walk), GUIDANCE=uncond_output is not None)
+    split = wave_split("denoise_step", walk.layout.inner_numel, walk.layout.batch, sample.element_size(),
+                       sample.device)
     for start, count in batch_chunks(walk.layout.batch):
-        _denoise_step_kernel[(walk.num_blocks, count)](batch_start=start, num_warps=walk.num_warps, **arguments)
+        _denoise_step_kernel[(split.programs, count)](batch_start=start, BLOCK=split.tile,
+                                                      num_warps=split.num_warps, **arguments)
     return walk.output("out")
 
 
@@ -608,9 +826,12 @@ def _launch_denoise_step_backward(options: _StepOptions, grad, model_output, sam
         **_timestep_arguments(table, timestep, timestep_value, prev_timestep, prev_timestep_value),
         **options.scalars(), **options.constexprs(), GUIDANCE=uncond_output is not None,
         NEED_MODEL_OUTPUT=wanted[0], NEED_SAMPLE=wanted[1], NEED_NOISE=wanted[2], NEED_UNCOND=wanted[3])
+    split = wave_split("denoise_step", walk.layout.inner_numel, walk.layout.batch, grad.element_size(),
+                       grad.device)
     for start, count in batch_chunks(walk.layout.batch):
-        _denoise_step_backward_kernel[(walk.num_blocks, count)](batch_start=start, num_warps=walk.num_warps,
-                                                                **arguments)
+        _denoise_step_backward_kernel[(split.programs, count)](batch_start=start,
+                                                               BLOCK=split.tile, num_warps=split.num_warps,
+                                                               **arguments)
     return [walk.output(name) if name in outputs else g for name, g in zip(names, grads)]
 
 

@@ -38,11 +38,23 @@ from .checks import (
     check_tensor,
     describe,
 )
-from .diffusion import PREDICTION_TYPES, NoiseSchedule, batch_stride, check_timesteps, schedule_terms
+from .diffusion import (
+    PREDICTION_TYPES,
+    NoiseSchedule,
+    batch_stride,
+    check_timesteps,
+    schedule_terms,
+    span_of_program,
+    tile_of_span,
+    walk_is_contiguous,
+    walk_noise,
+    walk_noise_mode,
+    wave_split,
+)
 from .launch import SampleWalk, batch_chunks, draw_philox_seed
 from .philox import philox_normal
 from .runtime import choose_impl, compute_dtype
-from .triton_helpers import noise_values, sample_block, sample_offsets
+from .triton_helpers import sample_offsets
 
 REDUCTIONS = ("mean", "sum", "none", "per_sample")
 _PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}
@@ -154,7 +166,7 @@ def _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_
     else:
         x0 = tl.zeros((BLOCK,), tl.float32)
     if PREDICTION != 1:
-        eps = noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+        eps = walk_noise(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
                            l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
     else:
         eps = tl.zeros((BLOCK,), tl.float32)
@@ -174,18 +186,21 @@ def _q_sample_kernel(
     NOISE_MODE: tl.constexpr, TIMESTEP_IN_TENSOR: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
-    x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
-                               INNER_CONTIGUOUS)
-    x0 = tl.load(x0_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-    eps = noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                       l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
+    batch_index = batch_start + tl.program_id(1)
     sqrt_alpha, sqrt_beta = _schedule_sqrt_terms(table_ptr, timestep_ptr, timestep_value, timestep_stride,
                                                  num_train_timesteps, batch_index, TIMESTEP_IN_TENSOR)
-    x_t = sqrt_alpha * x0 + sqrt_beta * eps
-    out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2, size3,
-                                 INNER_CONTIGUOUS)
-    tl.store(out_ptr + out_offsets, x_t.to(out_ptr.dtype.element_ty), mask=mask)
+    lo, hi, steps = span_of_program(inner_numel, BLOCK)
+    for step in range(steps):
+        first, inner, mask = tile_of_span(lo, hi, step, BLOCK)
+        x_offsets = sample_offsets(batch_index, inner, x_sb, x_s0, x_s1, x_s2, x_s3, size1, size2, size3,
+                                   INNER_CONTIGUOUS)
+        x0 = tl.load(x0_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+        eps = walk_noise(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+                         l_s0, l_s1, l_s2, l_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS, BLOCK)
+        x_t = sqrt_alpha * x0 + sqrt_beta * eps
+        out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2,
+                                     size3, INNER_CONTIGUOUS)
+        tl.store(out_ptr + out_offsets, x_t.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["timestep_value", "grad_scale"])
@@ -201,27 +216,34 @@ def _diffusion_loss_fwd_kernel(
     PREDICTION: tl.constexpr, ELEMENTWISE: tl.constexpr, WRITE_GRAD: tl.constexpr, NOISE_MODE: tl.constexpr,
     TIMESTEP_IN_TENSOR: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """ELEMENTWISE: ``out = (model_output - target)^2``. Otherwise one partial sum of squared errors per program,
-    and with WRITE_GRAD ``out = 2 * grad_scale * (model_output - target)``, the gradient of the reduced loss."""
-    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
-    mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
-    target, _ = _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_value,
+    """ELEMENTWISE: ``out = (model_output - target)^2``. Otherwise one partial sum of squared errors per program
+    (over its span), and with WRITE_GRAD ``out = 2 * grad_scale * (model_output - target)``, the gradient of the
+    reduced loss."""
+    batch_index = batch_start + tl.program_id(1)
+    lo, hi, steps = span_of_program(inner_numel, BLOCK)
+    squares = tl.zeros((BLOCK,), tl.float32)
+    for step in range(steps):
+        first, inner, mask = tile_of_span(lo, hi, step, BLOCK)
+        mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
+                                    INNER_CONTIGUOUS)
+        model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
+        target, _ = _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_value,
                                  timestep_stride, num_train_timesteps, batch_index, first, inner, mask,
                                  x_sb, x_s0, x_s1, x_s2, x_s3, z_sb, z_s0, z_s1, z_s2, z_s3, l_s0, l_s1, l_s2, l_s3,
                                  size1, size2, size3, PREDICTION, NOISE_MODE, TIMESTEP_IN_TENSOR, INNER_CONTIGUOUS,
                                  BLOCK)
-    # drawn noise is not zero on masked lanes: zero their difference so the partial sums only see real elements
-    diff = tl.where(mask, model_output - target, 0.0)
-    out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2, size3,
-                                 INNER_CONTIGUOUS)
-    if ELEMENTWISE:
-        tl.store(out_ptr + out_offsets, (diff * diff).to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(partial_ptr + batch_index.to(tl.int64) * num_blocks + tl.program_id(0), tl.sum(diff * diff, axis=0))
-        if WRITE_GRAD:
-            tl.store(out_ptr + out_offsets, (2.0 * grad_scale * diff).to(out_ptr.dtype.element_ty), mask=mask)
+        # drawn noise is not zero on masked lanes: zero their difference so the partial sums only see real elements
+        diff = tl.where(mask, model_output - target, 0.0)
+        out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2,
+                                     size3, INNER_CONTIGUOUS)
+        if ELEMENTWISE:
+            tl.store(out_ptr + out_offsets, (diff * diff).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            squares += diff * diff
+            if WRITE_GRAD:
+                tl.store(out_ptr + out_offsets, (2.0 * grad_scale * diff).to(out_ptr.dtype.element_ty), mask=mask)
+    if not ELEMENTWISE:
+        tl.store(partial_ptr + batch_index.to(tl.int64) * num_blocks + tl.program_id(0), tl.sum(squares, axis=0))
 
 
 @triton.jit(do_not_specialize=["timestep_value", "grad_scale"])
@@ -244,30 +266,33 @@ def _diffusion_loss_bwd_kernel(
     grad_loss`` and ``grad_x0 = -(d target / d x0) grad_mo``, in fp32 until the store. ``grad_loss`` is the
     elementwise upstream gradient, or with GRAD_PER_SAMPLE one value per sample (``gl_sb`` apart: 0 for the
     scalar of "mean"/"sum"), and ``grad_scale`` the reduction's ``1/N``."""
-    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
-    mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
-    if GRAD_PER_SAMPLE:
-        grad_loss = tl.load(grad_loss_ptr + batch_index.to(tl.int64) * gl_sb).to(tl.float32)
-    else:
-        gl_offsets = sample_offsets(batch_index, inner, gl_sb, gl_s0, gl_s1, gl_s2, gl_s3, size1, size2, size3,
+    batch_index = batch_start + tl.program_id(1)
+    lo, hi, steps = span_of_program(inner_numel, BLOCK)
+    for step in range(steps):
+        first, inner, mask = tile_of_span(lo, hi, step, BLOCK)
+        mo_offsets = sample_offsets(batch_index, inner, mo_sb, mo_s0, mo_s1, mo_s2, mo_s3, size1, size2, size3,
                                     INNER_CONTIGUOUS)
-        grad_loss = tl.load(grad_loss_ptr + gl_offsets, mask=mask, other=0.0).to(tl.float32)
-    target, x0_coef = _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_value,
-                                 timestep_stride, num_train_timesteps, batch_index, first, inner, mask,
-                                 x_sb, x_s0, x_s1, x_s2, x_s3, z_sb, z_s0, z_s1, z_s2, z_s3, l_s0, l_s1, l_s2, l_s3,
-                                 size1, size2, size3, PREDICTION, NOISE_MODE, TIMESTEP_IN_TENSOR, INNER_CONTIGUOUS,
-                                 BLOCK)
-    grad_mo = 2.0 * grad_scale * (model_output - target) * grad_loss
-    if WRITE_GRAD_MO:
-        gm_offsets = sample_offsets(batch_index, inner, gm_sb, gm_s0, gm_s1, gm_s2, gm_s3, size1, size2, size3,
-                                    INNER_CONTIGUOUS)
-        tl.store(grad_mo_ptr + gm_offsets, grad_mo.to(grad_mo_ptr.dtype.element_ty), mask=mask)
-    if WRITE_GRAD_X0:
-        gx_offsets = sample_offsets(batch_index, inner, gx_sb, gx_s0, gx_s1, gx_s2, gx_s3, size1, size2, size3,
-                                    INNER_CONTIGUOUS)
-        tl.store(grad_x0_ptr + gx_offsets, (-x0_coef * grad_mo).to(grad_x0_ptr.dtype.element_ty), mask=mask)
+        model_output = tl.load(model_output_ptr + mo_offsets, mask=mask, other=0.0).to(tl.float32)
+        if GRAD_PER_SAMPLE:
+            grad_loss = tl.load(grad_loss_ptr + batch_index.to(tl.int64) * gl_sb).to(tl.float32)
+        else:
+            gl_offsets = sample_offsets(batch_index, inner, gl_sb, gl_s0, gl_s1, gl_s2, gl_s3, size1, size2, size3,
+                                        INNER_CONTIGUOUS)
+            grad_loss = tl.load(grad_loss_ptr + gl_offsets, mask=mask, other=0.0).to(tl.float32)
+        target, x0_coef = _loss_target(x0_ptr, noise_ptr, seed_ptr, table_ptr, timestep_ptr, timestep_value,
+                                     timestep_stride, num_train_timesteps, batch_index, first, inner, mask,
+                                     x_sb, x_s0, x_s1, x_s2, x_s3, z_sb, z_s0, z_s1, z_s2, z_s3, l_s0, l_s1, l_s2, l_s3,
+                                     size1, size2, size3, PREDICTION, NOISE_MODE, TIMESTEP_IN_TENSOR, INNER_CONTIGUOUS,
+                                     BLOCK)
+        grad_mo = 2.0 * grad_scale * (model_output - target) * grad_loss
+        if WRITE_GRAD_MO:
+            gm_offsets = sample_offsets(batch_index, inner, gm_sb, gm_s0, gm_s1, gm_s2, gm_s3, size1, size2, size3,
+                                        INNER_CONTIGUOUS)
+            tl.store(grad_mo_ptr + gm_offsets, grad_mo.to(grad_mo_ptr.dtype.element_ty), mask=mask)
+        if WRITE_GRAD_X0:
+            gx_offsets = sample_offsets(batch_index, inner, gx_sb, gx_s0, gx_s1, gx_s2, gx_s3, size1, size2, size3,
+                                        INNER_CONTIGUOUS)
+            tl.store(grad_x0_ptr + gx_offsets, (-x0_coef * grad_mo).to(grad_x0_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,15 +307,16 @@ def _launch_q_sample(x0, noise, seed, table, timestep, timestep_value):
         named["noise"] = noise
     walk = SampleWalk(named, ("out",), "tensor" if noise is not None else "drawn")
     tensors, layout = walk.tensors, walk.layout
+    split = wave_split("q_sample", layout.inner_numel, layout.batch, x0.element_size(), x0.device)
     for start, count in batch_chunks(layout.batch):
-        _q_sample_kernel[(walk.num_blocks, count)](
+        _q_sample_kernel[(split.programs, count)](
             tensors["out"], tensors["x0"], tensors.get("noise", tensors["x0"]),
             seed if seed is not None else table, table, timestep if timestep is not None else table,
             timestep_value, batch_stride(timestep), table.shape[1], start, layout.inner_numel,
             *layout.inner_sizes[1:],
             *walk.strides("out"), *walk.strides("x0"), *walk.strides("noise"), *walk.index_strides,
-            NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
-            INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=walk.block, num_warps=walk.num_warps,
+            NOISE_MODE=walk_noise_mode(walk), TIMESTEP_IN_TENSOR=timestep is not None,
+            INNER_CONTIGUOUS=walk_is_contiguous(walk), BLOCK=split.tile, num_warps=split.num_warps,
         )
     return walk.output("out")
 
@@ -322,27 +348,29 @@ def _launch_loss_forward(model_output, x0, noise, seed, table, timestep, timeste
         named["noise"] = noise
     walk = SampleWalk(named, ("out",), "tensor" if noise is not None else "drawn")
     tensors, layout = walk.tensors, walk.layout
-    partials = torch.empty(1 if elementwise else batch * walk.num_blocks, dtype=torch.float32,
+    split = wave_split("diffusion_loss", layout.inner_numel, batch, model_output.element_size(),
+                       model_output.device)
+    partials = torch.empty(1 if elementwise else batch * split.programs, dtype=torch.float32,
                            device=model_output.device)
     grad_scale = _grad_scale(reduction, numel, inner_numel)
     placeholder = tensors["model_output"]  # stands in for pointers a constexpr branch never reads
     for start, count in batch_chunks(batch):
-        _diffusion_loss_fwd_kernel[(walk.num_blocks, count)](
+        _diffusion_loss_fwd_kernel[(split.programs, count)](
             tensors.get("out", placeholder), partials, tensors["model_output"], tensors["x0"],
             tensors.get("noise", placeholder), seed if seed is not None else table, table,
             timestep if timestep is not None else table,
             timestep_value, batch_stride(timestep), table.shape[1], grad_scale,
-            start, layout.inner_numel, walk.num_blocks, *layout.inner_sizes[1:],
+            start, layout.inner_numel, split.programs, *layout.inner_sizes[1:],
             *walk.strides("out"), *walk.strides("model_output"), *walk.strides("x0"),
             *walk.strides("noise"), *walk.index_strides,
             PREDICTION=_PREDICTION_CODES[prediction_type], ELEMENTWISE=elementwise, WRITE_GRAD=write_grad,
-            NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
-            INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=walk.block, num_warps=walk.num_warps,
+            NOISE_MODE=walk_noise_mode(walk), TIMESTEP_IN_TENSOR=timestep is not None,
+            INNER_CONTIGUOUS=walk_is_contiguous(walk), BLOCK=split.tile, num_warps=split.num_warps,
         )
     out = walk.output("out") if "out" in named else out
     if elementwise:
         return out, model_output.new_empty(0)
-    return _reduce(partials.view(batch, walk.num_blocks), reduction, numel, inner_numel, model_output), out
+    return _reduce(partials.view(batch, split.programs), reduction, numel, inner_numel, model_output), out
 
 
 def _reduce(partials: torch.Tensor, reduction: str, numel: int, inner_numel: int, model_output) -> torch.Tensor:
@@ -390,8 +418,10 @@ def _launch_loss_backward(grad_loss, model_output, x0, noise, seed, table, times
     numel = model_output.numel()
     grad_scale = _grad_scale(reduction, numel, numel // model_output.shape[0])
     placeholder = tensors["model_output"]
+    split = wave_split("diffusion_loss", layout.inner_numel, layout.batch, model_output.element_size(),
+                       model_output.device)
     for start, count in batch_chunks(layout.batch):
-        _diffusion_loss_bwd_kernel[(walk.num_blocks, count)](
+        _diffusion_loss_bwd_kernel[(split.programs, count)](
             tensors.get("grad_mo", placeholder), tensors.get("grad_x0", placeholder),
             tensors.get("grad_loss", grad_loss), tensors["model_output"], tensors["x0"],
             tensors.get("noise", placeholder), seed if seed is not None else table, table,
@@ -402,8 +432,8 @@ def _launch_loss_backward(grad_loss, model_output, x0, noise, seed, table, times
             *walk.strides("model_output"), *walk.strides("x0"), *walk.strides("noise"),
             *walk.index_strides,
             PREDICTION=_PREDICTION_CODES[prediction_type], WRITE_GRAD_MO=need_grad_mo, WRITE_GRAD_X0=write_grad_x0,
-            GRAD_PER_SAMPLE=per_sample_grad, NOISE_MODE=walk.noise_mode, TIMESTEP_IN_TENSOR=timestep is not None,
-            INNER_CONTIGUOUS=layout.inner_contiguous, BLOCK=walk.block, num_warps=walk.num_warps,
+            GRAD_PER_SAMPLE=per_sample_grad, NOISE_MODE=walk_noise_mode(walk), TIMESTEP_IN_TENSOR=timestep is not None,
+            INNER_CONTIGUOUS=walk_is_contiguous(walk), BLOCK=split.tile, num_warps=split.num_warps,
         )
     return (walk.output("grad_mo") if need_grad_mo else grad_mo,
             walk.output("grad_x0") if write_grad_x0 else grad_x0)

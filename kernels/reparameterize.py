@@ -28,9 +28,10 @@ from .checks import (
     check_min_rank,
     check_same_device,
 )
+from .diffusion import span_of_program, tile_of_span, walk_is_contiguous, walk_noise, walk_noise_mode, wave_split
 from .launch import SampleWalk, batch_chunks, draw_philox_seed
 from .runtime import choose_impl, compute_dtype
-from .triton_helpers import noise_values, sample_block, sample_offsets
+from .triton_helpers import sample_offsets
 
 LN2 = math.log(2.0)
 SQRT_HALF = math.sqrt(0.5)
@@ -173,23 +174,27 @@ def _reparameterize_kl_fwd_kernel(
     index_s0, index_s1, index_s2, index_s3,
     NOISE_MODE: tl.constexpr, INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
-    mu_offsets = sample_offsets(batch_index, inner, mu_sb, mu_s0, mu_s1, mu_s2, mu_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    lv_offsets = sample_offsets(batch_index, inner, lv_sb, lv_s0, lv_s1, lv_s2, lv_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
-    logvar = tl.load(logvar_ptr + lv_offsets, mask=mask, other=0.0).to(tl.float32)
-    eps = noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                       index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS,
-                       BLOCK)
-    z = mu + _exp_times_block(0.5 * logvar, eps)
-    out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2, size3,
-                                 INNER_CONTIGUOUS)
-    tl.store(z_ptr + out_offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
-    # masked lanes load mu = logvar = 0, whose KL term is exactly 0
-    partial = tl.sum(_kl_terms_block(mu, logvar), axis=0)
-    tl.store(partial_ptr + batch_index.to(tl.int64) * num_blocks + tl.program_id(0), partial)
+    batch_index = batch_start + tl.program_id(1)
+    lo, hi, steps = span_of_program(inner_numel, BLOCK)
+    terms = tl.zeros((BLOCK,), tl.float32)
+    for step in range(steps):
+        first, inner, mask = tile_of_span(lo, hi, step, BLOCK)
+        mu_offsets = sample_offsets(batch_index, inner, mu_sb, mu_s0, mu_s1, mu_s2, mu_s3, size1, size2, size3,
+                                    INNER_CONTIGUOUS)
+        lv_offsets = sample_offsets(batch_index, inner, lv_sb, lv_s0, lv_s1, lv_s2, lv_s3, size1, size2, size3,
+                                    INNER_CONTIGUOUS)
+        mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
+        logvar = tl.load(logvar_ptr + lv_offsets, mask=mask, other=0.0).to(tl.float32)
+        eps = walk_noise(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+                           index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE, INNER_CONTIGUOUS,
+                           BLOCK)
+        z = mu + _exp_times_block(0.5 * logvar, eps)
+        out_offsets = sample_offsets(batch_index, inner, out_sb, out_s0, out_s1, out_s2, out_s3, size1, size2, size3,
+                                     INNER_CONTIGUOUS)
+        tl.store(z_ptr + out_offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
+        # masked lanes load mu = logvar = 0, whose KL term is exactly 0
+        terms += _kl_terms_block(mu, logvar)
+    tl.store(partial_ptr + batch_index.to(tl.int64) * num_blocks + tl.program_id(0), tl.sum(terms, axis=0))
 
 
 @triton.jit
@@ -206,34 +211,37 @@ def _reparameterize_kl_bwd_kernel(
     NOISE_MODE: tl.constexpr, HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr,
     INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    batch_index, first, inner, mask = sample_block(batch_start, inner_numel, BLOCK)
-    lv_offsets = sample_offsets(batch_index, inner, lv_sb, lv_s0, lv_s1, lv_s2, lv_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    logvar = tl.load(logvar_ptr + lv_offsets, mask=mask, other=0.0).to(tl.float32)
-    grad_mu = tl.zeros((BLOCK,), tl.float32)
-    grad_logvar = tl.zeros((BLOCK,), tl.float32)
-    if HAS_GRAD_Z:
-        gz_offsets = sample_offsets(batch_index, inner, gz_sb, gz_s0, gz_s1, gz_s2, gz_s3, size1, size2, size3,
+    batch_index = batch_start + tl.program_id(1)
+    lo, hi, steps = span_of_program(inner_numel, BLOCK)
+    for step in range(steps):
+        first, inner, mask = tile_of_span(lo, hi, step, BLOCK)
+        lv_offsets = sample_offsets(batch_index, inner, lv_sb, lv_s0, lv_s1, lv_s2, lv_s3, size1, size2, size3,
                                     INNER_CONTIGUOUS)
-        grad_z = tl.load(grad_z_ptr + gz_offsets, mask=mask, other=0.0).to(tl.float32)
-        eps = noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                           index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE,
-                           INNER_CONTIGUOUS, BLOCK)
-        grad_mu += grad_z
-        grad_logvar += 0.5 * _exp_times_block(0.5 * logvar, grad_z * eps)
-    if HAS_GRAD_KL:
-        mu_offsets = sample_offsets(batch_index, inner, mu_sb, mu_s0, mu_s1, mu_s2, mu_s3, size1, size2, size3,
+        logvar = tl.load(logvar_ptr + lv_offsets, mask=mask, other=0.0).to(tl.float32)
+        grad_mu = tl.zeros((BLOCK,), tl.float32)
+        grad_logvar = tl.zeros((BLOCK,), tl.float32)
+        if HAS_GRAD_Z:
+            gz_offsets = sample_offsets(batch_index, inner, gz_sb, gz_s0, gz_s1, gz_s2, gz_s3, size1, size2, size3,
+                                        INNER_CONTIGUOUS)
+            grad_z = tl.load(grad_z_ptr + gz_offsets, mask=mask, other=0.0).to(tl.float32)
+            eps = walk_noise(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+                               index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE,
+                               INNER_CONTIGUOUS, BLOCK)
+            grad_mu += grad_z
+            grad_logvar += 0.5 * _exp_times_block(0.5 * logvar, grad_z * eps)
+        if HAS_GRAD_KL:
+            mu_offsets = sample_offsets(batch_index, inner, mu_sb, mu_s0, mu_s1, mu_s2, mu_s3, size1, size2, size3,
+                                        INNER_CONTIGUOUS)
+            mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
+            grad_kl = tl.load(grad_kl_ptr + batch_index.to(tl.int64) * grad_kl_stride).to(tl.float32)
+            grad_mu += grad_kl * mu
+            grad_logvar += _exp_times_block(logvar - 0.6931471805599453, grad_kl) - 0.5 * grad_kl
+        gm_offsets = sample_offsets(batch_index, inner, gm_sb, gm_s0, gm_s1, gm_s2, gm_s3, size1, size2, size3,
                                     INNER_CONTIGUOUS)
-        mu = tl.load(mu_ptr + mu_offsets, mask=mask, other=0.0).to(tl.float32)
-        grad_kl = tl.load(grad_kl_ptr + batch_index.to(tl.int64) * grad_kl_stride).to(tl.float32)
-        grad_mu += grad_kl * mu
-        grad_logvar += _exp_times_block(logvar - 0.6931471805599453, grad_kl) - 0.5 * grad_kl
-    gm_offsets = sample_offsets(batch_index, inner, gm_sb, gm_s0, gm_s1, gm_s2, gm_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    gl_offsets = sample_offsets(batch_index, inner, gl_sb, gl_s0, gl_s1, gl_s2, gl_s3, size1, size2, size3,
-                                INNER_CONTIGUOUS)
-    tl.store(grad_mu_ptr + gm_offsets, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_logvar_ptr + gl_offsets, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
+        gl_offsets = sample_offsets(batch_index, inner, gl_sb, gl_s0, gl_s1, gl_s2, gl_s3, size1, size2, size3,
+                                    INNER_CONTIGUOUS)
+        tl.store(grad_mu_ptr + gm_offsets, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_logvar_ptr + gl_offsets, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
 
 
 def _noise_source(noise: Optional[torch.Tensor]) -> str:
@@ -248,18 +256,19 @@ def _launch_forward(mu, logvar, noise, seed):
     walk = SampleWalk({"z": z, "mu": mu, "logvar": logvar, "noise": noise}, ("z",), _noise_source(noise))
     tensors = walk.tensors
     # one fp32 partial KL sum per (sample, block); with one block per sample they are the result itself
-    partials = torch.empty(batch * walk.num_blocks, dtype=torch.float32, device=mu.device)
+    split = wave_split("reparameterize_kl", walk.layout.inner_numel, batch, mu.element_size(), mu.device)
+    partials = torch.empty(batch * split.programs, dtype=torch.float32, device=mu.device)
     for start, count in batch_chunks(batch):
-        _reparameterize_kl_fwd_kernel[(walk.num_blocks, count)](
+        _reparameterize_kl_fwd_kernel[(split.programs, count)](
             tensors["z"], partials, tensors["mu"], tensors["logvar"], walk.tensor("noise", tensors["mu"]),
             seed if seed is not None else partials,
-            start, walk.layout.inner_numel, walk.num_blocks, *walk.layout.inner_sizes[1:],
+            start, walk.layout.inner_numel, split.programs, *walk.layout.inner_sizes[1:],
             *walk.strides("z"), *walk.strides("mu"), *walk.strides("logvar"), *walk.strides("noise"),
             *walk.index_strides,
-            NOISE_MODE=walk.noise_mode, INNER_CONTIGUOUS=walk.layout.inner_contiguous,
-            BLOCK=walk.block, num_warps=walk.num_warps,
+            NOISE_MODE=walk_noise_mode(walk), INNER_CONTIGUOUS=walk_is_contiguous(walk),
+            BLOCK=split.tile, num_warps=split.num_warps,
         )
-    kl = partials if walk.num_blocks == 1 else partials.view(batch, walk.num_blocks).sum(dim=1)
+    kl = partials if split.programs == 1 else partials.view(batch, split.programs).sum(dim=1)
     return walk.output("z"), kl
 
 
@@ -272,8 +281,10 @@ def _launch_backward(mu, logvar, noise, seed, grad_z, grad_kl):
                        "grad_z": grad_z}, ("grad_mu", "grad_logvar"), _noise_source(noise))
     tensors = walk.tensors
     placeholder = mu  # stands in for pointers a constexpr branch never reads
+    split = wave_split("reparameterize_kl", walk.layout.inner_numel, walk.layout.batch, mu.element_size(),
+                       mu.device)
     for start, count in batch_chunks(walk.layout.batch):
-        _reparameterize_kl_bwd_kernel[(walk.num_blocks, count)](
+        _reparameterize_kl_bwd_kernel[(split.programs, count)](
             tensors["grad_mu"], tensors["grad_logvar"], tensors["mu"], tensors["logvar"],
             walk.tensor("noise", placeholder), seed if seed is not None else placeholder,
             walk.tensor("grad_z", placeholder), grad_kl if grad_kl is not None else placeholder,
@@ -281,8 +292,8 @@ def _launch_backward(mu, logvar, noise, seed, grad_z, grad_kl):
             *walk.layout.inner_sizes[1:],
             *walk.strides("grad_mu"), *walk.strides("grad_logvar"), *walk.strides("mu"), *walk.strides("logvar"),
             *walk.strides("noise"), *walk.strides("grad_z"), *walk.index_strides,
-            NOISE_MODE=walk.noise_mode, HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
-            INNER_CONTIGUOUS=walk.layout.inner_contiguous, BLOCK=walk.block, num_warps=walk.num_warps,
+            NOISE_MODE=walk_noise_mode(walk), HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
+            INNER_CONTIGUOUS=walk_is_contiguous(walk), BLOCK=split.tile, num_warps=split.num_warps,
         )
     return walk.output("grad_mu"), walk.output("grad_logvar")
 

@@ -746,3 +746,61 @@ def test_seeded_noise_on_gpu_matches_the_eager_stream():
     eps = x_t.double() / sqrt_beta.item()
     torch.testing.assert_close(eps, philox_normal(seed, x0.shape).double(), rtol=1e-5, atol=1e-5)
     assert_standard_normal(eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Programs split over a sample (the GPU launch: whole waves of one-warp programs, each walking a span in tiles)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("programs", [2, 3])
+def test_split_over_programs_keeps_outputs_noise_and_losses(device, programs):
+    """Several programs per sample, each walking a span of several tiles (forced: in the interpreter one program
+    walks each sample): q_sample's output and noise are bitwise those of one program per sample, and so are those
+    of the channels_last batch (whose noise is drawn element by element at the row-major index c * H * W + p,
+    computed from the memory-order walk without a 64-bit division); the loss's partial sums add up to the same
+    losses and gradients."""
+    from genkernels.kernels.launch import force_launch_settings
+
+    x0 = random_tensor((2, 3, 13, 11), torch.float32, 0, device)  # 429 elements per sample: ragged spans and tiles
+    t = torch.tensor([100, 800], device=device)
+    seed = _seed(device, 3)
+    one = q_sample(x0, t, SCHEDULE, seed=seed, impl="triton")
+    with force_launch_settings("q_sample", programs_per_sample=programs):
+        split = q_sample(x0, t, SCHEDULE, seed=seed, impl="triton")
+        channels_last = q_sample(x0.contiguous(memory_format=torch.channels_last), t, SCHEDULE, seed=seed,
+                                 impl="triton")
+    assert torch.equal(split, one)
+    assert torch.equal(channels_last, one)
+    expected = q_sample_reference(x0.double(), t, SCHEDULE, philox_normal(seed, x0.shape).double())
+    torch.testing.assert_close(split.double(), expected, rtol=1e-5, atol=1e-5)
+
+    model_output = random_tensor((2, 3, 13, 11), torch.float32, 4, device).requires_grad_(True)
+    results = []
+    for forced in (None, programs):
+        settings = {} if forced is None else {"programs_per_sample": forced}
+        with force_launch_settings("diffusion_loss", **settings):
+            loss = diffusion_loss(model_output, x0, t, SCHEDULE, seed=seed, prediction_type="v_prediction",
+                                  reduction="per_sample", impl="triton")
+            (grad,) = torch.autograd.grad(loss.sum(), model_output)
+        results.append((loss, grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(results[1][1], results[0][1])
+    reference = diffusion_loss_reference(model_output.detach().double(), x0.double(), t, SCHEDULE,
+                                         philox_normal(seed, x0.shape).double(), "v_prediction", "per_sample")
+    torch.testing.assert_close(results[1][0].double(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_batch_with_drawn_noise_is_walked_as_one_contiguous_run():
+    """A channels_last (or permuted dense) batch with in-kernel noise: only the noise's row-major index splits the
+    walk into (pixel, channel) dims, so its loads and stores take the contiguous path (16-byte accesses; before,
+    every tensor was unravelled with int64 // and %: 230-255 registers and scalar accesses on sm_90) and the index
+    alone is unravelled, in int32; a sliced view still takes the strided path."""
+    from genkernels.kernels.diffusion import walk_is_contiguous
+    from genkernels.kernels.launch import NOISE_PHILOX_GATHER, SampleWalk
+
+    x = torch.empty(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)
+    walk = SampleWalk({"out": torch.empty_like(x), "x0": x}, ("out",), "drawn")
+    assert walk.noise_mode == NOISE_PHILOX_GATHER and not walk.layout.inner_contiguous
+    assert walk_is_contiguous(walk)
+    sliced = torch.empty(2, 5, 7, 18)[..., ::2]
+    walk = SampleWalk({"out": torch.empty_like(sliced), "x0": sliced}, ("out",), "drawn")
+    assert not walk_is_contiguous(walk)

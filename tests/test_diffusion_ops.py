@@ -4,6 +4,8 @@ import math
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from diffusers import DDIMScheduler, DDPMScheduler
 from reference_checks import (
     DTYPES,
@@ -14,7 +16,7 @@ from reference_checks import (
 )
 
 from genkernels.kernels import NoiseSchedule, ddim_step, ddpm_step
-from genkernels.kernels.diffusion import PREDICTION_TYPES, ddim_step_reference, ddpm_step_reference
+from genkernels.kernels.diffusion import PREDICTION_TYPES, ddim_step_reference, ddpm_step_reference, sincos_turns
 from genkernels.kernels.launch import draw_philox_seed
 from genkernels.kernels.philox import philox_normal
 
@@ -898,3 +900,82 @@ def test_opcheck_with_inputs_that_require_grad(op, device):
     torch.library.opcheck(torch.ops.genkernels.denoise_step_backward.default, backward_args)
     for got, expected in zip(torch.ops.genkernels.denoise_step_backward(*backward_args), grads):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch geometry and the in-kernel noise transform
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+def test_wave_split_fills_whole_waves_of_one_warp_programs(arch):
+    """At the benchmark shapes the grid is >= 90% of whole waves (or 4 waves and more) of the arch's
+    ``sm_count * max_ctas_per_sm`` one-warp slots (the fixed 4096-element blocks gave 0.03-0.86 of a wave here),
+    with one 16-byte vector per thread per tile; only a problem with fewer units (two 16-byte vectors) than that gets
+    fewer programs, one per unit."""
+    from genkernels.kernels.diffusion import wave_split
+    from genkernels.kernels.launch import ARCH_LIMITS, capturing_for
+
+    limits = ARCH_LIMITS[arch]
+    slots = limits.sm_count * limits.max_ctas_per_sm
+    shapes = [(64, 4 * 64 * 64), (128, 3 * 64 * 64), (128, 3 * 32 * 32), (16, 3 * 256 * 256), (256, 512),
+              (64, 3 * 32 * 32), (64, 6 * 16 * 16), (256, 16 * 64 * 64), (1, 64 * 512 * 32 * 32), (7, 13 * 11),
+              (300, 1000), (5000, 64)]
+    with capturing_for(limits):
+        for batch, inner in shapes:
+            for element_bytes in (2, 4):
+                split = wave_split("ddpm_step", inner, batch, element_bytes, torch.device("meta"))
+                grid = split.programs * batch
+                waves = grid / slots
+                efficiency = grid / (math.ceil(waves) * slots)
+                units = math.ceil(inner / (split.tile // 16))
+                assert waves >= 4 or efficiency >= 0.9 or split.programs == units, (arch, batch, inner, split)
+                assert 1 <= split.programs <= units and split.num_warps == 1
+                assert split.tile * element_bytes == 32 * 16  # one 16-byte vector per thread
+
+
+@triton.jit
+def _sincos_kernel(u_ptr, sin_ptr, cos_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    sin_t, cos_t = sincos_turns(tl.load(u_ptr + offsets))
+    tl.store(sin_ptr + offsets, sin_t)
+    tl.store(cos_ptr + offsets, cos_t)
+
+
+def test_sincos_of_the_box_muller_angle_is_accurate():
+    """The sine and cosine of ``2 pi u`` the kernels' Box-Muller uses (quarter turns taken out exactly, Taylor
+    polynomials on [-pi/4, pi/4], no libdevice range reduction) are within 3e-7 of fp64 for u in [0, 1), quarter
+    and eighth turns included."""
+    edges = torch.tensor([0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1 - 2**-24])
+    u = torch.cat([edges, torch.rand(4096 - edges.numel(), generator=torch.Generator().manual_seed(0))])
+    sin_t, cos_t = torch.empty_like(u), torch.empty_like(u)
+    _sincos_kernel[(1,)](u, sin_t, cos_t, BLOCK=4096)
+    angle = 2 * math.pi * u.double()
+    assert (sin_t.double() - angle.sin()).abs().max() < 3e-7
+    assert (cos_t.double() - angle.cos()).abs().max() < 3e-7
+
+
+@pytest.mark.parametrize("programs", [2, 3])
+def test_split_over_programs_keeps_the_step_its_noise_and_gradients(programs, device):
+    """Several programs per sample, each walking a span of several tiles (forced: in the interpreter one program
+    walks each sample): the DDPM step with in-kernel noise, for NCHW and channels_last, and the DDIM step's
+    gradients are bitwise those of one program per sample."""
+    from genkernels.kernels.launch import force_launch_settings
+
+    model_output, sample, _ = _inputs((2, 3, 13, 11), torch.float32, device)
+    t = torch.tensor([500, 20], device=device)
+    results = []
+    for forced in (None, programs):
+        settings = {} if forced is None else {"programs_per_sample": forced}
+        with force_launch_settings("denoise_step", **settings):
+            steps = [ddpm_step(model_output.contiguous(memory_format=layout), t,
+                               sample.contiguous(memory_format=layout), SCHEDULE,
+                               generator=torch.Generator(device).manual_seed(5), impl="triton")
+                     for layout in (torch.contiguous_format, torch.channels_last)]
+            mo = model_output.clone().requires_grad_(True)
+            x = sample.clone().requires_grad_(True)
+            out = ddim_step(mo, t, x, SCHEDULE, prev_timestep=t - 10, clip_sample=True, impl="triton")
+            grads = torch.autograd.grad(out, (mo, x), torch.ones_like(out))
+        results.append((steps, grads))
+    (steps1, grads1), (steps2, grads2) = results
+    assert torch.equal(steps1[0], steps1[1])  # the channels_last step draws the same noise
+    assert all(torch.equal(a, b) for a, b in zip(steps2, steps1))
+    assert all(torch.equal(a, b) for a, b in zip(grads2, grads1))

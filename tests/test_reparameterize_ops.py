@@ -474,3 +474,28 @@ def test_rejects_unknown_impl(device):
 def test_large_shapes_on_gpu(dtype, shape):
     mu, logvar, noise = _inputs(shape, dtype, "cuda")
     _check(mu, logvar, noise)
+
+
+@pytest.mark.parametrize("programs", [2, 3])
+def test_split_over_programs_keeps_z_kl_and_gradients(programs, device):
+    """Several programs per sample, each walking a span of several tiles and writing one KL partial (forced: in
+    the interpreter one program walks each sample): ``z`` and the gradients are bitwise those of one program per
+    sample, the KL the same sum, for contiguous and channels_last inputs with in-kernel noise."""
+    from genkernels.kernels.launch import force_launch_settings
+
+    mu = random_tensor((2, 3, 13, 11), torch.float32, 0, device)
+    logvar = random_tensor((2, 3, 13, 11), torch.float32, 1, device) * 0.5
+    for layout in (torch.contiguous_format, torch.channels_last):
+        results = []
+        for forced in (None, programs):
+            settings = {} if forced is None else {"programs_per_sample": forced}
+            m = mu.contiguous(memory_format=layout).requires_grad_(True)
+            l = logvar.contiguous(memory_format=layout).requires_grad_(True)
+            with force_launch_settings("reparameterize_kl", **settings):
+                z, kl = reparameterize_kl(m, l, generator=torch.Generator(device).manual_seed(11), impl="triton")
+                grads = torch.autograd.grad((z * z).sum() + kl.sum(), (m, l))
+            results.append((z, kl, grads))
+        (z1, kl1, g1), (z2, kl2, g2) = results
+        assert torch.equal(z2, z1)
+        torch.testing.assert_close(kl2, kl1, rtol=1e-6, atol=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(g2, g1))
