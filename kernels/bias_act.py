@@ -39,10 +39,9 @@ import triton.language as tl
 
 from .checks import check_choice, check_float_tensor, check_int, check_real, check_same_device, check_same_dtype
 from .checks import describe
-from .diffusion import span_of_program, wave_split
-from .launch import is_dense
+from .launch import is_dense, wave_split
 from .runtime import choose_impl, compute_dtype
-from .triton_helpers import sigmoid, tanh
+from .triton_helpers import sigmoid, span_of_program, tanh
 
 # gelu_tanh: the tanh approximation of GELU (Hendrycks & Gimpel 2016, eq. 2; torch's approximate="tanh").
 GELU_K = math.sqrt(2.0 / math.pi)

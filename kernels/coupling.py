@@ -7,7 +7,7 @@ conditioner network that predicts a per-element ``log_scale`` and ``shift``, and
     reverse:  y = (x - shift) / scale,        logdet[b] = - sum_i log(scale[b, i])
 
 One Triton program (one warp) walks a span of one sample (the spans sized so the grid fills whole waves of the
-GPU, see :func:`~genkernels.kernels.diffusion.wave_split`): it reads ``x``, ``log_scale`` and ``shift`` once,
+GPU, see :func:`~genkernels.kernels.launch.wave_split`): it reads ``x``, ``log_scale`` and ``shift`` once,
 writes ``y`` once, and writes the fp32 sum of ``log(scale)`` over its span. The per-sample
 log-determinant is the sum of those few partial sums (one per block of the sample, added in a fixed order: the
 result is deterministic, no atomics).
@@ -42,10 +42,9 @@ from .checks import (
     check_min_rank,
     check_same_device,
 )
-from .diffusion import span_of_program, tile_of_span, wave_split
-from .launch import batch_chunks, per_sample_layout
+from .launch import batch_chunks, per_sample_layout, wave_split
 from .runtime import choose_impl, compute_dtype
-from .triton_helpers import sample_offsets, sigmoid
+from .triton_helpers import sample_offsets, sigmoid, span_of_program, tile_of_span
 
 SCALE_FNS = ("exp", "sigmoid")
 # Glow's shift of the raw conditioner output: scale = sigmoid(a + 2) starts near 0.88 for a ~ 0.

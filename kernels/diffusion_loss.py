@@ -44,17 +44,11 @@ from .diffusion import (
     batch_stride,
     check_timesteps,
     schedule_terms,
-    span_of_program,
-    tile_of_span,
-    walk_is_contiguous,
-    walk_noise,
-    walk_noise_mode,
-    wave_split,
 )
-from .launch import SampleWalk, batch_chunks, draw_philox_seed
+from .launch import SampleWalk, batch_chunks, draw_philox_seed, walk_is_contiguous, walk_noise_mode, wave_split
 from .philox import philox_normal
 from .runtime import choose_impl, compute_dtype
-from .triton_helpers import sample_offsets
+from .triton_helpers import sample_offsets, span_of_program, tile_of_span, walk_noise
 
 REDUCTIONS = ("mean", "sum", "none", "per_sample")
 _PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTION_TYPES)}

@@ -27,24 +27,6 @@ NO_STRIDES = (0,) * (1 + MAX_INNER_DIMS)
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX_BLOCK, NOISE_PHILOX_GATHER = 0, 1, 2, 3
 # Largest grid size along CUDA's y and z axes.
 MAX_GRID_YZ = 65535
-# Elements one program of a memory-bound elementwise kernel handles: large enough to amortize the per-program
-# work (coefficient gathers, index math), small enough to fill 132 SMs from a few million elements on.
-ELEMENTWISE_MAX_BLOCK = 4096
-
-
-def elementwise_block(numel: int, max_block: int = ELEMENTWISE_MAX_BLOCK) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` for an elementwise kernel over runs of ``numel`` elements: a power of two that
-    covers ``numel`` (at least 16, at most ``max_block``) and enough warps for about 16 elements per thread."""
-    block = max(16, min(max_block, triton.next_power_of_2(max(numel, 1))))
-    num_warps = max(1, min(8, block // 512))
-    return block, num_warps
-
-
-def elementwise_block_configs(max_block: int = ELEMENTWISE_MAX_BLOCK) -> list[tuple[int, int]]:
-    """Every ``(BLOCK, num_warps)`` that :func:`elementwise_block` can return."""
-    return sorted({elementwise_block(2**k, max_block) for k in range(max_block.bit_length())})
-
-
 # Launch settings forced by tests (to reach a code path at a small shape), keyed by op name. Never part of an op's
 # schema: a registered op's arguments are what a user passes, and launchers read these through launch_setting().
 _forced_settings: dict[str, dict[str, object]] = {}
@@ -298,8 +280,6 @@ class SampleWalk:
             self.noise_mode = NOISE_PHILOX_BLOCK if self._walks_row_major() else NOISE_PHILOX_GATHER
         else:
             self.noise_mode = NOISE_NONE
-        self.block, self.num_warps = elementwise_block(self.layout.inner_numel)
-        self.num_blocks = triton.cdiv(self.layout.inner_numel, self.block)
 
     def _walks_row_major(self) -> bool:
         expected = 1
@@ -324,3 +304,85 @@ class SampleWalk:
         if walked is not given:
             given.copy_(walked)
         return given
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-sample elementwise kernels: contiguous walks, noise modes and whole-wave splits
+# ----------------------------------------------------------------------------------------------------------------
+# The kernels' NOISE_MODE: SampleWalk's modes (none, tensor, Philox four at a time, Philox element by element), the
+# Philox modes computing the row-major index in int32 (a sample of < 2**31 elements, the launchers check), and
+# their int64 versions for larger samples.
+NOISE_BLOCK_64, NOISE_GATHER_64 = 4, 5
+
+
+def walk_is_contiguous(walk: SampleWalk) -> bool:
+    """Whether every tensor of ``walk`` holds element ``i`` of a sample at ``batch offset + i`` (``i`` the walk
+    index), so kernels can address them with INNER_CONTIGUOUS. True for the layouts SampleWalk already calls
+    inner-contiguous, and also when only the noise's row-major index splits the walk into several dims: a
+    channels_last or permuted dense batch with drawn noise, whose loads and stores are then one 16-byte-aligned
+    run (the index alone is unravelled, in int32)."""
+    layout = walk.layout
+    if layout.inner_contiguous:
+        return True
+    expected, running = [], 1
+    for size in reversed(layout.inner_sizes):
+        expected.append(running)
+        running *= size
+    expected.reverse()
+    return all(all(size == 1 or stride == want for size, stride, want in zip(layout.inner_sizes, strides[1:], expected))
+               for strides in (walk.strides(name) for name in walk.tensors))
+
+
+def walk_noise_mode(walk: SampleWalk) -> int:
+    """The NOISE_MODE for :func:`genkernels.kernels.triton_helpers.walk_noise`: the walk's, or the int64 versions of the Philox modes when a sample
+    has 2**31 elements or more."""
+    if walk.layout.inner_numel < 2**31:
+        return walk.noise_mode
+    return {NOISE_PHILOX_BLOCK: NOISE_BLOCK_64, NOISE_PHILOX_GATHER: NOISE_GATHER_64}.get(walk.noise_mode,
+                                                                                        walk.noise_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveSplit:
+    """How a per-sample elementwise kernel covers ``[batch, inner]``: ``programs`` programs per sample (grid
+    ``(programs, batch)``), program ``p`` walking units ``[p U / programs, (p + 1) U / programs)`` of the
+    sample's ``U = cdiv(inner, tile / 16)`` units of ``tile / 16`` elements (two 16-byte vectors, and Philox
+    groups of 4: every program starts 16-byte aligned and on a Philox group, and the spans differ by at most one
+    unit; a unit of one vector made the spans' masks cost the bf16 coupling forward 8 registers), in steps of ``tile`` elements with ``num_warps`` warps."""
+
+    tile: int
+    programs: int
+    num_warps: int = 1
+
+
+# Launch settings the tests may force (launch.force_launch_settings(op, programs_per_sample=...)).
+SPLIT_SETTING = "programs_per_sample"
+
+
+def wave_split(op_name: str, inner_numel: int, batch: int, element_bytes: int, device: torch.device) -> WaveSplit:
+    """Programs per sample so that the grid fills whole waves of the device.
+
+    Every program is one warp, so at most ``max_ctas_per_sm`` of them are resident per SM (the CTA limit, 32 on
+    sm_80/sm_90, binds before the register file while a kernel needs <= 64 registers per thread at one warp,
+    which the compiled-code budgets hold): a wave is exactly ``sm_count * max_ctas_per_sm`` programs whatever the
+    compiled register count. The grid ``programs * batch`` is the largest within one wave (within 2 or 3 for a
+    batch too large for one) that fills >= 90% of it, else 4 waves; each program walks an equal share of its
+    sample (to one unit) in tiles of one 16-byte vector per thread. A sample of fewer units than that gets one
+    program per unit (a problem smaller than a wave). In the CPU interpreter (about 4 ms per program and tile) one
+    program per sample walks it in tiles of up to 4096 elements, unless a test forces
+    ``programs_per_sample``."""
+    tile = 32 * max(4, 16 // element_bytes)  # one 16-byte vector per thread (at least one Philox group)
+    units = max(1, triton.cdiv(inner_numel, tile // 16))
+    forced = launch_setting(op_name, SPLIT_SETTING, None)
+    if forced is not None:
+        return WaveSplit(tile, max(1, min(int(forced), units)))
+    if interpreter_enabled() and not capturing() and device.type != "cuda":
+        tile = max(128, min(4096, triton.next_power_of_2(inner_numel)))
+        return WaveSplit(tile, 1, max(1, min(8, tile // 512)))
+    limits = device_limits(device)
+    slots = limits.sm_count * limits.max_ctas_per_sm
+    for waves in (1, 2, 3):
+        programs = (waves * slots) // batch
+        if programs >= 1 and programs * batch >= 0.9 * waves * slots:
+            return WaveSplit(tile, min(programs, units))
+    return WaveSplit(tile, min(units, triton.cdiv(4 * slots, batch)))

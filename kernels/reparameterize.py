@@ -28,10 +28,9 @@ from .checks import (
     check_min_rank,
     check_same_device,
 )
-from .diffusion import span_of_program, tile_of_span, walk_is_contiguous, walk_noise, walk_noise_mode, wave_split
-from .launch import SampleWalk, batch_chunks, draw_philox_seed
+from .launch import SampleWalk, batch_chunks, draw_philox_seed, walk_is_contiguous, walk_noise_mode, wave_split
 from .runtime import choose_impl, compute_dtype
-from .triton_helpers import sample_offsets
+from .triton_helpers import sample_offsets, span_of_program, tile_of_span, walk_noise
 
 LN2 = math.log(2.0)
 SQRT_HALF = math.sqrt(0.5)

@@ -27,16 +27,6 @@ def strided_offset(c0, c1, c2, c3, stride0, stride1, stride2, stride3):
 
 
 @triton.jit
-def sample_block(batch_start, inner_numel, BLOCK: tl.constexpr):
-    """The run of a per-sample elementwise kernel's program on grid ``(inner blocks, samples)``: its sample
-    ``batch_start + program_id(1)``, its first inner index, the int64 inner indices of its block and their mask."""
-    batch_index = batch_start + tl.program_id(1)
-    first = tl.program_id(0).to(tl.int64) * BLOCK
-    inner = first + tl.arange(0, BLOCK).to(tl.int64)
-    return batch_index, first, inner, inner < inner_numel
-
-
-@triton.jit
 def sample_offsets(batch_index, inner_index, batch_stride, stride0, stride1, stride2, stride3,
                    size1, size2, size3, INNER_CONTIGUOUS: tl.constexpr):
     """Offsets of elements ``inner_index`` (int64 block) of sample ``batch_index`` in one tensor of a
@@ -49,61 +39,129 @@ def sample_offsets(batch_index, inner_index, batch_stride, stride0, stride1, str
 
 
 @triton.jit
-def philox_normal_block(seed, batch_index, first_index, BLOCK: tl.constexpr):
-    """Standard normal draws for elements ``first_index .. first_index + BLOCK - 1`` of sample ``batch_index``.
+def span_of_program(inner_numel, TILE: tl.constexpr):
+    """This program's run ``[lo, hi)`` of its sample (its share of the sample's units of ``TILE // 16`` elements,
+    two 16-byte vectors, among the ``num_programs(0)`` programs of the sample, see :class:`genkernels.kernels.launch.WaveSplit`)
+    and the number of ``TILE`` steps that cover it (int32)."""
+    UNIT: tl.constexpr = TILE // 16
+    units = (inner_numel.to(tl.int64) + (UNIT - 1)) // UNIT
+    programs = tl.num_programs(0).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)
+    lo = (program * units // programs) * UNIT
+    hi = tl.minimum(((program + 1) * units // programs) * UNIT, inner_numel)
+    return lo, hi, tl.cdiv(hi - lo, TILE)
+
+
+@triton.jit
+def tile_of_span(lo, hi, step, TILE: tl.constexpr):
+    """The ``step``-th tile of a span: its first index (a multiple of ``TILE // 16``), its int64 indices and their
+    mask."""
+    first = tl.multiple_of(lo + step * TILE, TILE // 16)
+    inner = first + tl.arange(0, TILE).to(tl.int64)
+    return first, inner, inner < hi
+
+
+@triton.jit
+def sincos_turns(u):
+    """``(sin(2 pi u), cos(2 pi u))`` in fp32 for ``u`` in [0, 1), to about 1e-7: the quarter turn ``q =
+    round(4 u)`` is taken out exactly, and the rest ``x = 2 pi (u - q / 4)``, ``|x| <= pi / 4``, goes through
+    Taylor polynomials (to x^9 and x^10). libdevice's ``sinf``/``cosf`` would reduce any argument (Payne-Hanek,
+    a local-memory table: the stack frame of every kernel with drawn noise) although the angle is known to be
+    below 2 pi."""
+    quarter = tl.floor(4.0 * u + 0.5)
+    x = (u - 0.25 * quarter) * 6.283185307179586
+    x2 = x * x
+    sin_x = x * (1.0 + x2 * (-1.0 / 6.0 + x2 * (1.0 / 120.0 + x2 * (-1.0 / 5040.0 + x2 * (1.0 / 362880.0)))))
+    cos_x = 1.0 + x2 * (-0.5 + x2 * (1.0 / 24.0 + x2 * (-1.0 / 720.0 + x2 * (1.0 / 40320.0
+                                                                                  + x2 * (-1.0 / 3628800.0)))))
+    q = quarter.to(tl.int32) & 3
+    sin_t = tl.where(q == 0, sin_x, tl.where(q == 1, cos_x, tl.where(q == 2, -sin_x, -cos_x)))
+    cos_t = tl.where(q == 0, cos_x, tl.where(q == 1, -sin_x, tl.where(q == 2, -cos_x, sin_x)))
+    return sin_t, cos_t
+
+
+@triton.jit
+def box_muller(u_a, u_b):
+    """Triton's ``pair_uniform_to_normal``, ``rho (cos, sin)(2 pi u_b)`` with ``rho = sqrt(-2 ln max(u_a,
+    1e-7))``, its sine and cosine from :func:`sincos_turns`."""
+    radius = tl.sqrt(-2.0 * tl.log(tl.maximum(u_a, 1.0e-7)))
+    sin_t, cos_t = sincos_turns(u_b)
+    return radius * cos_t, radius * sin_t
+
+
+@triton.jit
+def philox_words(seed, group, batch_index, WIDE: tl.constexpr):
+    """The four Philox words of groups ``group`` of sample ``batch_index``; ``WIDE``: int64 groups (a sample of
+    2**31 elements or more), else int32 ones (high counter word 0)."""
+    if WIDE:
+        group_lo = (group & 0xFFFFFFFF).to(tl.uint32)
+        group_hi = (group >> 32).to(tl.uint32)
+    else:
+        group_lo = group.to(tl.uint32)
+        group_hi = tl.zeros_like(group_lo)
+    zero = tl.zeros_like(group_lo)
+    return tl.philox(seed, group_lo, group_hi, zero + batch_index.to(tl.uint32), zero)
+
+
+@triton.jit
+def philox_normal_block(seed, batch_index, first, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """Standard normal draws for elements ``first .. first + BLOCK - 1`` of sample ``batch_index``.
 
     Element ``i`` of sample ``b`` always gets the same draw for a given ``seed`` (whatever the block size or
-    grid): Philox-4x32-10 is keyed by ``seed`` with counter ``(i // 4 as two 32-bit words, b, 0)``, and its four
-    outputs become four normals by Box-Muller, one per element ``4 * (i // 4) + k``. ``first_index`` must be a
-    multiple of 4 (it is a multiple of ``BLOCK``).
-    """
-    group = first_index // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-    group_lo = (group & 0xFFFFFFFF).to(tl.uint32)
-    group_hi = (group >> 32).to(tl.uint32)
-    sample_word = tl.zeros_like(group_lo) + batch_index.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, group_lo, group_hi, sample_word, tl.zeros_like(group_lo))
-    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
-    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
-    # interleave(interleave(n0, n2), interleave(n1, n3)) = [n0[0], n1[0], n2[0], n3[0], n0[1], ...]
+    grid): Philox-4x32-10 keyed by ``seed`` with counter ``(i // 4 as two 32-bit words, b, 0)``, its four outputs
+    turned into four normals by Box-Muller, one per element ``4 * (i // 4) + k``. ``first`` is a multiple of 4;
+    ``WIDE``: int64 indices (a sample of 2**31 elements or more)."""
+    if WIDE:
+        group = first // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    else:
+        group = first.to(tl.int32) // 4 + tl.arange(0, BLOCK // 4)
+    r0, r1, r2, r3 = philox_words(seed, group, batch_index, WIDE)
+    n0, n1 = box_muller(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = box_muller(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 
 
 @triton.jit
-def philox_normal_at(seed, batch_index, index):
-    """The draw of element ``index`` (an int64 block in any order) of sample ``batch_index``: the value
-    :func:`philox_normal_block` gives that element, computed from its own Philox group (four times the Philox work
-    of the block version; for walks whose order is not the index order)."""
-    group = index // 4
-    lane = index % 4
-    group_lo = (group & 0xFFFFFFFF).to(tl.uint32)
-    group_hi = (group >> 32).to(tl.uint32)
-    sample_word = tl.zeros_like(group_lo) + batch_index.to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, group_lo, group_hi, sample_word, tl.zeros_like(group_lo))
+def philox_normal_at(seed, batch_index, index, WIDE: tl.constexpr):
+    """The draw :func:`philox_normal_block` gives element ``index`` (a block of row-major indices in any order), from
+    that element's own Philox group."""
+    r0, r1, r2, r3 = philox_words(seed, index >> 2, batch_index, WIDE)
+    lane = index & 3
     first_pair = lane < 2
-    u_a = tl.uint_to_uniform_float(tl.where(first_pair, r0, r2))
-    u_b = tl.uint_to_uniform_float(tl.where(first_pair, r1, r3))
-    n_cos, n_sin = tl.pair_uniform_to_normal(u_a, u_b)
+    n_cos, n_sin = box_muller(tl.uint_to_uniform_float(tl.where(first_pair, r0, r2)),
+                               tl.uint_to_uniform_float(tl.where(first_pair, r1, r3)))
     return tl.where((lane & 1) == 0, n_cos, n_sin)
 
 
 @triton.jit
-def noise_values(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
-                 index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE: tl.constexpr,
-                 INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
-    """fp32 noise of elements ``inner`` (from ``first``) of sample ``batch_index``, by the ``NOISE_MODE`` of a
-    :class:`genkernels.kernels.launch.SampleWalk`: read from ``noise_ptr`` (1), drawn four at a time when the walk
-    is in row-major order (2), or drawn element by element at the row-major index given by the ``index_s*``
-    strides (3); zeros for no noise (0)."""
+def walk_noise(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0, z_s1, z_s2, z_s3,
+               index_s0, index_s1, index_s2, index_s3, size1, size2, size3, NOISE_MODE: tl.constexpr,
+               INNER_CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
+    """fp32 noise of elements ``inner`` (from ``first``) of sample ``batch_index``, by the NOISE_MODE of
+    :func:`genkernels.kernels.launch.walk_noise_mode`: none (0), read from ``noise_ptr`` (1), Philox four at a time (2, 4 for int64
+    indices) or element by element at its row-major index (3, 5). Element by element, the row-major index of each
+    walked element is its walk coordinates dotted with the index strides, in int32 below 2**31 elements: for a
+    channels_last batch walked in memory order (pixel p, channel c) that is ``p + c * H * W``, one 32-bit division
+    by the channel count per element and no 64-bit ones."""
     if NOISE_MODE == 1:
         offsets = sample_offsets(batch_index, inner, z_sb, z_s0, z_s1, z_s2, z_s3, size1, size2, size3,
                                  INNER_CONTIGUOUS)
         eps = tl.load(noise_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    elif NOISE_MODE == 2:
-        eps = philox_normal_block(tl.load(seed_ptr), batch_index, first, BLOCK)
-    elif NOISE_MODE == 3:
-        c0, c1, c2, c3 = unravel_inner(inner, size1, size2, size3)
-        index = strided_offset(c0, c1, c2, c3, index_s0, index_s1, index_s2, index_s3)
-        eps = philox_normal_at(tl.load(seed_ptr), batch_index, index)
+    elif NOISE_MODE == 2 or NOISE_MODE == 4:
+        eps = philox_normal_block(tl.load(seed_ptr), batch_index, first, BLOCK, NOISE_MODE == 4)
+    elif NOISE_MODE == 3 or NOISE_MODE == 5:
+        if NOISE_MODE == 3:
+            i = inner.to(tl.int32)
+        else:
+            i = inner
+        c3 = i % size3
+        rest = i // size3
+        c2 = rest % size2
+        rest = rest // size2
+        c1 = rest % size1
+        c0 = rest // size1
+        index = c0 * index_s0 + c1 * index_s1 + c2 * index_s2 + c3 * index_s3
+        eps = philox_normal_at(tl.load(seed_ptr), batch_index, index, NOISE_MODE == 5)
     else:
         eps = tl.zeros((BLOCK,), tl.float32)
     return eps

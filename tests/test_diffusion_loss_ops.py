@@ -794,7 +794,7 @@ def test_channels_last_batch_with_drawn_noise_is_walked_as_one_contiguous_run():
     walk into (pixel, channel) dims, so its loads and stores take the contiguous path (16-byte accesses; before,
     every tensor was unravelled with int64 // and %: 230-255 registers and scalar accesses on sm_90) and the index
     alone is unravelled, in int32; a sliced view still takes the strided path."""
-    from genkernels.kernels.diffusion import walk_is_contiguous
+    from genkernels.kernels.launch import walk_is_contiguous
     from genkernels.kernels.launch import NOISE_PHILOX_GATHER, SampleWalk
 
     x = torch.empty(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)

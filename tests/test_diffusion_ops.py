@@ -16,7 +16,8 @@ from reference_checks import (
 )
 
 from genkernels.kernels import NoiseSchedule, ddim_step, ddpm_step
-from genkernels.kernels.diffusion import PREDICTION_TYPES, ddim_step_reference, ddpm_step_reference, sincos_turns
+from genkernels.kernels.diffusion import PREDICTION_TYPES, ddim_step_reference, ddpm_step_reference
+from genkernels.kernels.triton_helpers import sincos_turns
 from genkernels.kernels.launch import draw_philox_seed
 from genkernels.kernels.philox import philox_normal
 
@@ -911,7 +912,7 @@ def test_wave_split_fills_whole_waves_of_one_warp_programs(arch):
     ``sm_count * max_ctas_per_sm`` one-warp slots (the fixed 4096-element blocks gave 0.03-0.86 of a wave here),
     with one 16-byte vector per thread per tile; only a problem with fewer units (two 16-byte vectors) than that gets
     fewer programs, one per unit."""
-    from genkernels.kernels.diffusion import wave_split
+    from genkernels.kernels.launch import wave_split
     from genkernels.kernels.launch import ARCH_LIMITS, capturing_for
 
     limits = ARCH_LIMITS[arch]

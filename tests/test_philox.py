@@ -34,8 +34,9 @@ def _philox_words_test_kernel(out_ptr, seed_ptr, counter_ptr):
 
 
 @triton.jit
-def _philox_block_test_kernel(out_ptr, seed_ptr, batch_index, first_index, BLOCK: tl.constexpr):
-    values = philox_normal_block(tl.load(seed_ptr), batch_index, first_index, BLOCK)
+def _philox_block_test_kernel(out_ptr, seed_ptr, batch_index, first_index, BLOCK: tl.constexpr,
+                              WIDE: tl.constexpr):
+    values = philox_normal_block(tl.load(seed_ptr), batch_index, first_index, BLOCK, WIDE)
     tl.store(out_ptr + tl.arange(0, BLOCK), values)
 
 
@@ -96,9 +97,10 @@ def _expected_normals(seed: torch.Tensor, batch_index: int, first_index: int, co
 def test_eager_stream_matches_philox_normal_block(seed_value, batch_index, first_index):
     seed = torch.tensor([seed_value], dtype=torch.int64)
     out = torch.empty(256, dtype=torch.float32)
-    _philox_block_test_kernel[(1,)](out, seed, batch_index, first_index, BLOCK=256)
-    # Box-Muller's log/cos/sin may differ by an ulp between implementations
-    torch.testing.assert_close(_expected_normals(seed, batch_index, first_index, 256), out, rtol=2e-6, atol=2e-6)
+    _philox_block_test_kernel[(1,)](out, seed, batch_index, first_index, BLOCK=256, WIDE=first_index >= 2**31)
+    # Box-Muller's log may differ by an ulp between implementations, and the kernels' sin/cos polynomials
+    # (triton_helpers.sincos_turns) are within 3e-7 of fp64, times a radius of up to 5.7
+    torch.testing.assert_close(_expected_normals(seed, batch_index, first_index, 256), out, rtol=2e-6, atol=4e-6)
 
 
 def test_philox_normal_tensor_layout_matches_the_kernel_stream():
@@ -107,8 +109,8 @@ def test_philox_normal_tensor_layout_matches_the_kernel_stream():
     assert noise.shape == (3, 5, 7) and noise.dtype == torch.float32
     for b in range(3):
         out = torch.empty(64, dtype=torch.float32)
-        _philox_block_test_kernel[(1,)](out, seed, b, 0, BLOCK=64)
-        torch.testing.assert_close(noise[b].reshape(-1), out[:35], rtol=2e-6, atol=2e-6)
+        _philox_block_test_kernel[(1,)](out, seed, b, 0, BLOCK=64, WIDE=False)
+        torch.testing.assert_close(noise[b].reshape(-1), out[:35], rtol=2e-6, atol=4e-6)
 
 
 def test_philox_normal_is_standard_normal_and_seeded():

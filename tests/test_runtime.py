@@ -11,8 +11,6 @@ from genkernels.kernels import use_impl
 from genkernels.kernels.launch import (
     MAX_INNER_DIMS,
     batch_chunks,
-    elementwise_block,
-    elementwise_block_configs,
     per_sample_layout,
 )
 from genkernels.kernels import runtime
@@ -143,14 +141,6 @@ def test_interpreter_switched_on_after_import_is_explained():
     assert "after genkernels was imported" in error_line and "before the process imports" in error_line
     auto_line = next(line for line in run.stdout.splitlines() if line.startswith("AUTO:"))
     assert auto_line.startswith("AUTO: True") and "after genkernels was imported" in auto_line
-
-
-def test_elementwise_blocks_cover_the_run_and_stay_in_range():
-    for numel in (1, 15, 16, 17, 1000, 4096, 10**7):
-        block, warps = elementwise_block(numel)
-        assert block & (block - 1) == 0 and 16 <= block <= 4096 and 1 <= warps <= 8
-        assert block >= min(numel, 4096)
-    assert (4096, 8) in elementwise_block_configs() and (16, 1) in elementwise_block_configs()
 
 
 def test_batch_chunks_respect_the_grid_limit():

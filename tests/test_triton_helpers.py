@@ -33,7 +33,7 @@ def test_tanh_and_sigmoid_match_torch_in_relative_terms():
 
 @triton.jit
 def _normal_kernel(out_ptr, seed, sample, first, BLOCK: tl.constexpr):
-    tl.store(out_ptr + tl.arange(0, BLOCK), philox_normal_block(seed, sample, first, BLOCK))
+    tl.store(out_ptr + tl.arange(0, BLOCK), philox_normal_block(seed, sample, first, BLOCK, False))
 
 
 def test_philox_normals_do_not_depend_on_the_block_size():
