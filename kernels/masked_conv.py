@@ -251,6 +251,26 @@ def _masked_conv2d_gather_kernel(
 
 
 @triton.jit
+def _grad_out_patch(grad_out_ptr, block, tiles_per_sample, tiles_w, patch_row, patch_col, height, width,
+                    out_channel, co_ok, g_sn, g_sc, g_sh, g_sw, INDEX64: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_W: tl.constexpr):
+    """Pixel block ``block`` of the weight gradient's walk (a ``BLOCK_H x BLOCK_W`` patch of one sample, numbered
+    sample-major): its sample ``n`` (int64 with ``INDEX64``), the patch's rows, columns and in-image mask, and the
+    ``[BLOCK_CO, BLOCK_P]`` tile of ``grad_out`` there. Int32 scalar divisions only."""
+    n = block // tiles_per_sample
+    tile = block - n * tiles_per_sample
+    tile_y = tile // tiles_w
+    row = tile_y * BLOCK_H + patch_row
+    col = (tile - tile_y * tiles_w) * BLOCK_W + patch_col
+    if INDEX64:
+        n = n.to(tl.int64)
+    pixel_ok = (row < height) & (col < width)
+    grad = tl.load(grad_out_ptr + (n * g_sn + row * g_sh + col * g_sw)[None, :] + out_channel[:, None] * g_sc,
+                   mask=co_ok[:, None] & pixel_ok[None, :], other=0.0)
+    return n, row, col, pixel_ok, grad
+
+
+@triton.jit
 def _masked_conv2d_weight_grad_kernel(
     x_ptr, grad_out_ptr, grad_w_ptr, grad_b_ptr,
     in_channels, out_channels, height, width, num_taps,
@@ -293,16 +313,9 @@ def _masked_conv2d_weight_grad_kernel(
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, total_blocks)
     for block in range(first, last):
-        n = block // tiles_per_sample
-        tile = block - n * tiles_per_sample
-        tile_y = tile // tiles_w
-        row = tile_y * BLOCK_H + patch_row
-        col = (tile - tile_y * tiles_w) * BLOCK_W + patch_col
-        if INDEX64:
-            n = n.to(tl.int64)
-        pixel_ok = (row < height) & (col < width)
-        grad = tl.load(grad_out_ptr + (n * g_sn + row * g_sh + col * g_sw)[None, :] + out_channel[:, None] * g_sc,
-                       mask=co_ok[:, None] & pixel_ok[None, :], other=0.0)
+        n, row, col, pixel_ok, grad = _grad_out_patch(grad_out_ptr, block, tiles_per_sample, tiles_w, patch_row,
+                                                      patch_col, height, width, out_channel, co_ok, g_sn, g_sc,
+                                                      g_sh, g_sw, INDEX64, BLOCK_H, BLOCK_W)
         src_row = row + shift_y
         src_col = col + shift_x
         in_image = pixel_ok & (src_row >= 0) & (src_row < height) & (src_col >= 0) & (src_col < width)
@@ -314,16 +327,8 @@ def _masked_conv2d_weight_grad_kernel(
         # the bias gradient: the same pixel blocks once more, in the programs of tap 0 and the first input-channel
         # block only (kept out of the main loop, whose registers and pipeline it would otherwise share)
         for block in range(first, last):
-            n = block // tiles_per_sample
-            tile = block - n * tiles_per_sample
-            tile_y = tile // tiles_w
-            row = tile_y * BLOCK_H + patch_row
-            col = (tile - tile_y * tiles_w) * BLOCK_W + patch_col
-            if INDEX64:
-                n = n.to(tl.int64)
-            pixel_ok = (row < height) & (col < width)
-            grad = tl.load(grad_out_ptr + (n * g_sn + row * g_sh + col * g_sw)[None, :]
-                           + out_channel[:, None] * g_sc, mask=co_ok[:, None] & pixel_ok[None, :], other=0.0)
+            grad = _grad_out_patch(grad_out_ptr, block, tiles_per_sample, tiles_w, patch_row, patch_col, height,
+                                   width, out_channel, co_ok, g_sn, g_sc, g_sh, g_sw, INDEX64, BLOCK_H, BLOCK_W)[4]
             bias_acc += tl.sum(grad.to(tl.float32), axis=1)
 
     keep = co_ok[:, None] & ci_ok[None, :]

@@ -9,8 +9,8 @@ import triton.language as tl
 
 @triton.jit
 def unravel_inner(index, size1, size2, size3):
-    """Coordinates ``(c0, c1, c2, c3)`` of the int64 ``index`` in a row-major ``[size0, size1, size2, size3]`` block
-    (``size0`` is implied by the range of ``index``)."""
+    """Coordinates ``(c0, c1, c2, c3)`` of ``index`` (an int32 or int64 block; the math keeps its width) in a
+    row-major ``[size0, size1, size2, size3]`` block (``size0`` is implied by the range of ``index``)."""
     c3 = index % size3
     rest = index // size3
     c2 = rest % size2
@@ -22,7 +22,8 @@ def unravel_inner(index, size1, size2, size3):
 
 @triton.jit
 def strided_offset(c0, c1, c2, c3, stride0, stride1, stride2, stride3):
-    """Element offset of coordinates ``(c0..c3)`` in a tensor with those strides (int64 math)."""
+    """Element offset of coordinates ``(c0..c3)`` in a tensor with those strides (in the coordinates' width:
+    int64 for int64 coordinates)."""
     return c0 * stride0 + c1 * stride1 + c2 * stride2 + c3 * stride3
 
 
@@ -154,13 +155,8 @@ def walk_noise(noise_ptr, seed_ptr, batch_index, first, inner, mask, z_sb, z_s0,
             i = inner.to(tl.int32)
         else:
             i = inner
-        c3 = i % size3
-        rest = i // size3
-        c2 = rest % size2
-        rest = rest // size2
-        c1 = rest % size1
-        c0 = rest // size1
-        index = c0 * index_s0 + c1 * index_s1 + c2 * index_s2 + c3 * index_s3
+        c0, c1, c2, c3 = unravel_inner(i, size1, size2, size3)
+        index = strided_offset(c0, c1, c2, c3, index_s0, index_s1, index_s2, index_s3)
         eps = philox_normal_at(tl.load(seed_ptr), batch_index, index, NOISE_MODE == 5)
     else:
         eps = tl.zeros((BLOCK,), tl.float32)

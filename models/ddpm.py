@@ -40,7 +40,6 @@ from genkernels.kernels.checks import (
     check_integer_tensor,
     check_real,
     check_tensor,
-    check_values,
     describe,
 )
 from genkernels.kernels.diffusion import PREDICTION_TYPES
@@ -48,7 +47,7 @@ from genkernels.kernels.diffusion_loss import diffusion_loss, q_sample
 from genkernels.kernels.launch import draw_philox_seed
 
 from .schedulers import TIMESTEP_SPACINGS, DDIMScheduler, DDPMScheduler
-from .unet import UNet
+from .unet import UNet, check_class_labels
 
 SAMPLERS = ("ddpm", "ddim")
 REDUCTIONS = ("mean", "sum", "none", "per_sample")
@@ -183,23 +182,9 @@ class DDPM(nn.Module):
 
     def check_class_labels(self, class_labels: Optional[torch.Tensor], batch: int,
                            device: torch.device) -> Optional[torch.Tensor]:
-        """Validated labels ``[batch]`` (the null class ``num_classes`` when None on a class-conditional network).
-        Values are checked on the host for CPU tensors and asserted on the device otherwise (no sync)."""
-        num_classes = self.num_classes
-        if class_labels is None:
-            if num_classes is None:
-                return None
-            return torch.full((batch,), num_classes, dtype=torch.long, device=device)
-        if num_classes is None:
-            raise ValueError("class_labels were given but the network is unconditional (num_classes=None)")
-        check_integer_tensor(class_labels, "class_labels")
-        if class_labels.shape != (batch,):
-            raise ValueError(f"class_labels must have shape [batch] = [{batch}]; got {describe(class_labels)}")
-        if class_labels.device != device:
-            raise ValueError(f"class_labels must be on x's device ({device}); got {describe(class_labels)}")
-        check_values(class_labels, "class_labels", (class_labels >= 0) & (class_labels <= num_classes),
-                     f"lie in [0, num_classes={num_classes}] (num_classes is the null class)")
-        return class_labels
+        """Validated labels ``[batch]`` (the null class ``num_classes`` when None on a class-conditional network):
+        :func:`genkernels.models.unet.check_class_labels`."""
+        return check_class_labels(class_labels, batch, self.num_classes, device)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -216,6 +216,27 @@ class _BlockFactory:
         return AttentionBlock(channels, heads, self.num_groups, self.eps)
 
 
+def check_class_labels(class_labels: Optional[torch.Tensor], batch: int, num_classes: Optional[int],
+                       device: torch.device) -> Optional[torch.Tensor]:
+    """Validated class labels ``[batch]`` for a network of ``num_classes`` classes (None: unconditional), the null
+    class ``num_classes`` when None on a class-conditional network. Values are checked on the host for CPU tensors
+    and asserted on the device otherwise (no synchronization)."""
+    if class_labels is None:
+        if num_classes is None:
+            return None
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    if num_classes is None:
+        raise ValueError("class_labels were given but the network is unconditional (num_classes=None)")
+    check_integer_tensor(class_labels, "class_labels")
+    if class_labels.shape != (batch,):
+        raise ValueError(f"class_labels must have shape [batch] = [{batch}]; got {describe(class_labels)}")
+    if class_labels.device != device:
+        raise ValueError(f"class_labels must be on x's device ({device}); got {describe(class_labels)}")
+    check_values(class_labels, "class_labels", (class_labels >= 0) & (class_labels <= num_classes),
+                 f"lie in [0, num_classes={num_classes}] (num_classes is the null class)")
+    return class_labels
+
+
 class UNet(nn.Module):
     """The DDPM U-Net (Ho et al. 2020): predicts the noise (or ``x0`` / ``v``) of ``x_t`` at timestep ``t``.
 
@@ -459,22 +480,8 @@ class UNet(nn.Module):
 
     def check_class_labels(self, class_labels: Optional[torch.Tensor], batch: int,
                            device: torch.device) -> Optional[torch.Tensor]:
-        """Validated labels ``[batch]`` (the null class when None on a class-conditional network). Values are
-        checked on the host for CPU tensors and asserted on the device otherwise (no synchronization)."""
-        if class_labels is None:
-            if self.num_classes is None:
-                return None
-            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        if self.num_classes is None:
-            raise ValueError("class_labels were given but the network is unconditional (num_classes=None)")
-        check_integer_tensor(class_labels, "class_labels")
-        if class_labels.shape != (batch,):
-            raise ValueError(f"class_labels must have shape [batch] = [{batch}]; got {describe(class_labels)}")
-        if class_labels.device != device:
-            raise ValueError(f"class_labels must be on x's device ({device}); got {describe(class_labels)}")
-        check_values(class_labels, "class_labels", (class_labels >= 0) & (class_labels <= self.num_classes),
-                     f"lie in [0, num_classes={self.num_classes}] (num_classes is the null class)")
-        return class_labels
+        """:func:`check_class_labels` for this network's ``num_classes``."""
+        return check_class_labels(class_labels, batch, self.num_classes, device)
 
     # ------------------------------------------------------------------------------------------------------------
     # diffusers UNet2DModel <-> UNet

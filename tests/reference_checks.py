@@ -22,3 +22,18 @@ from genkernels.bench.correctness import (  # noqa: F401
     special_values,
     with_special_values,
 )
+
+
+class LaunchRecorder:
+    """Stands in for a Triton kernel (``monkeypatch.setattr(module, "_name_kernel", LaunchRecorder(kernel))``):
+    records every ``kernel[grid](*args, **kwargs)`` call as ``(grid, args, kwargs)``, then runs it, so a test can
+    check the configuration a launcher really picks."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch

@@ -1,7 +1,7 @@
 """Dilated causal 1-D convolution (kernels/causal_conv.py) against fp64 references, forward and gradients."""
 import pytest
 import torch
-from reference_checks import assert_close_to_reference, random_tensor
+from reference_checks import LaunchRecorder, assert_close_to_reference, random_tensor
 
 import genkernels.kernels.causal_conv as causal_conv_module
 from genkernels.kernels.causal_conv import causal_conv1d, causal_conv1d_reference
@@ -339,24 +339,11 @@ def test_fp32_follows_cudnn_allow_tf32(device, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # Launch configuration (issue 12: compiled-code budgets), recorded from the launcher's real calls
 # ---------------------------------------------------------------------------------------------------------------
-class _Recorder:
-    """Stands in for a Triton kernel: records every ``kernel[grid](*args, **kwargs)`` call, then runs it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append((grid, args, kwargs))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 def test_weight_reaches_the_kernel_packed_with_the_reduction_axis_contiguous(reverse, device, monkeypatch):
     """The tile's reduction axis (input channels; output channels of the forward weight when reversed) is
     contiguous in the weight the kernel reads, so a row loads 16 bytes at a time (it had stride k: 2-byte loads)."""
-    recorder = _Recorder(causal_conv_module._causal_conv_kernel)
+    recorder = LaunchRecorder(causal_conv_module._causal_conv_kernel)
     monkeypatch.setattr(causal_conv_module, "_causal_conv_kernel", recorder)
     x, weight, bias = _inputs(2, 5, 7, 13, 3, torch.float32, device)
     if reverse:
@@ -377,7 +364,7 @@ def test_weight_reaches_the_kernel_packed_with_the_reduction_axis_contiguous(rev
 def test_fp32_tiles_reduce_over_32_channels(dtype, block_ci, device, monkeypatch):
     """fp32 tiles (TF32 operands, 4 bytes each) reduce over 32 input channels per dot (64 reached 255 registers
     and spilled); 16-bit tiles keep 64."""
-    recorder = _Recorder(causal_conv_module._causal_conv_kernel)
+    recorder = LaunchRecorder(causal_conv_module._causal_conv_kernel)
     monkeypatch.setattr(causal_conv_module, "_causal_conv_kernel", recorder)
     x, weight, bias = _inputs(1, 70, 67, 19, 2, dtype, device)
     causal_conv_module.launch_causal_conv(x, weight, bias, 3)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_checks import assert_close_to_reference, random_tensor
+from reference_checks import LaunchRecorder, assert_close_to_reference, random_tensor
 
 import genkernels.kernels.wavenet as wavenet_module
 from genkernels.kernels.wavenet import (
@@ -577,21 +577,8 @@ def test_step_compiles_with_fullgraph_and_dynamic_shapes(impl, device):
 # ---------------------------------------------------------------------------------------------------------------
 # Launch configuration (issue 12: compiled-code budgets), recorded from the launchers' real calls
 # ---------------------------------------------------------------------------------------------------------------
-class _Recorder:
-    """Stands in for a Triton kernel: records every ``kernel[grid](*args, **kwargs)`` call, then runs it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append((grid, args, kwargs))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 def _record(monkeypatch, name):
-    recorder = _Recorder(getattr(wavenet_module, name))
+    recorder = LaunchRecorder(getattr(wavenet_module, name))
     monkeypatch.setattr(wavenet_module, name, recorder)
     return recorder
 
