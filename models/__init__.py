@@ -5,6 +5,7 @@ Models hold no Triton code and take no impl flag: one set of weights runs under 
 """
 from importlib.metadata import version as _distribution_version
 
+from . import integrations
 from .attention import KVCache, MultiheadSelfAttention
 from .ddpm import DDPM
 from .dcgan import DCGAN, DCGANDiscriminator, DCGANGenerator, GANLosses, discriminator_loss, generator_loss, r1_penalty
@@ -22,6 +23,7 @@ from .wavenet import CausalConv1d, WaveNet, mu_law_decode, mu_law_encode
 __version__ = _distribution_version("genkernels")
 
 __all__ = [
+    "integrations",
     "ActNorm", "AffineCoupling", "BatchNormAct2d", "CausalConv1d", "Conv2dBiasAct", "ConvTranspose2dBiasAct",
     "DCGAN", "DCGANDiscriminator", "DCGANGenerator", "DDIMScheduler", "DDPM", "DDPMScheduler", "GANLosses", "GPT",
     "GPTConfig", "Glow", "GroupNormAct", "InvConv1x1", "KVCache", "LearnedPrior", "LinearBiasAct", "MaskedConv2d",
