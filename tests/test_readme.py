@@ -1,4 +1,4 @@
-"""README.md's examples run as written: each ```python block of the "Use" section, in a fresh interpreter the way
+"""README.md's examples run as written: each ```python block of the "Use" sections, in a fresh interpreter the way
 a new user runs it (no Triton interpreter switched on, so on a CPU every op takes its PyTorch reference)."""
 from __future__ import annotations
 
@@ -13,15 +13,21 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _use_blocks() -> list[str]:
+SECTIONS = ("Use", "Use with diffusers and transformers")
+
+
+def _section(title: str) -> str:
     text = README.read_text()
-    section = text[text.index("\n## Use\n"):]
-    section = section[:section.index("\n## ", 1)]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    section = text[text.index(f"\n## {title}\n"):]
+    return section[:section.index("\n## ", 1)]
 
 
-def test_the_use_section_has_its_examples():
-    assert len(_use_blocks()) >= 3
+def _use_blocks() -> list[str]:
+    return [block for title in SECTIONS for block in re.findall(r"```python\n(.*?)```", _section(title), flags=re.S)]
+
+
+def test_the_use_sections_have_their_examples():
+    assert [len(re.findall(r"```python\n", _section(title))) for title in SECTIONS] == [3, 1]
 
 
 @pytest.mark.parametrize("index", range(len(_use_blocks())))
