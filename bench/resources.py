@@ -45,6 +45,11 @@ ARCH_PEAKS = {
     90: (4300.0, 790.0),
 }
 
+# Shared-memory-only compiles that another architecture's compile stands for: sm_89 lowers the kernels' dots and
+# async copies as sm_86 does (no fp8 here), so their shared memory is the same (equal on all 693 benchmark launches
+# compiled for both with triton 3.9); the rows say which compile they come from (``compiled_as``).
+SHARED_MEMORY_AS = {89: 86}
+
 _LOAD = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)\b")
 _WIDTHS = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
@@ -254,11 +259,17 @@ def build_report(pattern: Optional[str], arches: list[int], workers: int,
 
     shared_memory_arches = [arch for arch in shared_memory_arches if arch not in arches]
     cases_by_arch = {arch: capture_cases(pattern, arch) for arch in [*arches, *shared_memory_arches]}
+
+    def binary(launch):  # the launch whose compile gives this launch's figures
+        if launch.arch in shared_memory_arches and launch.arch in SHARED_MEMORY_AS:
+            return dataclasses.replace(launch, arch=SHARED_MEMORY_AS[launch.arch])
+        return launch
+
     distinct = {}
     for arch, cases in cases_by_arch.items():
         for case in cases:
             for _, launch in case["launches"]:
-                distinct.setdefault(launch.compile_key(), (launch, arch in shared_memory_arches))
+                distinct.setdefault(binary(launch).compile_key(), (binary(launch), arch in shared_memory_arches))
     keys = list(distinct)
     print(f"compiling {len(keys)} distinct kernel binaries with {workers} workers", file=sys.stderr, flush=True)
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -283,7 +294,7 @@ def build_report(pattern: Optional[str], arches: list[int], workers: int,
                 if key in seen:
                     continue
                 seen.add(key)
-                info = compiled[launch.compile_key()]
+                info = compiled[binary(launch).compile_key()]
                 row = {"case": case["case"], "provider": provider, "arch": f"sm_{arch}",
                        "triton": triton.__version__, "kernel": launch.kernel_name,
                        "module": launch.kernel_module.rsplit(".", 1)[-1],
@@ -291,6 +302,8 @@ def build_report(pattern: Optional[str], arches: list[int], workers: int,
                        "num_stages": launch.num_stages, "grid": list(launch.grid), "ctas": launch.ctas,
                        "dot_dtypes": launch.pointer_dtypes(),
                        **info}
+                if binary(launch).arch != arch:
+                    row["compiled_as"] = f"sm_{binary(launch).arch}"
                 if "compile_error" not in info:
                     row["fits_shared_memory"] = info["shared_bytes"] <= limits.shared_memory_per_cta
                 if "compile_error" not in info and not info.get("shared_memory_only"):
@@ -336,7 +349,8 @@ def format_report(report: dict) -> str:
         if row.get("shared_memory_only"):
             lines.append(f"{row['case'][:44]:44} {row['kernel'][:34]:34} {row['arch']:6} {'':>4} {'':>5} "
                          f"{row['shared_bytes'] // 1024:>5}K (shared memory only: "
-                         f"{'fits' if row['fits_shared_memory'] else 'DOES NOT FIT'})")
+                         f"{'fits' if row['fits_shared_memory'] else 'DOES NOT FIT'}"
+                         f"{', compiled as ' + row['compiled_as'] if 'compiled_as' in row else ''})")
             continue
         lines.append(
             f"{row['case'][:44]:44} {row['kernel'][:34]:34} {row['arch']:6} {row['registers']:>4} "
@@ -371,7 +385,8 @@ def format_markdown(report: dict) -> str:
         if row.get("shared_memory_only"):
             lines.append(f"| {row['case']} | {row['kernel']} | {row['arch']} | {row['config']} | | | "
                          f"{row['shared_bytes'] / 1024:.1f} ({'fits' if row['fits_shared_memory'] else 'does not fit'}"
-                         f"; shared memory only) |||||||||")
+                         f"; shared memory only{', compiled as ' + row['compiled_as'] if 'compiled_as' in row else ''}) "
+                         f"|||||||||")
             continue
         lines.append(
             f"| {row['case']} | {row['kernel']} | {row['arch']} | {row['config']} | {row['registers']} | "

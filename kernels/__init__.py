@@ -6,7 +6,7 @@ default for a block of code or a whole process.
 """
 from importlib.metadata import version as _distribution_version
 
-from .attention import decode_attention, flash_attention
+from .attention import AttentionFallbackWarning, decode_attention, flash_attention, scaled_dot_product_attention
 from .bias_act import ACTIVATIONS, bias_act
 from .causal_conv import causal_conv1d
 from .coupling import affine_coupling
@@ -24,6 +24,7 @@ __version__ = _distribution_version("genkernels")
 
 __all__ = [
     "ACTIVATIONS",
+    "AttentionFallbackWarning",
     "IMPLS",
     "NoiseSchedule",
     "WaveNetCache",
@@ -43,6 +44,7 @@ __all__ = [
     "philox_normal",
     "q_sample",
     "reparameterize_kl",
+    "scaled_dot_product_attention",
     "use_impl",
     "wavenet_residual_layer",
     "wavenet_step",

@@ -79,6 +79,9 @@ OP_CASES: dict[str, OpCase] = {
                               lambda impl, x, s, t: gk.affine_coupling(x, s, t, impl=impl)),
     "flash_attention": OpCase(_tensors((1, 2, 9, 16), (1, 2, 9, 16), (1, 2, 9, 16)),
                               lambda impl, q, k, v: gk.flash_attention(q, k, v, causal=True, impl=impl)),
+    "scaled_dot_product_attention": OpCase(
+        _tensors((1, 2, 7, 16), (1, 2, 9, 16), (1, 2, 9, 16)),
+        lambda impl, q, k, v: gk.scaled_dot_product_attention(q, k, v, is_causal=True, impl=impl)),
     "decode_attention": OpCase(_decode_inputs,
                                lambda impl, q, k, v, n: gk.decode_attention(q, k, v, n, impl=impl)),
     "causal_conv1d": OpCase(_tensors((2, 3, 9), (4, 3, 2), (4,)),
