@@ -79,15 +79,13 @@ class Exemption:
                 and (self.triton is None or fnmatch.fnmatch(row.get("triton", ""), self.triton)))
 
 
-# The budgets the kernels do not meet yet, each with what the compiled code shows and why. Every entry is a piece
-# of work: when a kernel is fixed its entry goes, and the test then holds the kernel to the budget.
-_SMALL_GRID = ("the grid follows the problem: at this case's size (model-sized tensors, or one program per "
-               "sample) the launch fills less than 90% of its last wave; a split of the inner dimension is not "
-               "implemented yet")
+# The budgets the kernels do not meet, each with what the compiled code shows and why. Every entry is a piece of
+# work or a limit of the problem: when a kernel is fixed its entry goes, and the test then holds it to the budget.
+_MODEL_SIZED = ("a model-sized tensor smaller than one wave of the device: the split stops at one program per unit "
+                "of two 16-byte vectors (elementwise kernels) or per query block (attention), so the grid cannot "
+                "fill 90% of its one wave")
 EXEMPTIONS: tuple[Exemption, ...] = (
-    # registers and spills
-    # occupancy
-    # memory access widths
+    # memory access widths: kernels whose only stores are a few partial sums
     Exemption("wide_global_access", "_group_norm_stats_kernel", "stores only its (count, mean, M2) partials: 3 "
               "fp32 per group and chunk, fewer values than the CTA's 128 threads, so each thread stores one "
               "(STG.E, 4 bytes); its traffic, the read of x, is 16-byte loads"),
@@ -97,9 +95,7 @@ EXEMPTIONS: tuple[Exemption, ...] = (
     Exemption("wide_global_access", "_diffusion_loss_fwd_kernel", "without a stored gradient (16-bit outputs, or "
               "no gradient needed) its only store is one fp32 partial sum per one-warp program (STG 4x1); its loads "
               "are 16-byte"),
-    # tensor cores
-    # 64-bit division in loops
-    # waves
+    # waves: grids the problem fixes
     Exemption("wave_efficiency", "_group_norm_*_kernel", "unsplit (FUSED) launches are N*G/K programs fixed by "
               "the problem (1024 at 32x256x64x64: 0.65 of a wave at 12 CTAs/SM; U-Net 2048-8192 programs at 5-32 "
               "CTAs/SM, down to 0.48), and filling the last wave means splitting, a second HBM read of x (3 vs 2 "
@@ -117,19 +113,10 @@ EXEMPTIONS: tuple[Exemption, ...] = (
     Exemption("wave_efficiency", "_decode_combine_kernel", "merges the splits of 2 query heads per 1-warp CTA: "
               "128 CTAs (8 sequences x 32 heads) is 0.03 waves at 32 CTAs/SM, a few KB per CTA; folding it into the "
               "partial kernel needs a cross-CTA completion counter, not done"),
-    Exemption("wave_efficiency", "_attention_forward*_kernel", _SMALL_GRID, case="diffusion.unet_sample[ddpm1000*"),
-)
-
-# Model cases whose tensors are smaller than one wave of the device (the split stops at one program per unit of
-# two 16-byte vectors, or per query block).
-EXEMPTIONS += (
-    Exemption("wave_efficiency", "_bias_act_kernel", _SMALL_GRID, case="vae_gan.dcgan.*"),
-    Exemption("wave_efficiency", "_reparameterize_kl_*_kernel", _SMALL_GRID, case="vae_gan.vae.*"),
-    Exemption("wave_efficiency", "_attention_*_kernel", _SMALL_GRID, case="diffusion.unet_*"),
-)
-
-# What triton 3.6.0 compiles differently from the installed release the tiles were fitted with.
-EXEMPTIONS += (
+    Exemption("wave_efficiency", "_bias_act_kernel", _MODEL_SIZED, case="vae_gan.dcgan.*"),
+    Exemption("wave_efficiency", "_reparameterize_kl_*_kernel", _MODEL_SIZED, case="vae_gan.vae.*"),
+    Exemption("wave_efficiency", "_attention_*_kernel", _MODEL_SIZED, case="diffusion.unet_*"),
+    # what triton 3.6.0 (the GPU machine's release) compiles differently from the release the tiles were fitted on
     Exemption("no_spills", "_attention_backward_dq_kernel", "triton 3.6 gives the fp32 exact dQ tile (32x16, d64, "
               "4 warps) a 16-byte stack at 96 registers; triton 3.9 compiles it without one", config="IEEE",
               triton="3.6.*"),
@@ -137,15 +124,6 @@ EXEMPTIONS += (
               "compiles the 16-bit weight gradient to; triton 3.6's 70 registers at 8 warps give 3 (528 CTAs: "
               "1.33 waves, 0.67 of the last)", triton="3.6.*"),
 )
-
-# Triton 3.6.0 (the GPU machine's release) links libdevice's sinf/cosf with their slow path for |x| > 105615 (a
-# Payne-Hanek reduction through a 28-byte local array: a 32-byte stack and LDL/STL in the code). The Box-Muller
-# transform behind every in-kernel Philox draw takes sin/cos of 2*pi*u with u in [0, 1), which never reaches that
-# path, so no local memory is touched when the kernel runs; triton 3.9 links them without it.
-_LIBDEVICE_SINCOS = ("triton 3.6 libdevice sin/cos carry an argument-reduction slow path (|x| > 105615) with a "
-                     "local array; the Box-Muller angle 2*pi*u < 2*pi never runs it (no local traffic at run time)")
-EXEMPTIONS += tuple(Exemption("no_spills", "*", _LIBDEVICE_SINCOS, config=f"NOISE_MODE={mode}", triton="3.6.*")
-                    for mode in (2, 3, 4, 5))
 
 # Benchmark cases whose launches cannot be captured on meta tensors, and why (their kernels are captured through
 # the op cases of the same kernels).
