@@ -496,6 +496,17 @@ class _Scheduler:
             return None
         return randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
 
+    def _step_inputs(self, model_output, uncond_output, sample, guidance_scale, timestep):
+        """The step's outputs in the sample's dtype, the guidance checked, and ``(timestep, previous timestep)``
+        with a host timestep read as an int."""
+        if model_output.dtype != sample.dtype:
+            model_output = model_output.to(sample.dtype)
+        if uncond_output is not None and uncond_output.dtype != sample.dtype:
+            uncond_output = uncond_output.to(sample.dtype)
+        self._check_guidance(uncond_output, guidance_scale)
+        timestep = _as_host_int(timestep)
+        return model_output, uncond_output, timestep, self.previous_timestep(timestep)
+
     def _check_guidance(self, uncond_output, guidance_scale) -> None:
         scale = check_real(guidance_scale, "guidance_scale")
         if uncond_output is None and scale != 1.0:
@@ -626,13 +637,8 @@ class DDPMScheduler(_Scheduler):
             model_output, predicted_variance = model_output.split(channels, dim=1)
             if uncond_output is not None:
                 uncond_output = uncond_output.split(channels, dim=1)[0]
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
-        if uncond_output is not None and uncond_output.dtype != sample.dtype:
-            uncond_output = uncond_output.to(sample.dtype)
-        self._check_guidance(uncond_output, guidance_scale)
-        timestep = _as_host_int(timestep)
-        prev = self.previous_timestep(timestep)
+        model_output, uncond_output, timestep, prev = self._step_inputs(model_output, uncond_output, sample,
+                                                                        guidance_scale, timestep)
         final = isinstance(timestep, int) and timestep == 0
         noise = None if final else self._draw_noise(model_output, generator, predicted_variance is None)
         kernel_generator = generator if noise is None and not final else None  # in-kernel noise
@@ -751,13 +757,8 @@ class DDIMScheduler(_Scheduler):
         if use_clipped_model_output is None:  # DDIMPipeline passes None for "not given"
             use_clipped_model_output = False
         check_bool(use_clipped_model_output, "use_clipped_model_output")
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
-        if uncond_output is not None and uncond_output.dtype != sample.dtype:
-            uncond_output = uncond_output.to(sample.dtype)
-        self._check_guidance(uncond_output, guidance_scale)
-        timestep = _as_host_int(timestep)
-        prev = self.previous_timestep(timestep)
+        model_output, uncond_output, timestep, prev = self._step_inputs(model_output, uncond_output, sample,
+                                                                        guidance_scale, timestep)
         fused = not self.fused_step_reasons(use_clipped_model_output)
         noise = None
         if eta > 0:

@@ -37,3 +37,16 @@ class LaunchRecorder:
             self.calls.append((grid, args, kwargs))
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+def tiny_unet2d(**kwargs):
+    """A small random diffusers ``UNet2DModel`` (8x8 images, two levels, one attention level), seeded; ``kwargs``
+    override its config. diffusers is imported here, on first use."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 attention_head_dim=8, **kwargs)

@@ -12,7 +12,7 @@ from genkernels.kernels import NoiseSchedule, ddim_step, use_impl
 from genkernels.models.ddpm import DDPM, NetworkInfo
 from genkernels.models.schedulers import DDIMScheduler, DDPMScheduler
 from genkernels.models.unet import UNet
-from reference_checks import random_tensor
+from reference_checks import random_tensor, tiny_unet2d
 
 # One level (8x8) with the middle attention over 64 positions; one GroupNorm group, as the interpreted GroupNorm
 # kernels dominate the cost of every U-Net call here (tests/test_unet_model.py covers the U-Net's numerics).
@@ -448,14 +448,6 @@ def test_constructor_rejects_bad_arguments(args, kwargs, error, argument):
 
 # --------------------------------------------------------------------------------------------------------------
 # any noise-prediction network: diffusers' UNet2DModel, plain modules
-
-
-def tiny_unet2d(**kwargs):
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                 attention_head_dim=8, **kwargs)
 
 
 def test_ddpm_trains_a_diffusers_unet2d_model_on_the_written_out_objective():

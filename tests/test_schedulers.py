@@ -17,6 +17,7 @@ import torch
 from genkernels.kernels import NoiseSchedule, ddpm_step, use_impl
 from genkernels.models import DDIMScheduler, DDPMScheduler
 from genkernels.models.schedulers import FrozenConfig, SchedulerOutput
+from reference_checks import tiny_unet2d
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float32: 2e-6, torch.float64: 1e-12}  # relative to max|ref| (+1)
@@ -275,14 +276,6 @@ def test_fixed_large_log_is_the_fixed_large_standard_deviation():
 
 # --------------------------------------------------------------------------------------------------------------
 # diffusers' pipelines
-
-def tiny_unet2d(**kwargs):
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                                 attention_head_dim=8, **kwargs)
-
 
 def _run(pipeline, **kwargs):
     pipeline.set_progress_bar_config(disable=True)
