@@ -72,11 +72,15 @@ class Exemption:
     case: Optional[str] = None
     triton: Optional[str] = None
 
+    def applies_to_triton(self, version: str) -> bool:
+        """Whether the exemption is meant for launches compiled by Triton ``version``."""
+        return self.triton is None or fnmatch.fnmatch(version, self.triton)
+
     def covers(self, budget: str, row: dict) -> bool:
         return (budget == self.budget and fnmatch.fnmatch(row["kernel"], self.kernel)
                 and (self.config is None or self.config in row["config"])
                 and (self.case is None or fnmatch.fnmatch(row["case"], self.case))
-                and (self.triton is None or fnmatch.fnmatch(row.get("triton", ""), self.triton)))
+                and self.applies_to_triton(row.get("triton", "")))
 
 
 # The budgets the kernels do not meet, each with what the compiled code shows and why. Every entry is a piece of

@@ -17,7 +17,7 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 import genkernels.kernels as package
-from genkernels.bench.budgets import capture_gap, check_rows
+from genkernels.bench.budgets import EXEMPTIONS, capture_gap, check_rows
 from genkernels.bench.resources import run_report
 from genkernels.bench.triton_versions import GPU_MACHINE_TRITON
 
@@ -37,7 +37,8 @@ def _package_kernels() -> set[str]:
 
 def _problems(report: dict) -> list[str]:
     """Everything a report says is wrong: cases that could not be captured (other than the known gaps), launches
-    that do not compile, kernels no case launches, and budgets neither held nor exempted."""
+    that do not compile, kernels no case launches, budgets neither held nor exempted, and exemptions for this
+    Triton release that no launch needs any more."""
     problems = []
     not_captured = {f"{case['case']} ({case['arch']})": case["errors"] for case in report["cases"]
                     if case["errors"] and capture_gap(case["case"]) is None}
@@ -50,7 +51,11 @@ def _problems(report: dict) -> list[str]:
     missing = _package_kernels() - {row["kernel"] for row in report["rows"]}
     if missing:
         problems.append(f"kernels no benchmark case launches (so nothing compiles them): {sorted(missing)}")
-    problems += sorted({finding.describe() for finding in check_rows(report["rows"]) if finding.exemption is None})
+    findings = check_rows(report["rows"])
+    problems += sorted({finding.describe() for finding in findings if finding.exemption is None})
+    used = {finding.exemption for finding in findings if finding.exemption is not None}
+    problems += [f"exemption that covers no launch any more (delete it): {exemption}" for exemption in EXEMPTIONS
+                 if exemption not in used and exemption.applies_to_triton(report["triton"])]
     return problems
 
 
