@@ -67,20 +67,25 @@ def test_non_contiguous_inputs(device):
     _check_forward_and_gradients(x, weight, bias, 4)
 
 
-def test_weight_gradient_split_over_programs(device):
-    """The GPU launcher splits the (batch, time) reduction of the weight gradient over programs; the interpreter
-    does not by default, so force a split count (a test knob outside the op's schema) and check the split sum."""
-    grad_out = random_tensor((3, 4, 200), torch.float32, 0, device)
-    x = random_tensor((3, 5, 200), torch.float32, 1, device)
-    with force_launch_settings("causal_conv1d", weight_grad_splits=4):
-        grad_w, grad_b = causal_conv_module.launch_conv_weight_grad(grad_out, x, 2, 3, True)
+def _check_split_weight_gradient(splits: int, ksize: int, dilation: int, length: int, atol: float, device):
+    """The weight and bias gradients of ``splits`` forced splits of the (sample, time block) reduction against the
+    fp64 reference's autograd (a test knob outside the op's schema: the interpreter does not split by default)."""
+    grad_out = random_tensor((3, 4, length), torch.float32, 0, device)
+    x = random_tensor((3, 5, length), torch.float32, 1, device)
+    with force_launch_settings("causal_conv1d", weight_grad_splits=splits):
+        grad_w, grad_b = causal_conv_module.launch_conv_weight_grad(grad_out, x, ksize, dilation, True)
     xd = x.double().requires_grad_()
-    weight = torch.zeros(4, 5, 2, dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(4, 5, ksize, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    out = causal_conv1d_reference(xd, weight, bias, 3)
+    out = causal_conv1d_reference(xd, weight, bias, dilation)
     expected_w, expected_b = torch.autograd.grad(out, (weight, bias), grad_out.double())
-    torch.testing.assert_close(grad_w.double(), expected_w, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(grad_b.double(), expected_b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_w.double(), expected_w, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(grad_b.double(), expected_b, rtol=1e-5, atol=atol)
+
+
+def test_weight_gradient_split_over_programs(device):
+    """The GPU launcher splits the (batch, time) reduction of the weight gradient over programs."""
+    _check_split_weight_gradient(4, 2, 3, 200, 1e-4, device)
 
 
 def test_empty_batch_and_empty_time(device):
@@ -395,15 +400,6 @@ def test_weight_gradient_splits_make_whole_waves(tiles):
 @pytest.mark.parametrize("splits", [1, 5, 7, 11])
 def test_weight_gradient_any_split_count_walks_every_pair_once(splits, device):
     """Split counts that divide neither the batch nor the time-block count (and one above their product: empty
-    splits) step the (sample, time block) pair with a carry instead of dividing; every pair is summed once."""
-    grad_out = random_tensor((3, 4, 150), torch.float32, 0, device)  # 3 samples x 3 time blocks of 64
-    x = random_tensor((3, 5, 150), torch.float32, 1, device)
-    with force_launch_settings("causal_conv1d", weight_grad_splits=splits):
-        grad_w, grad_b = causal_conv_module.launch_conv_weight_grad(grad_out, x, 3, 2, True)
-    xd = x.double().requires_grad_()
-    weight = torch.zeros(4, 5, 3, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    out = causal_conv1d_reference(xd, weight, bias, 2)
-    ref_w, ref_b = torch.autograd.grad(out, (weight, bias), grad_out.double())
-    torch.testing.assert_close(grad_w.double(), ref_w, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad_b.double(), ref_b, rtol=1e-5, atol=1e-5)
+    splits) step the (sample, time block) pair with a carry instead of dividing; every pair is summed once
+    (3 samples x 3 time blocks of 64)."""
+    _check_split_weight_gradient(splits, 3, 2, 150, 1e-5, device)
