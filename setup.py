@@ -8,6 +8,7 @@ from setuptools import setup
 PACKAGE_DIRS = {
     "genkernels.kernels": "kernels",
     "genkernels.models": "models",
+    "genkernels.models.train": "models/train",
     "genkernels.bench": "bench",
     "genkernels.bench.cases": "bench/cases",
 }
