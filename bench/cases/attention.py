@@ -14,10 +14,26 @@ sequence attending to the whole cache.
 
 Peak memory of forward+backward is recorded in the notes of the largest forward+backward cases on a GPU (one
 extra call per provider in the case's setup, ``torch.cuda.max_memory_allocated`` above the inputs).
+
+``attention.sdpa_{forward,fwd_bwd}[...]``: :func:`~genkernels.kernels.scaled_dot_product_attention` (SDPA's
+signature; ``impl="triton"`` for ours) on the same shapes, in two variants:
+
+* ``key_padding``: a boolean key-padding mask ``[batch, 1, 1, seq]`` (True = a real token), each sequence with its
+  own valid length drawn in ``[seq / 2, seq]``. FLOPs count the visible keys only: ``4 * heads * seq * head_dim *
+  sum(lengths)`` for the forward (times the pass factor above). The error column is against an fp64 reference
+  computed one (sample, head) at a time.
+* ``dropout0.1``: ``dropout_p=0.1`` and no mask; FLOPs as the unmasked forward. Every provider calls
+  ``torch.manual_seed`` first. Dropout draws its Philox seed from torch's default generator, so the reference is
+  the same call under ``impl="eager"`` in fp32 after the same seed: the same dropout mask. SDPA's backends and
+  ``torch.compile`` (inductor's own random streams) draw other masks: their rows have no error column.
+
+SDPA backends that cannot take a variant's inputs (the flash backend takes no mask; on a CPU it takes no dropout)
+are found with a call on one (sample, head) in the case's setup and named in its notes instead of failing.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +45,9 @@ from genkernels.kernels.attention import (
     decode_attention_reference,
     flash_attention,
 )
+from genkernels.kernels.sdpa import scaled_dot_product_attention, sdpa_reference
 
-from ..providers import torch_compile
+from ..providers import torch_compile, unavailable
 from ..registry import Case, Workload, case_builder, seeded_generator
 
 MODEL_WIDTH = 2048
@@ -51,6 +68,16 @@ DECODE_CACHE_LENGTHS = {"cpu": [96], "quick": [4096, 32768], "full": [1024, 2048
 DECODE_SHAPE = {"cpu": (2, 4, 2, 64), "quick": (8, 32, 8, 128), "full": (8, 32, 8, 128)}  # batch, hq, hkv, d
 PASSES = ("forward", "backward", "fwd_bwd")
 FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "fwd_bwd": 3.5}
+# The key-padding-mask and dropout cases: (head_dim, seq) per size ("full": head dims 64/128, seq 1k-4k).
+SDPA_SHAPES = {
+    "cpu": [(64, 64)],
+    "quick": [(64, 2048), (128, 4096)],
+    "full": [(d, s) for d in (64, 128) for s in (1024, 2048, 4096)],
+}
+SDPA_VARIANTS = ("key_padding", "dropout")
+SDPA_PASSES = ("forward", "fwd_bwd")
+DROPOUT_P = 0.1
+DROPOUT_SEED = 1234
 
 
 def _training_shape(size: str, head_dim: int, seq: int) -> tuple[int, int]:
@@ -61,9 +88,9 @@ def _training_shape(size: str, head_dim: int, seq: int) -> tuple[int, int]:
 
 
 def _sdpa(backend):
-    def attention(q, k, v, causal):
+    def attention(q, k, v, **options):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, **options)
     return attention
 
 
@@ -76,22 +103,23 @@ def _attention_functions(causal: bool) -> dict:
         "compile": compiled,
     }
     for name, backend in SDPA_BACKENDS.items():
-        functions[name] = functools.partial(_sdpa(backend), causal=causal)
+        functions[name] = functools.partial(_sdpa(backend), is_causal=causal)
     return functions
 
 
-def _per_head_reference(q, k, v, grad_out, causal, want_grad: bool) -> torch.Tensor:
-    """fp64 output (or dq) computed one (sample, head) at a time, so the score matrix of one head fits."""
+def _per_head_reference(q, k, v, grad_out, want_grad: bool, attend) -> torch.Tensor:
+    """fp64 output (or dq) computed one (sample, head) at a time, so the score matrix of one head fits;
+    ``attend(sample, q, k, v)`` is the reference attention of one head of ``sample``."""
     result = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
             qh, kh, vh = (x[b:b + 1, h:h + 1].double() for x in (q, k, v))
             if want_grad:
                 qh.requires_grad_()
-                out = attention_reference(qh, kh, vh, causal)
+                out = attend(b, qh, kh, vh)
                 result[b, h] = torch.autograd.grad(out, qh, grad_out[b:b + 1, h:h + 1].double())[0][0, 0]
             else:
-                result[b, h] = attention_reference(qh, kh, vh, causal)[0, 0]
+                result[b, h] = attend(b, qh, kh, vh)[0, 0]
     return result
 
 
@@ -144,7 +172,107 @@ def _training(size: str, head_dim: int, seq: int, causal: bool, which: str, reco
         if record_memory:
             notes += _peak_memory_notes(calls, device)
         return Workload(calls, flops=int(flops), notes=notes.lstrip("; "),
-                        reference=lambda: _per_head_reference(q, k, v, grad_out, causal, which != "forward"))
+                        reference=lambda: _per_head_reference(
+                            q, k, v, grad_out, which != "forward",
+                            lambda sample, qh, kh, vh: attention_reference(qh, kh, vh, causal)))
+    return setup
+
+
+def _valid_lengths(batch: int, seq: int) -> torch.Tensor:
+    """Each sequence's count of real tokens, drawn in ``[seq / 2, seq]`` on the host (the FLOP count reads them)."""
+    return torch.randint(seq // 2, seq + 1, (batch,), generator=torch.Generator().manual_seed(2))
+
+
+def _key_padding_mask(lengths: torch.Tensor, seq: int, device: torch.device) -> torch.Tensor:
+    """``[batch, 1, 1, seq]`` bool: key ``j`` of sequence ``b`` takes part iff ``j < lengths[b]``."""
+    keys = torch.arange(seq, device=device)
+    return (keys < lengths.to(device)[:, None])[:, None, None, :]
+
+
+def _seeded(fn):
+    """``fn`` after ``torch.manual_seed(DROPOUT_SEED)``: every call draws the same dropout mask."""
+    def call(*tensors):
+        torch.manual_seed(DROPOUT_SEED)
+        return fn(*tensors)
+    return call
+
+
+def _without_error_column(call):
+    """``call`` returning nothing, so that its row has no error column: its dropout mask is drawn from another
+    random stream than the reference's, so its output cannot be compared with it."""
+    def run():
+        call()
+    return run
+
+
+def _backends_taking(q, k, v, options: dict, device: torch.device) -> tuple[dict, list[str]]:
+    """``(name -> backend, refused names)``: the SDPA backends that take these inputs, found by a call on one
+    (sample, head). Backends that cannot exist on ``device`` are kept (the runner lists them as not available
+    here), and on meta tensors nothing is tried (peers are never run there)."""
+    taking, refused = {}, []
+    one_head = [x[:1, :1] for x in (q, k, v)]
+    head_options = {name: value[:1] if isinstance(value, torch.Tensor) else value for name, value in options.items()}
+    for name, backend in SDPA_BACKENDS.items():
+        if device.type != "meta" and unavailable(name, device) is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a backend says why it refuses before raising
+                    _sdpa(backend)(*one_head, **head_options)
+            except RuntimeError:
+                refused.append(name)
+                continue
+        taking[name] = backend
+    return taking, refused
+
+
+def _dropout_reference(q, k, v, grad_out, which: str):
+    """The dropout call under ``impl="eager"`` in fp32 after the same seed (so the same mask): output, or dq."""
+    def attention(*tensors):
+        return scaled_dot_product_attention(*tensors, dropout_p=DROPOUT_P, impl="eager")
+    return _pass_call(_seeded(attention), q.float(), k.float(), v.float(), grad_out.float(), which)
+
+
+def _sdpa_masked_or_dropout(size: str, head_dim: int, seq: int, variant: str, which: str):
+    def setup(device):
+        batch, heads = (2, 2) if size == "cpu" else _training_shape(size, head_dim, seq)
+        generator = seeded_generator(device, 0)
+        q, k, v, grad_out = (torch.randn((batch, heads, seq, head_dim), generator=generator, device=device)
+                             .to(torch.bfloat16) for _ in range(4))
+        if variant == "key_padding":
+            lengths = _valid_lengths(batch, seq)
+            mask = _key_padding_mask(lengths, seq, device)
+            options = {"attn_mask": mask}
+            flops = 4 * heads * seq * head_dim * int(lengths.sum()) * FLOP_FACTOR[which]
+            notes = [f"key-padding mask, valid lengths {lengths.tolist()}"]
+        else:
+            options = {"dropout_p": DROPOUT_P}
+            flops = 4 * batch * heads * seq * seq * head_dim * FLOP_FACTOR[which]
+            notes = [f"dropout_p {DROPOUT_P}, torch.manual_seed before every call; compile and SDPA draw other "
+                     "masks: no error column"]
+        compiled = torch_compile(functools.partial(scaled_dot_product_attention, impl="eager"))
+        functions = {
+            "triton": lambda q, k, v: scaled_dot_product_attention(q, k, v, impl="triton", **options),
+            "eager": lambda q, k, v: scaled_dot_product_attention(q, k, v, impl="eager", **options),
+            "compile": lambda q, k, v: compiled(q, k, v, **options),
+        }
+        backends, refused = _backends_taking(q, k, v, options, device)
+        functions.update({name: functools.partial(_sdpa(backend), **options) for name, backend in backends.items()})
+        if variant == "dropout":
+            functions = {name: _seeded(fn) for name, fn in functions.items()}
+        calls = {name: _pass_call(fn, q, k, v, grad_out, which) for name, fn in functions.items()}
+        if variant == "dropout":
+            calls = {name: call if name in ("triton", "eager") else _without_error_column(call)
+                     for name, call in calls.items()}
+            reference = _dropout_reference(q, k, v, grad_out, which)
+        else:
+            reference = functools.partial(_per_head_reference, q, k, v, grad_out, which != "forward",
+                                          lambda sample, qh, kh, vh: sdpa_reference(qh, kh, vh,
+                                                                                    mask[sample:sample + 1]))
+        if which != "forward":
+            notes.append("error column: dq")
+        if refused:
+            notes.append(f"{', '.join(refused)} cannot take these inputs")
+        return Workload(calls, flops=int(flops), reference=reference, notes="; ".join(notes))
     return setup
 
 
@@ -193,3 +321,13 @@ def attention_cases(size: str):
     for cache_len in DECODE_CACHE_LENGTHS[size]:
         params = {"dtype": "bfloat16", "cache_len": cache_len, "shape": list(DECODE_SHAPE[size])}
         yield Case(f"attention.decode[bf16,cache{cache_len}]", "attention", "op", params, _decode(size, cache_len))
+    for head_dim, seq in SDPA_SHAPES[size]:
+        for variant in SDPA_VARIANTS:
+            for which in SDPA_PASSES:
+                params = {"dtype": "bfloat16", "head_dim": head_dim, "seq": seq, "variant": variant, "pass": which}
+                label = variant
+                if variant == "dropout":
+                    params["dropout_p"] = DROPOUT_P
+                    label = f"dropout{DROPOUT_P}"
+                yield Case(f"attention.sdpa_{which}[bf16,d{head_dim},{label},s{seq}]", "attention", "op", params,
+                           _sdpa_masked_or_dropout(size, head_dim, seq, variant, which))
