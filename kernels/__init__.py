@@ -6,7 +6,7 @@ default for a block of code or a whole process.
 """
 from importlib.metadata import version as _distribution_version
 
-from .attention import AttentionFallbackWarning, decode_attention, flash_attention, scaled_dot_product_attention
+from .attention import decode_attention, flash_attention
 from .bias_act import ACTIVATIONS, bias_act
 from .causal_conv import causal_conv1d
 from .coupling import affine_coupling
@@ -17,6 +17,7 @@ from .launch import draw_philox_seed
 from .masked_conv import masked_conv2d
 from .philox import philox_normal
 from .reparameterize import reparameterize_kl
+from .sdpa import AttentionFallbackWarning, scaled_dot_product_attention
 from .runtime import IMPLS, default_impl, interpreter_enabled, use_impl
 from .wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
 

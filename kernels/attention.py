@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -65,7 +64,7 @@ from .checks import (
     describe,
 )
 from .launch import batch_chunks, device_limits, launch_setting, native_dot
-from .runtime import KERNEL_DTYPES, choose_impl, compute_dtype, default_impl, triton_can_run_on
+from .runtime import choose_impl, compute_dtype
 from .triton_helpers import dot
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -242,17 +241,76 @@ def _prescaled_query(q, scale_log2, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _exact_values_pass(q, scale_log2, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end, rows, offset,
-                       dims, dim_ok, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+def _mask_bias(mask_base, rows, row_ok, cols, col_ok, mask_sm, mask_sn, MASK: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """``attn_mask`` for query ``rows`` x key ``cols`` as a base-2 score bias: ``[rows, cols]``, or ``[1, cols]``
+    when the mask is the same for every row (``MASK_ROWS`` false: a key-padding mask, one row read per block).
+
+    ``MASK == 1`` (bool): 0 where True, ``-inf`` where False. ``MASK == 2`` (additive): ``bias * log2(e)``, a
+    finite bias kept finite (clamped at -2.35e38 first: transformers pads with ``finfo.min``, which ``* log2(e)``
+    would turn into ``-inf``; a row padded throughout then averages its keys, as SDPA gives), NaN kept NaN. Keys past
+    ``seq_k`` (and rows past ``seq_q``) get ``-inf``."""
+    if MASK_ROWS:
+        offsets = rows[:, None].to(tl.int64) * mask_sm + cols[None, :].to(tl.int64) * mask_sn
+        inside = row_ok[:, None] & col_ok[None, :]
+    else:
+        offsets = cols[None, :].to(tl.int64) * mask_sn
+        inside = col_ok[None, :]
+    if MASK == 1:
+        taken = tl.load(mask_base + offsets, mask=inside, other=0)
+        bias = tl.where(taken != 0, 0.0, float("-inf"))
+    else:
+        natural = tl.load(mask_base + offsets, mask=inside, other=float("-inf")).to(tl.float32)
+        # clamped before the product (so it cannot overflow): -2.35e38 * log2(e) = -3.39e38 > -FLT_MAX
+        bias = tl.maximum(natural, -2.35e38, propagate_nan=tl.PropagateNan.ALL) * 1.4426950408889634
+        bias = tl.where(natural == float("-inf"), natural, bias)
+    return bias
+
+
+@triton.jit
+def _dropout_weights(seed_ptr, plane, rows, first_col, dropout_p, keep_scale, BLOCK_N: tl.constexpr):
+    """``[rows, BLOCK_N]`` dropout weights for keys ``first_col ..`` (a multiple of 4) of query ``rows`` of the
+    (batch, query head) ``plane``: ``keep_scale = 1 / (1 - p)`` where kept, 0 where dropped.
+
+    Element (plane, i, j) keeps iff ``u >= p``, ``u`` the uniform of word ``j mod 4`` of Philox-4x32-10 keyed by
+    the int64 seed at counter ``(j div 4, i, plane mod 2^32, plane div 2^32)`` (one Philox call per four keys;
+    :func:`dropout_weights_reference` draws the same). The backward kernels regenerate the same weights."""
+    groups = first_col // 4 + tl.arange(0, BLOCK_N // 4)
+    zero = tl.zeros((rows.shape[0], BLOCK_N // 4), tl.uint32)
+    plane_lo = (plane & 0xFFFFFFFF).to(tl.uint32)
+    plane_hi = (plane >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(tl.load(seed_ptr), zero + groups[None, :].to(tl.uint32),
+                               zero + rows[:, None].to(tl.uint32), zero + plane_lo, zero + plane_hi)
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    return tl.where(tl.uint_to_uniform_float(words) >= dropout_p, keep_scale, 0.0)
+
+
+@triton.jit
+def _dropout_weight_at(seed_ptr, plane, rows, col, dropout_p, keep_scale):
+    """:func:`_dropout_weights` of one key ``col`` for query ``rows`` (from its own Philox group)."""
+    zero = tl.zeros(rows.shape, tl.uint32)
+    r0, r1, r2, r3 = tl.philox(tl.load(seed_ptr), zero + (col // 4).to(tl.uint32), rows.to(tl.uint32),
+                               zero + (plane & 0xFFFFFFFF).to(tl.uint32), zero + (plane >> 32).to(tl.uint32))
+    lane = col % 4
+    word = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return tl.where(tl.uint_to_uniform_float(word) >= dropout_p, keep_scale, 0.0)
+
+
+@triton.jit
+def _exact_values_pass(q, scale_log2, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end, rows, row_ok,
+                       offset, dims, dim_ok, mask_base, mask_sm, mask_sn, seed_ptr, plane, dropout_p, keep_scale,
+                       CAUSAL: tl.constexpr, MASK: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+                       IEEE: tl.constexpr):
     """``(acc, row_sum, row_max)`` of a query block over keys ``[key_start, key_end)`` again, one key at a time in
-    fp32 (the same online softmax), each (row, key) term on its own and hidden pairs selected away.
+    fp32 (the same online softmax, mask and dropout), each (row, key) term on its own and hidden pairs selected
+    away.
 
     For the rare program whose product-based output holds a NaN: it may come from NaN inputs the rows see (then
     it stays), or from a NaN/Inf value multiplied by a zero probability (a key hidden from the row by the causal
-    mask, or a probability that only underflowed when rounded to a 16-bit tile), which the exact terms avoid: a
-    hidden key never reaches a row, a visible Inf value gives +-Inf unless its fp32 probability is 0 (SDPA's
-    ``0 * Inf = NaN``). Costs one pass over the keys per program, only where a NaN appeared (run by
-    :func:`_attention_forward_repair_kernel`)."""
+    mask or ``attn_mask``, a dropped one, or a probability that only underflowed when rounded to a 16-bit tile),
+    which the exact terms avoid: a hidden or dropped key never reaches a row, a visible Inf value gives +-Inf
+    unless its fp32 probability is 0 (SDPA's ``0 * Inf = NaN``). Costs one pass over the keys per program, only
+    where a NaN appeared (run by :func:`_attention_forward_repair_kernel`)."""
     q_scaled, factor = _prescaled_query(q, scale_log2, IEEE)
     q_scaled = q_scaled.to(tl.float32)
     acc = tl.zeros(q_scaled.shape, tl.float32)
@@ -269,12 +327,21 @@ def _exact_values_pass(q, scale_log2, k_base, v_base, k_ss, k_sd, v_ss, v_sd, ke
             visible = j <= rows + offset
         else:
             visible = rows == rows
+        if MASK != 0:
+            key = tl.full((1,), j, tl.int32)
+            bias = tl.sum(_mask_bias(mask_base, rows, row_ok, key, key == key, mask_sm, mask_sn, MASK, True), 1)
+            scores = scores + bias
+            visible = visible & (bias != float("-inf"))
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, scores, propagate_nan=tl.PropagateNan.ALL)
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         probs = tl.exp2(scores - safe_max)
         rescale = tl.exp2(row_max - safe_max)
         row_sum = row_sum * rescale + probs
+        if DROPOUT:
+            weights = _dropout_weight_at(seed_ptr, plane, rows, j, dropout_p, keep_scale)
+            visible = visible & (weights != 0)
+            probs = probs * weights
         term = tl.where(visible[:, None], probs[:, None] * v_row[None, :].to(tl.float32), 0.0)
         acc = acc * rescale[:, None] + term
         row_max = new_max
@@ -283,15 +350,19 @@ def _exact_values_pass(q, scale_log2, k_base, v_base, k_ss, k_sd, v_ss, v_sd, ke
 
 @triton.jit
 def _online_softmax_blocks(acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end,
-                           seq_k, rows, offset, dims, dim_ok, scale_log2,
-                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                           NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+                           seq_k, rows, row_ok, offset, dims, dim_ok, scale_log2, mask_base, mask_sm, mask_sn,
+                           seed_ptr, plane, dropout_p, keep_scale,
+                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, MASK_ROWS: tl.constexpr,
+                           DROPOUT: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                           IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold key blocks ``[key_start, key_end)`` into the running ``(acc, row_sum, row_max)`` of a query block.
 
     ``MASKED`` blocks may hold keys past ``seq_k`` (never loaded: zeros) or (``CAUSAL``) keys hidden from some
     rows, whose scores are selected away (their values only reach the product with probability 0, which
     :func:`_exact_values_pass` undoes where that made a NaN); the other blocks are seen completely by every row and
-    skip the mask."""
+    skip that mask. An ``attn_mask`` (``MASK``) biases every block's scores; dropout (``DROPOUT``) weights the
+    probabilities that multiply the values, after ``row_sum`` took them undropped (the softmax normalizes before
+    dropout)."""
     q_scaled, factor = _prescaled_query(q, scale_log2, IEEE)
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -300,6 +371,8 @@ def _online_softmax_blocks(acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd,
         scores = dot(q_scaled, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), tl.float32), NATIVE_DOT, IEEE)
         if not IEEE:
             scores = scores * factor
+        if MASK != 0:
+            scores = scores + _mask_bias(mask_base, rows, row_ok, cols, col_ok, mask_sm, mask_sn, MASK, MASK_ROWS)
         visible = col_ok[None, :]
         if MASKED:
             if CAUSAL:
@@ -311,6 +384,8 @@ def _online_softmax_blocks(acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd,
         probs = tl.exp2(scores - safe_max[:, None])
         rescale = tl.exp2(row_max - safe_max)
         row_sum = row_sum * rescale + tl.sum(probs, 1)
+        if DROPOUT:
+            probs = probs * _dropout_weights(seed_ptr, plane, rows, start_n, dropout_p, keep_scale, BLOCK_N)
         v = _load_tile(v_base, cols, col_ok, v_ss, dims, dim_ok, v_sd, UPCAST)
         acc = dot(probs.to(v.dtype), v, acc * rescale[:, None], NATIVE_DOT, IEEE)
         row_max = new_max
@@ -318,11 +393,26 @@ def _online_softmax_blocks(acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd,
 
 
 @triton.jit
+def _causal_stages(first_row, offset, seq_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(full_end, key_end)`` of a query block: the key blocks before ``full_end`` are seen completely by every
+    row (no mask needed), keys from ``key_end`` on by none (never visited)."""
+    if CAUSAL:
+        full_end = tl.minimum(tl.maximum(first_row + offset + 1, 0), seq_k) // BLOCK_N * BLOCK_N
+        key_end = tl.minimum(seq_k, tl.maximum(first_row + BLOCK_M + offset, 0))
+    else:
+        full_end = seq_k // BLOCK_N * BLOCK_N
+        key_end = seq_k
+    return full_end, key_end
+
+
+@triton.jit
 def _attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    batch_start, seq_q, seq_k, head_dim, group_size, scale_log2,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, seed_ptr,
+    batch_start, seq_q, seq_k, offset, head_dim, group_size, scale_log2, dropout_p, keep_scale,
     q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, o_sb, o_sh, o_ss, o_sd,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    m_sb, m_sh, m_sm, m_sn,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -338,39 +428,39 @@ def _attention_forward_kernel(
     q = _load_tile(q_ptr + batch * q_sb + head.to(tl.int64) * q_sh, rows, row_ok, q_ss, dims, dim_ok, q_sd, UPCAST)
     k_base = k_ptr + batch * k_sb + kv_head * k_sh
     v_base = v_ptr + batch * v_sb + kv_head * v_sh
+    mask_base = mask_ptr + batch * m_sb + head.to(tl.int64) * m_sh
+    plane = batch * heads_q + head
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    offset = seq_k - seq_q
-    if CAUSAL:
-        # Blocks before `full_end` are seen completely by every row; keys from `key_end` on by none.
-        full_end = tl.maximum(first_row + offset + 1, 0) // BLOCK_N * BLOCK_N
-        key_end = tl.minimum(seq_k, first_row + BLOCK_M + offset)
-    else:
-        full_end = seq_k // BLOCK_N * BLOCK_N
-        key_end = seq_k
+    full_end, key_end = _causal_stages(first_row, offset, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
     acc, row_sum, row_max = _online_softmax_blocks(
-        acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, 0, full_end, seq_k, rows, offset, dims,
-        dim_ok, scale_log2, False, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
+        acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, 0, full_end, seq_k, rows, row_ok, offset,
+        dims, dim_ok, scale_log2, mask_base, m_sm, m_sn, seed_ptr, plane, dropout_p, keep_scale,
+        False, CAUSAL, MASK, MASK_ROWS, DROPOUT, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
     acc, row_sum, row_max = _online_softmax_blocks(
-        acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, full_end, key_end, seq_k, rows, offset,
-        dims, dim_ok, scale_log2, True, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
+        acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, full_end, key_end, seq_k, rows, row_ok,
+        offset, dims, dim_ok, scale_log2, mask_base, m_sm, m_sn, seed_ptr, plane, dropout_p, keep_scale,
+        True, CAUSAL, MASK, MASK_ROWS, DROPOUT, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
     _store_rows(acc, row_sum, row_max, rows, row_ok, offset, dims, dim_ok,
                 out_ptr + batch * o_sb + head.to(tl.int64) * o_sh, o_ss, o_sd,
-                lse_ptr + (batch * heads_q + head) * seq_q, CAUSAL)
+                lse_ptr + (batch * heads_q + head) * seq_q, CAUSAL, MASK)
 
 
 @triton.jit
 def _store_rows(acc, row_sum, row_max, rows, row_ok, offset, dims, dim_ok, out_base, o_ss, o_sd, lse_base,
-                CAUSAL: tl.constexpr):
+                CAUSAL: tl.constexpr, MASK: tl.constexpr):
     """Write a query block's output ``acc / row_sum`` and its log-sum-exp (base 2).
 
     row_sum is 0 for a row that sees no key (output 0, lse +inf: probabilities 0 in the backward pass) or whose
-    visible scores are all -inf (softmax's 0 / 0: NaN, as the eager reference), and NaN for a row whose scores
-    hold NaN (or +inf), which stays NaN in the output and in lse."""
+    visible scores are all -inf (softmax's 0 / 0: NaN, as the eager reference; under an ``attn_mask``, SDPA's
+    rule instead: 0, as for a row the mask hides throughout), and NaN for a row whose scores hold NaN (or +inf),
+    which stays NaN in the output and in lse."""
     unseen = row_sum == 0
-    if CAUSAL:
+    if MASK != 0:
+        sees_keys = rows < 0
+    elif CAUSAL:
         sees_keys = rows + offset >= 0
     else:
         sees_keys = rows >= 0
@@ -383,11 +473,12 @@ def _store_rows(acc, row_sum, row_max, rows, row_ok, offset, dims, dim_ok, out_b
 
 @triton.jit
 def _attention_forward_repair_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    batch_start, seq_q, seq_k, head_dim, group_size, scale_log2,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, seed_ptr,
+    batch_start, seq_q, seq_k, offset, head_dim, group_size, scale_log2, dropout_p, keep_scale,
     q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, o_sb, o_sh, o_ss, o_sd,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    m_sb, m_sh, m_sm, m_sn,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Run after the forward kernel, over row blocks of its own (smaller than the forward's, so several CTAs fit
     an SM: a memory-bound pass): a block whose output holds a NaN is recomputed by :func:`_exact_values_pass`
@@ -408,27 +499,30 @@ def _attention_forward_repair_kernel(
         kv_head = (head // group_size).to(tl.int64)
         q = _load_tile(q_ptr + batch * q_sb + head.to(tl.int64) * q_sh, rows, row_ok, q_ss, dims, dim_ok, q_sd,
                        UPCAST)
-        offset = seq_k - seq_q
         if CAUSAL:
-            key_end = tl.minimum(seq_k, first_row + BLOCK_M + offset)
+            key_end = tl.minimum(seq_k, tl.maximum(first_row + BLOCK_M + offset, 0))
         else:
             key_end = seq_k
-        acc, row_sum, row_max = _exact_values_pass(q, scale_log2, k_ptr + batch * k_sb + kv_head * k_sh,
-                                                   v_ptr + batch * v_sb + kv_head * v_sh, k_ss, k_sd, v_ss, v_sd,
-                                                   0, key_end, rows, offset, dims, dim_ok, CAUSAL, IEEE)
+        acc, row_sum, row_max = _exact_values_pass(
+            q, scale_log2, k_ptr + batch * k_sb + kv_head * k_sh, v_ptr + batch * v_sb + kv_head * v_sh, k_ss, k_sd,
+            v_ss, v_sd, 0, key_end, rows, row_ok, offset, dims, dim_ok,
+            mask_ptr + batch * m_sb + head.to(tl.int64) * m_sh, m_sm, m_sn, seed_ptr, batch * heads_q + head,
+            dropout_p, keep_scale, CAUSAL, MASK, MASK_ROWS, DROPOUT, IEEE)
         _store_rows(acc, row_sum, row_max, rows, row_ok, offset, dims, dim_ok, out_base, o_ss, o_sd,
-                    lse_ptr + (batch * heads_q + head) * seq_q, CAUSAL)
+                    lse_ptr + (batch * heads_q + head) * seq_q, CAUSAL, MASK)
 
 
 @triton.jit
 def _dkdv_query_blocks(dk, dv, k_scaled, factor, v, q_base, do_base, lse_ptr, delta_ptr, q_ss, q_sd, do_ss, do_sd,
-                       row_start, row_end, seq_q, cols, col_ok, offset, dims, dim_ok,
-                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                       NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+                       row_start, row_end, seq_q, cols, col_ok, offset, dims, dim_ok, mask_base, mask_sm, mask_sn,
+                       seed_ptr, plane, dropout_p, keep_scale, first_col,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, MASK_ROWS: tl.constexpr,
+                       DROPOUT: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add the query blocks ``[row_start, row_end)`` of one query head to a key block's ``dk`` (unscaled) and
     ``dv``; ``(k_scaled, factor)`` is the key block as :func:`_prescaled_query` scales it (the scores as the
     forward pass has them). ``MASKED`` blocks may pair keys past ``seq_k`` or (``CAUSAL``) hidden keys with some
-    rows."""
+    rows. With dropout weights ``W``: ``dV += (P * W)^T dO`` and ``dP = (V dO^T)^T * W``."""
     for start_m in range(row_start, row_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < seq_q
@@ -441,6 +535,9 @@ def _dkdv_query_blocks(dk, dv, k_scaled, factor, v, q_base, do_base, lse_ptr, de
         scores_t = dot(k_scaled, tl.trans(q), zeros, NATIVE_DOT, IEEE)
         if not IEEE:
             scores_t = scores_t * factor
+        if MASK != 0:
+            bias_t = tl.trans(_mask_bias(mask_base, rows, row_ok, cols, col_ok, mask_sm, mask_sn, MASK, MASK_ROWS))
+            scores_t = scores_t + bias_t
         probs_t = tl.exp2(scores_t - lse[None, :])
         if MASKED:
             # Keys past seq_k are zero-padded: masked too, as their exp2(0 - lse) may overflow the input dtype.
@@ -448,22 +545,30 @@ def _dkdv_query_blocks(dk, dv, k_scaled, factor, v, q_base, do_base, lse_ptr, de
             if CAUSAL:
                 visible = visible & (cols[:, None] <= rows[None, :] + offset)
             probs_t = tl.where(visible, probs_t, 0.0)
-        dv = dot(probs_t.to(grad_out.dtype), grad_out, dv, NATIVE_DOT, IEEE)
         grad_probs_t = dot(v, tl.trans(grad_out), zeros, NATIVE_DOT, IEEE)
+        if DROPOUT:
+            weights_t = tl.trans(_dropout_weights(seed_ptr, plane, rows, first_col, dropout_p, keep_scale, BLOCK_N))
+            dv = dot((probs_t * weights_t).to(grad_out.dtype), grad_out, dv, NATIVE_DOT, IEEE)
+            grad_probs_t = grad_probs_t * weights_t
+        else:
+            dv = dot(probs_t.to(grad_out.dtype), grad_out, dv, NATIVE_DOT, IEEE)
         grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
         if MASKED:  # a hidden key's NaN/Inf value must not reach dK through 0 * NaN
             grad_scores_t = tl.where(visible, grad_scores_t, 0.0)
+        if MASK != 0:
+            grad_scores_t = tl.where(bias_t == float("-inf"), 0.0, grad_scores_t)
         dk = dot(grad_scores_t.to(q.dtype), q, dk, NATIVE_DOT, IEEE)
     return dk, dv
 
 
 @triton.jit
 def _attention_backward_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    batch_start, seq_q, seq_k, head_dim, group_size, scale_log2, scale,
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, seed_ptr,
+    batch_start, seq_q, seq_k, offset, head_dim, group_size, scale_log2, scale, dropout_p, keep_scale,
     q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, do_sb, do_sh, do_ss, do_sd,
-    dk_sb, dk_sh, dk_ss, dk_sd, dv_sb, dv_sh, dv_ss, dv_sd,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    dk_sb, dk_sh, dk_ss, dk_sd, dv_sb, dv_sh, dv_ss, dv_sd, m_sb, m_sh, m_sm, m_sn,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per key block of one key/value head: dK and dV summed over every query block of every query
@@ -482,7 +587,6 @@ def _attention_backward_dkdv_kernel(
     k_scaled, factor = _prescaled_query(k, scale_log2, IEEE)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    offset = seq_k - seq_q
     if CAUSAL:
         # Rows before `row_start` see none of this block; rows from `full_start` on see all of it.
         row_start = tl.maximum(first_col - offset, 0) // BLOCK_M * BLOCK_M
@@ -498,24 +602,32 @@ def _attention_backward_dkdv_kernel(
         head = kv_head * group_size + member
         q_base = q_ptr + batch * q_sb + head * q_sh
         do_base = grad_out_ptr + batch * do_sb + head * do_sh
-        stats = (batch * heads_q + head) * seq_q
+        mask_base = mask_ptr + batch * m_sb + head * m_sh
+        plane = batch * heads_q + head
+        stats = plane * seq_q
         dk, dv = _dkdv_query_blocks(dk, dv, k_scaled, factor, v, q_base, do_base, lse_ptr + stats, delta_ptr + stats,
                                     q_ss, q_sd, do_ss, do_sd, row_start, masked_end, seq_q, cols, col_ok, offset, dims,
-                                    dim_ok, True, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_M)
+                                    dim_ok, mask_base, m_sm, m_sn, seed_ptr, plane, dropout_p, keep_scale, first_col,
+                                    True, CAUSAL, MASK, MASK_ROWS, DROPOUT, UPCAST, NATIVE_DOT, IEEE, BLOCK_M,
+                                    BLOCK_N)
         dk, dv = _dkdv_query_blocks(dk, dv, k_scaled, factor, v, q_base, do_base, lse_ptr + stats, delta_ptr + stats,
                                     q_ss, q_sd, do_ss, do_sd, full_start, seq_q, seq_q, cols, col_ok, offset, dims,
-                                    dim_ok, False, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_M)
+                                    dim_ok, mask_base, m_sm, m_sn, seed_ptr, plane, dropout_p, keep_scale, first_col,
+                                    False, CAUSAL, MASK, MASK_ROWS, DROPOUT, UPCAST, NATIVE_DOT, IEEE, BLOCK_M,
+                                    BLOCK_N)
     _store_tile(dk_ptr + batch * dk_sb + kv_head * dk_sh, dk * scale, cols, col_ok, dk_ss, dims, dim_ok, dk_sd)
     _store_tile(dv_ptr + batch * dv_sb + kv_head * dv_sh, dv, cols, col_ok, dv_ss, dims, dim_ok, dv_sd)
 
 
 @triton.jit
 def _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end, seq_k,
-                   rows, offset, dims, dim_ok, scale_log2,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                   IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Add the key blocks ``[key_start, key_end)`` to a query block's ``dq`` (unscaled); ``MASKED`` as in
-    :func:`_online_softmax_blocks`."""
+                   rows, row_ok, offset, dims, dim_ok, scale_log2, mask_base, mask_sm, mask_sn, seed_ptr, plane,
+                   dropout_p, keep_scale,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, MASK_ROWS: tl.constexpr,
+                   DROPOUT: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Add the key blocks ``[key_start, key_end)`` to a query block's ``dq`` (unscaled); ``MASKED``, ``MASK`` and
+    ``DROPOUT`` as in :func:`_online_softmax_blocks` (``dP = (dO V^T) * W``)."""
     q_scaled, factor = _prescaled_query(q, scale_log2, IEEE)  # the scores exactly as the forward pass has them
     for start_n in range(key_start, key_end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -526,6 +638,9 @@ def _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss
         scores = dot(q_scaled, tl.trans(k), zeros, NATIVE_DOT, IEEE)
         if not IEEE:
             scores = scores * factor
+        if MASK != 0:
+            bias = _mask_bias(mask_base, rows, row_ok, cols, col_ok, mask_sm, mask_sn, MASK, MASK_ROWS)
+            scores = scores + bias
         probs = tl.exp2(scores - lse[:, None])
         if MASKED:
             visible = col_ok[None, :]
@@ -533,24 +648,31 @@ def _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss
                 visible = visible & (cols[None, :] <= rows[:, None] + offset)
             probs = tl.where(visible, probs, 0.0)
         grad_probs = dot(grad_out, tl.trans(v), zeros, NATIVE_DOT, IEEE)
+        if DROPOUT:
+            grad_probs = grad_probs * _dropout_weights(seed_ptr, plane, rows, start_n, dropout_p, keep_scale,
+                                                       BLOCK_N)
         grad_scores = probs * (grad_probs - delta[:, None])
         if MASKED:
             grad_scores = tl.where(visible, grad_scores, 0.0)
+        if MASK != 0:
+            grad_scores = tl.where(bias == float("-inf"), 0.0, grad_scores)
         dq = dot(grad_scores.to(k.dtype), k, dq, NATIVE_DOT, IEEE)
     return dq
 
 
 @triton.jit
 def _attention_backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, grad_out_ptr, out_ptr, lse_ptr, delta_ptr, dq_ptr,
-    batch_start, seq_q, seq_k, head_dim, group_size, scale_log2, scale,
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, out_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, seed_ptr,
+    batch_start, seq_q, seq_k, offset, head_dim, group_size, scale_log2, scale, dropout_p, keep_scale,
     q_sb, q_sh, q_ss, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, do_sb, do_sh, do_ss, do_sd,
-    o_sb, o_sh, o_ss, o_sd, dq_sb, dq_sh, dq_ss, dq_sd,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    o_sb, o_sh, o_ss, o_sd, dq_sb, dq_sh, dq_ss, dq_sd, m_sb, m_sh, m_sm, m_sn,
+    CAUSAL: tl.constexpr, MASK: tl.constexpr, MASK_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per query block: ``delta = rowsum(dO * O)`` (fp32, stored for the dK/dV kernel, which runs
-    after this one) and dQ = scale * sum over visible key blocks of dS K."""
+    after this one; with dropout ``O`` is the dropped output, and ``delta_i = sum_j P_ij dP_ij`` still holds) and
+    dQ = scale * sum over visible key blocks of dS K."""
     block_m = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     heads_q = tl.num_programs(1)
@@ -564,25 +686,25 @@ def _attention_backward_dq_kernel(
     q = _load_tile(q_ptr + batch * q_sb + head * q_sh, rows, row_ok, q_ss, dims, dim_ok, q_sd, UPCAST)
     grad_out = _load_tile(grad_out_ptr + batch * do_sb + head * do_sh, rows, row_ok, do_ss, dims, dim_ok, do_sd,
                           UPCAST)
-    stats_base = (batch * heads_q + head) * seq_q
+    plane = batch * heads_q + head
+    stats_base = plane * seq_q
     lse = tl.load(lse_ptr + stats_base + rows, mask=row_ok, other=float("inf"))
     out = _load_tile(out_ptr + batch * o_sb + head * o_sh, rows, row_ok, o_ss, dims, dim_ok, o_sd, True)
     delta = tl.sum(out * grad_out.to(tl.float32), 1)
     tl.store(delta_ptr + stats_base + rows, delta, mask=row_ok)
     k_base = k_ptr + batch * k_sb + kv_head * k_sh
     v_base = v_ptr + batch * v_sb + kv_head * v_sh
-    offset = seq_k - seq_q
-    if CAUSAL:  # the same stages as the forward pass
-        full_end = tl.maximum(first_row + offset + 1, 0) // BLOCK_N * BLOCK_N
-        key_end = tl.minimum(seq_k, first_row + BLOCK_M + offset)
-    else:
-        full_end = seq_k // BLOCK_N * BLOCK_N
-        key_end = seq_k
+    mask_base = mask_ptr + batch * m_sb + head * m_sh
+    full_end, key_end = _causal_stages(first_row, offset, seq_k, CAUSAL, BLOCK_M, BLOCK_N)  # as the forward pass
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss, v_sd, 0, full_end, seq_k,
-                        rows, offset, dims, dim_ok, scale_log2, False, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
+                        rows, row_ok, offset, dims, dim_ok, scale_log2, mask_base, m_sm, m_sn, seed_ptr, plane,
+                        dropout_p, keep_scale, False, CAUSAL, MASK, MASK_ROWS, DROPOUT, UPCAST, NATIVE_DOT, IEEE,
+                        BLOCK_N)
     dq = _dq_key_blocks(dq, q, grad_out, lse, delta, k_base, v_base, k_ss, k_sd, v_ss, v_sd, full_end, key_end,
-                        seq_k, rows, offset, dims, dim_ok, scale_log2, True, CAUSAL, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
+                        seq_k, rows, row_ok, offset, dims, dim_ok, scale_log2, mask_base, m_sm, m_sn, seed_ptr, plane,
+                        dropout_p, keep_scale, True, CAUSAL, MASK, MASK_ROWS, DROPOUT, UPCAST, NATIVE_DOT, IEEE,
+                        BLOCK_N)
     _store_tile(dq_ptr + batch * dq_sb + head * dq_sh, dq * scale, rows, row_ok, dq_ss, dims, dim_ok, dq_sd)
 
 
@@ -615,12 +737,13 @@ def _decode_partial_kernel(
     row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
     acc, row_sum, row_max = _online_softmax_blocks(
         acc, row_sum, row_max, q, k_ptr + batch * k_sb + kv_head * k_sh, v_ptr + batch * v_sb + kv_head * v_sh,
-        k_ss, k_sd, v_ss, v_sd, key_start, key_end, key_end, heads, 0, dims, dim_ok, scale_log2,
-        True, False, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
+        k_ss, k_sd, v_ss, v_sd, key_start, key_end, key_end, heads, member_ok, 0, dims, dim_ok, scale_log2,
+        q_ptr, 0, 0, q_ptr, 0, 0.0, 1.0, True, False, 0, False, False, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
     if tl.sum(tl.where(acc != acc, 1, 0)) > 0:  # rare: see _exact_values_pass
         acc, row_sum, row_max = _exact_values_pass(q, scale_log2, k_ptr + batch * k_sb + kv_head * k_sh,
                                                    v_ptr + batch * v_sb + kv_head * v_sh, k_ss, k_sd, v_ss, v_sd,
-                                                   key_start, key_end, heads, 0, dims, dim_ok, False, IEEE)
+                                                   key_start, key_end, heads, member_ok, 0, dims, dim_ok, q_ptr, 0,
+                                                   0, q_ptr, 0, 0.0, 1.0, False, 0, False, False, IEEE)
     stats = (batch * heads_q + heads) * num_splits + split
     tl.store(max_ptr + stats, row_max, mask=member_ok)
     tl.store(sum_ptr + stats, row_sum, mask=member_ok)
@@ -730,7 +853,32 @@ def _kernel_flags(dtype: torch.dtype, device: torch.device) -> dict:
     return dict(UPCAST=dtype == torch.bfloat16 and not native, NATIVE_DOT=native, IEEE=dtype == torch.float32)
 
 
-def _launch_forward(q, k, v, causal: bool, scale: float):
+def _score_modifiers(q: torch.Tensor, attn_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                     dropout_p: float) -> tuple[tuple, tuple, tuple, dict]:
+    """What the kernels take for an ``attn_mask`` (``[batch, heads_q, seq_q, seq_k]``, broadcast dims with stride
+    0) and dropout: ``(pointers, scalars, mask strides, constexprs)``. Without a mask or dropout their pointers are
+    ``q`` (never read)."""
+    if attn_mask is None:
+        mask, strides, kind, per_row = q, (0, 0, 0, 0), 0, False
+    else:
+        boolean = attn_mask.dtype == torch.bool
+        mask = attn_mask.view(torch.uint8) if boolean else attn_mask
+        strides = attn_mask.stride()
+        kind = 1 if boolean else 2
+        per_row = attn_mask.shape[2] > 1 and strides[2] != 0  # else one row per (batch, head): key padding
+    dropout = dropout_p > 0
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
+    pointers = (mask, seed if dropout else q)
+    return pointers, (dropout_p, keep_scale), strides, dict(MASK=kind, MASK_ROWS=per_row, DROPOUT=dropout)
+
+
+def _causal_offset(seq_q: int, seq_k: int, top_left: bool) -> int:
+    """Query ``i`` sees key ``j <= i + offset``: bottom-right aligned ``seq_k - seq_q``, or SDPA's top-left 0."""
+    return 0 if top_left else seq_k - seq_q
+
+
+def _launch_forward(q, k, v, causal: bool, scale: float, attn_mask=None, seed=None, dropout_p: float = 0.0,
+                    top_left: bool = False):
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -742,21 +890,24 @@ def _launch_forward(q, k, v, causal: bool, scale: float):
     tiles = attention_tiles(head_dim, q.dtype, q.device)
     flags = _kernel_flags(q.dtype, q.device)
     block_d = _block_d(head_dim)
+    pointers, scalars, mask_strides, modifiers = _score_modifiers(q, attn_mask, seed, dropout_p)
     for start, count in batch_chunks(batch):
-        args = (q, k, v, out, lse, start, seq_q, seq_k, head_dim, heads_q // heads_kv, scale * LOG2_E,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride())
+        args = (q, k, v, out, lse, *pointers, start, seq_q, seq_k, _causal_offset(seq_q, seq_k, top_left), head_dim,
+                heads_q // heads_kv, scale * LOG2_E, *scalars, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                *mask_strides)
         block_m, block_n, num_warps, num_stages = tiles["forward"]
         _attention_forward_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
-            *args, CAUSAL=causal, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            *args, CAUSAL=causal, **modifiers, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=num_warps, num_stages=num_stages)
         block_m, _, num_warps, num_stages = tiles["repair"]
         _attention_forward_repair_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
-            *args, CAUSAL=causal, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"], BLOCK_M=block_m, BLOCK_D=block_d,
-            num_warps=num_warps, num_stages=num_stages)
+            *args, CAUSAL=causal, **modifiers, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"], BLOCK_M=block_m,
+            BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
     return out, lse
 
 
-def _launch_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
+def _launch_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, attn_mask=None, seed=None,
+                     dropout_p: float = 0.0, top_left: bool = False):
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -767,18 +918,20 @@ def _launch_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float):
     tiles = attention_tiles(head_dim, q.dtype, q.device)
     # delta_i = sum_d dO_id O_id, written by the dQ kernel (which holds dO's rows anyway) for the dK/dV kernel
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
-    flags = dict(CAUSAL=causal, **_kernel_flags(q.dtype, q.device), BLOCK_D=_block_d(head_dim))
-    group_size = heads_q // heads_kv
+    pointers, scalars, mask_strides, modifiers = _score_modifiers(q, attn_mask, seed, dropout_p)
+    flags = dict(CAUSAL=causal, **modifiers, **_kernel_flags(q.dtype, q.device), BLOCK_D=_block_d(head_dim))
+    sizes = (seq_q, seq_k, _causal_offset(seq_q, seq_k, top_left), head_dim, heads_q // heads_kv, scale * LOG2_E,
+             scale, *scalars)
     for start, count in batch_chunks(batch):
         block_m, block_n, num_warps, num_stages = tiles["dq"]
         _attention_backward_dq_kernel[(triton.cdiv(seq_q, block_m), heads_q, count)](
-            q, k, v, grad_out, out, lse, delta, dq, start, seq_q, seq_k, head_dim, group_size, scale * LOG2_E,
-            scale, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(), *dq.stride(),
+            q, k, v, grad_out, out, lse, delta, dq, *pointers, start, *sizes, *q.stride(), *k.stride(), *v.stride(),
+            *grad_out.stride(), *out.stride(), *dq.stride(), *mask_strides,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **flags)
         block_m, block_n, num_warps, num_stages = tiles["dkdv"]
         _attention_backward_dkdv_kernel[(triton.cdiv(seq_k, block_n), heads_kv, count)](
-            q, k, v, grad_out, lse, delta, dk, dv, start, seq_q, seq_k, head_dim, group_size, scale * LOG2_E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            q, k, v, grad_out, lse, delta, dk, dv, *pointers, start, *sizes, *q.stride(), *k.stride(), *v.stride(),
+            *grad_out.stride(), *dk.stride(), *dv.stride(), *mask_strides,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **flags)
     return dq, dk, dv
 
@@ -878,41 +1031,53 @@ def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float):
 # ----------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("genkernels::flash_attention_forward", mutates_args=())
 def _flash_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                                softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_forward(q, k, v, causal, softmax_scale)
+                                softmax_scale: float, attn_mask: Optional[torch.Tensor] = None,
+                                seed: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                top_left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and base-2 logsumexp. ``attn_mask``: bool or additive ``[batch, heads_q, seq_q, seq_k]`` (broadcast
+    dims stride 0); ``seed``: the int64 Philox key of the dropout mask (read when ``dropout_p > 0``);
+    ``top_left``: the causal mask aligned as SDPA's (query ``i`` sees keys ``j <= i``)."""
+    return _launch_forward(q, k, v, causal, softmax_scale, attn_mask, seed, dropout_p, top_left)
 
 
 @_flash_attention_forward_op.register_fake
-def _flash_attention_forward_fake(q, k, v, causal, softmax_scale):
+def _flash_attention_forward_fake(q, k, v, causal, softmax_scale, attn_mask=None, seed=None, dropout_p=0.0,
+                                  top_left=False):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("genkernels::flash_attention_backward", mutates_args=())
 def _flash_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 out: torch.Tensor, lse: torch.Tensor, causal: bool,
-                                 softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(grad_out, q, k, v, out, lse, causal, softmax_scale)
+                                 out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
+                                 attn_mask: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
+                                 dropout_p: float = 0.0,
+                                 top_left: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_out, q, k, v, out, lse, causal, softmax_scale, attn_mask, seed, dropout_p, top_left)
 
 
 @_flash_attention_backward_op.register_fake
-def _flash_attention_backward_fake(grad_out, q, k, v, out, lse, causal, softmax_scale):
+def _flash_attention_backward_fake(grad_out, q, k, v, out, lse, causal, softmax_scale, attn_mask=None, seed=None,
+                                   dropout_p=0.0, top_left=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flash_attention_setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale = inputs
+    q, k, v, causal, softmax_scale, attn_mask, seed, dropout_p, top_left = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
+    ctx.causal, ctx.softmax_scale, ctx.dropout_p, ctx.top_left = causal, softmax_scale, dropout_p, top_left
 
 
 def _flash_attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    """Gradients of q, k, v (the mask gets none: the public functions route a mask that requires grad away from
+    the kernels)."""
+    q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.genkernels.flash_attention_backward(grad_out, q, k, v, out, lse, ctx.causal,
-                                                               ctx.softmax_scale)
-    return dq, dk, dv, None, None
+                                                               ctx.softmax_scale, attn_mask, seed, ctx.dropout_p,
+                                                               ctx.top_left)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _flash_attention_forward_op.register_autograd(_flash_attention_backward, setup_context=_flash_attention_setup_context)
@@ -1074,229 +1239,3 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if impl == "eager":
         return decode_attention_reference(q, k_cache, v_cache, seqlens, scale)
     return torch.ops.genkernels.decode_attention(q, k_cache, v_cache, seqlens, scale)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# torch.nn.functional.scaled_dot_product_attention's signature
-# ----------------------------------------------------------------------------------------------------------------
-class AttentionFallbackWarning(UserWarning):
-    """:func:`scaled_dot_product_attention` under ``impl="auto"`` ran torch's own SDPA because the Triton kernels
-    cannot take its inputs (the message names the reason; each reason warns once per process)."""
-
-
-_warned_fallback_reasons: set = set()
-
-
-def _warn_fallback_once(reasons) -> None:
-    new = [reason for reason in reasons if reason not in _warned_fallback_reasons]
-    if not new or torch.compiler.is_compiling():
-        return
-    _warned_fallback_reasons.update(new)
-    warnings.warn("scaled_dot_product_attention runs torch.nn.functional.scaled_dot_product_attention: "
-                  + "; ".join(new), AttentionFallbackWarning, stacklevel=3)
-
-
-def _sdpa_shapes(query, key, value, enable_gqa):
-    """Check the shape rules of SDPA; return ``(batch_shape, heads_kv)``: the broadcast leading dims of the output
-    (``[..., L, Ev]``) and key/value's head count after GQA (``None`` without GQA)."""
-    for tensor, name in ((query, "query"), (key, "key"), (value, "value")):
-        if tensor.dim() < (3 if enable_gqa else 2):
-            need = "3 dimensions [..., heads, seq, dim] with enable_gqa=True" if enable_gqa else \
-                "2 dimensions [..., seq, dim]"
-            raise ValueError(f"{name} must have at least {need}; got {describe(tensor)}")
-    if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key must have the last dimension E of query ({query.shape[-1]}); got {describe(key)}")
-    if value.shape[-2] != key.shape[-2]:
-        raise ValueError(f"value must have the sequence length S of key ({key.shape[-2]}, its dimension -2); got "
-                         f"{describe(value)}")
-    heads_kv = None
-    key_batch, value_batch = list(key.shape[:-2]), list(value.shape[:-2])
-    if enable_gqa:
-        heads_q = query.shape[-3]
-        for tensor, name in ((key, "key"), (value, "value")):
-            heads = tensor.shape[-3]
-            if (heads == 0 and heads_q != 0) or (heads != 0 and heads_q % heads != 0):
-                raise ValueError(f"with enable_gqa=True the heads of {name} (dimension -3, {heads}) must divide the "
-                                 f"heads of query ({heads_q}); got {name} {describe(tensor)}, query "
-                                 f"{describe(query)}")
-        heads_kv = key.shape[-3]
-        key_batch[-1] = value_batch[-1] = heads_q
-    try:
-        batch = torch.broadcast_shapes(tuple(query.shape[:-2]), tuple(key_batch))
-    except RuntimeError:
-        raise ValueError(f"the leading (batch) dimensions of key must broadcast with query's "
-                         f"({list(query.shape[:-2])}); got key {describe(key)}"
-                         + (" (key heads may differ from query heads only with enable_gqa=True)"
-                            if not enable_gqa else "")) from None
-    try:
-        batch = torch.broadcast_shapes(batch, tuple(value_batch))
-    except RuntimeError:
-        raise ValueError(f"the leading (batch) dimensions of value must broadcast with query's and key's "
-                         f"({list(batch)}); got value {describe(value)}") from None
-    return tuple(batch), heads_kv
-
-
-def _check_attn_mask(attn_mask, query, target) -> Optional[torch.Tensor]:
-    if attn_mask is None:
-        return None
-    mask = check_tensor(attn_mask, "attn_mask")
-    if mask.dtype != torch.bool and mask.dtype != query.dtype:
-        raise TypeError(f"attn_mask must be bool (True = takes part) or an additive mask of query's dtype "
-                        f"({query.dtype}); got {describe(mask)}")
-    if mask.device != query.device:
-        raise ValueError(f"attn_mask must be on query's device ({query.device}); got {describe(mask)}")
-    try:
-        ok = torch.broadcast_shapes(tuple(mask.shape), tuple(target)) == tuple(target)
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"attn_mask must broadcast to the attention shape [..., L, S] = {list(target)}; got "
-                         f"{describe(mask)}")
-    return mask
-
-
-def sdpa_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
-                   scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``'s math in plain PyTorch (arguments already checked):
-
-        O = dropout(softmax(scale * Q K^T + B)) V
-
-    ``B`` is ``-inf`` where a bool ``attn_mask`` is False, the float ``attn_mask`` itself, or ``-inf`` above the
-    top-left diagonal (key ``j > i``) with ``is_causal``. A row whose scores are all ``-inf`` gives zeros (SDPA's
-    safe softmax), with zero gradients. Computes in fp32 (fp64 for fp64 inputs), returns query's dtype.
-    """
-    dtype = compute_dtype(query.dtype)
-    seq_q, seq_k = query.shape[-2], key.shape[-2]
-    scale = default_scale(query.shape[-1]) if scale is None else scale
-    keys, values = key.to(dtype), value.to(dtype)
-    if enable_gqa:
-        heads_q = query.shape[-3]
-        keys = keys.repeat_interleave(heads_q // key.shape[-3] if key.shape[-3] else 1, dim=-3)
-        values = values.repeat_interleave(heads_q // value.shape[-3] if value.shape[-3] else 1, dim=-3)
-    scores = (query.to(dtype) * scale) @ keys.transpose(-1, -2)
-    if is_causal:
-        visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.to(dtype)
-    if seq_k > 0:
-        hidden_row = (scores == float("-inf")).all(dim=-1, keepdim=True)
-        scores = torch.where(hidden_row, torch.zeros((), dtype=dtype, device=query.device), scores)
-        probs = torch.softmax(scores, dim=-1)
-        probs = torch.where(hidden_row, torch.zeros((), dtype=dtype, device=query.device), probs)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0:
-        probs = torch.nn.functional.dropout(probs, dropout_p, training=True)
-    return (probs @ values).to(query.dtype)
-
-
-def _sdpa_kernel_reasons(query, key, value, attn_mask, dropout_p, enable_gqa) -> list[str]:
-    """Why the Triton kernels cannot take these SDPA inputs ([] when they can)."""
-    reasons = []
-    if attn_mask is not None:
-        reasons.append("attn_mask is not supported by the Triton kernels yet")
-    if dropout_p > 0:
-        reasons.append(f"dropout_p > 0 ({dropout_p}): dropout is not supported by the Triton kernels yet (torch "
-                       "applies it whenever dropout_p > 0; pass dropout_p=0.0 for inference)")
-    if value.shape[-1] != query.shape[-1]:
-        reasons.append(f"value's head dim Ev ({value.shape[-1]}) differs from query's E ({query.shape[-1]}): the "
-                       "kernels need Ev == E")
-    if enable_gqa and key.shape[-3] != value.shape[-3]:
-        reasons.append(f"key and value have different head counts ({key.shape[-3]} and {value.shape[-3]}): the "
-                       "kernels need one key/value head count")
-    head_dim = query.shape[-1]
-    if query.device.type != "meta" and not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        reasons.append(f"head_dim (last dimension of query) is {head_dim}: the kernels take head dims in "
-                       f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
-    return reasons
-
-
-def _as_rank4(tensor: torch.Tensor, batch, heads: int) -> torch.Tensor:
-    """``tensor`` broadcast to ``batch`` (its head dim kept at ``heads``) and viewed ``[batch', heads, seq, dim]``."""
-    shape = list(batch[:-1]) + [heads] if batch else []
-    tensor = tensor.expand(shape + list(tensor.shape[-2:]))
-    leading = 1
-    for size in batch[:-1]:
-        leading = leading * size
-    return tensor.reshape(leading, heads, tensor.shape[-2], tensor.shape[-1])
-
-
-def _sdpa_kernels(query, key, value, is_causal, scale, batch, heads_kv):
-    """The Triton path: leading dims folded into ``[batch', heads, seq, dim]``, SDPA's top-left causal mask through
-    the bottom-right one of :func:`flash_attention` (equal for L == S; for L < S keys past L are seen by nobody, so
-    they are dropped; for L > S the rows from S on see every key and run unmasked)."""
-    heads_q = batch[-1] if batch else 1
-    heads = heads_q if heads_kv is None else heads_kv
-    q = _as_rank4(query, batch, heads_q)
-    k = _as_rank4(key, batch, heads)
-    v = _as_rank4(value, batch, heads)
-    seq_q, seq_k = q.shape[2], k.shape[2]
-    attend = torch.ops.genkernels.flash_attention_forward
-    if not is_causal:
-        out = attend(q, k, v, False, scale)[0]
-    elif seq_q <= seq_k:
-        out = attend(q, k[:, :, :seq_q], v[:, :, :seq_q], True, scale)[0]
-    else:
-        out = torch.cat([attend(q[:, :, :seq_k], k, v, True, scale)[0],
-                         attend(q[:, :, seq_k:], k, v, False, scale)[0]], dim=2)
-    return out.reshape(tuple(batch) + (seq_q, v.shape[-1]))
-
-
-def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
-                                 *, impl: str = "auto") -> torch.Tensor:
-    """``torch.nn.functional.scaled_dot_product_attention`` with genkernels' fused kernels where they apply.
-
-        O = dropout(softmax(scale * Q K^T + B)) V
-
-    Args:
-        query: ``[..., L, E]``; key ``[..., S, E]``; value ``[..., S, Ev]``: one float dtype
-            (fp32/fp16/bf16/fp64) and device, leading dims broadcast as SDPA does.
-        attn_mask: optional, broadcastable to ``[..., L, S]``: bool (True = takes part) or additive, of query's
-            dtype. Not together with ``is_causal``.
-        dropout_p: dropout probability in [0, 1], applied whenever it is > 0 (as torch does: pass 0.0 in eval).
-        is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned, SDPA's rule when L != S).
-        scale: multiplies ``Q K^T``; default ``1/sqrt(E)``.
-        enable_gqa: key/value heads (dimension -3) may divide query's (grouped-query attention).
-        impl: "auto", "triton" or "eager". The Triton path (:func:`flash_attention`'s kernels, forward and
-            backward) takes no mask, no dropout, Ev == E in [16, 256] and fp32/fp16/bf16. Otherwise "auto" runs
-            torch's own SDPA (an :class:`AttentionFallbackWarning` once per reason) and "triton" raises
-            ``ValueError`` listing every reason; fp64 and devices the kernels cannot use run the eager reference
-            (:func:`sdpa_reference`) under "auto". "eager" runs :func:`sdpa_reference`.
-
-    Returns:
-        ``[..., L, Ev]`` in query's dtype; differentiable.
-    """
-    for tensor, name in ((query, "query"), (key, "key"), (value, "value")):
-        check_float_tensor(tensor, name)
-    check_same_dtype(query, "query", key, "key")
-    check_same_dtype(query, "query", value, "value")
-    check_same_device(zip(("query", "key", "value"), (query, key, value)))
-    check_bool(is_causal, "is_causal")
-    check_bool(enable_gqa, "enable_gqa")
-    dropout_p = check_real(dropout_p, "dropout_p", low=0.0, high=1.0)
-    batch, heads_kv = _sdpa_shapes(query, key, value, enable_gqa)
-    mask = _check_attn_mask(attn_mask, query, tuple(batch) + (query.shape[-2], key.shape[-2]))
-    if mask is not None and is_causal:
-        raise ValueError("attn_mask must be None when is_causal=True (SDPA's rule: fold the causal mask into "
-                         "attn_mask instead)")
-    scale = _check_scale(scale, query.shape[-1])
-    reasons = _sdpa_kernel_reasons(query, key, value, mask, dropout_p, enable_gqa)
-    tensors = {"query": query, "key": key, "value": value, "attn_mask": mask}
-    choice = choose_impl(impl, "scaled_dot_product_attention", tensors, reasons)
-    if choice == "triton":
-        return _sdpa_kernels(query, key, value, is_causal, scale, batch, heads_kv)
-    requested = default_impl() if impl == "auto" else impl
-    kernels_usable = triton_can_run_on(query.device) and query.dtype in KERNEL_DTYPES
-    if requested != "eager" and reasons and kernels_usable:
-        _warn_fallback_once(reasons)
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                                dropout_p=dropout_p, is_causal=is_causal,
-                                                                scale=scale, enable_gqa=enable_gqa)
-    return sdpa_reference(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa)

@@ -18,6 +18,10 @@ The stream (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"; T
 * Element ``i`` of sample ``b`` (``i`` the row-major index over the non-batch dims) gets normal ``i mod 4`` of
   group ``g = i div 4``.
 
+The dropout stream of the attention kernels uses the same Philox-4x32-10 and uniforms on a grid of
+``(plane, row, col)`` elements (``plane`` a (batch, head) pair): counter ``(col div 4, row, plane mod 2^32,
+plane div 2^32)``, element ``col`` taking word ``col mod 4`` (:func:`philox_uniform_grid`).
+
 Integer tensors are int64 holding 32-bit words; 32x32-bit products are split into 16-bit halves so no
 intermediate leaves the int64 range.
 """
@@ -155,3 +159,19 @@ def philox_normal(seed: torch.Tensor | int, shape: Sequence[int], *, device=None
     n2, n3 = pair_uniform_to_normal(uint_to_uniform(r2), uint_to_uniform(r3))
     normals = torch.stack([n0, n1, n2, n3], dim=-1).reshape(batch, 4 * groups)
     return normals[:, :inner].reshape(shape)
+
+
+def philox_uniform_grid(seed: torch.Tensor, planes: int, rows: int, cols: int) -> torch.Tensor:
+    """fp32 uniforms in [0, 1) of shape ``[planes, rows, cols]``: element ``(p, i, j)`` is word ``j mod 4`` of
+    Philox-4x32-10 keyed by the int64 ``seed`` (a one-element tensor) at counter ``(j div 4, i, p mod 2^32,
+    p div 2^32)``, as the attention kernels draw their dropout mask (``_dropout_weights``)."""
+    seed = _check_seed(seed, None)
+    device = seed.device
+    groups = -(-cols // 4)
+    key = (seed & MASK32, (seed >> 32) & MASK32)
+    group = torch.arange(groups, dtype=torch.int64, device=device).reshape(1, 1, groups)
+    row = torch.arange(rows, dtype=torch.int64, device=device).reshape(1, rows, 1)
+    plane = torch.arange(planes, dtype=torch.int64, device=device).reshape(planes, 1, 1)
+    words = philox4x32((group, row, plane & MASK32, plane >> 32), key)
+    words = torch.stack([torch.broadcast_to(w, (planes, rows, groups)) for w in words], dim=-1)
+    return uint_to_uniform(words.reshape(planes, rows, 4 * groups)[..., :cols])

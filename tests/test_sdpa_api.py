@@ -10,6 +10,7 @@ from reference_checks import assert_close_to_reference, random_tensor
 import genkernels.kernels as gk
 from genkernels.kernels import AttentionFallbackWarning, scaled_dot_product_attention
 from genkernels.kernels import attention as attention_module
+from genkernels.kernels import sdpa as sdpa_module
 from genkernels.kernels.runtime import triton_can_run_on
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -123,7 +124,7 @@ def test_masks_match_sdpa(mask_kind, impl, device):
         _check_against_sdpa(q, k, v, impl, attn_mask=mask.to(device))
 
 
-@pytest.mark.parametrize("impl", ["auto", "eager"])
+@pytest.mark.parametrize("impl", ["auto", "triton", "eager"])
 def test_dropout_keeps_sdpa_statistics(impl, device):
     """Dropout runs whenever dropout_p > 0 (as torch does): zeros at the rate p, the rest scaled by 1/(1-p);
     dropout_p = 1 is accepted (as torch accepts it) and gives zeros."""
@@ -147,9 +148,10 @@ class _Spy:
     def __init__(self, launch):
         self.launch, self.calls = launch, []
 
-    def __call__(self, q, k, v, causal, scale):
-        self.calls.append((tuple(q.shape), tuple(k.shape), causal, scale))
-        return self.launch(q, k, v, causal, scale)
+    def __call__(self, q, k, v, causal, scale, attn_mask=None, seed=None, dropout_p=0.0, top_left=False):
+        mask = None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.stride())
+        self.calls.append((tuple(q.shape), tuple(k.shape), causal, scale, mask, dropout_p, top_left))
+        return self.launch(q, k, v, causal, scale, attn_mask, seed, dropout_p, top_left)
 
 
 @pytest.fixture
@@ -162,7 +164,7 @@ def spy(monkeypatch):
 
 @pytest.fixture
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(attention_module, "_warned_fallback_reasons", set())
+    monkeypatch.setattr(sdpa_module, "_warned_fallback_reasons", set())
 
 
 def test_kernel_runs_without_a_mask(spy, device):
@@ -172,8 +174,22 @@ def test_kernel_runs_without_a_mask(spy, device):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5)
-    # L < S: the keys past L are seen by nobody under the top-left mask, so the kernel gets the first L of them
-    assert spy.calls == [((1, 2, 7, 16), (1, 2, 7, 16), True, 0.5)]
+    # SDPA's top-left causal alignment goes to the kernel as such (one launch whatever L and S)
+    assert spy.calls == [((1, 2, 7, 16), (1, 2, 13, 16), True, 0.5, None, 0.0, True)]
+
+
+def test_kernel_reads_masks_in_place(spy, device):
+    """A key-padding mask reaches the kernel as a stride-0 view of the [batch, 1, 1, S] tensor, never
+    materialized; dropout_p goes with it."""
+    if not _kernels_available(device):
+        pytest.skip("the kernels need a GPU or the interpreter")
+    q, k, v = _sdpa_inputs((2, 3, 7, 16), (2, 3, 13, 16), (2, 3, 13, 16), torch.float32, device)
+    mask = torch.arange(13, device=device)[None, None, None, :] < torch.tensor([13, 4], device=device)[:, None,
+                                                                                                       None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.25)
+    assert spy.calls == [((2, 3, 7, 16), (2, 3, 13, 16), False, 0.25, ((2, 3, 7, 13), (13, 0, 0, 1)), 0.25, False)]
 
 
 def test_kernel_folds_leading_dims_into_batch(spy, device):
@@ -182,32 +198,33 @@ def test_kernel_folds_leading_dims_into_batch(spy, device):
     q, k, v = _sdpa_inputs((2, 3, 4, 5, 16), (2, 3, 2, 5, 16), (2, 3, 2, 5, 16), torch.float32, device)
     out = scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert out.shape == (2, 3, 4, 5, 16)
-    assert spy.calls == [((6, 4, 5, 16), (6, 2, 5, 16), False, 0.25)]
+    assert spy.calls == [((6, 4, 5, 16), (6, 2, 5, 16), False, 0.25, None, 0.0, False)]
 
 
 def test_fallback_warns_once_per_reason(spy, fresh_warnings, device):
     if not _kernels_available(device):
         pytest.skip("the fallback warning is for inputs the kernels could otherwise take")
-    q, k, v = _sdpa_inputs((1, 2, 7, 16), (1, 2, 13, 16), (1, 2, 13, 16), torch.float32, device)
-    mask = torch.ones(7, 13, dtype=torch.bool, device=device)
-    with pytest.warns(AttentionFallbackWarning, match="attn_mask") as record:
-        scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q, k, v = _sdpa_inputs((1, 2, 7, 16), (1, 2, 13, 16), (1, 2, 13, 24), torch.float32, device)
+    with pytest.warns(AttentionFallbackWarning, match="Ev") as record:
+        scaled_dot_product_attention(q, k, v)
     assert len(record) == 1 and issubclass(AttentionFallbackWarning, UserWarning)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        scaled_dot_product_attention(q, k, v, attn_mask=mask)  # the same reason: no second warning
-    with pytest.warns(AttentionFallbackWarning, match="dropout_p"):
-        scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+        scaled_dot_product_attention(q, k, v)  # the same reason: no second warning
+    mask = torch.zeros(7, 13, device=device, requires_grad=True)
+    with pytest.warns(AttentionFallbackWarning, match="attn_mask requires grad"):
+        out = scaled_dot_product_attention(q, k, v[..., :16], attn_mask=mask)
+    assert torch.autograd.grad(out.sum(), mask)[0].shape == mask.shape  # the mask's gradient is not lost
     assert spy.calls == []
 
 
 def test_triton_impl_lists_every_reason(device):
     q, k, v = _sdpa_inputs((1, 2, 7, 8), (1, 2, 13, 8), (1, 2, 13, 4), torch.float32, device)
-    mask = torch.ones(7, 13, dtype=torch.bool, device=device)
+    mask = torch.ones(7, 13, device=device, requires_grad=True)
     with pytest.raises(ValueError) as error:
         scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.2, impl="triton")
     message = str(error.value)
-    for reason in ("attn_mask is not supported", "dropout_p > 0", "Ev (4)", "head_dim"):
+    for reason in ("attn_mask requires grad", "Ev (4)", "head_dim"):
         assert reason in message
 
 
@@ -275,6 +292,7 @@ def _good():
     (lambda q, k, v: dict(attn_mask=torch.ones(7, 13, dtype=torch.bool), is_causal=True), ValueError,
      "attn_mask"),
     (lambda q, k, v: dict(impl="cuda"), ValueError, "impl"),
+    (lambda q, k, v: dict(dropout_p=0.1, generator=7), TypeError, "generator"),
 ])
 def test_rejects_bad_input(case, error, name):
     q, k, v = _good()
@@ -295,7 +313,7 @@ def test_float64_runs_the_reference_under_auto_and_is_refused_by_triton(device):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         auto = scaled_dot_product_attention(q, k, v, is_causal=True)
-    eager = attention_module.sdpa_reference(q, k, v, is_causal=True)
+    eager = sdpa_module.sdpa_reference(q, k, v, is_causal=True)
     assert auto.dtype == torch.float64
     torch.testing.assert_close(auto, eager, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"scaled_dot_product_attention: impl='triton'.*float64"):
