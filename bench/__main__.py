@@ -70,6 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--triton", metavar="VERSION",
                         help="compile the report with this Triton release instead of the installed one (e.g. "
                              "3.6.0, installed once into ~/.cache/genkernels; the timed cases are unaffected)")
+    parser.add_argument("--plot", metavar="RESULTS_JSON",
+                        help="only draw the speedup and %%-of-limit bar charts of a results file (PNG, needs "
+                             "matplotlib: the plot extra) and exit; a run draws those of its own results")
+    parser.add_argument("--plot-dir", metavar="DIR",
+                        help="folder of the charts (default: beside the results JSON)")
     return parser.parse_args(argv)
 
 
@@ -205,8 +210,30 @@ class Report:
                     pass
 
 
+def write_plots(json_path: Path, plot_dir: Optional[str]) -> bool:
+    """Draw the charts of the results at ``json_path`` (:mod:`genkernels.bench.plot`) and say where they went, or
+    say that matplotlib is missing; returns whether they were drawn."""
+    from . import plot
+
+    if not plot.matplotlib_available():
+        print("no charts: matplotlib is not installed (pip install 'genkernels[plot]')")
+        return False
+    written = plot.plot_results(json_path, plot_dir)
+    print("wrote charts " + ", ".join(map(str, written)) if written else f"no charts: {json_path} has no figures")
+    return True
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        if not Path(args.plot).is_file():
+            print(f"--plot {args.plot}: no such results file", file=sys.stderr)
+            return EXIT_FAILED
+        try:
+            return EXIT_OK if write_plots(Path(args.plot), args.plot_dir) else EXIT_FAILED
+        except ValueError as error:  # not a results file
+            print(f"--plot: {error}", file=sys.stderr)
+            return EXIT_FAILED
     if INTERPRETED:
         enable_interpreter_checks()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -299,6 +326,7 @@ def main(argv=None) -> int:
     if failures:
         print(f"{len(failures)} provider(s) FAILED: " + ", ".join(f"{row.case} {row.provider}" for row in failures))
     print(f"wrote {json_path} and {markdown_path}")
+    write_plots(json_path, args.plot_dir)
     return exit_code(results.rows, results.resources_error is not None)
 
 

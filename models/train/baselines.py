@@ -1,0 +1,442 @@
+"""Classical baselines for held-out likelihoods and sample quality, scored by the code that scores the models.
+
+Entry points (each returns a JSON-ready dict whose keys name their units; scikit-learn is imported inside them):
+
+* :func:`likelihood_baselines` ``(train_images, test_images, levels)``: a Gaussian kernel density estimate
+  (:func:`kde_baseline`) and a Gaussian mixture (:func:`gmm_baseline`) fitted to the dequantized training images,
+  in bits per dimension on the dequantized test images (the same :func:`~genkernels.models.train.metrics.dequantize`
+  and :func:`~genkernels.models.train.metrics.bits_per_dim` as the flows); given a classifier, also the sample
+  quality of the KDE's samples (:func:`~genkernels.models.train.metrics.image_sample_quality`).
+* :func:`text_baselines` ``(train_text, test_text)``: lzma's compressed size (:func:`lzma_bits_per_char`) and an
+  interpolated Kneser-Ney character n-gram model (:func:`ngram_baseline`), in bits per held-out character.
+* :func:`audio_baselines` ``(train, test)``: on mu-law classes ``[N, T]``, an add-one smoothed histogram
+  (:func:`mu_law_unigram_baseline`) and linear prediction with a discretized residual (:func:`lpc_baseline`), in
+  bits per held-out sample.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import itertools
+import lzma
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from genkernels.kernels.checks import check_choice, check_in_range, check_int, check_integer_tensor, check_real, describe
+
+from .metrics import ImageClassifier, bits_per_dim, check_level_images, dequantize, image_sample_quality, requantize
+
+MU_LAW_CLASSES = 256
+RESIDUALS = ("laplace", "gaussian")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+def dequantized_splits(train_images: torch.Tensor, test_images: torch.Tensor, levels: int,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The flattened fp64 ``[N, D]`` dequantizations of both splits, drawn by :func:`dequantize` from one generator
+    seeded with ``seed``, the training split first (so a model scored on the same draws can reproduce them)."""
+    levels = check_int(levels, "levels", low=2)
+    check_int(seed, "seed", low=0)
+    train_images = check_level_images(train_images, "train_images", levels)
+    test_images = check_level_images(test_images, "test_images", levels)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise ValueError(f"test_images must have the image shape of train_images {list(train_images.shape[1:])}; "
+                         f"got {describe(test_images)}")
+    generator = torch.Generator(device=train_images.device).manual_seed(seed)
+    train = dequantize(train_images, levels, generator, dtype=torch.float64)
+    test = dequantize(test_images.to(train_images.device), levels, generator, dtype=torch.float64)
+    return train.reshape(train.shape[0], -1).cpu().numpy(), test.reshape(test.shape[0], -1).cpu().numpy()
+
+
+@dataclasses.dataclass
+class DensityBaseline:
+    """A fitted scikit-learn density (``KernelDensity`` or ``GaussianMixture``) over dequantized images, its test
+    bits per dimension and the hyperparameters it was chosen with."""
+
+    kind: str  # "kde" or "gmm"
+    bits_per_dim: float
+    model: object
+    levels: int
+    image_shape: tuple[int, int, int]
+    chosen: dict
+
+    def sample(self, count: int, seed: int = 0) -> torch.Tensor:
+        """``count`` images ``[count, C, H, W]`` drawn from the density and requantized to levels
+        (:func:`~genkernels.models.train.metrics.requantize`)."""
+        check_int(count, "count", low=1)
+        check_int(seed, "seed", low=0)
+        if self.kind == "kde":
+            drawn = self.model.sample(count, random_state=seed)
+        else:  # a GaussianMixture draws from its random_state: a copy takes the seed
+            model = copy.copy(self.model)
+            model.random_state = seed
+            drawn = model.sample(count)[0]
+        values = torch.from_numpy(np.asarray(drawn, dtype=np.float64)).reshape(count, *self.image_shape)
+        return requantize(values, self.levels)
+
+
+def kde_baseline(train_images: torch.Tensor, test_images: torch.Tensor, levels: int, *, seed: int = 0,
+                 bandwidths: Optional[Sequence[float]] = None, folds: int = 5) -> DensityBaseline:
+    """A Gaussian kernel density estimate ``q(y) = 1/N sum_i N(y; y_i, h^2 I)`` over the dequantized training
+    images (:func:`dequantized_splits`), with the bandwidth ``h`` that maximizes the mean log-likelihood of
+    ``folds``-fold cross-validation on the training split (``GridSearchCV``) over ``bandwidths`` (default 21
+    points log-spaced over ``[0.01, 1]``, in units of ``y``'s range ``[0, 1)``). ``chosen``: ``{"bandwidth": h}``."""
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.neighbors import KernelDensity
+
+    check_int(folds, "folds", low=2)
+    grid = np.logspace(-2.0, 0.0, 21) if bandwidths is None else np.asarray(bandwidths, dtype=np.float64)
+    if grid.ndim != 1 or grid.size == 0 or not (grid > 0).all() or not np.isfinite(grid).all():
+        raise ValueError(f"bandwidths must be a non-empty sequence of finite positive numbers; got {bandwidths!r}")
+    train, test = dequantized_splits(train_images, test_images, levels, seed)
+    if train.shape[0] < folds:
+        raise ValueError(f"train_images must hold at least folds={folds} images for cross-validation; got "
+                         f"{describe(train_images)}")
+    search = GridSearchCV(KernelDensity(kernel="gaussian"), {"bandwidth": grid}, cv=folds).fit(train)
+    model = search.best_estimator_
+    score = float(np.mean(bits_per_dim(model.score_samples(test), train.shape[1], levels)))
+    return DensityBaseline("kde", score, model, levels, tuple(train_images.shape[1:]),
+                           {"bandwidth": float(model.bandwidth)})
+
+
+def gmm_baseline(train_images: torch.Tensor, test_images: torch.Tensor, levels: int, *, seed: int = 0,
+                 components: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+                 covariance_types: Sequence[str] = ("full", "diag")) -> DensityBaseline:
+    """A Gaussian mixture ``q(y) = sum_k w_k N(y; m_k, S_k)`` over the dequantized training images
+    (:func:`dequantized_splits`), fitted by EM (k-means initialization, seeded with ``seed``) for every number of
+    ``components`` (those below the number of training images) and covariance type (``"full"``: one ``S_k`` per
+    component; ``"diag"``: diagonal ``S_k``), keeping the fit of lowest BIC on the training split
+    (``-2 log L + parameters * ln N``). ``chosen``: ``{"components", "covariance_type", "bic"}``."""
+    from sklearn.mixture import GaussianMixture
+
+    for covariance_type in covariance_types:
+        check_choice(covariance_type, "covariance_types", ("full", "diag"))
+    train, test = dequantized_splits(train_images, test_images, levels, seed)
+    counts = [check_int(count, "components", low=1) for count in components]
+    counts = [count for count in counts if count < train.shape[0]]
+    if not counts or not covariance_types:
+        raise ValueError(f"components {list(components)} and covariance_types {list(covariance_types)} leave no "
+                         f"mixture below the {train.shape[0]} training images to fit")
+    best, best_bic, best_choice = None, math.inf, None
+    for covariance_type, count in itertools.product(covariance_types, counts):
+        mixture = GaussianMixture(count, covariance_type=covariance_type, max_iter=200, random_state=seed).fit(train)
+        bic = mixture.bic(train)
+        if bic < best_bic:
+            best, best_bic, best_choice = mixture, bic, (count, covariance_type)
+    score = float(np.mean(bits_per_dim(best.score_samples(test), train.shape[1], levels)))
+    return DensityBaseline("gmm", score, best, levels, tuple(train_images.shape[1:]),
+                           {"components": best_choice[0], "covariance_type": best_choice[1], "bic": float(best_bic)})
+
+
+def likelihood_baselines(train_images: torch.Tensor, test_images: torch.Tensor, levels: int, *, seed: int = 0,
+                         classifier: Optional[ImageClassifier] = None, num_samples: Optional[int] = None) -> dict:
+    """The KDE and GMM baselines (:func:`kde_baseline`, :func:`gmm_baseline`) as a JSON-ready dict:
+    ``kde_bits_per_dim``, ``kde_bandwidth``, ``gmm_bits_per_dim``, ``gmm_components``, ``gmm_covariance_type``;
+    given a ``classifier`` (:func:`~genkernels.models.train.metrics.fit_image_classifier`), also
+    ``kde_samples``: :func:`~genkernels.models.train.metrics.image_sample_quality` of ``num_samples`` (default:
+    as many as test images) requantized KDE samples, the sample-quality baseline."""
+    kde = kde_baseline(train_images, test_images, levels, seed=seed)
+    gmm = gmm_baseline(train_images, test_images, levels, seed=seed)
+    result = {
+        "kde_bits_per_dim": kde.bits_per_dim, "kde_bandwidth": kde.chosen["bandwidth"],
+        "gmm_bits_per_dim": gmm.bits_per_dim, "gmm_components": gmm.chosen["components"],
+        "gmm_covariance_type": gmm.chosen["covariance_type"],
+    }
+    if classifier is not None:
+        count = test_images.shape[0] if num_samples is None else check_int(num_samples, "num_samples", low=2)
+        result["kde_samples"] = image_sample_quality(kde.sample(count, seed), classifier, train_images, test_images,
+                                                     seed=seed)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------------------------
+def check_text(text: object, name: str, min_length: int = 1) -> str:
+    """Require a ``str`` of at least ``min_length`` characters."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str (character-level text); got {type(text).__name__}")
+    if len(text) < min_length:
+        raise ValueError(f"{name} must hold at least {min_length} character(s); got {len(text)}")
+    return text
+
+
+def _compressed_bits(text: str) -> int:
+    return 8 * len(lzma.compress(text.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
+
+
+def lzma_bits_per_char(text: str, context: str = "") -> float:
+    """lzma's (xz, preset ``9 | PRESET_EXTREME``) size of ``text`` in bits per character of ``text`` (UTF-8):
+    ``8 * len(compress(text)) / len(text)`` without ``context``; with it, the extra size of compressing
+    ``context + text`` over ``context`` alone, ``8 * (len(compress(context + text)) - len(compress(context))) /
+    len(text)``: the training text as lzma's dictionary, as a model trained on it sees it."""
+    check_text(text, "text")
+    check_text(context, "context", min_length=0)
+    if not context:
+        return _compressed_bits(text) / len(text)
+    return (_compressed_bits(context + text) - _compressed_bits(context)) / len(text)
+
+
+class CharNGram:
+    """Interpolated Kneser-Ney character n-grams (Chen & Goodman 1999, Sec. 3.5) of ``text``, for every order up to
+    ``max_order``.
+
+    The alphabet is ``text``'s characters plus one unknown symbol that stands for every other character. With
+    ``h`` the last ``n - 1`` characters and ``h'`` its last ``n - 2``, the order-``n`` probability is
+
+        P_n(w | h) = max(c(h w) - D_n, 0) / c(h .) + D_n * T(h .) / c(h .) * P_{n-1}(w | h')
+
+    where ``c`` is the raw count of ``h w`` in ``text`` at the top order and the continuation count (the number of
+    distinct characters seen before ``h w``) at every lower order; ``c(h .)`` sums ``c(h w)`` over ``w`` and
+    ``T(h .)`` counts the ``w`` with ``c(h w) > 0``; ``D_n = n_1 / (n_1 + 2 n_2)`` from the number of n-grams seen
+    once and twice (0.5 where either is 0); a history never seen (``c(h .) = 0``) takes ``P_{n-1}`` whole, and
+    ``P_0`` is uniform over the alphabet. Each level sums to 1 over the alphabet. The first characters of a
+    scored text use the shorter history they have (the levels up to its length).
+    """
+
+    def __init__(self, text: str, max_order: int):
+        check_text(text, "text")
+        self.max_order = check_int(max_order, "max_order", low=1)
+        seen = set(text)
+        self.unknown = next(chr(code) for code in itertools.count(0xE000) if chr(code) not in seen)
+        self.alphabet = "".join(sorted(seen)) + self.unknown
+        raw = [collections.Counter(text[i:i + n] for i in range(len(text) - n + 1)) for n in
+               range(1, max_order + 1)]
+        continuation = []
+        for n in range(1, max_order):
+            counts = collections.Counter()
+            for gram in raw[n]:  # the (n + 1)-grams: each distinct one adds 1 to its last n characters
+                counts[gram[1:]] += 1
+            continuation.append(counts)
+        raw, continuation = [self._level(counts) for counts in raw], [self._level(counts) for counts in continuation]
+        # the levels of the order-n model: continuation counts below n, raw counts at n
+        self._levels = {n: continuation[:n - 1] + [raw[n - 1]] for n in range(1, max_order + 1)}
+        self._known = frozenset(self.alphabet)
+
+    @staticmethod
+    def _level(counts: collections.Counter) -> tuple[collections.Counter, dict, dict, float]:
+        """The counts, their totals and type counts per history, and the discount."""
+        totals, types = collections.Counter(), collections.Counter()
+        for gram, count in counts.items():
+            totals[gram[:-1]] += count
+            types[gram[:-1]] += 1
+        once = sum(1 for count in counts.values() if count == 1)
+        twice = sum(1 for count in counts.values() if count == 2)
+        discount = once / (once + 2 * twice) if once and twice else 0.5
+        return counts, totals, types, discount
+
+    def _check_order(self, order: int) -> int:
+        return check_int(order, "order", low=1, high=self.max_order)
+
+    def probability(self, history: str, char: str, order: int) -> float:
+        """``P_order(char | the last order - 1 characters of history)``; characters outside the alphabet count as
+        the unknown symbol."""
+        context = history[max(0, len(history) - order + 1):] if order > 1 else ""
+        context = "".join(c if c in self._known else self.unknown for c in context)
+        char = char if char in self._known else self.unknown
+        probability = 1.0 / len(self.alphabet)
+        for level, (counts, totals, types, discount) in enumerate(self._levels[order][:len(context) + 1]):
+            h = context[len(context) - level:]
+            total = totals.get(h, 0)
+            if total:
+                probability = (max(counts.get(h + char, 0) - discount, 0.0) + discount * types[h] * probability) / total
+        return probability
+
+    def distribution(self, history: str, order: int) -> dict[str, float]:
+        """``{w: P_order(w | history)}`` over the alphabet (the unknown symbol is ``self.unknown``)."""
+        order = self._check_order(order)
+        check_text(history, "history", min_length=0)
+        return {char: self.probability(history, char, order) for char in self.alphabet}
+
+    def bits_per_char(self, text: str, order: int) -> float:
+        """``-1/T sum_t log2 P_order(text[t] | text[:t])`` over the ``T`` characters of ``text``."""
+        order = self._check_order(order)
+        check_text(text, "text")
+        return -math.fsum(math.log2(self.probability(text[max(0, t - order + 1):t], char, order))
+                          for t, char in enumerate(text)) / len(text)
+
+
+@dataclasses.dataclass
+class NGramBaseline:
+    bits_per_char: float
+    order: int
+    validation_bits_per_char: dict[int, float]
+    model: CharNGram
+
+
+def ngram_baseline(train_text: str, test_text: str, *, orders: Sequence[int] = tuple(range(1, 11)),
+                   validation_fraction: float = 0.1) -> NGramBaseline:
+    """:class:`CharNGram` bits per character of ``test_text``, with the order chosen among ``orders`` on a
+    validation slice (the last ``validation_fraction`` of ``train_text``, scored by a model of the rest), then
+    refitted on the whole ``train_text``."""
+    check_text(train_text, "train_text", min_length=2)
+    check_text(test_text, "test_text")
+    validation_fraction = check_real(validation_fraction, "validation_fraction", low=0.0, high=1.0,
+                                     low_inclusive=False)
+    orders = sorted({check_int(order, "orders", low=1) for order in orders})
+    if not orders:
+        raise ValueError("orders must name at least one order")
+    cut = min(len(train_text) - 1, max(1, len(train_text) - round(len(train_text) * validation_fraction)))
+    held_in, validation = train_text[:cut], train_text[cut:]
+    selector = CharNGram(held_in, orders[-1])
+    scores = {order: selector.bits_per_char(validation, order) for order in orders}
+    order = min(scores, key=scores.get)
+    model = CharNGram(train_text, order)
+    return NGramBaseline(model.bits_per_char(test_text, order), order, scores, model)
+
+
+def text_baselines(train_text: str, test_text: str) -> dict:
+    """Held-out bits per character of ``test_text`` as a JSON-ready dict:
+
+    * ``lzma_given_train_bits_per_char``: :func:`lzma_bits_per_char` with the training text as context (the fair
+      comparison with a trained model); ``lzma_alone_bits_per_char``: the test text compressed on its own;
+    * ``ngram_bits_per_char`` and ``ngram_order``: :func:`ngram_baseline`; ``test_chars_unseen_in_train``: how
+      many test characters fall outside the training alphabet (scored as the n-gram's unknown symbol)."""
+    check_text(train_text, "train_text", min_length=2)
+    check_text(test_text, "test_text")
+    ngram = ngram_baseline(train_text, test_text)
+    alphabet = set(train_text)
+    return {
+        "lzma_given_train_bits_per_char": lzma_bits_per_char(test_text, train_text),
+        "lzma_alone_bits_per_char": lzma_bits_per_char(test_text),
+        "ngram_bits_per_char": ngram.bits_per_char,
+        "ngram_order": ngram.order,
+        "test_chars_unseen_in_train": sum(1 for char in test_text if char not in alphabet),
+        "test_chars": len(test_text),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Audio
+# ----------------------------------------------------------------------------------------------------------------
+def check_mu_law(classes: object, name: str) -> torch.Tensor:
+    """Require non-empty integer mu-law classes ``[N, T]`` in ``0 .. 255``."""
+    classes = check_integer_tensor(classes, name)
+    if classes.dim() != 2 or classes.numel() == 0:
+        raise ValueError(f"{name} must be non-empty mu-law classes [N, T]; got {describe(classes)}")
+    check_in_range(classes, name, 0, MU_LAW_CLASSES)
+    return classes.cpu().long()
+
+
+def mu_law_unigram_baseline(train: torch.Tensor, test: torch.Tensor) -> float:
+    """Bits per sample of ``test`` under the add-one smoothed class histogram of ``train``,
+    ``p(c) = (count(c) + 1) / (N + 256)``; both int mu-law classes ``[N, T]``."""
+    train, test = check_mu_law(train, "train"), check_mu_law(test, "test")
+    counts = torch.bincount(train.reshape(-1), minlength=MU_LAW_CLASSES).double() + 1
+    return float(-(counts / counts.sum()).log2()[test.reshape(-1)].mean())
+
+
+def mu_law_bin_edges() -> torch.Tensor:
+    """The 257 fp64 edges in the linear domain of the 256 mu-law classes of
+    :func:`~genkernels.models.wavenet.mu_law_encode`: class ``c`` holds the companded values within half a step
+    of ``2 c / 255 - 1``, mapped back by the inverse companding; the outer edges are ``-inf`` and ``+inf`` (class 0
+    and 255 take everything beyond), so the classes cover the real line."""
+    mu = MU_LAW_CLASSES - 1
+    companded = (2 * torch.arange(MU_LAW_CLASSES + 1, dtype=torch.float64) - 1) / mu - 1
+    edges = torch.sign(companded) * torch.expm1(companded.abs() * math.log1p(mu)) / mu
+    edges[0], edges[-1] = -math.inf, math.inf
+    return edges
+
+
+def _residual_cdf(residual: torch.Tensor, scale: float, family: str) -> torch.Tensor:
+    if family == "gaussian":
+        return torch.special.ndtr(residual / scale)
+    return torch.where(residual < 0, 0.5 * torch.exp(residual / scale), 1 - 0.5 * torch.exp(-residual / scale))
+
+
+def _interval_mass(low: torch.Tensor, high: torch.Tensor, scale: float, family: str) -> torch.Tensor:
+    """``F(high) - F(low)`` of the zero-mean residual distribution, as ``S(low) - S(high)`` above 0 (``S(r) =
+    F(-r)``, exact for a symmetric ``F``) so that tail intervals keep their precision."""
+    upper = _residual_cdf(-low, scale, family) - _residual_cdf(-high, scale, family)
+    return torch.where(low > 0, upper, _residual_cdf(high, scale, family) - _residual_cdf(low, scale, family))
+
+
+@dataclasses.dataclass
+class LinearPredictor:
+    """Linear prediction of mu-law audio: ``x_t ~ sum_k a_k x_{t-k} + r_t`` in the linear domain (``x`` the
+    decoded classes, zeros before the start), with the residual ``r`` Laplace or Gaussian of scale ``scale``,
+    discretized over the mu-law bins (:func:`mu_law_bin_edges`) and mixed with ``floor`` of the uniform
+    distribution, so that every class has a positive probability:
+
+        p(c_t = c | past) = (1 - floor) * (F(e_{c+1} - x^_t) - F(e_c - x^_t)) + floor / 256
+    """
+
+    coefficients: torch.Tensor  # [p] fp64, a_1 .. a_p
+    scale: float
+    family: str
+    floor: float = 1e-6
+
+    def predictions(self, classes: torch.Tensor) -> torch.Tensor:
+        """``x^_t = sum_k a_k x_{t-k}`` ``[N, T]`` (fp64) of mu-law classes ``[N, T]``."""
+        from genkernels.models.wavenet import mu_law_decode
+
+        signal = mu_law_decode(classes, MU_LAW_CLASSES).double()
+        order = self.coefficients.shape[0]
+        padded = torch.nn.functional.pad(signal, (order, 0))
+        lags = torch.stack([padded[:, order - k:padded.shape[1] - k] for k in range(1, order + 1)], dim=-1)
+        return lags @ self.coefficients
+
+    def class_probabilities(self, classes: torch.Tensor) -> torch.Tensor:
+        """``p(c_t = c | c_<t)`` ``[N, T, 256]`` for every step of ``classes`` ``[N, T]``."""
+        classes = check_mu_law(classes, "classes")
+        edges = mu_law_bin_edges()
+        centred = edges - self.predictions(classes)[..., None]
+        mass = _interval_mass(centred[..., :-1], centred[..., 1:], self.scale, self.family)
+        return (1 - self.floor) * mass + self.floor / MU_LAW_CLASSES
+
+    def bits_per_sample(self, classes: torch.Tensor) -> float:
+        """``-mean log2 p(c_t | c_<t)`` over every sample of ``classes`` ``[N, T]``."""
+        classes = check_mu_law(classes, "classes")
+        edges = mu_law_bin_edges()
+        predicted = self.predictions(classes)
+        mass = _interval_mass(edges[classes] - predicted, edges[classes + 1] - predicted, self.scale, self.family)
+        return float(-((1 - self.floor) * mass + self.floor / MU_LAW_CLASSES).log2().mean())
+
+
+def fit_linear_predictor(train: torch.Tensor, order: int = 16, family: Optional[str] = None) -> LinearPredictor:
+    """A :class:`LinearPredictor` of ``order`` fitted to mu-law classes ``train`` ``[N, T]`` (``T > order``): the
+    coefficients by least squares over every step ``t >= order`` of every waveform (no intercept), the residual
+    scale by maximum likelihood (mean ``|r|`` for Laplace, root mean square for Gaussian), and the ``family``
+    (``"laplace"`` or ``"gaussian"``; default: whichever gives ``train`` fewer bits per sample)."""
+    from genkernels.models.wavenet import mu_law_decode
+
+    train = check_mu_law(train, "train")
+    order = check_int(order, "order", low=1)
+    if train.shape[1] <= order:
+        raise ValueError(f"train must have more than order={order} samples per waveform; got {describe(train)}")
+    families = RESIDUALS if family is None else (check_choice(family, "family", RESIDUALS),)
+    signal = mu_law_decode(train, MU_LAW_CLASSES).double()
+    steps = signal.shape[1] - order
+    lags = torch.stack([signal[:, order - k:order - k + steps] for k in range(1, order + 1)], dim=-1)
+    lags, targets = lags.reshape(-1, order), signal[:, order:].reshape(-1)
+    coefficients = torch.linalg.lstsq(lags, targets[:, None], driver="gelsd").solution[:, 0]
+    residual = targets - lags @ coefficients
+    scales = {"laplace": float(residual.abs().mean()), "gaussian": float(residual.square().mean().sqrt())}
+    candidates = [LinearPredictor(coefficients, max(scales[name], 1e-12), name) for name in families]
+    return min(candidates, key=lambda predictor: predictor.bits_per_sample(train))
+
+
+def lpc_baseline(train: torch.Tensor, test: torch.Tensor, order: int = 16) -> tuple[float, LinearPredictor]:
+    """Bits per sample of ``test`` under :func:`fit_linear_predictor` of ``train`` (both mu-law ``[N, T]``)."""
+    predictor = fit_linear_predictor(train, order)
+    return predictor.bits_per_sample(check_mu_law(test, "test")), predictor
+
+
+def audio_baselines(train: torch.Tensor, test: torch.Tensor, *, lpc_order: int = 16) -> dict:
+    """Held-out bits per sample of mu-law ``test`` ``[N, T]`` as a JSON-ready dict:
+    ``mu_law_unigram_bits_per_sample`` (:func:`mu_law_unigram_baseline`), ``lpc_bits_per_sample`` with
+    ``lpc_order``, ``lpc_residual`` and ``lpc_residual_scale`` (:func:`lpc_baseline`)."""
+    lpc_bits, predictor = lpc_baseline(train, test, lpc_order)
+    return {
+        "mu_law_unigram_bits_per_sample": mu_law_unigram_baseline(train, test),
+        "lpc_bits_per_sample": lpc_bits,
+        "lpc_order": lpc_order,
+        "lpc_residual": predictor.family,
+        "lpc_residual_scale": predictor.scale,
+    }
