@@ -1,12 +1,14 @@
 """Classical baselines for held-out likelihoods and sample quality, scored by the code that scores the models.
 
-Entry points (each returns a JSON-ready dict whose keys name their units; scikit-learn is imported inside them):
+Entry points (each returns a JSON-ready dict whose keys name their units; scikit-learn, for the mixture, is imported
+inside the function that uses it):
 
 * :func:`likelihood_baselines` ``(train_images, test_images, levels)``: a Gaussian kernel density estimate
-  (:func:`kde_baseline`) and a Gaussian mixture (:func:`gmm_baseline`) fitted to the dequantized training images,
-  in bits per dimension on the dequantized test images (the same :func:`~genkernels.models.train.metrics.dequantize`
-  and :func:`~genkernels.models.train.metrics.bits_per_dim` as the flows); given a classifier, also the sample
-  quality of the KDE's samples (:func:`~genkernels.models.train.metrics.image_sample_quality`).
+  (:func:`kde_baseline`, evaluated exactly) and a Gaussian mixture (:func:`gmm_baseline`, scikit-learn's) fitted
+  to the dequantized training images, in bits per dimension on the dequantized test images (the same
+  :func:`~genkernels.models.train.metrics.dequantize` and :func:`~genkernels.models.train.metrics.bits_per_dim`
+  as the flows); given a classifier, also the sample quality of the KDE's samples
+  (:func:`~genkernels.models.train.metrics.image_sample_quality`).
 * :func:`text_baselines` ``(train_text, test_text)``: lzma's compressed size (:func:`lzma_bits_per_char`) and an
   interpolated Kneser-Ney character n-gram model (:func:`ngram_baseline`), in bits per held-out character.
 * :func:`audio_baselines` ``(train, test)``: on mu-law classes ``[N, T]``, an add-one smoothed histogram
@@ -54,10 +56,52 @@ def dequantized_splits(train_images: torch.Tensor, test_images: torch.Tensor, le
     return train.reshape(train.shape[0], -1).cpu().numpy(), test.reshape(test.shape[0], -1).cpu().numpy()
 
 
+KDE_QUERY_CHUNK = 512  # query rows per block of the kernel sums (a block holds chunk x N distances)
+
+
+def _log_kernel_means(points: np.ndarray, centres: np.ndarray, bandwidths: Sequence[float]) -> np.ndarray:
+    """``log 1/N sum_i N(y; c_i, h^2 I)`` ``[len(bandwidths), len(points)]`` (fp64) of every row ``y`` of
+    ``points`` for every bandwidth ``h``: each kernel summed exactly, by log-sum-exp over all ``N`` centres."""
+    centres_t = torch.from_numpy(np.ascontiguousarray(centres, dtype=np.float64))
+    centre_norms = centres_t.square().sum(1)
+    dims, count = centres.shape[1], centres.shape[0]
+    result = np.empty((len(bandwidths), points.shape[0]))
+    for start in range(0, points.shape[0], KDE_QUERY_CHUNK):
+        block = torch.from_numpy(np.ascontiguousarray(points[start:start + KDE_QUERY_CHUNK], dtype=np.float64))
+        squared = (block.square().sum(1, keepdim=True) + centre_norms - 2 * block @ centres_t.T).clamp_min(0.0)
+        for index, h in enumerate(bandwidths):
+            log_sum = torch.logsumexp(-squared / (2 * h * h), dim=1)
+            result[index, start:start + block.shape[0]] = (
+                log_sum - math.log(count) - dims / 2 * math.log(2 * math.pi * h * h)).numpy()
+    return result
+
+
+@dataclasses.dataclass
+class GaussianKDE:
+    """The Gaussian kernel density ``q(y) = 1/N sum_i N(y; c_i, h^2 I)`` of the rows ``c_i`` of ``centres``
+    ``[N, D]``, evaluated exactly (every kernel, log-sum-exp in fp64). Not scikit-learn's ``KernelDensity``: its
+    tree bounds return log-densities off by tens to thousands of nats on 64-dimensional digits at these bandwidths
+    (scikit-learn issues 7492 and 27186)."""
+
+    centres: np.ndarray
+    bandwidth: float
+
+    def score_samples(self, points: np.ndarray) -> np.ndarray:
+        """``log q(y)`` ``[M]`` of the rows of ``points`` ``[M, D]``."""
+        return _log_kernel_means(points, self.centres, [self.bandwidth])[0]
+
+    def sample(self, count: int, seed: int = 0) -> np.ndarray:
+        """``count`` draws ``[count, D]``: a centre chosen uniformly plus ``h`` times standard normal noise."""
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randint(0, self.centres.shape[0], (count,), generator=generator)
+        noise = torch.randn((count, self.centres.shape[1]), generator=generator, dtype=torch.float64)
+        return self.centres[chosen.numpy()] + self.bandwidth * noise.numpy()
+
+
 @dataclasses.dataclass
 class DensityBaseline:
-    """A fitted scikit-learn density (``KernelDensity`` or ``GaussianMixture``) over dequantized images, its test
-    bits per dimension and the hyperparameters it was chosen with."""
+    """A fitted density over dequantized images (:class:`GaussianKDE`, or scikit-learn's ``GaussianMixture``), its
+    test bits per dimension and the hyperparameters it was chosen with."""
 
     kind: str  # "kde" or "gmm"
     bits_per_dim: float
@@ -67,12 +111,12 @@ class DensityBaseline:
     chosen: dict
 
     def sample(self, count: int, seed: int = 0) -> torch.Tensor:
-        """``count`` images ``[count, C, H, W]`` drawn from the density and requantized to levels
-        (:func:`~genkernels.models.train.metrics.requantize`)."""
+        """``count`` images ``[count, C, H, W]`` drawn from the density (seeded by ``seed``) and requantized to
+        levels (:func:`~genkernels.models.train.metrics.requantize`)."""
         check_int(count, "count", low=1)
         check_int(seed, "seed", low=0)
         if self.kind == "kde":
-            drawn = self.model.sample(count, random_state=seed)
+            drawn = self.model.sample(count, seed)
         else:  # a GaussianMixture draws from its random_state: a copy takes the seed
             model = copy.copy(self.model)
             model.random_state = seed
@@ -83,13 +127,11 @@ class DensityBaseline:
 
 def kde_baseline(train_images: torch.Tensor, test_images: torch.Tensor, levels: int, *, seed: int = 0,
                  bandwidths: Optional[Sequence[float]] = None, folds: int = 5) -> DensityBaseline:
-    """A Gaussian kernel density estimate ``q(y) = 1/N sum_i N(y; y_i, h^2 I)`` over the dequantized training
-    images (:func:`dequantized_splits`), with the bandwidth ``h`` that maximizes the mean log-likelihood of
-    ``folds``-fold cross-validation on the training split (``GridSearchCV``) over ``bandwidths`` (default 21
-    points log-spaced over ``[0.01, 1]``, in units of ``y``'s range ``[0, 1)``). ``chosen``: ``{"bandwidth": h}``."""
-    from sklearn.model_selection import GridSearchCV
-    from sklearn.neighbors import KernelDensity
-
+    """A :class:`GaussianKDE` of the dequantized training images (:func:`dequantized_splits`), with the bandwidth
+    ``h`` among ``bandwidths`` (default 21 points log-spaced over ``[0.01, 1]``, in units of ``y``'s range
+    ``[0, 1)``) that maximizes the held-out log-likelihood of ``folds``-fold cross-validation on the training
+    split (consecutive folds, as ``GridSearchCV(cv=folds)`` would split; summed over every training image), then
+    scored on the dequantized test images. ``chosen``: ``{"bandwidth": h}``."""
     check_int(folds, "folds", low=2)
     grid = np.logspace(-2.0, 0.0, 21) if bandwidths is None else np.asarray(bandwidths, dtype=np.float64)
     if grid.ndim != 1 or grid.size == 0 or not (grid > 0).all() or not np.isfinite(grid).all():
@@ -98,11 +140,14 @@ def kde_baseline(train_images: torch.Tensor, test_images: torch.Tensor, levels: 
     if train.shape[0] < folds:
         raise ValueError(f"train_images must hold at least folds={folds} images for cross-validation; got "
                          f"{describe(train_images)}")
-    search = GridSearchCV(KernelDensity(kernel="gaussian"), {"bandwidth": grid}, cv=folds).fit(train)
-    model = search.best_estimator_
+    held_out = np.zeros(grid.size)
+    for fold in np.array_split(np.arange(train.shape[0]), folds):
+        rest = np.setdiff1d(np.arange(train.shape[0]), fold)
+        held_out += _log_kernel_means(train[fold], train[rest], grid.tolist()).sum(axis=1)
+    model = GaussianKDE(train, float(grid[int(np.argmax(held_out))]))
     score = float(np.mean(bits_per_dim(model.score_samples(test), train.shape[1], levels)))
     return DensityBaseline("kde", score, model, levels, tuple(train_images.shape[1:]),
-                           {"bandwidth": float(model.bandwidth)})
+                           {"bandwidth": model.bandwidth})
 
 
 def gmm_baseline(train_images: torch.Tensor, test_images: torch.Tensor, levels: int, *, seed: int = 0,
@@ -135,14 +180,19 @@ def gmm_baseline(train_images: torch.Tensor, test_images: torch.Tensor, levels: 
 
 
 def likelihood_baselines(train_images: torch.Tensor, test_images: torch.Tensor, levels: int, *, seed: int = 0,
-                         classifier: Optional[ImageClassifier] = None, num_samples: Optional[int] = None) -> dict:
-    """The KDE and GMM baselines (:func:`kde_baseline`, :func:`gmm_baseline`) as a JSON-ready dict:
+                         classifier: Optional[ImageClassifier] = None, num_samples: Optional[int] = None,
+                         bandwidths: Optional[Sequence[float]] = None,
+                         components: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+                         covariance_types: Sequence[str] = ("full", "diag")) -> dict:
+    """The KDE and GMM baselines (:func:`kde_baseline` over ``bandwidths``, :func:`gmm_baseline` over
+    ``components`` and ``covariance_types``) as a JSON-ready dict:
     ``kde_bits_per_dim``, ``kde_bandwidth``, ``gmm_bits_per_dim``, ``gmm_components``, ``gmm_covariance_type``;
     given a ``classifier`` (:func:`~genkernels.models.train.metrics.fit_image_classifier`), also
     ``kde_samples``: :func:`~genkernels.models.train.metrics.image_sample_quality` of ``num_samples`` (default:
     as many as test images) requantized KDE samples, the sample-quality baseline."""
-    kde = kde_baseline(train_images, test_images, levels, seed=seed)
-    gmm = gmm_baseline(train_images, test_images, levels, seed=seed)
+    kde = kde_baseline(train_images, test_images, levels, seed=seed, bandwidths=bandwidths)
+    gmm = gmm_baseline(train_images, test_images, levels, seed=seed, components=components,
+                       covariance_types=covariance_types)
     result = {
         "kde_bits_per_dim": kde.bits_per_dim, "kde_bandwidth": kde.chosen["bandwidth"],
         "gmm_bits_per_dim": gmm.bits_per_dim, "gmm_components": gmm.chosen["components"],

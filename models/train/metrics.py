@@ -139,21 +139,25 @@ class ImageClassifier(nn.Module):
                                   nn.Linear(hidden, features), nn.ReLU())
         self.head = nn.Linear(features, num_classes)
 
-    def _inputs(self, images: torch.Tensor, name: str) -> torch.Tensor:
+    def check_images(self, images: object, name: str) -> torch.Tensor:
+        """Require non-empty integer images of the shape and levels the classifier was fitted on."""
         images = check_level_images(images, name, self.levels)
         if tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"{name} must be images [N, {', '.join(map(str, self.image_shape))}] (the shape the "
                              f"classifier was fitted on); got {describe(images)}")
-        return images.to(torch.float32) / (self.levels - 1)
+        return images
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        return self.check_images(images, "images").to(torch.float32) / (self.levels - 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``[N, classes]`` of integer images ``[N, C, H, W]``."""
-        return self.head(self.body(self._inputs(images, "images")))
+        return self.head(self.body(self._inputs(images)))
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer features ``[N, 64]`` (float32) of integer images."""
-        return self.body(self._inputs(images, "images"))
+        return self.body(self._inputs(images))
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -291,12 +295,12 @@ def image_sample_quality(samples: torch.Tensor, classifier: ImageClassifier, tra
         raise TypeError(f"classifier must be an ImageClassifier (fit_image_classifier); got "
                         f"{type(classifier).__name__}")
     check_int(seed, "seed", low=0)
-    samples = check_level_images(samples, "samples", classifier.levels)
+    samples = classifier.check_images(samples, "samples")
     if samples.shape[0] < 2:
         raise ValueError(f"samples must hold at least 2 images (a feature covariance); got {describe(samples)}")
+    train_images = classifier.check_images(train_images, "train_images")
+    test_features = classifier.features(classifier.check_images(test_images, "test_images"))
     sample_features = classifier.features(samples)
-    test_features = classifier.features(check_level_images(test_images, "test_images", classifier.levels))
-    train_images = check_level_images(train_images, "train_images", classifier.levels)
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(train_images.shape[0], generator=generator)[:samples.shape[0]]
     floor = frechet_distance(classifier.features(train_images[chosen]), test_features)
