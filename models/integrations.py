@@ -20,20 +20,21 @@ What is swapped (each flag of :func:`patch` turns one group on or off):
 ``attention``
     diffusers ``Attention`` modules whose processor is diffusers' default ``AttnProcessor2_0`` get a
     :class:`GenkernelsAttnProcessor` (``attn.set_processor``): self- and cross-attention through
-    :func:`genkernels.kernels.flash_attention` (``[batch, heads, seq, head_dim]``). When an attention mask is
-    given (e.g. ``encoder_attention_mask``), the processor runs :func:`masked_attention`, which is torch's
-    ``F.scaled_dot_product_attention`` with the mask for now: genkernels' attention does not take masks yet.
-    Other processors (LoRA, IP-adapter, custom ones) are left as they are.
+    :func:`genkernels.kernels.flash_attention` (``[batch, heads, seq, head_dim]``); with an attention mask (e.g.
+    ``encoder_attention_mask``, which diffusers turns into an additive ``[batch, heads, 1, seq_k]`` bias) through
+    :func:`genkernels.kernels.scaled_dot_product_attention`, whose kernels read the mask in place (one row per
+    sequence). Other processors (LoRA, IP-adapter, custom ones) are left as they are.
     GPT-2 self-attention (``GPT2Attention``): the projections and the cache update run as transformers writes
     them, and the attention itself is :func:`genkernels.kernels.flash_attention` (causal) for training and
-    prefill, :func:`genkernels.kernels.decode_attention` for one-token decoding over the cached keys/values.
-    Whatever those cannot take runs transformers' own attention function, exactly as the unpatched model does:
-    an attention mask (padding, or any mask transformers materializes: ``attn_implementation="eager"`` always
-    materializes one, so patch models running the default ``"sdpa"``), attention dropout while training,
-    ``output_attentions=True``, ``head_mask``, a query shorter than the keys but longer than one token;
-    cross-attention (``encoder_hidden_states``) runs the original forward. Note that while ``torch.compile``
-    traces a GPT-2, transformers (with torch < 2.14) always materializes the causal mask, so a compiled GPT-2 runs
-    transformers' attention (its MLP still runs ``bias_act``) until genkernels' attention takes masks.
+    prefill, :func:`genkernels.kernels.decode_attention` for one-token decoding over the cached keys/values, and
+    :func:`genkernels.kernels.scaled_dot_product_attention` (the same kernels, with SDPA's semantics, as
+    transformers' ``"sdpa"`` attention calls it) for everything else: padding and any other mask transformers
+    materializes (as it does while ``torch.compile`` traces), attention dropout in training (drawn in the kernels:
+    another random stream than torch's, so masks differ draw for draw from the unpatched model's), chunked
+    prefill. Masked calls under ``attn_implementation="eager"`` (which always masks, and whose attention weights
+    ``output_attentions`` records), ``output_attentions=True`` and ``head_mask`` run transformers' own attention
+    function, exactly as the unpatched model does: patch models running the default ``"sdpa"``. Cross-attention
+    (``encoder_hidden_states``) runs the original forward.
 ``activations`` (a bias followed by its activation -> :func:`genkernels.kernels.bias_act`)
     GPT-2's MLP: ``c_fc``'s bias and the activation (``gelu_new``, ``gelu_pytorch_tanh``, ``gelu_fast`` ->
     ``"gelu_tanh"``; ``gelu`` -> ``"gelu"``; relu, silu, tanh, sigmoid, leaky relu) fused after the matmul;
@@ -62,7 +63,7 @@ from genkernels import kernels
 from genkernels.kernels.checks import check_bool
 from genkernels.kernels.runtime import validate_impl_name
 
-__all__ = ["GenkernelsAttnProcessor", "SUPPORTED_MODELS", "is_patched", "masked_attention", "patch", "unpatch"]
+__all__ = ["GenkernelsAttnProcessor", "SUPPORTED_MODELS", "is_patched", "patch", "unpatch"]
 
 SUPPORTED_MODELS = (
     "diffusers UNet2DModel", "diffusers UNet2DConditionModel",
@@ -85,28 +86,6 @@ _DIFFUSERS_BLOCKS = (
     "UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D", "ResnetBlock2D", "Attention", "Transformer2DModel",
     "BasicTransformerBlock", "FeedForward", "TimestepEmbedding", "GELU", "GEGLU",
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The masked attention path (one function, to switch to genkernels' kernel once it takes masks)
-# ----------------------------------------------------------------------------------------------------------------
-
-def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor,
-                     scale: Optional[float] = None) -> torch.Tensor:
-    """Attention with a mask, ``[batch, heads, seq, head_dim]``: torch's ``F.scaled_dot_product_attention``.
-
-    genkernels' :func:`~genkernels.kernels.flash_attention` takes no mask yet, so every masked call of a patched
-    model goes through here (boolean or additive masks broadcastable to ``[batch, heads, seq_q, seq_k]``, SDPA's
-    semantics).
-    """
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False,
-                                          scale=scale)
-
-
-def _attention(query, key, value, attn_mask, scale, impl):
-    if attn_mask is not None:
-        return masked_attention(query, key, value, attn_mask, scale)
-    return kernels.flash_attention(query, key, value, causal=False, softmax_scale=scale, impl=impl)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,9 +232,9 @@ class GenkernelsAttnProcessor:
     """diffusers' ``AttnProcessor2_0`` with the attention through genkernels.
 
     Without a mask the product is :func:`genkernels.kernels.flash_attention` (``[batch, heads, seq, head_dim]``,
-    the scale ``1/sqrt(head_dim)`` as ``AttnProcessor2_0`` uses); with one, :func:`masked_attention` (torch's
-    SDPA with the mask, until genkernels' kernel takes masks). Everything around it (spatial and group norms,
-    projections, q/k norms, residual, rescale) is diffusers' code.
+    the scale ``1/sqrt(head_dim)`` as ``AttnProcessor2_0`` uses); with one,
+    :func:`genkernels.kernels.scaled_dot_product_attention` with the mask. Everything around it (spatial and group
+    norms, projections, q/k norms, residual, rescale) is diffusers' code.
     """
 
     def __init__(self, impl: str = "auto"):
@@ -303,7 +282,11 @@ class GenkernelsAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        hidden_states = _attention(query, key, value, attention_mask, None, self.impl)
+        if attention_mask is None:
+            hidden_states = kernels.flash_attention(query, key, value, impl=self.impl)
+        else:
+            hidden_states = kernels.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                                 impl=self.impl)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -395,22 +378,29 @@ def _is_diffusers_model(model: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _gpt2_attention(self, query, key, value, attention_mask, output_attentions, kwargs):
-    """The attention product of GPT2Attention: genkernels' ops where they apply, transformers' function otherwise."""
+    """The attention product of GPT2Attention, as transformers' ``"sdpa"`` attention computes it, through
+    genkernels' ops: causal (top-left) when there is no mask and more than one query token, the mask otherwise."""
     q_len, kv_len = query.shape[2], key.shape[2]
     dropout = self.attn_dropout.p if self.training else 0.0
-    takes = (attention_mask is None and dropout == 0.0 and not output_attentions
-             and kwargs.get("head_mask") is None and (q_len == kv_len or q_len == 1))
-    if takes:
+    # transformers' eager attention returns the attention weights (what output_attentions records: a masked call,
+    # as the eager implementation always masks), which the fused kernels never form
+    weights_wanted = output_attentions or (attention_mask is not None and self.config._attn_implementation == "eager")
+    if not weights_wanted and kwargs.get("head_mask") is None:
         impl = _impl_of(self)
         needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-        if q_len == 1 and kv_len > 1 and not needs_grad:
+        causal = kwargs.get("is_causal")
+        causal = bool(getattr(self, "is_causal", True) if causal is None else causal) and q_len > 1
+        if attention_mask is None and dropout == 0.0 and q_len == 1 and kv_len > 1 and not needs_grad:
             seqlens = torch.full((query.shape[0],), kv_len, dtype=torch.int32, device=query.device)
             out = kernels.decode_attention(query, key, value, seqlens, softmax_scale=self.scaling, impl=impl)
-        else:
-            # transformers' SDPA path: causal unless told otherwise, and a single query token sees every key
-            causal = kwargs.get("is_causal")
-            causal = bool(getattr(self, "is_causal", True) if causal is None else causal) and q_len > 1
+        elif attention_mask is None and dropout == 0.0 and (q_len == kv_len or not causal):
             out = kernels.flash_attention(query, key, value, causal=causal, softmax_scale=self.scaling, impl=impl)
+        else:
+            if attention_mask is not None and attention_mask.is_floating_point():
+                attention_mask = attention_mask.to(query.dtype)  # the model's dtype, query's under autocast
+            out = kernels.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                       dropout_p=dropout, is_causal=causal and attention_mask is None,
+                                                       scale=self.scaling, impl=impl)
         return out.transpose(1, 2), None
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -216,32 +216,48 @@ def test_gpt2_cached_decoding_matches_uncached_logits():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_gpt2_padding_mask_runs_transformers_attention(monkeypatch):
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_gpt2_padding_mask_runs_the_masked_kernels(monkeypatch, impl):
     ids = token_ids((2, 6), seed=6)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     base = tiny_gpt2().eval()
     ref = copy.deepcopy(base).double()
     patched = integrations.patch(copy.deepcopy(base))
-    spy = Spy(monkeypatch, "flash_attention", "decode_attention", "bias_act")
-    with kernels.use_impl("eager"):
+    spy = Spy(monkeypatch, "scaled_dot_product_attention", "flash_attention", "bias_act")
+    with kernels.use_impl(impl):
         out = patched(ids, attention_mask=mask).logits
-    assert spy.count("flash_attention") == spy.count("decode_attention") == 0
-    assert spy.count("bias_act") == base.config.n_layer
+    assert spy.count("flash_attention") == 0
+    assert spy.count("scaled_dot_product_attention") == spy.count("bias_act") == base.config.n_layer
     keep = mask.bool()  # padded query rows are not specified
     assert_close_to_reference(out[keep], ref(ids, attention_mask=mask).logits[keep],
                               base(ids, attention_mask=mask).logits[keep], "logits")
 
 
-def test_gpt2_attention_dropout_in_training_runs_transformers_attention(monkeypatch):
+def test_gpt2_attention_dropout_in_training_runs_the_kernels_dropout(monkeypatch):
+    """Training with attention dropout: the kernels' dropout (p from the config, causal); eval: none."""
     ids = token_ids()
-    model = integrations.patch(tiny_gpt2(attn_pdrop=0.5).train())
-    spy = Spy(monkeypatch, "flash_attention")
+    model = integrations.patch(tiny_gpt2(attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0).train())
+    calls = []
+    original = kernels.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["dropout_p"], kwargs["is_causal"]))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(kernels, "scaled_dot_product_attention", spy)
+    flash = Spy(monkeypatch, "flash_attention")
     with kernels.use_impl("eager"):
-        model(ids)
-        assert spy.count("flash_attention") == 0  # genkernels' attention has no dropout yet
+        torch.manual_seed(0)
+        first = model(ids).logits
+        torch.manual_seed(0)
+        again = model(ids).logits
+        torch.manual_seed(1)
+        other = model(ids).logits
         model.eval()
         model(ids)
-    assert spy.count("flash_attention") == model.config.n_layer
+    assert calls == [(0.5, True)] * (3 * model.config.n_layer)
+    assert flash.count("flash_attention") == model.config.n_layer
+    torch.testing.assert_close(first, again, rtol=0, atol=0)  # the draws follow torch's generator
+    assert not torch.allclose(first, other)
 
 
 def test_importing_the_module_imports_neither_diffusers_nor_transformers():
@@ -359,16 +375,17 @@ def test_patched_unets_call_genkernels_ops(monkeypatch):
     assert all(isinstance(m.processor, integrations.GenkernelsAttnProcessor) for m in attn)
     sample, t, encoder, mask = cond_inputs()
     calls = []
-    original = integrations.masked_attention
+    original = kernels.scaled_dot_product_attention
 
     def masked_spy(*args, **kwargs):
-        calls.append(args[3].shape)
+        calls.append(kwargs["attn_mask"].shape)
         return original(*args, **kwargs)
-    monkeypatch.setattr(integrations, "masked_attention", masked_spy)
+    monkeypatch.setattr(kernels, "scaled_dot_product_attention", masked_spy)
     with kernels.use_impl("eager"):
         cond(sample, t, encoder, encoder_attention_mask=mask)
     cross = sum(1 for m in attn if m.is_cross_attention)
     assert len(calls) == cross  # the cross-attention layers take the encoder mask
+    assert all(shape[2] == 1 for shape in calls)  # one row per sequence, broadcast over the queries
     assert spy.count("flash_attention") == len(attn) - cross
     geglus = sum(type(m).__name__ == "GEGLU" for m in cond.modules())
     assert spy.count("bias_act") == 1 + geglus
@@ -533,11 +550,12 @@ def test_patched_gpt2_compiles_with_fullgraph(monkeypatch):
             pytest.skip("the unpatched GPT-2 does not compile with fullgraph=True here")
         expected = base(ids, use_cache=False).logits
         patched = integrations.patch(copy.deepcopy(base), impl="eager")
-        spy = Spy(monkeypatch, "bias_act", "flash_attention")
+        spy = Spy(monkeypatch, "bias_act", "flash_attention", "scaled_dot_product_attention")
         got = torch.compile(patched, fullgraph=True, backend="aot_eager")(ids, use_cache=False).logits
-    # traced through genkernels' bias_act; transformers materializes the causal mask while compiling (torch < 2.14),
-    # so the attention product is transformers' own there
+    # traced through genkernels' ops; transformers materializes the causal mask while compiling (torch < 2.14),
+    # which the masked kernels take
     assert spy.count("bias_act") == base.config.n_layer
+    assert spy.count("flash_attention") + spy.count("scaled_dot_product_attention") == base.config.n_layer
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
 
