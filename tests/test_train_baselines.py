@@ -143,23 +143,34 @@ def test_ngram_probabilities_sum_to_one_over_the_alphabet(order):
         assert min(distribution.values()) > 0
 
 
+def modified_discounts(counts):
+    """Chen & Goodman's D_1, D_2, D_3+ from the counts of counts, or Y for every count where they are undefined."""
+    n1, n2, n3, n4 = (sum(c == k for c in counts.values()) for k in (1, 2, 3, 4))
+    y = n1 / (n1 + 2 * n2) if n1 else 0.5
+    if n1 and n2 and n3 and n4:
+        d = (1 - 2 * y * n2 / n1, 2 - 3 * y * n3 / n2, 3 - 4 * y * n4 / n3)
+        if 0 < d[0] <= 1 and 0 < d[1] <= 2 and 0 < d[2] <= 3:
+            return d
+    return (y, y, y) if 0 < y <= 1 else (0.5, 0.5, 0.5)
+
+
 def brute_force_kneser_ney_bigram(text, history_char, char):
-    """Interpolated Kneser-Ney of order 2 from its definition, counting by scanning the text."""
+    """Modified interpolated Kneser-Ney of order 2 from its definition, counting by scanning the text."""
     alphabet = set(text) | {"<unk>"}
     bigrams = [text[i:i + 2] for i in range(len(text) - 1)]
     raw = collections.Counter(bigrams)
     continuation = collections.Counter(gram[1] for gram in set(bigrams))  # distinct left neighbours of each char
 
-    def discount(counts):
-        once, twice = sum(c == 1 for c in counts.values()), sum(c == 2 for c in counts.values())
-        return once / (once + 2 * twice) if once and twice else 0.5
+    def interpolate(counts, lower):
+        d = modified_discounts(counts)
+        discount = {c: d[min(c, 3) - 1] for c in range(1, max(counts.values()) + 1)}
+        return lambda following, w: (max(following.get(w, 0) - discount.get(following.get(w, 0), 0), 0)
+                                     + sum(discount[c] for c in following.values()) * lower(w)) \
+            / sum(following.values())
 
-    d1, d2 = discount(continuation), discount(raw)
-    total1 = sum(continuation.values())
-    unigram = (max(continuation[char] - d1, 0) + d1 * len(continuation) / len(alphabet)) / total1
-    following = {gram[1]: count for gram, count in raw.items() if gram[0] == history_char}
-    total2 = sum(following.values())
-    return (max(following.get(char, 0) - d2, 0) + d2 * len(following) * unigram) / total2
+    unigram = interpolate(continuation, lambda w: 1 / len(alphabet))
+    bigram = interpolate(raw, lambda w: unigram(continuation, w))
+    return bigram({gram[1]: count for gram, count in raw.items() if gram[0] == history_char}, char)
 
 
 def test_ngram_bigram_matches_its_definition():

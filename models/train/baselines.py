@@ -9,8 +9,8 @@ inside the function that uses it):
   :func:`~genkernels.models.train.metrics.dequantize` and :func:`~genkernels.models.train.metrics.bits_per_dim`
   as the flows); given a classifier, also the sample quality of the KDE's samples
   (:func:`~genkernels.models.train.metrics.image_sample_quality`).
-* :func:`text_baselines` ``(train_text, test_text)``: lzma's compressed size (:func:`lzma_bits_per_char`) and an
-  interpolated Kneser-Ney character n-gram model (:func:`ngram_baseline`), in bits per held-out character.
+* :func:`text_baselines` ``(train_text, test_text)``: lzma's compressed size (:func:`lzma_bits_per_char`) and a
+  modified interpolated Kneser-Ney character n-gram model (:func:`ngram_baseline`), in bits per held-out character.
 * :func:`audio_baselines` ``(train, test)``: on mu-law classes ``[N, T]``, an add-one smoothed histogram
   (:func:`mu_law_unigram_baseline`) and linear prediction with a discretized residual (:func:`lpc_baseline`), in
   bits per held-out sample.
@@ -28,7 +28,14 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from genkernels.kernels.checks import check_choice, check_in_range, check_int, check_integer_tensor, check_real, describe
+from genkernels.kernels.checks import (
+    check_choice,
+    check_in_range,
+    check_int,
+    check_integer_tensor,
+    check_real,
+    describe,
+)
 
 from .metrics import ImageClassifier, bits_per_dim, check_level_images, dequantize, image_sample_quality, requantize
 
@@ -234,20 +241,24 @@ def lzma_bits_per_char(text: str, context: str = "") -> float:
 
 
 class CharNGram:
-    """Interpolated Kneser-Ney character n-grams (Chen & Goodman 1999, Sec. 3.5) of ``text``, for every order up to
-    ``max_order``.
+    """Modified interpolated Kneser-Ney character n-grams (Chen & Goodman 1999, Sec. 3.5 and 4.1.6) of ``text``,
+    for every order up to ``max_order``.
 
     The alphabet is ``text``'s characters plus one unknown symbol that stands for every other character. With
     ``h`` the last ``n - 1`` characters and ``h'`` its last ``n - 2``, the order-``n`` probability is
 
-        P_n(w | h) = max(c(h w) - D_n, 0) / c(h .) + D_n * T(h .) / c(h .) * P_{n-1}(w | h')
+        P_n(w | h) = (max(c(h w) - D(c(h w)), 0) + B(h) * P_{n-1}(w | h')) / c(h .),
+        B(h) = D_1 N_1(h .) + D_2 N_2(h .) + D_3+ N_3+(h .)
 
     where ``c`` is the raw count of ``h w`` in ``text`` at the top order and the continuation count (the number of
-    distinct characters seen before ``h w``) at every lower order; ``c(h .)`` sums ``c(h w)`` over ``w`` and
-    ``T(h .)`` counts the ``w`` with ``c(h w) > 0``; ``D_n = n_1 / (n_1 + 2 n_2)`` from the number of n-grams seen
-    once and twice (0.5 where either is 0); a history never seen (``c(h .) = 0``) takes ``P_{n-1}`` whole, and
-    ``P_0`` is uniform over the alphabet. Each level sums to 1 over the alphabet. The first characters of a
-    scored text use the shorter history they have (the levels up to its length).
+    distinct characters seen before ``h w``) at every lower order; ``c(h .)`` sums ``c(h w)`` over ``w``;
+    ``N_k(h .)`` counts the ``w`` with ``c(h w) = k`` (``N_3+``: ``>= 3``); ``D(c)`` is ``D_1``, ``D_2`` or
+    ``D_3+`` for ``c = 1, 2, >= 3`` (0 for ``c = 0``), from the numbers ``n_k`` of the level's n-grams of count
+    ``k``: ``Y = n_1 / (n_1 + 2 n_2)``, ``D_k = k - (k + 1) Y n_{k+1} / n_k``, falling back to ``D = Y`` (0.5 if
+    undefined) for every count where some ``n_k`` is 0 or a ``D_k`` leaves ``(0, k]``. A history never seen
+    (``c(h .) = 0``) takes ``P_{n-1}`` whole, and ``P_0`` is uniform over the alphabet. Each level sums to 1 over
+    the alphabet. The first characters of a scored text use the shorter history they have (the levels up to its
+    length).
     """
 
     def __init__(self, text: str, max_order: int):
@@ -270,16 +281,25 @@ class CharNGram:
         self._known = frozenset(self.alphabet)
 
     @staticmethod
-    def _level(counts: collections.Counter) -> tuple[collections.Counter, dict, dict, float]:
-        """The counts, their totals and type counts per history, and the discount."""
-        totals, types = collections.Counter(), collections.Counter()
+    def discounts(counts: collections.Counter) -> tuple[float, float, float]:
+        """``(D_1, D_2, D_3+)`` of a level's n-gram counts (see the class docstring)."""
+        n = [sum(1 for count in counts.values() if count == k) for k in (1, 2, 3, 4)]
+        y = n[0] / (n[0] + 2 * n[1]) if n[0] else 0.5
+        if all(n):
+            modified = tuple(k - (k + 1) * y * n[k] / n[k - 1] for k in (1, 2, 3))
+            if all(0 < d <= k for k, d in enumerate(modified, start=1)):
+                return modified
+        return (y, y, y) if 0 < y <= 1 else (0.5, 0.5, 0.5)
+
+    @classmethod
+    def _level(cls, counts: collections.Counter) -> tuple[collections.Counter, dict, dict, tuple]:
+        """The counts, their totals and discounted mass ``B`` per history, and the discounts."""
+        discounts = cls.discounts(counts)
+        totals, backoff = collections.Counter(), collections.Counter()
         for gram, count in counts.items():
             totals[gram[:-1]] += count
-            types[gram[:-1]] += 1
-        once = sum(1 for count in counts.values() if count == 1)
-        twice = sum(1 for count in counts.values() if count == 2)
-        discount = once / (once + 2 * twice) if once and twice else 0.5
-        return counts, totals, types, discount
+            backoff[gram[:-1]] += discounts[min(count, 3) - 1]
+        return counts, totals, backoff, discounts
 
     def _check_order(self, order: int) -> int:
         return check_int(order, "order", low=1, high=self.max_order)
@@ -291,11 +311,13 @@ class CharNGram:
         context = "".join(c if c in self._known else self.unknown for c in context)
         char = char if char in self._known else self.unknown
         probability = 1.0 / len(self.alphabet)
-        for level, (counts, totals, types, discount) in enumerate(self._levels[order][:len(context) + 1]):
+        for level, (counts, totals, backoff, discounts) in enumerate(self._levels[order][:len(context) + 1]):
             h = context[len(context) - level:]
             total = totals.get(h, 0)
             if total:
-                probability = (max(counts.get(h + char, 0) - discount, 0.0) + discount * types[h] * probability) / total
+                count = counts.get(h + char, 0)
+                kept = count - discounts[min(count, 3) - 1] if count else 0.0
+                probability = (kept + backoff[h] * probability) / total
         return probability
 
     def distribution(self, history: str, order: int) -> dict[str, float]:
@@ -320,7 +342,7 @@ class NGramBaseline:
     model: CharNGram
 
 
-def ngram_baseline(train_text: str, test_text: str, *, orders: Sequence[int] = tuple(range(1, 11)),
+def ngram_baseline(train_text: str, test_text: str, *, orders: Sequence[int] = tuple(range(1, 13)),
                    validation_fraction: float = 0.1) -> NGramBaseline:
     """:class:`CharNGram` bits per character of ``test_text``, with the order chosen among ``orders`` on a
     validation slice (the last ``validation_fraction`` of ``train_text``, scored by a model of the rest), then

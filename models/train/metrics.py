@@ -148,7 +148,8 @@ class ImageClassifier(nn.Module):
         return images
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return self.check_images(images, "images").to(torch.float32) / (self.levels - 1)
+        images = self.check_images(images, "images").to(self.head.weight.device, torch.float32)
+        return images / (self.levels - 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``[N, classes]`` of integer images ``[N, C, H, W]``."""
