@@ -798,10 +798,12 @@ _ANY = 0
 _TILES = {
     "mma": {
         64: {"forward": [(_ANY, (128, 64, 4, 3))],
+             "forward_dropout": [(_ANY, (128, 64, 8, 3))],
              "dkdv": [(_ANY, (32, 64, 4, 3))],
              "dq": [(_ANY, (128, 32, 4, 3))],
              "repair": [(_ANY, (32, 0, 4, 1))]},
         128: {"forward": [(160 * KB, (128, 64, 8, 3)), (_ANY, (128, 64, 8, 2))],
+              "forward_dropout": [(160 * KB, (128, 32, 8, 3)), (_ANY, (128, 32, 8, 2))],
               "dkdv": [(_ANY, (16, 64, 8, 3))],
               "dq": [(160 * KB, (128, 32, 8, 3)), (_ANY, (128, 32, 8, 2))],
               "repair": [(_ANY, (32, 0, 4, 1))]},
@@ -832,15 +834,17 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def attention_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+def attention_tiles(head_dim: int, dtype: torch.dtype, device: torch.device, dropout: bool = False) -> dict:
     """``{kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}`` for flash attention on ``device`` (the first
-    entry of :data:`_TILES` that fits its shared memory per CTA). Tests force tiles with
+    entry of :data:`_TILES` that fits its shared memory per CTA; a ``<kernel>_dropout`` entry, where there is one,
+    with dropout: its Philox words need registers). Tests force tiles with
     ``launch.force_launch_settings("flash_attention", forward=(...), ...)``."""
     limits = device_limits(device)
     table = _TILES["fma" if dtype == torch.float32 else "mma"][max(64, _block_d(head_dim))]
     chosen = {}
     for kernel in ATTENTION_KERNELS:
-        tiles = next(tiles for needed, tiles in table[kernel] if limits.shared_memory_per_cta >= needed)
+        entries = table.get(f"{kernel}_dropout", table[kernel]) if dropout else table[kernel]
+        tiles = next(tiles for needed, tiles in entries if limits.shared_memory_per_cta >= needed)
         chosen[kernel] = tuple(launch_setting("flash_attention", kernel, tiles))
     return chosen
 
@@ -887,7 +891,7 @@ def _launch_forward(q, k, v, causal: bool, scale: float, attn_mask=None, seed=No
         return out, lse
     if seq_k == 0:
         return out.zero_(), lse.fill_(float("inf"))
-    tiles = attention_tiles(head_dim, q.dtype, q.device)
+    tiles = attention_tiles(head_dim, q.dtype, q.device, dropout=dropout_p > 0)
     flags = _kernel_flags(q.dtype, q.device)
     block_d = _block_d(head_dim)
     pointers, scalars, mask_strides, modifiers = _score_modifiers(q, attn_mask, seed, dropout_p)
@@ -915,7 +919,7 @@ def _launch_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, at
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq, dk, dv
-    tiles = attention_tiles(head_dim, q.dtype, q.device)
+    tiles = attention_tiles(head_dim, q.dtype, q.device, dropout=dropout_p > 0)
     # delta_i = sum_d dO_id O_id, written by the dQ kernel (which holds dO's rows anyway) for the dK/dV kernel
     delta = torch.empty((batch, heads_q, seq_q), dtype=torch.float32, device=q.device)
     pointers, scalars, mask_strides, modifiers = _score_modifiers(q, attn_mask, seed, dropout_p)
