@@ -63,6 +63,9 @@ def build_parser(family: Optional[Family] = None) -> argparse.ArgumentParser:
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per process (default: torch's; 1 is fastest for small models on a busy "
+                             "machine, whose other work otherwise stalls every multi-threaded op)")
     parser.add_argument("--log-every", type=int, default=None, help="steps per log record (default 10; quick 1)")
     parser.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
                         help="steps between checkpoints (one is always written at the end)")
@@ -122,15 +125,18 @@ class _Run:
         self.log_every = args.log_every if args.log_every is not None else (1 if args.quick else 10)
         self.out = Path(args.out if args.out is not None else Path("runs") / family.name)
         self.settings = RunSettings(args.data, args.quick, self.out, context.device)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         _seed_everything(args.seed)
         self.train_data, self.test_data = family.load_data(self.settings, self.config)
         self.order = BatchOrder(len(self.train_data), self.batch_size, args.seed, context.rank, context.world_size)
-        self.checkpoint_config = {"model": self.config, "data": family.describe_data(self.train_data),
-                                  "batch_size": self.batch_size}
+        trained = {option.name for option in family.options if option.training} | {"seed"}
+        self.checkpoint_config = {"model": {name: value for name, value in self.config.items() if name in trained},
+                                  "data": family.describe_data(self.train_data), "batch_size": self.batch_size}
 
     def _check_args(self) -> None:
         args, family = self.args, self.family
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "threads"):
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"{_flag(name)} {value} must be >= 1")

@@ -98,23 +98,16 @@ def barrier(context: Context) -> None:
 
 
 def full_state_dict(module: nn.Module, context: Context) -> dict:
-    """``module``'s whole state dict on the CPU, also when its parameters are sharded by FSDP2 (then every process
-    must call this; each gets the whole)."""
-    if context.distributed and _is_sharded(module):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """``module``'s whole state dict on the CPU. Parameters sharded by FSDP2 (DTensors) are gathered whole, so
+    under ``--fsdp`` every process must call this (each gets the whole)."""
+    from torch.distributed.tensor import DTensor
 
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-
-
-def load_full_state_dict(module: nn.Module, state: dict, context: Context) -> None:
-    """Load a whole state dict into ``module`` (sharding it across the processes under FSDP2)."""
-    if context.distributed and _is_sharded(module):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
-        return
-    module.load_state_dict(state)
+    state = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        state[key] = value.detach().cpu().clone()
+    return state
 
 
 def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, context: Context) -> dict:

@@ -50,12 +50,14 @@ SAMPLE_GRID = 64
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """A family's command-line option ``--name-with-dashes``: its default and its ``--quick`` default."""
+    """A family's command-line option ``--name-with-dashes``: its default and its ``--quick`` default.
+    ``training=False`` marks options of sampling and scoring only, which a resumed run may change."""
 
     name: str
     default: Any
     help: str
     quick: Any = None
+    training: bool = True
 
     def value(self, quick: bool) -> Any:
         return self.quick if quick and self.quick is not None else self.default
@@ -164,7 +166,7 @@ class _VAEObjective(Objective):
 
 class VAEFamily(Family):
     name, kind = "vae", "images"
-    steps, quick_steps, batch_size, lr = 2000, 30, 64, 1e-3
+    steps, quick_steps, batch_size, lr = 5000, 30, 64, 1e-3
     options = (Option("latent_dim", 16, "size of the latent z"),
                Option("sigma", 0.1, "initial standard deviation of the learned Gaussian likelihood"))
 
@@ -232,7 +234,7 @@ class _GeneratorObjective(Objective):
 
 class DCGANFamily(Family):
     name, kind = "dcgan", "images"
-    steps, quick_steps, batch_size, lr = 1500, 30, 64, 2e-4
+    steps, quick_steps, batch_size, lr = 5000, 30, 64, 2e-4
     options = (Option("latent_dim", 32, "size of the latent z"),
                Option("base_channels", 32, "width of the generator's last and the discriminator's first layer"),
                Option("gan_loss", "non_saturating", "non_saturating or hinge"))
@@ -285,7 +287,7 @@ class _PixelCNNObjective(Objective):
 
 class PixelCNNFamily(Family):
     name, kind = "pixelcnn", "images"
-    steps, quick_steps, batch_size, lr = 1500, 20, 32, 1e-3
+    steps, quick_steps, batch_size, lr = 3000, 20, 32, 1e-3
     options = (Option("hidden_channels", 24, "h: the residual stream has 2h channels (a multiple of 3 for RGB)"),
                Option("num_blocks", 4, "residual blocks"),
                Option("output_channels", 48, "channels of the first output convolution"))
@@ -356,7 +358,7 @@ class _FlowFamily(Family):
 
 class RealNVPFamily(_FlowFamily):
     name = "realnvp"
-    steps, quick_steps, lr = 1500, 20, 1e-3
+    steps, quick_steps, lr = 3000, 20, 1e-3
     options = (Option("num_scales", 2, "scales (H and W divisible by 2**(num_scales - 1))"),
                Option("hidden_channels", 32, "width of the coupling networks"))
 
@@ -368,7 +370,7 @@ class RealNVPFamily(_FlowFamily):
 
 class GlowFamily(_FlowFamily):
     name = "glow"
-    steps, quick_steps, lr = 1500, 20, 1e-3
+    steps, quick_steps, lr = 3000, 20, 1e-3
     options = (Option("num_levels", 2, "levels (H and W divisible by 2**num_levels)"),
                Option("depth", 4, "flow steps per level"),
                Option("hidden_channels", 32, "width of the coupling networks"))
@@ -394,11 +396,11 @@ class _DDPMObjective(Objective):
 
 class DDPMFamily(Family):
     name, kind = "ddpm", "images"
-    steps, quick_steps, batch_size, lr = 1500, 20, 64, 1e-3
+    steps, quick_steps, batch_size, lr = 2000, 20, 64, 1e-3
     options = (Option("base_channels", 32, "width of the U-Net's first level"),
                Option("num_res_blocks", 1, "residual blocks per level"),
                Option("ema_decay", 0.995, "decay of the exponential moving average of the weights"),
-               Option("sample_steps", 50, "DDIM steps when sampling", quick=10))
+               Option("sample_steps", 50, "DDIM steps when sampling", quick=10, training=False))
     supports_fsdp = False
     fsdp_refusal = ("ddpm keeps an exponential moving average of its whole weights on every process; it trains "
                     "data-parallel with DDP (drop --fsdp)")
@@ -448,13 +450,13 @@ class _GPTObjective(Objective):
 
 class GPTFamily(Family):
     name, kind = "gpt", "text"
-    steps, quick_steps, batch_size, lr = 1500, 20, 32, 1e-3
+    steps, quick_steps, batch_size, lr = 3000, 20, 32, 1e-3
     options = (Option("block_size", 64, "context length in characters", quick=32),
                Option("n_layer", 2, "Transformer blocks"),
                Option("n_head", 2, "attention heads"),
                Option("n_embd", 64, "width"),
-               Option("sample_chars", 1000, "characters to generate for samples.txt", quick=100),
-               Option("eval_windows", 256, "held-out windows scored", quick=16))
+               Option("sample_chars", 1000, "characters to generate for samples.txt", quick=100, training=False),
+               Option("eval_windows", 256, "held-out windows scored", quick=16, training=False))
 
     def load_data(self, settings, config):
         text = train_data.load_text(settings.data)
@@ -508,13 +510,14 @@ class _WaveNetObjective(Objective):
 
 class WaveNetFamily(Family):
     name, kind = "wavenet", "audio"
-    steps, quick_steps, batch_size, lr = 1000, 10, 8, 1e-3
+    steps, quick_steps, batch_size, lr = 1500, 10, 8, 1e-3
     options = (Option("residual_channels", 32, "R: residual width"),
                Option("skip_channels", 64, "S: skip width"),
                Option("layers_per_stack", 8, "dilations 1 .. 2**(layers - 1) per stack"),
                Option("num_stacks", 1, "stacks of dilated layers"),
                Option("segment_length", 1024, "samples per training segment", quick=512),
-               Option("sample_seconds", 1.0, "seconds of audio to generate per sample", quick=0.1))
+               Option("sample_seconds", 1.0, "seconds of audio to generate per sample", quick=0.1,
+                      training=False))
 
     def load_data(self, settings, config):
         return train_data.split_items(train_data.load_audio(settings.data, config["segment_length"]))

@@ -1,0 +1,150 @@
+"""The training command end to end: every family's quick run, resuming, and every refused option."""
+import json
+import math
+
+import pytest
+import torch
+
+from genkernels.models.train import checkpoint, cli
+
+# Tiny models so that each run takes about a second in eager mode (the kernels' interpreter is far slower).
+TINY = {
+    "vae": ["--latent-dim", "4"],
+    "dcgan": ["--latent-dim", "8", "--base-channels", "8"],
+    "pixelcnn": ["--hidden-channels", "6", "--num-blocks", "1", "--output-channels", "12"],
+    "realnvp": ["--hidden-channels", "8"],
+    "glow": ["--depth", "1", "--hidden-channels", "8"],
+    "ddpm": ["--base-channels", "8", "--sample-steps", "2"],
+    "gpt": ["--block-size", "16", "--n-embd", "32", "--n-layer", "1", "--sample-chars", "20",
+            "--eval-windows", "4"],
+    "wavenet": ["--residual-channels", "8", "--skip-channels", "8", "--layers-per-stack", "3",
+                "--segment-length", "64", "--sample-seconds", "0.005"],
+}
+METRIC = {"vae": "test_bits_per_dim", "dcgan": "test_discriminator_loss", "pixelcnn": "test_bits_per_dim",
+          "realnvp": "test_bits_per_dim", "glow": "test_bits_per_dim", "ddpm": "test_denoising_mse",
+          "gpt": "test_bits_per_char", "wavenet": "test_bits_per_sample"}
+SAMPLE_FILES = {"gpt": ["samples.txt"], "wavenet": [f"sample_{i}.wav" for i in range(4)] + ["spectrogram.png"]}
+
+
+def run(model, out, *options):
+    return cli.main([model, "--quick", "--impl", "eager", "--out", str(out), "--log-every", "1", *TINY[model],
+                     *options])
+
+
+def log_records(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def saved_state(out):
+    return torch.load(out / checkpoint.FILE_NAME, weights_only=False)
+
+
+@pytest.mark.parametrize("model", list(TINY))
+def test_quick_run_writes_its_files_and_resumes_to_the_same_losses(model, tmp_path):
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    assert run(model, stopped, "--steps", "1") == 0
+    for name in ["log.jsonl", "loss.png", "metrics.json", checkpoint.FILE_NAME] + SAMPLE_FILES.get(
+            model, ["samples.png"]):
+        assert (stopped / name).stat().st_size > 0, name
+    metrics = json.loads((stopped / "metrics.json").read_text())
+    assert metrics["model"] == model and math.isfinite(metrics[METRIC[model]])
+    first = log_records(stopped)
+    assert [r["step"] for r in first] == [1]
+    assert {"step", "loss", "items_per_s", "lr", "time"} <= set(first[0]) and math.isfinite(first[0]["loss"])
+
+    assert run(model, stopped, "--steps", "2", "--resume") == 0
+    assert run(model, straight, "--steps", "2") == 0
+    resumed, reference = log_records(stopped), log_records(straight)
+    assert [r["step"] for r in resumed] == [1, 2]
+    for name in [key for key in reference[1] if key.endswith("loss")]:
+        assert resumed[1][name] == reference[1][name], name
+    resumed_state, reference_state = saved_state(stopped), saved_state(straight)
+    for key, value in reference_state["model"].items():
+        assert torch.equal(resumed_state["model"][key], value), key
+    if reference_state["ema"] is not None:
+        for key, value in reference_state["ema"].items():
+            assert torch.equal(resumed_state["ema"][key], value), key
+
+
+def test_resume_reproduces_several_steps_with_random_noise(tmp_path):
+    """The VAE draws posterior and dequantization noise every step: k steps + resume == N steps straight."""
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    options = ["--checkpoint-every", "2", "--batch-size", "8"]
+    assert run("vae", stopped, "--steps", "2", *options) == 0
+    assert run("vae", stopped, "--steps", "5", "--resume", *options) == 0
+    assert run("vae", straight, "--steps", "5", *options) == 0
+    assert [r["loss"] for r in log_records(stopped)] == [r["loss"] for r in log_records(straight)]
+    for key, value in saved_state(straight)["model"].items():
+        assert torch.equal(saved_state(stopped)["model"][key], value), key
+
+
+def test_unknown_model_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["transformer"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "transformer" in message and all(name in message for name in TINY)
+
+
+def expect_error(capsys, argv, pattern):
+    assert cli.main(argv) == 2
+    message = capsys.readouterr().err
+    assert pattern in message, message
+
+
+def test_amp_on_a_cpu_is_an_error(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --amp runs")  # the check is for CPU-only machines
+    expect_error(capsys, ["gpt", "--amp", "--out", str(tmp_path)], "--amp (bf16 autocast) needs a CUDA device")
+
+
+@pytest.mark.parametrize("model", ["dcgan", "ddpm"])
+def test_fsdp_is_refused_where_the_model_does_not_allow_it(model, capsys, tmp_path):
+    expect_error(capsys, [model, "--fsdp", "--out", str(tmp_path)], f"--fsdp: {model}")
+
+
+def test_batch_size_larger_than_the_data(capsys, tmp_path):
+    expect_error(capsys, ["vae", "--batch-size", "5000", "--out", str(tmp_path)],
+                 "--batch-size 5000 is larger than the training data (1617 items)")
+
+
+def test_bad_numbers_are_refused(capsys, tmp_path):
+    expect_error(capsys, ["vae", "--steps", "0", "--out", str(tmp_path)], "--steps 0 must be >= 1")
+    expect_error(capsys, ["vae", "--lr", "-1", "--out", str(tmp_path)], "--lr -1.0 must be > 0")
+
+
+def test_text_file_with_zero_characters(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    expect_error(capsys, ["gpt", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path)],
+                 "empty.txt holds zero characters")
+
+
+def test_resume_refuses_another_model_or_config(capsys, tmp_path):
+    gpt_out, vae_out = tmp_path / "gpt", tmp_path / "vae"
+    assert run("gpt", gpt_out, "--steps", "1") == 0
+    assert run("vae", vae_out, "--steps", "1") == 0
+    checkpoint_file = gpt_out / checkpoint.FILE_NAME
+    expect_error(capsys, ["gpt", "--quick", "--impl", "eager", "--out", str(gpt_out), "--resume", "--steps", "2",
+                          *TINY["gpt"], "--n-layer", "2"],
+                 f"{checkpoint_file} was written by a run with another configuration (model: checkpoint")
+    (vae_out / checkpoint.FILE_NAME).replace(checkpoint_file)
+    expect_error(capsys, ["gpt", "--quick", "--out", str(gpt_out), "--resume", "--steps", "2", *TINY["gpt"]],
+                 f"{checkpoint_file} is a checkpoint of model 'vae'")
+    expect_error(capsys, ["gpt", "--out", str(tmp_path / "none"), "--resume"], "there is no checkpoint")
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / checkpoint.FILE_NAME
+    checkpoint.save(path, {"step": 1})
+
+    def broken_save(obj, file):
+        with open(file, "wb") as partial:
+            partial.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(path, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILE_NAME]  # no temporary file left behind
