@@ -99,6 +99,7 @@ def test_likelihood_baselines_report_both_densities_and_the_kde_samples(digits_s
     assert result["kde_samples"]["num_samples"] == 50
     expected = metrics.image_sample_quality(kde.sample(50, 0), classifier, train_images, test_images)
     assert result["kde_samples"]["frechet_distance"] == pytest.approx(expected["frechet_distance"], rel=1e-12)
+    assert result["gmm_samples"]["num_samples"] == 50
 
 
 def test_image_baselines_reject_bad_input(digits_subset):

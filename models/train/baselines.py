@@ -195,8 +195,9 @@ def likelihood_baselines(train_images: torch.Tensor, test_images: torch.Tensor, 
     ``components`` and ``covariance_types``) as a JSON-ready dict:
     ``kde_bits_per_dim``, ``kde_bandwidth``, ``gmm_bits_per_dim``, ``gmm_components``, ``gmm_covariance_type``;
     given a ``classifier`` (:func:`~genkernels.models.train.metrics.fit_image_classifier`), also
-    ``kde_samples``: :func:`~genkernels.models.train.metrics.image_sample_quality` of ``num_samples`` (default:
-    as many as test images) requantized KDE samples, the sample-quality baseline."""
+    ``kde_samples`` and ``gmm_samples``: :func:`~genkernels.models.train.metrics.image_sample_quality` of
+    ``num_samples`` (default: as many as test images) requantized samples of each, the sample-quality
+    baselines."""
     kde = kde_baseline(train_images, test_images, levels, seed=seed, bandwidths=bandwidths)
     gmm = gmm_baseline(train_images, test_images, levels, seed=seed, components=components,
                        covariance_types=covariance_types)
@@ -207,8 +208,9 @@ def likelihood_baselines(train_images: torch.Tensor, test_images: torch.Tensor, 
     }
     if classifier is not None:
         count = test_images.shape[0] if num_samples is None else check_int(num_samples, "num_samples", low=2)
-        result["kde_samples"] = image_sample_quality(kde.sample(count, seed), classifier, train_images, test_images,
-                                                     seed=seed)
+        for name, baseline in (("kde", kde), ("gmm", gmm)):
+            result[f"{name}_samples"] = image_sample_quality(baseline.sample(count, seed), classifier, train_images,
+                                                             test_images, seed=seed)
     return result
 
 

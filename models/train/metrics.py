@@ -89,7 +89,9 @@ def dequantize(images: torch.Tensor, levels: int, generator: torch.Generator | N
     ``generator``; the same generator state gives the same ``y``).
 
     ``images``: non-empty integer images ``[N, C, H, W]`` of levels ``0 .. levels-1``; ``levels``: ``L >= 2``;
-    ``dtype``: a floating-point dtype of the result (the draws depend on it). Returns ``y`` in ``[0, 1)``."""
+    ``dtype``: a floating-point dtype of the result (the draws depend on it). Returns ``y``, each value in its
+    cell ``[x / L, (x + 1) / L)`` (in float32 and narrower, ``x + u`` can round up to the cell's upper
+    edge, about once in ``2^24 / x`` values)."""
     levels = check_int(levels, "levels", low=2)
     images = check_level_images(images, "images", levels)
     check_generator(generator, images.device, "images")
