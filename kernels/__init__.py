@@ -10,6 +10,7 @@ from .attention import decode_attention, flash_attention
 from .bias_act import ACTIVATIONS, bias_act
 from .causal_conv import causal_conv1d
 from .coupling import affine_coupling
+from .cross_entropy import cross_entropy, linear_cross_entropy
 from .diffusion import NoiseSchedule, ddim_step, ddpm_step
 from .diffusion_loss import diffusion_loss, q_sample
 from .group_norm import group_norm_silu
@@ -32,6 +33,7 @@ __all__ = [
     "affine_coupling",
     "bias_act",
     "causal_conv1d",
+    "cross_entropy",
     "ddim_step",
     "ddpm_step",
     "decode_attention",
@@ -41,6 +43,7 @@ __all__ = [
     "draw_philox_seed",
     "group_norm_silu",
     "interpreter_enabled",
+    "linear_cross_entropy",
     "masked_conv2d",
     "philox_normal",
     "q_sample",
