@@ -12,9 +12,10 @@ torch.compile.
   under the eager impl.
 * ``hf.gpt2_train[<model>,b<batch>,s<seq>]``: one step of the LM loss of ``model(ids, labels=ids)``, backward,
   AdamW; ``items`` = ``batch * seq`` tokens, ``flops`` the model-FLOPs count of ``gpt.train`` (bench/cases/gpt.py).
-  ``gpt2`` keeps ``GPT2Config()``'s dropout of 0.1: with attention dropout on, the patched attention runs
-  transformers' SDPA (genkernels' GPT-2 attention takes no dropout), so only the MLP's bias + GELU is fused.
-  ``gpt2-nodropout`` (full size) turns dropout off, as nanoGPT pretrains, so the attention runs the flash kernels.
+  ``gpt2`` keeps ``GPT2Config()``'s dropout of 0.1: the patched attention runs
+  :func:`~genkernels.kernels.scaled_dot_product_attention` with its dropout drawn in the kernels;
+  ``gpt2-nodropout`` (full size) turns dropout off, as nanoGPT pretrains: the patched attention runs
+  :func:`~genkernels.kernels.flash_attention`.
 * ``hf.gpt2_generate[<model>,b<batch>,p<prompt>,n<new>]``: greedy ``generate`` of exactly ``new`` tokens
   (``min_new_tokens``: EOS cannot end it early) with transformers' KV cache, bf16 weights on the GPU; ``items`` =
   ``batch * new`` generated tokens. No error column (the output is token ids).
@@ -178,7 +179,7 @@ def _gpt2_train(name: str, batch: int, seq: int):
                     return forward(input_ids=ids, labels=ids).loss
             return compute
 
-        attention = ("attention dropout on: the patched attention runs transformers' SDPA"
+        attention = (f"dropout {model.config.attn_pdrop}: the patched attention runs scaled_dot_product_attention"
                      if model.config.attn_pdrop > 0 else "no dropout: the patched attention runs flash_attention")
         return Workload(_training_providers(model, device, loss_of), flops=_training_flops(model, batch, seq),
                         items=(batch * seq, "tokens"),
