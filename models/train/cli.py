@@ -167,7 +167,7 @@ class _Run:
             if payload is not None:
                 start_step, elapsed = self._restore(payload, objectives, optimizers, ema, generator)
             self._train(model, objectives, optimizers, ema, generator, start_step, elapsed)
-            final_state = distributed.full_state_dict((ema.module if ema is not None else model), context)
+            final_state = distributed.full_state_dict(ema.module if ema is not None else model)
             metrics = self._finish(final_state) if context.is_main else None
         distributed.barrier(context)
         return metrics
@@ -195,7 +195,7 @@ class _Run:
 
     def _save_checkpoint(self, model, objectives, optimizers, ema, generator, step: int, elapsed: float) -> None:
         context = self.context
-        model_state = distributed.full_state_dict(model, context)
+        model_state = distributed.full_state_dict(model)
         optimizer_states = {name: distributed.full_optimizer_state(objective, optimizers[name], context)
                             for name, objective in objectives}
         global_states = distributed.gather(checkpoint.rng_state(), context)

@@ -97,7 +97,7 @@ def barrier(context: Context) -> None:
         dist.barrier()
 
 
-def full_state_dict(module: nn.Module, context: Context) -> dict:
+def full_state_dict(module: nn.Module) -> dict:
     """``module``'s whole state dict on the CPU. Parameters sharded by FSDP2 (DTensors) are gathered whole, so
     under ``--fsdp`` every process must call this (each gets the whole)."""
     from torch.distributed.tensor import DTensor

@@ -43,6 +43,7 @@ from genkernels.models.wavenet import WaveNet, mu_law_decode
 
 from . import data as train_data
 from . import pictures
+from .metrics import bits_per_dim, dequantize
 
 LN2 = math.log(2.0)
 SAMPLE_GRID = 64
@@ -60,6 +61,7 @@ class Option:
     training: bool = True
 
     def value(self, quick: bool) -> Any:
+        """The default of a run (``quick``: of a ``--quick`` run)."""
         return self.quick if quick and self.quick is not None else self.default
 
 
@@ -86,19 +88,6 @@ def signed_images(levels_batch: torch.Tensor, levels: int) -> torch.Tensor:
     return levels_batch.float() * (2.0 / (levels - 1)) - 1.0
 
 
-def dequantized(levels_batch: torch.Tensor, levels: int, generator: torch.Generator,
-                shift: float = 0.0) -> torch.Tensor:
-    """Uniform dequantization ``(x + u) / L - shift``, ``u ~ U[0, 1)`` per dimension."""
-    noise = torch.rand(levels_batch.shape, generator=generator, device=levels_batch.device)
-    return (levels_batch.float() + noise) / levels - shift
-
-
-def bits_per_dim(log_density: torch.Tensor, dims: int, levels: int) -> torch.Tensor:
-    """``-(log q(y) - D log L) / (D ln 2)``: the bits per dimension of the L-level data whose dequantized value
-    ``y`` (in a unit cube of side 1) has log density ``log_density`` (nats, per sample)."""
-    return -(log_density - dims * math.log(levels)) / (dims * LN2)
-
-
 class Family:
     """The interface every family implements (see the module doc for what each one does)."""
 
@@ -122,32 +111,39 @@ class Family:
         return {"source": train.source, "items": len(train), "shape": list(train.shape), "levels": train.levels}
 
     def build(self, config: dict, train) -> nn.Module:
+        """A freshly initialized model for the resolved options ``config`` and the training data."""
         raise NotImplementedError
 
     def objectives(self, model: nn.Module) -> list[tuple[str, Objective]]:
+        """``(name, objective)`` pairs, each trained by its own optimizer, in the order of a step."""
         raise NotImplementedError
 
     def adam(self, name: str, parameters, lr: float) -> torch.optim.Optimizer:
+        """The optimizer of the objective ``name``: Adam at ``lr`` (torch's betas unless the family says)."""
         return torch.optim.Adam(parameters, lr=lr)
 
     def prepare(self, model: nn.Module, first_batch: torch.Tensor, train, generator: torch.Generator) -> None:
         """Anything the model needs before its first step (the same on every process)."""
 
     def uses_ema(self) -> bool:
+        """Whether an exponential moving average of the weights (option ``ema_decay``) is kept, sampled and
+        scored in place of the last weights."""
         return False
 
     def evaluate(self, model: nn.Module, test, config: dict, settings: RunSettings,
                  generator: torch.Generator) -> dict[str, float]:
+        """The held-out metric(s) of ``model`` (in eval mode) on the test split."""
         raise NotImplementedError
 
     def write_samples(self, model: nn.Module, train, config: dict, settings: RunSettings,
                       generator: torch.Generator) -> None:
+        """Draw samples from ``model`` and write them into ``settings.out``."""
         raise NotImplementedError
 
 
-def _image_eval(test, batch_size: int, score) -> float:
-    """Item-weighted mean of ``score(levels_batch)`` (a per-batch mean) over the test images."""
-    values = [(float(score(test.images[index])), len(index))
+def _image_eval(test, device: torch.device, score, batch_size: int = 256) -> float:
+    """Item-weighted mean of ``score(levels_batch)`` (a per-batch mean) over the test images, read on ``device``."""
+    values = [(float(score(test.images[index].to(device))), len(index))
               for index in train_data.evaluation_batches(len(test), batch_size)]
     return train_data.mean_over_batches(values)
 
@@ -161,7 +157,7 @@ class _VAEObjective(Objective):
         self.model, self.levels = model, levels
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.model.loss(dequantized(batch, self.levels, generator), generator=generator).loss
+        return self.model.loss(dequantize(batch, self.levels, generator), generator=generator).loss
 
 
 class VAEFamily(Family):
@@ -184,10 +180,10 @@ class VAEFamily(Family):
 
     def evaluate(self, model, test, config, settings, generator):
         def elbo_bits(images):
-            return bits_per_dim(model.loss(dequantized(images, test.levels, generator), generator=generator).elbo,
+            return bits_per_dim(model.loss(dequantize(images, test.levels, generator), generator=generator).elbo,
                                 math.prod(test.shape), test.levels)
         with torch.no_grad():
-            return {"test_bits_per_dim": _image_eval(test, 256, elbo_bits)}
+            return {"test_bits_per_dim": _image_eval(test, settings.device, elbo_bits)}
 
     def write_samples(self, model, train, config, settings, generator):
         pictures.save_image_grid(model.sample(SAMPLE_GRID, generator=generator), settings.out / "samples.png",
@@ -260,7 +256,8 @@ class DCGANFamily(Family):
     def evaluate(self, model, test, config, settings, generator):
         objective = _DiscriminatorObjective(model, test.levels)
         with torch.no_grad():
-            return {"test_discriminator_loss": _image_eval(test, 256, lambda images: objective(images, generator))}
+            return {"test_discriminator_loss": _image_eval(test, settings.device,
+                                                          lambda images: objective(images, generator))}
 
     def write_samples(self, model, train, config, settings, generator):
         model.eval()
@@ -307,8 +304,8 @@ class PixelCNNFamily(Family):
 
     def evaluate(self, model, test, config, settings, generator):
         with torch.no_grad():
-            return {"test_bits_per_dim": _image_eval(test, 128,
-                                                     lambda x: model.loss(pixel_classes(x, test.levels)))}
+            return {"test_bits_per_dim": _image_eval(test, settings.device,
+                                                     lambda x: model.loss(pixel_classes(x, test.levels)), 128)}
 
     def write_samples(self, model, train, config, settings, generator):
         count = 16 if settings.quick else SAMPLE_GRID
@@ -330,7 +327,7 @@ class _FlowObjective(Objective):
 
 def flow_bits_per_dim(model, levels_batch: torch.Tensor, levels: int, generator: torch.Generator) -> torch.Tensor:
     """Per-image bits per dim of L-level images under ``model`` with uniform dequantization (module doc)."""
-    y = dequantized(levels_batch, levels, generator, shift=0.5)
+    y = dequantize(levels_batch, levels, generator) - 0.5  # the flows' space is centred
     return bits_per_dim(model.log_prob(y), model.num_dims, levels)
 
 
@@ -343,12 +340,12 @@ class _FlowFamily(Family):
 
     def prepare(self, model, first_batch, train, generator):
         with torch.no_grad():  # data-dependent initialization (ActNorm) on the batch every process shares
-            model.log_prob(dequantized(first_batch, train.levels, generator, shift=0.5))
+            model.log_prob(dequantize(first_batch, train.levels, generator) - 0.5)
 
     def evaluate(self, model, test, config, settings, generator):
         with torch.no_grad():
             score = lambda images: flow_bits_per_dim(model, images, test.levels, generator).mean()  # noqa: E731
-            return {"test_bits_per_dim": _image_eval(test, 256, score)}
+            return {"test_bits_per_dim": _image_eval(test, settings.device, score)}
 
     def write_samples(self, model, train, config, settings, generator):
         images = model.sample(SAMPLE_GRID, temperature=0.8, generator=generator) + 0.5
@@ -427,7 +424,7 @@ class DDPMFamily(Family):
         model.eval()
         with torch.no_grad():
             score = lambda images: model.loss(signed_images(images, test.levels), generator=generator)  # noqa: E731
-            return {"test_denoising_mse": _image_eval(test, 256, score)}
+            return {"test_denoising_mse": _image_eval(test, settings.device, score)}
 
     def write_samples(self, model, train, config, settings, generator):
         images = model.sample(SAMPLE_GRID, config["sample_steps"], sampler="ddim", generator=generator,

@@ -53,11 +53,14 @@ def save_image_grid(images: torch.Tensor, path: Path, title: str = "") -> None:
 
 
 def save_spectrograms(clips: Sequence[np.ndarray], sample_rate: int, path: Path) -> None:
-    """Write the spectrogram of each audio clip (one panel per clip, frequency up to ``sample_rate / 2``)."""
+    """Write the spectrogram of each audio clip (one panel per clip, frequency up to ``sample_rate / 2``; windows of
+    256 samples with 75% overlap)."""
     figure = _figure(8, 2 * len(clips))
     for i, clip in enumerate(clips):
+        clip = np.asarray(clip, dtype=np.float64)
+        window = max(8, min(256, clip.shape[0] // 4))  # 32 ms at 8 kHz; shorter for clips too short for four
         axes = figure.add_subplot(len(clips), 1, i + 1)
-        axes.specgram(np.asarray(clip, dtype=np.float64), NFFT=256, Fs=sample_rate, noverlap=192, cmap="magma")
+        axes.specgram(clip, NFFT=window, Fs=sample_rate, noverlap=3 * window // 4, cmap="magma")
         axes.set_ylabel("Hz")
     figure.axes[-1].set_xlabel("seconds")
     figure.tight_layout()
