@@ -20,6 +20,7 @@ from .philox import philox_normal
 from .reparameterize import reparameterize_kl
 from .sdpa import AttentionFallbackWarning, scaled_dot_product_attention
 from .runtime import IMPLS, default_impl, interpreter_enabled, use_impl
+from .sampling import sample_categorical
 from .wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
 
 __version__ = _distribution_version("genkernels")
@@ -48,6 +49,7 @@ __all__ = [
     "philox_normal",
     "q_sample",
     "reparameterize_kl",
+    "sample_categorical",
     "scaled_dot_product_attention",
     "use_impl",
     "wavenet_residual_layer",
