@@ -30,6 +30,7 @@ from genkernels.kernels.checks import (
     check_real,
     describe,
 )
+from genkernels.kernels.sampling import sample_categorical
 
 from .attention import KVCache, MultiheadSelfAttention, check_head_counts
 
@@ -505,17 +506,12 @@ def _widened(ids: torch.Tensor) -> torch.Tensor:
 
 def _pick_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: Optional[int],
                 generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One token id per row of ``logits`` ``[batch, vocab]`` (fp32), as ``[batch, 1]``: argmax when ``greedy``,
-    else a draw from ``softmax(logits / temperature)`` over the ``top_k`` largest logits.
+    """One token id per row of ``logits`` ``[batch, vocab]`` (fp32), as ``[batch, 1]``: argmax when ``greedy``
+    (the lowest id among equal logits), else a draw from ``softmax(logits / temperature)`` over the ``top_k``
+    largest logits, by the fused sampler :func:`~genkernels.kernels.sampling.sample_categorical` (Gumbel-max on
+    Philox uniforms seeded from ``generator``).
 
-    The softmax takes ``(logits - max) / temperature``: every term is ``<= 0`` (``-inf`` once the quotient
-    overflows, for a tiny temperature), and the maximum's own term is set to 0 rather than computed as
-    ``0 / temperature`` (NaN where the temperature rounds to 0 in fp32), so the probabilities stay finite."""
-    if greedy:
-        return logits.argmax(dim=-1, keepdim=True)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    shifted = logits - logits.amax(dim=-1, keepdim=True)
-    scaled = torch.where(shifted == 0, torch.zeros_like(shifted), shifted / temperature)
-    return torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator)
+    The sampler scales ``logits - max`` with the maximum's own term kept at exactly 0, so a temperature too small
+    for fp32 gives all the probability to the largest logit(s) instead of NaN."""
+    return sample_categorical(logits, temperature=0.0 if greedy else temperature, top_k=top_k,
+                              generator=generator).unsqueeze(1)

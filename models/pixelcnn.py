@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkernels.kernels.checks import check_bool, check_generator, check_in_range, check_int, describe
+from genkernels.kernels.launch import draw_philox_seed
 from genkernels.kernels.masked_conv import check_masked_conv2d_config, masked_conv2d
+from genkernels.kernels.sampling import sample_categorical
 
 NUM_CLASSES = 256
 
@@ -201,18 +203,20 @@ class PixelCNN(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # Sampling
     # ------------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _draw(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-        """Inverse-CDF draw per row: the smallest class whose cumulative probability reaches ``uniform``."""
-        cdf = torch.softmax(logits.float(), dim=-1).cumsum(dim=-1)
-        return (cdf < uniform[:, None]).sum(dim=-1).clamp(max=NUM_CLASSES - 1)
+    def _draw(self, logits: torch.Tensor, seed: torch.Tensor, row: int, col: int, channel: int) -> torch.Tensor:
+        """One value per image from ``softmax(logits)`` ``[n, 256]`` for sub-pixel ``(row, col, channel)``: the
+        fused sampler's Gumbel-max draw, its Philox counter offset by the sub-pixel's index in drawing order."""
+        step = (row * self.image_size[1] + col) * self.in_channels + channel
+        return sample_categorical(logits, seed=seed, offset=step)
 
     @torch.no_grad()
     def sample(self, n: int, use_cache: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Draw ``n`` images ``[n, channels, H, W]`` (int64 values 0..255) of ``image_size``.
 
-        Sub-pixels are drawn in raster order, R, G, B within a pixel, each by inverse CDF from one uniform number;
-        all ``n * C * H * W`` uniforms are drawn from ``generator`` up front, so both samplers read the same ones.
+        Sub-pixels are drawn in raster order, R, G, B within a pixel, by
+        :func:`~genkernels.kernels.sampling.sample_categorical` (Gumbel-max on Philox uniforms); one seed is drawn
+        from ``generator`` up front and each sub-pixel's uniforms are keyed by it and the sub-pixel's index, so
+        both samplers read the same ones.
         ``use_cache=False`` runs the whole network per sub-pixel; ``use_cache=True`` computes only the pixel being
         drawn, from per-layer caches (module docstring). Given the same logits both give the same images.
         """
@@ -221,25 +225,25 @@ class PixelCNN(nn.Module):
         height, width = self.image_size
         device = self.input_conv.weight.device
         check_generator(generator, device, "the model")
-        uniforms = torch.rand((height, width, self.in_channels, n), generator=generator, device=device)
+        seed = draw_philox_seed(device, generator)
         images = torch.zeros((n, self.in_channels, height, width), dtype=torch.int64, device=device)
         if n == 0:
             return images
         if use_cache:
-            self._sample_cached(images, uniforms)
+            self._sample_cached(images, seed)
         else:
-            self._sample_naive(images, uniforms)
+            self._sample_naive(images, seed)
         return images
 
-    def _sample_naive(self, images: torch.Tensor, uniforms: torch.Tensor) -> None:
+    def _sample_naive(self, images: torch.Tensor, seed: torch.Tensor) -> None:
         height, width = self.image_size
         for row in range(height):
             for col in range(width):
                 for channel in range(self.in_channels):
                     logits = self(images)[:, :, channel, row, col]
-                    images[:, channel, row, col] = self._draw(logits, uniforms[row, col, channel])
+                    images[:, channel, row, col] = self._draw(logits, seed, row, col, channel)
 
-    def _sample_cached(self, images: torch.Tensor, uniforms: torch.Tensor) -> None:
+    def _sample_cached(self, images: torch.Tensor, seed: torch.Tensor) -> None:
         height, width = self.image_size
         scaled = self._scale(images)
         block_caches = [scaled.new_zeros((images.shape[0], block.spatial.in_channels, height, width))
@@ -248,7 +252,7 @@ class PixelCNN(nn.Module):
             for col in range(width):
                 for channel in range(self.in_channels):
                     logits = self._logits_at(scaled, block_caches, row, col)[:, :, channel, 0, 0]
-                    value = self._draw(logits, uniforms[row, col, channel])
+                    value = self._draw(logits, seed, row, col, channel)
                     images[:, channel, row, col] = value
                     scaled[:, channel, row, col] = self._scale(value)
 

@@ -9,7 +9,9 @@ Generation: ``use_cache=False`` runs the whole network on the last ``receptive_f
 sample;
 ``use_cache=True`` keeps each layer's past inputs in queues and advances every layer by one step per sample
 (Fast WaveNet, Paine et al. 2016) with :func:`genkernels.kernels.wavenet.wavenet_step`. Both draw a sample as
-``argmax(logits / temperature + Gumbel noise)`` from the same uniform draws, so they give the same samples.
+``argmax(logits / temperature + Gumbel noise)`` with the fused sampler
+(:func:`genkernels.kernels.sampling.sample_categorical`) from the same Philox uniforms (one seed, the step as the
+counter offset), so they give the same samples.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from genkernels.kernels.checks import (
     check_real,
     describe,
 )
+from genkernels.kernels.launch import draw_philox_seed
+from genkernels.kernels.sampling import sample_categorical
 from genkernels.kernels.wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
 
 
@@ -242,8 +246,10 @@ class WaveNet(nn.Module):
                  generator: Optional[torch.Generator] = None, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sample ``num_samples`` classes per sequence, starting from silence (class ``num_classes // 2``).
 
-        Sample ``t + 1 = argmax(logits_t / temperature + g)``, ``g = -log(-log(u))``, ``u ~ U(0, 1)`` drawn from
-        ``generator`` in the same order by both paths (Gumbel-max: an exact draw from softmax(logits / T)).
+        Sample ``t + 1 = argmax(logits_t / temperature + g)``, ``g = -log(-log(u))``, ``u ~ U(0, 1)``
+        (Gumbel-max: an exact draw from softmax(logits / T)), by
+        :func:`~genkernels.kernels.sampling.sample_categorical`: its Philox uniforms are keyed by one seed drawn
+        from ``generator`` and the step ``t``, so both paths read the same ones.
 
         Args:
             num_samples: samples to generate per sequence.
@@ -251,7 +257,7 @@ class WaveNet(nn.Module):
             temperature: > 0; lower is greedier.
             use_cache: True: one incremental step per sample (per-layer queues, one kernel for the layer stack);
                 False: the whole network over the last ``receptive_field`` samples for every new sample.
-            generator: source of the uniform draws.
+            generator: draws the Philox seed of the uniforms.
             cond: ``[batch_size, global_cond_channels]`` for a conditioned model.
 
         Returns:
@@ -268,11 +274,9 @@ class WaveNet(nn.Module):
         current = torch.full((batch_size,), self.num_classes // 2, dtype=torch.int64, device=device)
         step = self._cached_stepper(batch_size, cond) if use_cache else self._naive_stepper(cond)
         samples = torch.empty((batch_size, num_samples), dtype=torch.int64, device=device)
+        seed = draw_philox_seed(device, generator)
         for t in range(num_samples):
-            logits = step(current).float()
-            uniform = torch.rand(logits.shape, generator=generator, device=device)
-            gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-            current = torch.argmax(logits / temperature + gumbel, dim=-1)
+            current = sample_categorical(step(current), temperature=temperature, seed=seed, offset=t)
             samples[:, t] = current
         return samples
 
