@@ -247,11 +247,16 @@ def test_mu_law_bin_edges_separate_the_encoders_classes():
     assert torch.equal(mu_law_encode(inner + 1e-8, 256), torch.arange(1, 256))
 
 
+def decoded(classes):
+    """mu-law classes back to the linear domain from the companding formula (float32, as mu_law_decode)."""
+    y = 2 * classes.double() / 255 - 1
+    return (torch.sign(y) * (256.0 ** y.abs() - 1) / 255).float().double()
+
+
 def test_lpc_fits_least_squares_and_gives_a_distribution_over_classes(ar2):
     train, test = ar2
-    predictor = baselines.fit_linear_predictor(train, order=3)
-    signal = ((np.sign(2 * train.numpy() / 255 - 1) * (256.0 ** np.abs(2 * train.numpy() / 255 - 1) - 1) / 255)
-              .astype(np.float32).astype(np.float64))  # mu_law_decode's float32 values
+    predictor = baselines.fit_linear_predictor(train, order=3, memories=(1.0, 0.8))
+    signal = decoded(train).numpy()
     design = np.concatenate([np.stack([row[3 - k:len(row) - k] for k in (1, 2, 3)], axis=1) for row in signal])
     targets = np.concatenate([row[3:] for row in signal])
     expected = np.linalg.lstsq(design, targets, rcond=None)[0]
@@ -263,11 +268,30 @@ def test_lpc_fits_least_squares_and_gives_a_distribution_over_classes(ar2):
     assert predictor.bits_per_sample(test[:, :200]) == pytest.approx(float(-observed.log2().mean()), rel=1e-10)
 
 
+def test_lpc_scale_follows_only_past_residuals(ar2):
+    train, test = ar2
+    predictor = baselines.fit_linear_predictor(train, order=2, family="laplace", memories=(0.8,))
+    assert predictor.memory == 0.8 and predictor.gain > 0
+    changed = test[:, :300].clone()
+    changed[:, 200] = 255 - changed[:, 200]
+    before, after = predictor.class_probabilities(test[:, :300]), predictor.class_probabilities(changed)
+    assert torch.equal(before[:, :201], after[:, :201])  # step 200's distribution depends on steps < 200 only
+    assert not torch.equal(before[:, 201], after[:, 201])
+    # the running level by its definition, from the decoded signal and the predictions
+    predicted, scale = predictor.predictions_and_scales(test[:, :300])
+    residual = (decoded(test[:, :300]) - predicted).abs()
+    level = torch.full((2,), predictor.initial, dtype=torch.float64)
+    for t in range(300):
+        torch.testing.assert_close(scale[:, t], (predictor.gain * level).clamp_min(baselines.MIN_SCALE))
+        level = 0.8 * level + 0.2 * residual[:, t]
+
+
 def test_lpc_beats_the_unigram_on_an_ar2_signal(ar2):
     train, test = ar2
     result = baselines.audio_baselines(train, test, lpc_order=2)
     assert result["lpc_bits_per_sample"] < result["mu_law_unigram_bits_per_sample"] - 1.0
-    assert result["lpc_residual"] in ("laplace", "gaussian") and result["lpc_residual_scale"] > 0
+    assert result["lpc_bits_per_sample"] <= result["lpc_fixed_scale_bits_per_sample"] + 0.05
+    assert result["lpc_residual"] in ("laplace", "gaussian") and result["lpc_scale_memory"] in (1.0, 0.95, 0.8, 0.5)
 
 
 @pytest.mark.parametrize("train, error, words", [

@@ -418,66 +418,92 @@ def mu_law_bin_edges() -> torch.Tensor:
     return edges
 
 
-def _residual_cdf(residual: torch.Tensor, scale: float, family: str) -> torch.Tensor:
+def _residual_cdf(residual: torch.Tensor, scale: torch.Tensor, family: str) -> torch.Tensor:
     if family == "gaussian":
         return torch.special.ndtr(residual / scale)
     return torch.where(residual < 0, 0.5 * torch.exp(residual / scale), 1 - 0.5 * torch.exp(-residual / scale))
 
 
-def _interval_mass(low: torch.Tensor, high: torch.Tensor, scale: float, family: str) -> torch.Tensor:
+def _interval_mass(low: torch.Tensor, high: torch.Tensor, scale: torch.Tensor, family: str) -> torch.Tensor:
     """``F(high) - F(low)`` of the zero-mean residual distribution, as ``S(low) - S(high)`` above 0 (``S(r) =
     F(-r)``, exact for a symmetric ``F``) so that tail intervals keep their precision."""
     upper = _residual_cdf(-low, scale, family) - _residual_cdf(-high, scale, family)
     return torch.where(low > 0, upper, _residual_cdf(high, scale, family) - _residual_cdf(low, scale, family))
 
 
+SCALE_MEMORIES = (1.0, 0.95, 0.8, 0.5)  # the residual scale's memory: 1 holds it fixed
+MIN_SCALE = 1e-5  # below the narrowest mu-law bin (about 1.7e-4 wide at 0)
+
+
 @dataclasses.dataclass
 class LinearPredictor:
     """Linear prediction of mu-law audio: ``x_t ~ sum_k a_k x_{t-k} + r_t`` in the linear domain (``x`` the
-    decoded classes, zeros before the start), with the residual ``r`` Laplace or Gaussian of scale ``scale``,
+    decoded classes, zeros before the start), with the residual ``r_t`` Laplace or Gaussian of scale ``s_t``,
     discretized over the mu-law bins (:func:`mu_law_bin_edges`) and mixed with ``floor`` of the uniform
     distribution, so that every class has a positive probability:
 
-        p(c_t = c | past) = (1 - floor) * (F(e_{c+1} - x^_t) - F(e_c - x^_t)) + floor / 256
+        p(c_t = c | past) = (1 - floor) * (F_t(e_{c+1} - x^_t) - F_t(e_c - x^_t)) + floor / 256
+
+    The scale follows the past residuals (backward-adaptive, as in ADPCM, so it is known before step ``t``):
+    ``s_t = gain * m_t`` with ``m_t = memory * m_{t-1} + (1 - memory) * |r_{t-1}|`` and ``m_0 = initial``;
+    ``memory = 1`` keeps the scale fixed at ``gain * initial`` (never below :data:`MIN_SCALE`).
     """
 
     coefficients: torch.Tensor  # [p] fp64, a_1 .. a_p
-    scale: float
     family: str
+    gain: float
+    memory: float
+    initial: float
     floor: float = 1e-6
 
-    def predictions(self, classes: torch.Tensor) -> torch.Tensor:
-        """``x^_t = sum_k a_k x_{t-k}`` ``[N, T]`` (fp64) of mu-law classes ``[N, T]``."""
+    def _decoded_and_predicted(self, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from genkernels.models.wavenet import mu_law_decode
 
         signal = mu_law_decode(classes, MU_LAW_CLASSES).double()
         order = self.coefficients.shape[0]
         padded = torch.nn.functional.pad(signal, (order, 0))
         lags = torch.stack([padded[:, order - k:padded.shape[1] - k] for k in range(1, order + 1)], dim=-1)
-        return lags @ self.coefficients
+        return signal, lags @ self.coefficients
+
+    def predictions_and_scales(self, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x^_t`` and ``s_t`` ``[N, T]`` (fp64) of mu-law classes ``[N, T]``."""
+        signal, predicted = self._decoded_and_predicted(classes)
+        levels = torch.full_like(signal, self.initial)
+        if self.memory < 1:
+            magnitude = (signal - predicted).abs()
+            level = levels[:, 0].clone()
+            for t in range(1, signal.shape[1]):
+                level = self.memory * level + (1 - self.memory) * magnitude[:, t - 1]
+                levels[:, t] = level
+        return predicted, (self.gain * levels).clamp_min(MIN_SCALE)
+
+    def _mass(self, low: torch.Tensor, high: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (1 - self.floor) * _interval_mass(low, high, scale, self.family) + self.floor / MU_LAW_CLASSES
 
     def class_probabilities(self, classes: torch.Tensor) -> torch.Tensor:
         """``p(c_t = c | c_<t)`` ``[N, T, 256]`` for every step of ``classes`` ``[N, T]``."""
         classes = check_mu_law(classes, "classes")
-        edges = mu_law_bin_edges()
-        centred = edges - self.predictions(classes)[..., None]
-        mass = _interval_mass(centred[..., :-1], centred[..., 1:], self.scale, self.family)
-        return (1 - self.floor) * mass + self.floor / MU_LAW_CLASSES
+        predicted, scale = self.predictions_and_scales(classes)
+        centred = mu_law_bin_edges() - predicted[..., None]
+        return self._mass(centred[..., :-1], centred[..., 1:], scale[..., None])
 
     def bits_per_sample(self, classes: torch.Tensor) -> float:
         """``-mean log2 p(c_t | c_<t)`` over every sample of ``classes`` ``[N, T]``."""
         classes = check_mu_law(classes, "classes")
+        predicted, scale = self.predictions_and_scales(classes)
         edges = mu_law_bin_edges()
-        predicted = self.predictions(classes)
-        mass = _interval_mass(edges[classes] - predicted, edges[classes + 1] - predicted, self.scale, self.family)
-        return float(-((1 - self.floor) * mass + self.floor / MU_LAW_CLASSES).log2().mean())
+        mass = self._mass(edges[classes] - predicted, edges[classes + 1] - predicted, scale)
+        return float(-mass.log2().mean())
 
 
-def fit_linear_predictor(train: torch.Tensor, order: int = 16, family: Optional[str] = None) -> LinearPredictor:
+def fit_linear_predictor(train: torch.Tensor, order: int = 16, family: Optional[str] = None,
+                         memories: Sequence[float] = SCALE_MEMORIES) -> LinearPredictor:
     """A :class:`LinearPredictor` of ``order`` fitted to mu-law classes ``train`` ``[N, T]`` (``T > order``): the
-    coefficients by least squares over every step ``t >= order`` of every waveform (no intercept), the residual
-    scale by maximum likelihood (mean ``|r|`` for Laplace, root mean square for Gaussian), and the ``family``
-    (``"laplace"`` or ``"gaussian"``; default: whichever gives ``train`` fewer bits per sample)."""
+    coefficients by least squares over every step ``t >= order`` of every waveform (no intercept); ``initial``
+    the mean ``|r|`` of those residuals; for each scale memory in ``memories`` and residual ``family``
+    (``"laplace"``, ``"gaussian"``; default both), the gain by maximum likelihood of the continuous residual
+    (``mean |r_t| / m_t`` for Laplace, ``sqrt(mean r_t^2 / m_t^2)`` for Gaussian); the pair that gives ``train``
+    the fewest bits per sample is kept."""
     from genkernels.models.wavenet import mu_law_decode
 
     train = check_mu_law(train, "train")
@@ -485,14 +511,22 @@ def fit_linear_predictor(train: torch.Tensor, order: int = 16, family: Optional[
     if train.shape[1] <= order:
         raise ValueError(f"train must have more than order={order} samples per waveform; got {describe(train)}")
     families = RESIDUALS if family is None else (check_choice(family, "family", RESIDUALS),)
+    memories = [check_real(memory, "memories", low=0.0, high=1.0) for memory in memories]
+    if not memories:
+        raise ValueError("memories must hold at least one scale memory in [0, 1]")
     signal = mu_law_decode(train, MU_LAW_CLASSES).double()
     steps = signal.shape[1] - order
     lags = torch.stack([signal[:, order - k:order - k + steps] for k in range(1, order + 1)], dim=-1)
     lags, targets = lags.reshape(-1, order), signal[:, order:].reshape(-1)
     coefficients = torch.linalg.lstsq(lags, targets[:, None], driver="gelsd").solution[:, 0]
-    residual = targets - lags @ coefficients
-    scales = {"laplace": float(residual.abs().mean()), "gaussian": float(residual.square().mean().sqrt())}
-    candidates = [LinearPredictor(coefficients, max(scales[name], 1e-12), name) for name in families]
+    initial = max(float((targets - lags @ coefficients).abs().mean()), MIN_SCALE)
+    candidates = []
+    for name, memory in itertools.product(families, memories):
+        unit = LinearPredictor(coefficients, name, 1.0, memory, initial)
+        predicted, levels = unit.predictions_and_scales(train)
+        ratio = ((signal - predicted) / levels)[:, order:]
+        gain = float(ratio.abs().mean()) if name == "laplace" else float(ratio.square().mean().sqrt())
+        candidates.append(dataclasses.replace(unit, gain=max(gain, 1e-6)))
     return min(candidates, key=lambda predictor: predictor.bits_per_sample(train))
 
 
@@ -505,12 +539,15 @@ def lpc_baseline(train: torch.Tensor, test: torch.Tensor, order: int = 16) -> tu
 def audio_baselines(train: torch.Tensor, test: torch.Tensor, *, lpc_order: int = 16) -> dict:
     """Held-out bits per sample of mu-law ``test`` ``[N, T]`` as a JSON-ready dict:
     ``mu_law_unigram_bits_per_sample`` (:func:`mu_law_unigram_baseline`), ``lpc_bits_per_sample`` with
-    ``lpc_order``, ``lpc_residual`` and ``lpc_residual_scale`` (:func:`lpc_baseline`)."""
+    ``lpc_order`` and the chosen ``lpc_residual`` family and ``lpc_scale_memory`` (:func:`lpc_baseline`), and
+    ``lpc_fixed_scale_bits_per_sample``: the same fit with its residual scale held fixed (memory 1)."""
     lpc_bits, predictor = lpc_baseline(train, test, lpc_order)
+    fixed = fit_linear_predictor(train, lpc_order, predictor.family, memories=(1.0,))
     return {
         "mu_law_unigram_bits_per_sample": mu_law_unigram_baseline(train, test),
         "lpc_bits_per_sample": lpc_bits,
+        "lpc_fixed_scale_bits_per_sample": fixed.bits_per_sample(check_mu_law(test, "test")),
         "lpc_order": lpc_order,
         "lpc_residual": predictor.family,
-        "lpc_residual_scale": predictor.scale,
+        "lpc_scale_memory": predictor.memory,
     }
