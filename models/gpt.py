@@ -30,6 +30,7 @@ from genkernels.kernels.checks import (
     check_real,
     describe,
 )
+from genkernels.kernels.cross_entropy import linear_cross_entropy
 from genkernels.kernels.sampling import sample_categorical
 
 from .attention import KVCache, MultiheadSelfAttention, check_head_counts
@@ -174,10 +175,13 @@ class GPT(nn.Module):
         x = self.transformer.wte(_widened(idx)) + self.transformer.wpe(positions)
         for layer_idx, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer_idx)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        hidden = self.transformer.ln_f(x)
+        logits = self.lm_head(hidden)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=IGNORE_INDEX)
+        # the loss and its gradients come from the hidden states chunk by chunk: no fp32 logits or logits
+        # gradient exist whole; the tied weight (lm_head's is wte's) gets this term of its gradient once
+        loss = linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=IGNORE_INDEX)
         return logits, loss
 
     def new_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, *, dtype: Optional[torch.dtype] = None,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genkernels.kernels.checks import check_bool, check_generator, check_in_range, check_int, describe
+from genkernels.kernels.cross_entropy import cross_entropy
 from genkernels.kernels.launch import draw_philox_seed
 from genkernels.kernels.masked_conv import check_masked_conv2d_config, masked_conv2d
 from genkernels.kernels.sampling import sample_categorical
@@ -198,7 +199,7 @@ class PixelCNN(nn.Module):
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood in bits per sub-pixel: ``mean(-log2 p(x_i | x_<i))`` over every dimension."""
-        return F.cross_entropy(self(x).float(), x.long()) / math.log(2.0)
+        return cross_entropy(self(x), x) / math.log(2.0)
 
     # ------------------------------------------------------------------------------------------------------------
     # Sampling

@@ -33,6 +33,7 @@ from genkernels.kernels.checks import (
     check_real,
     describe,
 )
+from genkernels.kernels.cross_entropy import cross_entropy
 from genkernels.kernels.launch import draw_philox_seed
 from genkernels.kernels.sampling import sample_categorical
 from genkernels.kernels.wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
@@ -236,7 +237,7 @@ class WaveNet(nn.Module):
         """Mean next-sample cross entropy in nats: ``-log p(x[t + 1] | x[<= t])`` over ``t < time - 1``; ``x`` is
         range-checked as in :meth:`forward` (it holds the targets too)."""
         logits = self.forward(x, cond)
-        return F.cross_entropy(logits[:, :, :-1].float(), x[:, 1:].long())
+        return cross_entropy(logits[:, :, :-1], x[:, 1:])
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation
