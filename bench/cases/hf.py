@@ -98,6 +98,12 @@ def _gpt2(name: str, device: torch.device):
     return model
 
 
+def _sampling_dtype(device: torch.device) -> torch.dtype:
+    """The weights' dtype of sampling: bf16 on a GPU and on meta tensors (whose launch capture stands for a GPU
+    run), fp32 on the CPU."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
 def _precision(device: torch.device) -> str:
     return "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32"
 
@@ -151,7 +157,7 @@ def _ddim_loop(unet, scheduler: DDIMScheduler, noise: torch.Tensor, impl: str):
 
 def _unet_sample(name: str, steps: int, n: int):
     def setup(device):
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = _sampling_dtype(device)
         model = _unet(name, device).eval()
         side = model.config.sample_size
         noise = torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
@@ -190,7 +196,7 @@ def _gpt2_train(name: str, batch: int, seq: int):
 
 def _gpt2_generate(name: str, batch: int, prompt_len: int, new_tokens: int):
     def setup(device):
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = _sampling_dtype(device)
         model = _gpt2(name, device).to(dtype).eval()
         eos = model.config.eos_token_id
         prompt = _tokens((batch, prompt_len), eos, device, seed=2)  # below EOS, the vocabulary's last token
