@@ -709,15 +709,38 @@ def _attention_backward_dq_kernel(
 
 
 @triton.jit
+def _decode_cache_partial(q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end, heads, member_ok, dims,
+                          dim_ok, scale_log2, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """``(acc, row_sum, row_max)`` of stacked query heads over the cached keys ``[key_start, key_end)``."""
+    acc = tl.zeros(q.shape, tl.float32)
+    row_sum = tl.zeros((q.shape[0],), tl.float32)
+    row_max = tl.full((q.shape[0],), float("-inf"), tl.float32)
+    acc, row_sum, row_max = _online_softmax_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end, key_end, heads,
+        member_ok, 0, dims, dim_ok, scale_log2, k_base, 0, 0, k_base, 0, 0.0, 1.0, True, False, 0, False, False,
+        UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
+    if tl.sum(tl.where(acc != acc, 1, 0)) > 0:  # rare: see _exact_values_pass
+        acc, row_sum, row_max = _exact_values_pass(q, scale_log2, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start,
+                                                   key_end, heads, member_ok, 0, dims, dim_ok, k_base, 0, 0, k_base,
+                                                   0, 0.0, 1.0, False, 0, False, False, IEEE)
+    return acc, row_sum, row_max
+
+
+@triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_ptr, v_ptr, seqlens_ptr, max_ptr, sum_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, seqlens_ptr, max_ptr, sum_ptr, acc_ptr, k_new_ptr, v_new_ptr,
     batch_start, head_dim, group_size, head_chunks, split_size, num_splits, scale_log2,
     q_sb, q_sh, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, seqlens_stride,
-    UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    kn_sb, kn_sh, kn_sd, vn_sb, vn_sh, vn_sd,
+    APPEND: tl.constexpr, UPCAST: tl.constexpr, NATIVE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Split ``program_id(0)`` of the keys of one sequence, for up to ``BLOCK_H`` query heads sharing one
-    key/value head: writes the split's row max, row sum and unnormalized output (fp32)."""
+    key/value head: writes the split's row max, row sum and unnormalized output (fp32).
+
+    ``APPEND``: the last split is the new key/value of the step (``k_new``/``v_new``), read from there (no
+    program of this launch reads its cache slot) and written into the cache at position ``cache_seqlens[b]``."""
     split = tl.program_id(0)
     kv_head = (tl.program_id(1) // head_chunks).to(tl.int64)
     chunk = tl.program_id(1) % head_chunks
@@ -730,20 +753,32 @@ def _decode_partial_kernel(
     dim_ok = dims < head_dim
     q = _load_tile(q_ptr + batch * q_sb, heads, member_ok, q_sh, dims, dim_ok, q_sd, UPCAST)
     seqlen = tl.load(seqlens_ptr + batch * seqlens_stride).to(tl.int32)
+    k_base = k_ptr + batch * k_sb + kv_head * k_sh
+    v_base = v_ptr + batch * v_sb + kv_head * v_sh
     key_start = split * split_size
     key_end = tl.minimum(key_start + split_size, seqlen)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    row_sum = tl.zeros([BLOCK_H], tl.float32)
-    row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    acc, row_sum, row_max = _online_softmax_blocks(
-        acc, row_sum, row_max, q, k_ptr + batch * k_sb + kv_head * k_sh, v_ptr + batch * v_sb + kv_head * v_sh,
-        k_ss, k_sd, v_ss, v_sd, key_start, key_end, key_end, heads, member_ok, 0, dims, dim_ok, scale_log2,
-        q_ptr, 0, 0, q_ptr, 0, 0.0, 1.0, True, False, 0, False, False, UPCAST, NATIVE_DOT, IEEE, BLOCK_N)
-    if tl.sum(tl.where(acc != acc, 1, 0)) > 0:  # rare: see _exact_values_pass
-        acc, row_sum, row_max = _exact_values_pass(q, scale_log2, k_ptr + batch * k_sb + kv_head * k_sh,
-                                                   v_ptr + batch * v_sb + kv_head * v_sh, k_ss, k_sd, v_ss, v_sd,
-                                                   key_start, key_end, heads, member_ok, 0, dims, dim_ok, q_ptr, 0,
-                                                   0, q_ptr, 0, 0.0, 1.0, False, 0, False, False, IEEE)
+    if APPEND:
+        if split == num_splits - 1:
+            k_new = k_new_ptr + batch * kn_sb + kv_head * kn_sh
+            v_new = v_new_ptr + batch * vn_sb + kv_head * vn_sh
+            acc, row_sum, row_max = _exact_values_pass(q, scale_log2, k_new, v_new, 0, kn_sd, 0, vn_sd, 0, 1, heads,
+                                                       member_ok, 0, dims, dim_ok, k_new, 0, 0, k_new, 0, 0.0, 1.0,
+                                                       False, 0, False, False, IEEE)
+            if chunk == 0:
+                slot = seqlen.to(tl.int64)
+                offsets = dims.to(tl.int64)
+                tl.store(k_base + slot * k_ss + offsets * k_sd, tl.load(k_new + offsets * kn_sd, mask=dim_ok),
+                         mask=dim_ok)
+                tl.store(v_base + slot * v_ss + offsets * v_sd, tl.load(v_new + offsets * vn_sd, mask=dim_ok),
+                         mask=dim_ok)
+        else:
+            acc, row_sum, row_max = _decode_cache_partial(q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start,
+                                                          key_end, heads, member_ok, dims, dim_ok, scale_log2, UPCAST,
+                                                          NATIVE_DOT, IEEE, BLOCK_N)
+    else:
+        acc, row_sum, row_max = _decode_cache_partial(q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end,
+                                                      heads, member_ok, dims, dim_ok, scale_log2, UPCAST, NATIVE_DOT,
+                                                      IEEE, BLOCK_N)
     stats = (batch * heads_q + heads) * num_splits + split
     tl.store(max_ptr + stats, row_max, mask=member_ok)
     tl.store(sum_ptr + stats, row_sum, mask=member_ok)
@@ -753,7 +788,7 @@ def _decode_partial_kernel(
 @triton.jit
 def _decode_combine_kernel(
     max_ptr, sum_ptr, acc_ptr, seqlens_ptr, out_ptr, batch_start, heads_q, head_dim, num_splits, seqlens_stride,
-    o_sb, o_sh, o_sd, BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+    o_sb, o_sh, o_sd, APPEND: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merge the splits of ``BLOCK_HEADS`` query heads of one sequence: ``O = sum_s w_s acc_s / sum_s w_s l_s``
     with ``w_s = exp2(m_s - max_s m_s)``; 0 when the sequence is empty, NaN when it is not but every score is
@@ -778,7 +813,11 @@ def _decode_combine_kernel(
         out += weight[:, None] * acc
     out = out / tl.where(total == 0, 1.0, total)[:, None]
     seqlen = tl.load(seqlens_ptr + batch * seqlens_stride)
-    out = tl.where(((total == 0) & (seqlen > 0))[:, None], float("nan"), out)
+    if APPEND:  # the appended key is always there
+        has_keys = seqlen >= 0
+    else:
+        has_keys = seqlen > 0
+    out = tl.where(((total == 0) & has_keys)[:, None], float("nan"), out)
     _store_tile(out_ptr + batch * o_sb, out, heads, head_ok, o_sh, dims, dim_ok, o_sd)
 
 
@@ -993,9 +1032,12 @@ def decode_split_plan(pairs: int, max_seq: int, block_n: int, slots: int) -> tup
     return splits, per_split * block_n
 
 
-def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float):
+def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float, k_new=None, v_new=None):
+    """Flash-decoding; with ``k_new``/``v_new`` (``[batch, heads_kv, 1, head_dim]``) they are appended to the
+    caches at ``cache_seqlens[b]`` and attended to, as one more split of their own."""
     batch, heads_q, _, head_dim = q.shape
     heads_kv, max_seq = k_cache.shape[1], k_cache.shape[2]
+    append = k_new is not None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -1011,6 +1053,9 @@ def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float):
                                 q.element_size())
     num_splits, split_size = launch_setting("decode_attention", "split", None) or decode_split_plan(
         batch * heads_kv * head_chunks, max_seq, block_n, limits.sm_count * per_sm)
+    num_splits += append
+    if not append:
+        k_new = v_new = q  # never read
     split_max = torch.empty((batch, heads_q, num_splits), dtype=torch.float32, device=q.device)
     split_sum = torch.empty_like(split_max)
     split_acc = torch.empty((batch, heads_q, num_splits, head_dim), dtype=torch.float32, device=q.device)
@@ -1018,15 +1063,16 @@ def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float):
     combine_heads = max(1, min(triton.next_power_of_2(heads_q), 256 // block_d))
     for start, count in batch_chunks(batch):
         _decode_partial_kernel[(num_splits, heads_kv * head_chunks, count)](
-            q, k_cache, v_cache, cache_seqlens, split_max, split_sum, split_acc, start, head_dim, group_size,
-            head_chunks, split_size, num_splits, scale * LOG2_E,
+            q, k_cache, v_cache, cache_seqlens, split_max, split_sum, split_acc, k_new, v_new, start, head_dim,
+            group_size, head_chunks, split_size, num_splits, scale * LOG2_E,
             q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(), cache_seqlens.stride(0),
-            **_kernel_flags(q.dtype, q.device), BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
+            k_new.stride(0), k_new.stride(1), k_new.stride(3), v_new.stride(0), v_new.stride(1), v_new.stride(3),
+            APPEND=append, **_kernel_flags(q.dtype, q.device), BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=num_warps, num_stages=num_stages)
         _decode_combine_kernel[(triton.cdiv(heads_q, combine_heads), count)](
             split_max, split_sum, split_acc, cache_seqlens, out, start, heads_q, head_dim, num_splits,
-            cache_seqlens.stride(0), out.stride(0), out.stride(1), out.stride(3), BLOCK_HEADS=combine_heads,
-            BLOCK_D=block_d, num_warps=1)
+            cache_seqlens.stride(0), out.stride(0), out.stride(1), out.stride(3), APPEND=append,
+            BLOCK_HEADS=combine_heads, BLOCK_D=block_d, num_warps=1)
     return out
 
 
@@ -1095,6 +1141,19 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 @_decode_attention_op.register_fake
 def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, softmax_scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("genkernels::decode_attention_append", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_append_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                cache_seqlens: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                softmax_scale: float) -> torch.Tensor:
+    """:func:`decode_attention` that first appends ``k``/``v`` to the caches at ``cache_seqlens`` (in place)."""
+    return _launch_decode(q, k_cache, v_cache, cache_seqlens, softmax_scale, k, v)
+
+
+@_decode_attention_append_op.register_fake
+def _decode_attention_append_fake(q, k_cache, v_cache, cache_seqlens, k, v, softmax_scale):
     return q.new_empty(q.shape)
 
 
@@ -1205,7 +1264,8 @@ def _check_cache_seqlens(cache_seqlens: object, batch: int, max_seq: int, device
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                     *, softmax_scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
+                     *, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                     softmax_scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
     """Attention of one new query token per sequence over a KV cache (flash-decoding).
 
         O_b = softmax(scale * q_b K_b[:n_b]^T) V_b[:n_b],   n_b = cache_seqlens[b]
@@ -1214,12 +1274,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     second kernel merges the splits, so a batch of one long sequence still fills the GPU. Inference only (no
     backward).
 
+    With ``k`` and ``v`` (the step's new key and value, ``[batch, heads_kv, 1, head_dim]``) they are first
+    written into the caches at position ``n_b`` of each sequence, in place, and attended to with the cached ones
+    (``n_b + 1`` positions), as flash-attn's ``flash_attn_with_kvcache`` does: the write happens inside the
+    decode launch (no copy kernel), so sequences of different lengths append each at its own position.
+    ``cache_seqlens`` itself is not changed (the caller advances it), and needs ``n_b < max_seq``.
+
     Args:
         q: ``[batch, heads_q, 1, head_dim]``, fp32/fp16/bf16/fp64, any strides.
         k_cache, v_cache: ``[batch, heads_kv, max_seq, head_dim]`` with ``heads_q % heads_kv == 0``, any strides
             (expanded heads included).
         cache_seqlens: int32/int64 ``[batch]``, how many cached positions each sequence attends to, in
-            ``[0, max_seq]`` (a host ``ValueError`` for CPU tensors, an asynchronous device assert on a GPU).
+            ``[0, max_seq]`` (``[0, max_seq)`` with ``k``/``v``; a host ``ValueError`` for CPU tensors, an
+            asynchronous device assert on a GPU).
+        k, v: optional, both or neither: ``[batch, heads_kv, 1, head_dim]`` of q's dtype and device, any strides;
+            the caches must then be writable (no expanded, stride-0 dimension).
         softmax_scale: default ``1/sqrt(head_dim)``.
         impl: "auto", "triton" or "eager" (fp64 and head dims outside [16, 256] as in :func:`flash_attention`).
 
@@ -1236,10 +1305,48 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if q.shape[2] != 1:
         raise ValueError(f"q must hold one query token per sequence, [batch, heads_q, 1, head_dim]; got {describe(q)}")
     _check_heads_and_dims(q, "q", k_cache, "k_cache", v_cache, "v_cache")
-    seqlens = _check_cache_seqlens(cache_seqlens, q.shape[0], k_cache.shape[2], device)
+    append = _check_appended(k, v, k_cache, v_cache)
+    seqlens = _check_cache_seqlens(cache_seqlens, q.shape[0], k_cache.shape[2] - append, device)
     scale = _check_scale(softmax_scale, q.shape[3])
-    impl = choose_impl(impl, "decode_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache},
+    impl = choose_impl(impl, "decode_attention", {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v},
                        _kernel_reasons(q, "q"))
     if impl == "eager":
+        if append:
+            _append_to_caches(k_cache, v_cache, seqlens, k, v)
+            seqlens = seqlens + 1
         return decode_attention_reference(q, k_cache, v_cache, seqlens, scale)
+    if append:
+        return torch.ops.genkernels.decode_attention_append(q, k_cache, v_cache, seqlens, k, v, scale)
     return torch.ops.genkernels.decode_attention(q, k_cache, v_cache, seqlens, scale)
+
+
+def _check_appended(k, v, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether a new key/value is appended: both given (each ``[batch, heads_kv, 1, head_dim]`` of the caches'
+    dtype and device) with writable caches, or neither."""
+    if (k is None) != (v is None):
+        raise ValueError(f"k and v must be given together (the step's new key and value); got k "
+                         f"{'None' if k is None else describe(k)} and v {'None' if v is None else describe(v)}")
+    if k is None:
+        return False
+    expected = (k_cache.shape[0], k_cache.shape[1], 1, k_cache.shape[3])
+    for tensor, name in ((k, "k"), (v, "v")):
+        check_float_tensor(tensor, name)
+        check_same_dtype(k_cache, "k_cache", tensor, name)
+        if tuple(tensor.shape) != expected or tensor.device != k_cache.device:
+            raise ValueError(f"{name} must be [batch, heads_kv, 1, head_dim] = {list(expected)} on {k_cache.device} "
+                             f"(one new position per sequence); got {describe(tensor)}")
+    for cache, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        if any(stride == 0 and size > 1 for size, stride in zip(cache.shape, cache.stride())):
+            raise ValueError(f"{name} must be writable to append k/v: it has an expanded (stride-0) dimension; got "
+                             f"{describe(cache)}")
+    if k_cache.shape[2] == 0:
+        raise ValueError(f"k_cache has no position to append k/v to (max_seq = 0); got {describe(k_cache)}")
+    return True
+
+
+def _append_to_caches(k_cache, v_cache, seqlens, k, v) -> None:
+    """The eager append: ``cache[b, :, n_b] = new[b, :, 0]`` for every sequence ``b``, in place."""
+    rows = torch.arange(k_cache.shape[0], device=k_cache.device)
+    positions = seqlens.long()
+    k_cache[rows, :, positions] = k[:, :, 0]
+    v_cache[rows, :, positions] = v[:, :, 0]

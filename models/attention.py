@@ -6,12 +6,16 @@ projects the heads back. With fewer key/value heads than query heads it is group
 key/value head is multi-query attention).
 
 :class:`KVCache` holds every layer's keys and values for autoregressive sampling, preallocated as
-``[batch, heads_kv, max_seq_len, head_dim]`` per layer with the number of filled positions in ``cache_seqlens``,
-the layout :func:`~genkernels.kernels.attention.decode_attention` reads. One sampling step is::
+``[batch, heads_kv, max_seq_len, head_dim]`` per layer with the number of filled positions of each sequence in
+``cache_seqlens``, the layout :func:`~genkernels.kernels.attention.decode_attention` reads. Sequences may hold
+different numbers of positions (ragged batches: prompts of different lengths). One sampling step is::
 
     cache.advance(num_new_tokens)          # claim the next positions, once per model call
     for i, layer in enumerate(layers):     # every layer stores its new keys/values there and attends
         x = layer(x, kv_cache=cache, layer_idx=i)
+
+A one-token step writes each sequence's new key/value at its own position inside the decode launch
+(``decode_attention(..., k=, v=)``); a step of several tokens needs every sequence at the same length.
 """
 from __future__ import annotations
 
@@ -54,13 +58,16 @@ def check_head_counts(embed_dim: int, num_heads: int, num_kv_heads: Optional[int
 class KVCache:
     """Keys and values of every layer of a decoder, preallocated for ``max_seq_len`` positions.
 
-    ``keys[layer]`` and ``values[layer]`` are ``[batch, heads_kv, max_seq_len, head_dim]``; every sequence of the
-    batch holds the same number of positions, ``seq_len``, which ``cache_seqlens`` (int32 ``[batch]``, on the
-    cache's device) repeats for :func:`decode_attention`. Positions ``>= seq_len`` hold stale values that no
-    attention reads.
+    ``keys[layer]`` and ``values[layer]`` are ``[batch, heads_kv, max_seq_len, head_dim]``; sequence ``b`` holds
+    ``lengths[b]`` positions (a host tuple), which ``cache_seqlens`` (int32 ``[batch]``, on the cache's device)
+    repeats for :func:`decode_attention`; ``seq_len`` is the longest. Positions past a sequence's length hold
+    stale values that no attention reads.
 
-    Protocol: :meth:`advance` claims ``n`` new positions once per model call, then every layer writes the keys and
-    values of those ``n`` positions with :meth:`store` and attends to positions ``[0, seq_len)``.
+    Protocol: :meth:`advance` claims ``n`` new positions of every sequence once per model call
+    (``claim_starts``, on the device, keeps where the claim began); then every layer writes the keys and values
+    of those positions, with :meth:`store` (every sequence at the same length) or, for one token per sequence,
+    inside :func:`decode_attention` at ``claim_starts`` (any lengths), and attends to each sequence's positions.
+    :meth:`trim` shortens sequences after a right-padded prefill of prompts of different lengths.
 
     ``num_layers``, ``num_kv_heads``, ``max_seq_len`` and ``head_dim`` are positive ints, ``batch_size`` an int
     ``>= 0`` (``TypeError`` for another type, ``ValueError`` out of range, naming the argument).
@@ -79,7 +86,18 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=self.keys[0].device)
-        self.seq_len = 0
+        self.claim_starts = torch.zeros_like(self.cache_seqlens)
+        self.lengths: tuple[int, ...] = (0,) * batch
+
+    @property
+    def seq_len(self) -> int:
+        """The longest sequence's number of positions (every sequence's, when they are all equal)."""
+        return max(self.lengths, default=0)
+
+    @property
+    def is_ragged(self) -> bool:
+        """Whether sequences hold different numbers of positions."""
+        return len(set(self.lengths)) > 1
 
     @property
     def batch_size(self) -> int:
@@ -106,13 +124,26 @@ class KVCache:
         return self.keys[0].device
 
     def advance(self, num_tokens: int) -> None:
-        """Claim the next ``num_tokens`` positions of every sequence: ``seq_len += num_tokens``."""
+        """Claim the next ``num_tokens`` positions of every sequence: ``lengths[b] += num_tokens``."""
         count = _check_positive(num_tokens, "num_tokens")
         if self.seq_len + count > self.max_seq_len:
             raise ValueError(f"KVCache is full: {self.seq_len} positions cached + num_tokens={count} exceeds "
                              f"max_seq_len={self.max_seq_len}")
-        self.seq_len += count
+        self.lengths = tuple(length + count for length in self.lengths)
+        self.claim_starts.copy_(self.cache_seqlens)
         self.cache_seqlens.add_(count)
+
+    def trim(self, lengths) -> None:
+        """Keep the first ``lengths[b]`` positions of sequence ``b`` (each ``<=`` its current length), e.g. the
+        true prompt lengths after a prefill of right-padded prompts: the positions past them are forgotten."""
+        if isinstance(lengths, torch.Tensor):
+            lengths = lengths.tolist()
+        lengths = tuple(check_int(length, "lengths") for length in lengths)
+        if len(lengths) != self.batch_size or any(not 0 <= new <= old for new, old in zip(lengths, self.lengths)):
+            raise ValueError(f"lengths must give each of the {self.batch_size} sequences a length in [0, its current "
+                             f"length] (current {list(self.lengths)}); got {list(lengths)}")
+        self.lengths = lengths
+        self.cache_seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
 
     def store(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``key``/``value`` (``[batch, heads_kv, n, head_dim]``, any strides) into the ``n`` positions
@@ -128,6 +159,10 @@ class KVCache:
                 raise ValueError(f"{name} must be [batch={self.batch_size}, heads_kv={self.num_kv_heads}, n, "
                                  f"head_dim={self.head_dim}] on {self.device}; got {describe(tensor)}")
         count = key.shape[2]
+        if self.is_ragged:
+            raise ValueError(f"store() writes the same positions of every sequence, but they hold different "
+                             f"lengths {list(self.lengths)}: append one token per sequence with "
+                             "decode_attention(..., k=, v=) instead")
         if value.shape[2] != count or not 1 <= count <= self.seq_len:
             raise ValueError(f"key and value must hold the same number n of new positions with 1 <= n <= seq_len "
                              f"(the positions claimed with advance(), seq_len={self.seq_len}); got key "
@@ -137,10 +172,22 @@ class KVCache:
         self.values[layer][:, :, start:self.seq_len].copy_(value)
         return self.keys[layer], self.values[layer]
 
+    def select(self, rows) -> None:
+        """Keep only the sequences ``rows`` (indices, in that order), e.g. to drop finished ones from a batch."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        if index.dim() != 1 or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < self.batch_size):
+            raise ValueError(f"rows must be indices of the cache's {self.batch_size} sequences; got {rows!r}")
+        self.keys = [keys.index_select(0, index) for keys in self.keys]
+        self.values = [values.index_select(0, index) for values in self.values]
+        self.cache_seqlens = self.cache_seqlens.index_select(0, index)
+        self.claim_starts = self.claim_starts.index_select(0, index)
+        self.lengths = tuple(self.lengths[i] for i in index.tolist())
+
     def reset(self) -> None:
         """Forget every cached position (the storage is kept for the next sequence)."""
-        self.seq_len = 0
+        self.lengths = (0,) * self.batch_size
         self.cache_seqlens.zero_()
+        self.claim_starts.zero_()
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -231,12 +278,13 @@ class MultiheadSelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, self.embed_dim))
 
     def _attend_with_cache(self, q, k, v, cache: KVCache, layer_idx: int) -> torch.Tensor:
-        k_cache, v_cache = cache.store(layer_idx, k, v)
         new_tokens = q.shape[2]
+        if new_tokens == 1 and cache.seq_len > 1:
+            # one token after earlier ones: written at each sequence's own position inside the decode launch
+            return decode_attention(q, cache.keys[layer_idx], cache.values[layer_idx], cache.claim_starts, k=k, v=v)
+        k_cache, v_cache = cache.store(layer_idx, k, v)
         if new_tokens == cache.seq_len:  # prefill: nothing cached before, attend to the new keys directly
             return flash_attention(q, k, v, causal=True)
-        if new_tokens == 1:
-            return decode_attention(q, k_cache, v_cache, cache.cache_seqlens)
         # A chunk after cached tokens: bottom-right causal alignment lets query i see cached keys j <= i + offset.
         return flash_attention(q, k_cache[:, :, :cache.seq_len], v_cache[:, :, :cache.seq_len], causal=True)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +162,9 @@ class GPT(nn.Module):
         device assert on a GPU (checked without a host sync, before the embedding could read out of bounds).
         ``seq`` (plus the cached tokens) must not exceed ``block_size``.
 
-        With ``kv_cache`` (see :meth:`new_kv_cache`) ``idx`` holds the next tokens after the ``kv_cache.seq_len``
-        cached ones: their positions are claimed in the cache and their keys/values stored.
+        With ``kv_cache`` (see :meth:`new_kv_cache`) ``idx`` holds the next tokens after the cached ones: their
+        positions are claimed in the cache and their keys/values stored. A cache whose sequences hold different
+        lengths (after :meth:`KVCache.trim`) takes one token per sequence per call, each at its own position.
         """
         self._check_idx(idx, kv_cache)
         start = 0 if kv_cache is None else kv_cache.seq_len
@@ -172,6 +173,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(idx.shape[1])
         positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+        if kv_cache is not None and kv_cache.is_ragged:  # each sequence continues from its own length
+            positions = kv_cache.claim_starts.long()[:, None] + (positions - start)
         x = self.transformer.wte(_widened(idx)) + self.transformer.wpe(positions)
         for layer_idx, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer_idx)
@@ -198,11 +201,20 @@ class GPT(nn.Module):
                        device=device)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Continue every sequence of ``idx`` ``[batch, seq]`` by ``max_new_tokens`` tokens; returns
-        ``[batch, seq + max_new_tokens]`` (``idx`` followed by the new tokens).
+    def generate(self, idx, max_new_tokens, temperature: float = 1.0, top_k: Optional[int] = None,
+                 use_cache: bool = True, generator: Optional[torch.Generator] = None, *, lengths=None,
+                 eos_token_id=None, callback: Optional[Callable] = None):
+        """Continue every prompt by up to ``max_new_tokens`` tokens.
+
+        ``idx`` is ``[batch, seq]`` (every prompt ``seq`` tokens, or the first ``lengths[b]`` tokens of row ``b``
+        with ``lengths``: right-padded prompts of different lengths) or a list of 1-D tensors (one prompt each,
+        any lengths >= 1). With a plain ``[batch, seq]`` tensor and neither ``lengths`` nor ``eos_token_id`` the
+        result is ``[batch, seq + max_new_tokens]`` (``idx`` followed by the new tokens); otherwise a list of 1-D
+        tensors, prompt ``b`` followed by its new tokens: up to and including the first ``eos_token_id`` (an id or
+        a collection of ids), or ``max_new_tokens`` of them (an int, or one per prompt). Each sequence of a batch
+        gives the tokens it gives alone (greedy decoding; sampled draws follow the batch's generator stream).
+        ``callback(step, tokens, active)``, if given, sees every step's new tokens (int64 ``[batch]``) and which
+        sequences were still generating (bool ``[batch]``).
 
         Each new token is drawn from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely
         tokens (all when ``top_k`` is None; ``top_k`` above ``vocab_size`` means all), with ``torch.multinomial``
@@ -215,26 +227,105 @@ class GPT(nn.Module):
         non-maximal token's probability 0 and draws among the tokens of largest logit (greedy, except that ties
         are broken at random).
 
-        ``idx`` holds token ids in ``[0, vocab_size)`` of any integer dtype that can hold ``vocab_size - 1``; the
-        result has ``idx``'s dtype.
+        Prompts hold token ids in ``[0, vocab_size)`` of any integer dtype that can hold ``vocab_size - 1`` (one
+        dtype for a list); the result has that dtype. An empty prompt is refused (there is nothing to condition
+        on: start it with a token such as the tokenizer's BOS id).
 
-        ``use_cache=True`` feeds the prompt once (prefill) and then only the newest token per step, reading the
-        earlier keys/values from a :class:`KVCache`; ``use_cache=False`` recomputes the whole sequence for every
-        token. Both compute the same logits up to rounding, so greedy decoding gives the same tokens. Every
-        step sees the whole sequence, so ``seq + max_new_tokens - 1`` must not exceed ``block_size``.
+        ``use_cache=True`` feeds the prompts once (prefill, right-padded) and then only the newest token per
+        step, reading the earlier keys/values from a :class:`KVCache` that keeps each sequence's own length (the
+        step's key/value is written at that position inside ``decode_attention``); ``use_cache=False`` recomputes
+        the whole (right-padded) batch for every token. Both compute the same logits up to rounding, so greedy
+        decoding gives the same tokens. Every step sees the whole sequence, so a prompt's length plus its
+        ``max_new_tokens`` minus 1 must not exceed ``block_size``.
         """
-        self._check_generate_args(idx, max_new_tokens, temperature, top_k, use_cache, generator)
+        prompts, prompt_lengths = self._generation_prompts(idx, lengths)
+        budgets = self._check_generate_args(prompts, prompt_lengths, max_new_tokens, temperature, top_k, use_cache,
+                                            generator, eos_token_id, callback)
+        stops = _stop_ids(eos_token_id, self.config.vocab_size)
         greedy = temperature == 0 or top_k == 1
+        device = prompts.device
+        steps = max(budgets, default=max_new_tokens if isinstance(max_new_tokens, int) else 0)
+        tokens = torch.cat([prompts, prompts.new_zeros(prompts.shape[0], steps)], dim=1)
+        ends = list(prompt_lengths)  # each sequence's length so far
+        alive = [b for b, budget in enumerate(budgets) if budget > 0]  # the sequences still generating
         cache = None
-        if use_cache and max_new_tokens > 0:
-            cache = self.new_kv_cache(idx.shape[0], idx.shape[1] + max_new_tokens - 1, device=idx.device)
-        tokens, step_input = idx, idx
-        for _ in range(max_new_tokens):
-            logits = self(step_input, kv_cache=cache)[0][:, -1].float()
-            next_token = _pick_token(logits, greedy, temperature, top_k, generator).to(idx.dtype)
-            tokens = torch.cat([tokens, next_token], dim=1)
-            step_input = next_token if cache is not None else tokens
-        return tokens
+        if use_cache and alive:
+            capacity = max(prompts.shape[1], max(ends[b] + budgets[b] - 1 for b in alive))
+            cache = self.new_kv_cache(len(alive), capacity, device=device)
+        step_input = prompts[alive]
+        for step in range(steps):
+            if not alive:
+                break
+            rows = torch.tensor(alive, device=device)
+            last = torch.tensor([ends[b] - 1 for b in alive], device=device)
+            if cache is None:
+                logits = self(tokens[rows, :max(ends[b] for b in alive)])[0]
+            else:
+                logits = self(step_input, kv_cache=cache)[0]
+                if step == 0 and cache.lengths != tuple(ends[b] for b in alive):
+                    cache.trim([ends[b] for b in alive])  # right-padded prompts: forget the padding
+            logits = logits[torch.arange(len(alive), device=device), last] if logits.shape[1] > 1 else logits[:, -1]
+            new_tokens = _pick_token(logits.float(), greedy, temperature, top_k, generator).to(prompts.dtype)
+            tokens[rows, last + 1] = new_tokens[:, 0]
+            if callback is not None:
+                callback(step, rows, new_tokens[:, 0].long())
+            new_ids = new_tokens[:, 0].tolist() if stops else None
+            keep = []
+            for i, b in enumerate(alive):
+                ends[b] += 1
+                budgets[b] -= 1
+                if budgets[b] > 0 and not (new_ids is not None and new_ids[i] in stops):
+                    keep.append(i)
+            if len(keep) < len(alive):  # drop the finished sequences from the batch (and the cache)
+                alive = [alive[i] for i in keep]
+                new_tokens = new_tokens[keep]
+                if cache is not None and keep:
+                    cache.select(keep)
+            step_input = new_tokens
+        per_sequence = not isinstance(idx, torch.Tensor) or lengths is not None or eos_token_id is not None
+        if not per_sequence:
+            return tokens
+        return [tokens[b, :ends[b]] for b in range(tokens.shape[0])]
+
+    def _generation_prompts(self, idx: object, lengths: object) -> tuple[torch.Tensor, list[int]]:
+        """The prompts as one right-padded ``[batch, longest]`` tensor and their lengths."""
+        if isinstance(idx, (list, tuple)):
+            if lengths is not None:
+                raise ValueError("lengths is for a padded [batch, seq] idx; a list of prompts carries its own lengths")
+            for b, prompt in enumerate(idx):
+                check_integer_tensor(prompt, f"idx[{b}]")
+                if prompt.dim() != 1:
+                    raise ValueError(f"idx[{b}] must be a 1-D tensor of token ids; got {describe(prompt)}")
+                if prompt.dtype != idx[0].dtype or prompt.device != idx[0].device:
+                    raise ValueError(f"every prompt must have idx[0]'s dtype and device ({idx[0].dtype}, "
+                                     f"{idx[0].device}); got idx[{b}] {describe(prompt)}")
+            prompt_lengths = [int(prompt.shape[0]) for prompt in idx]
+            if not idx:
+                device = self.transformer.wte.weight.device
+                return torch.zeros(0, 1, dtype=torch.long, device=device), []
+            padded = idx[0].new_zeros(len(idx), max(max(prompt_lengths), 1))
+            for b, prompt in enumerate(idx):
+                padded[b, :prompt.shape[0]] = prompt
+        else:
+            check_integer_tensor(idx, "idx")
+            if idx.dim() != 2:
+                raise ValueError(f"idx must be [batch, seq] (or a list of 1-D prompts); got {describe(idx)}")
+            padded = idx
+            if lengths is None:
+                prompt_lengths = [idx.shape[1]] * idx.shape[0]
+            else:
+                values = lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths
+                if not isinstance(values, (list, tuple)) or len(values) != idx.shape[0]:
+                    raise ValueError(f"lengths must hold one prompt length per row of idx ({idx.shape[0]}); got "
+                                     f"{lengths!r}")
+                prompt_lengths = [check_int(length, "lengths") for length in values]
+                if any(not 0 <= length <= idx.shape[1] for length in prompt_lengths):
+                    raise ValueError(f"lengths must lie in [0, seq={idx.shape[1]}]; got {prompt_lengths}")
+        empty = [b for b, length in enumerate(prompt_lengths) if length == 0]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} is empty: generation needs at least one token to condition on "
+                             "(start the prompt with a token, e.g. the tokenizer's BOS id)")
+        return padded, prompt_lengths
 
     def _activation_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype of the attention inputs: the autocast dtype when autocast is on for ``device``, else the
@@ -277,19 +368,29 @@ class GPT(nn.Module):
         check_in_range(_widened(targets), f"targets (token ids, or {IGNORE_INDEX} to ignore a position)",
                        IGNORE_INDEX, self.config.vocab_size)
 
-    def _check_generate_args(self, idx, max_new_tokens, temperature, top_k, use_cache, generator) -> None:
-        new_tokens = check_int(max_new_tokens, "max_new_tokens")
-        if new_tokens < 0:
-            raise ValueError(f"max_new_tokens={new_tokens} must be >= 0")
-        self._check_idx(idx, None)
+    def _check_generate_args(self, prompts, prompt_lengths, max_new_tokens, temperature, top_k, use_cache,
+                             generator, eos_token_id, callback) -> list[int]:
+        """Check generate's arguments; return each prompt's budget of new tokens."""
+        if isinstance(max_new_tokens, (list, tuple)):
+            if len(max_new_tokens) != len(prompt_lengths):
+                raise ValueError(f"max_new_tokens must be an int or hold one count per prompt "
+                                 f"({len(prompt_lengths)}); got {len(max_new_tokens)} counts")
+            budgets = [check_int(count, "max_new_tokens") for count in max_new_tokens]
+        else:
+            budgets = [check_int(max_new_tokens, "max_new_tokens")] * len(prompt_lengths)
+        negative = [count for count in budgets if count < 0]
+        if negative:
+            raise ValueError(f"max_new_tokens={negative[0]} must be >= 0")
+        if prompts.shape[0] > 0:
+            self._check_idx(prompts, None)
         largest_id = self.config.vocab_size - 1
-        if idx.dtype != torch.int64 and torch.iinfo(idx.dtype).max < largest_id:
-            raise TypeError(f"idx is {idx.dtype}, which cannot hold the generated token ids (up to {largest_id}); "
+        if prompts.dtype != torch.int64 and torch.iinfo(prompts.dtype).max < largest_id:
+            raise TypeError(f"idx is {prompts.dtype}, which cannot hold the generated token ids (up to {largest_id}); "
                             "pass idx as torch.int64 or torch.int32")
-        longest = idx.shape[1] + new_tokens - 1
-        if longest > self.config.block_size:
-            raise ValueError(f"idx has {idx.shape[1]} tokens and max_new_tokens={new_tokens}: the last step would "
-                             f"see {longest} tokens, more than block_size={self.config.block_size}")
+        for b, (length, count) in enumerate(zip(prompt_lengths, budgets)):
+            if length + count - 1 > self.config.block_size:
+                raise ValueError(f"prompt {b} has {length} tokens and max_new_tokens={count}: its last step would "
+                                 f"see {length + count - 1} tokens, more than block_size={self.config.block_size}")
         check_real(temperature, "temperature", low=0.0)
         if top_k is not None and check_int(top_k, "top_k") < 1:
             raise ValueError(f"top_k={top_k} must be None or >= 1")
@@ -297,8 +398,12 @@ class GPT(nn.Module):
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            if generator.device.type != idx.device.type:
-                raise ValueError(f"generator is on {generator.device}; idx is on {idx.device}")
+            if generator.device.type != prompts.device.type:
+                raise ValueError(f"generator is on {generator.device}; idx is on {prompts.device}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable (step, sequence indices, new tokens); got "
+                            f"{type(callback).__name__}")
+        return budgets
 
     # ------------------------------------------------------------------------------------------------------------
     # transformers GPT-2 <-> GPT
@@ -501,6 +606,19 @@ def _state_dict_from_hf(state: Mapping, config: GPTConfig) -> dict:
     if wrong:
         raise ValueError(f"the GPT-2 state_dict does not match its config: {'; '.join(wrong[:4])}")
     return ours
+
+def _stop_ids(eos_token_id: object, vocab_size: int) -> set:
+    """``eos_token_id`` (None, an id, or a collection of ids in ``[0, vocab_size)``) as a set of ids."""
+    if eos_token_id is None:
+        return set()
+    ids = [eos_token_id] if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) else eos_token_id
+    if not isinstance(ids, (list, tuple, set, frozenset)):
+        raise TypeError(f"eos_token_id must be None, an int or a collection of ints; got {eos_token_id!r}")
+    ids = {check_int(token, "eos_token_id") for token in ids}
+    if any(not 0 <= token < vocab_size for token in ids):
+        raise ValueError(f"eos_token_id must lie in [0, vocab_size={vocab_size}); got {sorted(ids)}")
+    return ids
+
 
 def _widened(ids: torch.Tensor) -> torch.Tensor:
     """Token ids in a dtype nn.Embedding takes (and that compares with the vocabulary bounds exactly: a uint8 or

@@ -773,3 +773,69 @@ def test_nan_and_inf_semantics_of_the_compiled_kernels(dtype):
     reference = decode_attention_reference(q_inf[:, :, 3:4].double(), k_neg.double(), v_bad.double(), seqlens)
     eager = decode_attention(q_inf[:, :, 3:4], k_neg, v_bad, seqlens, impl="eager")
     _assert_matches_sdpa_with_its_nan_pattern(decoded, reference, eager)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode_attention appending the step's key/value (ragged KV caches)
+# ---------------------------------------------------------------------------------------------------------------
+def _append_inputs(dtype, device, heads_q=4, heads_kv=2, max_seq=40, head_dim=32):
+    q = random_tensor((3, heads_q, 1, head_dim), dtype, 0, device)
+    # strided caches: a prefix of bigger buffers, as a preallocated cache is
+    k_cache = random_tensor((3, heads_kv, max_seq + 5, head_dim), dtype, 1, device)[:, :, :max_seq]
+    v_cache = random_tensor((3, heads_kv, max_seq + 5, head_dim), dtype, 2, device)[:, :, :max_seq]
+    k_new = random_tensor((3, heads_kv, 1, head_dim), dtype, 3, device)
+    v_new = random_tensor((3, heads_kv, 4, head_dim), dtype, 4, device)[:, :, 1:2]  # a strided view
+    seqlens = torch.tensor([0, 17, max_seq - 1], dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, k_new, v_new, seqlens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_attention_appends_each_sequence_at_its_own_length(dtype, device):
+    """Ragged lengths (an empty cache, a middle one, the last free slot): the new key/value land at position n_b
+    of each sequence (nothing else in the caches changes) and the output is attention over n_b + 1 positions."""
+    q, k_cache, v_cache, k_new, v_new, seqlens = _append_inputs(dtype, device)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(seqlens.tolist()):
+        expected_k[b, :, n], expected_v[b, :, n] = k_new[b, :, 0], v_new[b, :, 0]
+    reference = decode_attention_reference(q.double(), expected_k.double(), expected_v.double(), seqlens + 1)
+    eager_caches = (k_cache.clone(), v_cache.clone())
+    eager = decode_attention(q, *eager_caches, seqlens, k=k_new, v=v_new, impl="eager")
+    kernel = decode_attention(q, k_cache, v_cache, seqlens, k=k_new, v=v_new, impl="triton")
+    assert_close_to_reference(kernel, reference, eager)
+    for written, want in ((k_cache, expected_k), (v_cache, expected_v), (eager_caches[0], expected_k),
+                          (eager_caches[1], expected_v)):
+        assert torch.equal(written, want)
+    assert seqlens.tolist() == [0, 17, 39]  # the caller advances the lengths
+
+
+@pytest.mark.parametrize("split", [(3, 16), (5, 8)])
+def test_decode_attention_append_with_forced_splits(split, device):
+    q, k_cache, v_cache, k_new, v_new, seqlens = _append_inputs(torch.float32, device)
+    eager_caches = (k_cache.clone(), v_cache.clone())
+    eager = decode_attention(q, *eager_caches, seqlens, k=k_new, v=v_new, impl="eager")
+    with launch.force_launch_settings("decode_attention", split=split):
+        kernel = decode_attention(q, k_cache, v_cache, seqlens, k=k_new, v=v_new, impl="triton")
+    torch.testing.assert_close(kernel, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache, eager_caches[0]) and torch.equal(v_cache, eager_caches[1])
+
+
+def test_opcheck_decode_attention_append(device):
+    q, k_cache, v_cache, k_new, v_new, seqlens = _append_inputs(torch.float32, device)
+    torch.library.opcheck(torch.ops.genkernels.decode_attention_append.default,
+                          (q, k_cache.clone(), v_cache.clone(), seqlens, k_new, v_new, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("change,error,name", [
+    (lambda a: dict(v=None), ValueError, "k and v must be given together"),
+    (lambda a: dict(k=a["k"][:, :, :0]), ValueError, "k must be"),
+    (lambda a: dict(v=a["v"].double()), TypeError, "v"),
+    (lambda a: dict(k_cache=a["k_cache"][:, :, :1].expand(-1, -1, 40, -1)), ValueError, "k_cache must be writable"),
+    (lambda a: dict(cache_seqlens=torch.tensor([0, 17, 40], dtype=torch.int32)), ValueError, "cache_seqlens"),
+])
+def test_decode_attention_append_rejects_bad_input(change, error, name):
+    q, k_cache, v_cache, k_new, v_new, seqlens = _append_inputs(torch.float32, "cpu")
+    arguments = dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=seqlens, k=k_new, v=v_new)
+    arguments.update(change(arguments))
+    with pytest.raises(error, match=name):
+        decode_attention(**arguments)

@@ -835,3 +835,100 @@ def test_cached_generation_on_the_gpu_gives_the_tokens_of_uncached_generation():
         cached = model.generate(prompt, 64, temperature=0.0)
         uncached = model.generate(prompt, 64, temperature=0.0, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ragged batched generation
+# ---------------------------------------------------------------------------------------------------------------
+def _ragged_prompts(lengths=(5, 1, 9), seed=40):
+    return [token_ids((1, n), seed=seed + i)[0] for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_ragged_greedy_generation_equals_each_prompt_alone(impl, use_cache):
+    """Prompts of 5, 1 and 9 tokens with their own budgets: each output equals that prompt generated alone."""
+    model = tiny_gpt(seed=41, **NARROW)
+    prompts, budgets = _ragged_prompts(), [6, 3, 7]
+    with use_impl(impl):
+        batch = model.generate(prompts, budgets, temperature=0, use_cache=use_cache)
+        alone = [model.generate(p[None], n, temperature=0, use_cache=use_cache)[0] for p, n in zip(prompts, budgets)]
+    assert isinstance(batch, list) and [len(x) for x in batch] == [11, 4, 16]
+    for got, want in zip(batch, alone):
+        assert torch.equal(got, want)
+
+
+def test_ragged_cached_decoding_appends_inside_decode_attention(monkeypatch):
+    """After a right-padded prefill the cache holds each prompt's own length; every decode step is one
+    decode_attention call per layer that appends the step's key/value (no KVCache.store)."""
+    model = tiny_gpt(seed=42, **NARROW)
+    calls = []
+    original = attention_module.decode_attention
+
+    def spy(q, k_cache, v_cache, seqlens, **kwargs):
+        calls.append((seqlens.tolist(), kwargs.get("k") is not None))
+        return original(q, k_cache, v_cache, seqlens, **kwargs)
+    monkeypatch.setattr(attention_module, "decode_attention", spy)
+    with use_impl("triton"):
+        model.generate(_ragged_prompts((4, 2)), 3, temperature=0)
+    layers = model.config.n_layer
+    assert calls == [([4, 2], True)] * layers + [([5, 3], True)] * layers
+
+
+def test_padded_prompts_with_lengths_and_eos_stop_each_sequence():
+    model = tiny_gpt(seed=43, **NARROW)
+    prompts = _ragged_prompts((3, 6))
+    padded = torch.zeros(2, 6, dtype=torch.long)
+    padded[0, :3], padded[1] = prompts[0], prompts[1]
+    with use_impl("eager"):
+        free = model.generate(prompts, 8, temperature=0)
+        eos = int(free[1][6 + 2])  # the third new token of the second prompt
+        stopped = model.generate(padded, 8, temperature=0, lengths=[3, 6], eos_token_id=eos)
+    for got, full, prompt_length in zip(stopped, free, (3, 6)):
+        new = full[prompt_length:].tolist()
+        end = new.index(eos) + 1 if eos in new else len(new)
+        assert got.tolist() == full[:prompt_length + end].tolist()  # up to and including the first eos
+    assert len(stopped[1]) <= 6 + 3 and int(stopped[1][-1]) == eos  # stopped early, at the eos
+
+
+def test_generation_callback_streams_every_step():
+    model = tiny_gpt(seed=44, **NARROW)
+    seen = []
+    with use_impl("eager"):
+        out = model.generate(_ragged_prompts((2, 3)), [2, 4], temperature=0,
+                             callback=lambda step, rows, tokens: seen.append((step, rows.tolist(), tokens.tolist())))
+    assert [(step, rows) for step, rows, _ in seen] == [(0, [0, 1]), (1, [0, 1]), (2, [1]), (3, [1])]
+    assert [tokens for _, _, tokens in seen] == [[int(out[0][2]), int(out[1][3])], [int(out[0][3]), int(out[1][4])],
+                                                 [int(out[1][5])], [int(out[1][6])]]
+
+
+def test_kv_cache_trim_select_and_ragged_store():
+    cache = KVCache(1, 3, 2, 8, 16)
+    cache.advance(4)
+    cache.trim([4, 1, 2])
+    assert cache.lengths == (4, 1, 2) and cache.cache_seqlens.tolist() == [4, 1, 2] and cache.is_ragged
+    with pytest.raises(ValueError, match="different lengths"):
+        cache.advance(1) or cache.store(0, torch.zeros(3, 2, 1, 16), torch.zeros(3, 2, 1, 16))
+    assert cache.claim_starts.tolist() == [4, 1, 2] and cache.seq_len == 5
+    cache.select([2, 0])
+    assert cache.lengths == (3, 5) and cache.cache_seqlens.tolist() == [3, 5] and cache.keys[0].shape[0] == 2
+    with pytest.raises(ValueError, match="lengths must give each"):
+        cache.trim([6, 1])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m: m.generate([torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)], 2), ValueError,
+     "prompt 1 is empty"),
+    (lambda m: m.generate(torch.zeros(2, 3, dtype=torch.long), 2, lengths=[3]), ValueError, "lengths"),
+    (lambda m: m.generate(torch.zeros(2, 3, dtype=torch.long), 2, lengths=[3, 4]), ValueError, "lengths"),
+    (lambda m: m.generate([torch.tensor([1, 2])], 2, lengths=[2]), ValueError, "lengths"),
+    (lambda m: m.generate([torch.tensor([1, 2]), torch.tensor([1], dtype=torch.int32)], 2), ValueError, "idx"),
+    (lambda m: m.generate(torch.zeros(2, 3, dtype=torch.long), [2]), ValueError, "max_new_tokens"),
+    (lambda m: m.generate(torch.zeros(1, 3, dtype=torch.long), 2, eos_token_id=50), ValueError, "eos_token_id"),
+    (lambda m: m.generate(torch.zeros(1, 3, dtype=torch.long), 2, eos_token_id="a"), TypeError, "eos_token_id"),
+    (lambda m: m.generate(torch.zeros(1, 3, dtype=torch.long), 2, callback=3), TypeError, "callback"),
+    (lambda m: m.generate([torch.zeros(30, dtype=torch.long)], [4]), ValueError, "prompt 0 has 30 tokens"),
+])
+def test_ragged_generation_rejects_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(tiny_gpt())
