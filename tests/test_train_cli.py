@@ -1,7 +1,9 @@
 """The training command end to end: every family's quick run, resuming, and every refused option."""
 import json
 import math
+import wave
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +78,42 @@ def test_resume_reproduces_several_steps_with_random_noise(tmp_path):
     assert [r["loss"] for r in log_records(stopped)] == [r["loss"] for r in log_records(straight)]
     for key, value in saved_state(straight)["model"].items():
         assert torch.equal(saved_state(stopped)["model"][key], value), key
+
+
+def write_user_data(model, folder):
+    """A small data set of the kind ``--data`` takes for ``model``: RGB PNGs, 8 kHz WAVs or a text file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    if model == "gpt":
+        (folder / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+        return folder / "corpus.txt"
+    if model == "wavenet":
+        for i in range(3):
+            with wave.open(str(folder / f"{i}.wav"), "wb") as writer:
+                writer.setnchannels(1)
+                writer.setsampwidth(2)
+                writer.setframerate(8000)
+                writer.writeframes(rng.integers(-3000, 3000, 300).astype("<i2").tobytes())
+        return folder
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("model", ["pixelcnn", "gpt", "wavenet"])
+def test_training_on_user_data(model, tmp_path):
+    data_path = write_user_data(model, tmp_path / "data")
+    out = tmp_path / "out"
+    assert run(model, out, "--steps", "1", "--batch-size", "4", "--data", str(data_path)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == str(data_path) and math.isfinite(metrics[METRIC[model]])
+    state = saved_state(out)
+    if model == "pixelcnn":  # RGB files: a 3-channel model over 256 levels
+        assert state["config"]["data"]["shape"] == [3, 8, 8] and state["config"]["data"]["levels"] == 256
+    if model == "wavenet":  # 3 files x 4 whole segments of 64 samples, 90% of them for training
+        assert state["config"]["data"]["items"] == 11
 
 
 def test_unknown_model_lists_the_valid_ones(capsys):
