@@ -240,7 +240,7 @@ def _sample_categorical_kernel(out_ptr, logits_ptr, seed_ptr, rows, num_classes,
 # Elements of one tile: a multiple of 4 (a Philox group per 4 classes); on a GPU the radix passes hold sixteen
 # candidates per element, which 1024 elements keep within the register file.
 GPU_TILE = 1024
-INTERPRETER_TILE = 4096
+INTERPRETER_TILE = 1 << 15
 
 
 def sample_launch_config(rows: int, classes: int, element_size: int, device: torch.device) -> tuple[int, int, int]:
