@@ -14,6 +14,7 @@ figures. matplotlib (the ``plot`` extra) is imported only here, on its Agg backe
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +66,7 @@ def _draw(path: Path, family: str, rows: list[dict], panels: list[tuple[str, str
     cases and providers with a figure in some panel; ``colors`` keeps each provider's colour across charts)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = [row for row in rows if any(row.get(key) is not None for key, _ in panels)]
     cases = list(dict.fromkeys(row["case"] for row in rows))
@@ -76,6 +78,7 @@ def _draw(path: Path, family: str, rows: list[dict], panels: list[tuple[str, str
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for axis, (key, label) in zip(axes, panels):
+        shown = [reference]
         for index, provider in enumerate(providers):
             positions, widths = [], []
             for position, case in enumerate(cases):
@@ -83,10 +86,20 @@ def _draw(path: Path, family: str, rows: list[dict], panels: list[tuple[str, str
                 if figure_value is not None and (figure_value > 0 or not log_scale):
                     positions.append(position - 0.4 + group * (index + 0.5))
                     widths.append(figure_value)
-            axis.barh(positions, widths, height=group, color=colors[provider], label=provider)
+            shown += widths
+            # ratios are bars from 1x (left of it: slower), percentages bars from 0
+            start = reference if log_scale else 0.0
+            bars = axis.barh(positions, [width - start for width in widths], left=start, height=group,
+                             color=colors[provider], label=provider)
+            axis.bar_label(bars, labels=[f"{width:.3g}" for width in widths], fontsize=6, padding=2)
         axis.axvline(reference, color="black", linewidth=0.8)
+        axis.margins(x=0.08)  # room for the value labels
         if log_scale:
             axis.set_xscale("log")
+            decades = math.log10(max(shown) / min(shown))  # 1-2-5 ticks only where they do not crowd
+            axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+            axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel(label)
         axis.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(cases)), cases, fontsize=7)
