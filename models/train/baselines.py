@@ -338,6 +338,9 @@ class CharNGram:
 
 @dataclasses.dataclass
 class NGramBaseline:
+    """The held-out bits per character of the chosen order's :class:`CharNGram` (fitted on all the training
+    text), and every order's bits per character on the validation slice."""
+
     bits_per_char: float
     order: int
     validation_bits_per_char: dict[int, float]

@@ -215,6 +215,7 @@ class FeatureGaussian:
 
     @classmethod
     def of(cls, features: ArrayLike, name: str = "features") -> "FeatureGaussian":
+        """The Gaussian of a feature set ``[N, F]`` (tensor or array, ``N >= 2``; ``name`` for errors)."""
         features = check_features(features, name)
         return cls(features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], -1))
 
