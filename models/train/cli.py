@@ -51,9 +51,13 @@ def build_parser(family: Optional[Family] = None) -> argparse.ArgumentParser:
     parser.add_argument("model", choices=list(FAMILIES), help="the family to train")
     parser.add_argument("--data", default=None, help="images: a folder of PNG/JPEG files or an .npy array; gpt: "
                                                      "a UTF-8 text file; wavenet: a folder of 8 kHz mono WAV files")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the family's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch size (all processes)")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the family's)")
+    steps, batch, lr = ((f"{family.steps}; --quick {family.quick_steps}",
+                         f"{family.batch_size}; --quick {min(family.batch_size, QUICK_BATCH_SIZE)}", f"{family.lr:g}")
+                        if family is not None else ("the family's",) * 3)
+    parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {steps})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"global batch size, over all processes (default {batch})")
+    parser.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {lr})")
     parser.add_argument("--out", default=None, help="output folder (default: runs/MODEL)")
     parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     parser.add_argument("--impl", choices=IMPLS, default="auto", help="genkernels' op implementation")
@@ -81,9 +85,10 @@ def build_parser(family: Optional[Family] = None) -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[Family, argparse.Namespace]:
     """The family named by the first argument and every option (an unknown name lists the valid ones)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    known, _ = build_parser().parse_known_args(argv)
-    family = FAMILIES[known.model]
-    return family, build_parser(family).parse_args(argv)
+    # the family's options (and its --help) need the family first: the first argument that names one
+    named = next((FAMILIES[arg] for arg in argv if arg in FAMILIES), None)
+    args = build_parser(named).parse_args(argv)
+    return FAMILIES[args.model], args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
