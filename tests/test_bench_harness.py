@@ -267,6 +267,9 @@ def test_cli_without_json_writes_into_bench_results_here(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "all_cases", lambda size, pattern=None: [_toy_case({"eager": lambda: torch.ones(2)})])
     assert main(["--no-resources"]) == 0
-    written = sorted(path.name for path in (tmp_path / "bench-results").iterdir())
+    files = sorted(path.name for path in (tmp_path / "bench-results").iterdir())
+    written = [name for name in files if name.endswith((".json", ".md"))]
     assert len(written) == 2 and written[0].endswith(".json") and written[1].endswith(".md")
     assert json.loads((tmp_path / "bench-results" / written[0]).read_text())["rows"][0]["case"] == "toy.add[1]"
+    charts = [name for name in files if name.endswith(".png")]  # drawn beside the JSON (matplotlib is installed)
+    assert sorted(name.rsplit("_", 1)[1] for name in charts) == ["limit.png", "speedup.png"]
