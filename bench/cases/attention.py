@@ -16,7 +16,8 @@ Peak memory of forward+backward is recorded in the notes of the largest forward+
 extra call per provider in the case's setup, ``torch.cuda.max_memory_allocated`` above the inputs).
 
 ``attention.sdpa_{forward,fwd_bwd}[...]``: :func:`~genkernels.kernels.scaled_dot_product_attention` (SDPA's
-signature; ``impl="triton"`` for ours) on the same shapes, in two variants:
+signature; ``impl="triton"`` for ours) on the same shapes (two sequences at the CPU size, so that the mask is
+ragged), in two variants:
 
 * ``key_padding``: a boolean key-padding mask ``[batch, 1, 1, seq]`` (True = a real token), each sequence with its
   own valid length drawn in ``[seq / 2, seq]``. FLOPs count the visible keys only: ``4 * heads * seq * head_dim *
