@@ -47,6 +47,7 @@ RADIX_BITS = 4
 KEY_BIAS = 2**31  # int32 keys shifted to [0, 2^32), the range the radix search walks
 INVALID_ROW = -1
 FLOAT32_TINY = 1.0e-45  # the smallest fp32 subnormal (rounds to 2^-149)
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,29 +238,34 @@ def _sample_categorical_kernel(out_ptr, logits_ptr, seed_ptr, rows, num_classes,
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
-# Elements of one tile: a multiple of 4 (a Philox group per 4 classes); on a GPU the radix passes hold sixteen
-# candidates per element, which 1024 elements keep within the register file.
+# Elements of one tile: a multiple of 4 (a Philox group per 4 classes). On a GPU an unfiltered tile is one 16-byte
+# vector per thread; the radix passes of a filtered draw compare every element with sixteen candidates, so their
+# tiles hold 4 elements per thread of 4 warps (at 8 warps and 1024 elements: 184 registers, 1 CTA per SM).
 GPU_TILE = 1024
+FILTERED_TILE, FILTERED_WARPS = 512, 4
 INTERPRETER_TILE = 1 << 15
 
 
-def sample_launch_config(rows: int, classes: int, element_size: int, device: torch.device) -> tuple[int, int, int]:
+def sample_launch_config(rows: int, classes: int, element_size: int, filtered: bool,
+                         device: torch.device) -> tuple[int, int, int]:
     """``(ROWS, BLOCK, num_warps)``: ``BLOCK`` classes per tile (the row length rounded up to a power of two, at
     most one tile), ``ROWS`` rows per program. On a GPU rows are packed into a program only while the grid keeps
-    two programs per SM, and every thread loads one 16-byte vector per tile; in the CPU interpreter (about 4 ms
+    two programs per SM, and every thread loads one 16-byte vector per tile (``filtered``, top-k or top-p: four
+    elements, see FILTERED_TILE); in the CPU interpreter (about 4 ms
     per program and tile) tiles are as large as practical. Tests may force ``block`` (a power of two >= 4) with
     ``launch.force_launch_settings("sample_categorical", block=...)`` to reach several tiles per row."""
     if interpreter_enabled() and not capturing() and device.type != "cuda":
         block = max(4, min(INTERPRETER_TILE, triton.next_power_of_2(classes)))
         block = int(launch_setting("sample_categorical", "block", block))
         return max(1, min(triton.next_power_of_2(max(rows, 1)), INTERPRETER_TILE // block)), block, 4
-    block = max(4, min(GPU_TILE, triton.next_power_of_2(classes)))
+    tile = FILTERED_TILE if filtered else GPU_TILE
+    block = max(4, min(tile, triton.next_power_of_2(classes)))
     block = int(launch_setting("sample_categorical", "block", block))
     limits = device_limits(device)
-    packed = max(1, min(GPU_TILE // block, rows // (2 * limits.sm_count)))
+    packed = max(1, min(tile // block, rows // (2 * limits.sm_count)))
     packed = 1 << (packed.bit_length() - 1)  # a power of two
-    vector = 16 // element_size
-    num_warps = max(1, min(8, packed * block // (32 * vector)))
+    per_thread = 4 if filtered else 16 // element_size
+    num_warps = max(1, min(FILTERED_WARPS if filtered else 8, packed * block // (32 * per_thread)))
     return packed, block, num_warps
 
 
@@ -269,7 +275,8 @@ def _sample_categorical_launch(logits: torch.Tensor, seed: Optional[torch.Tensor
     out = torch.empty((rows,), dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
-    packed, block, num_warps = sample_launch_config(rows, classes, logits.element_size(), logits.device)
+    filtered = not greedy and (top_k > 0 or top_p < 1.0)
+    packed, block, num_warps = sample_launch_config(rows, classes, logits.element_size(), filtered, logits.device)
     offset_lo, offset_hi = _offset_words(offset)
     _sample_categorical_kernel[(triton.cdiv(rows, packed),)](
         out, logits, seed if seed is not None else out, rows, classes, logits.stride(0), logits.stride(1),
@@ -294,10 +301,12 @@ def _sample_categorical_fake(logits, *args):
 # Public function
 # ----------------------------------------------------------------------------------------------------------------
 def _inverse_temperature(temperature: float) -> float:
-    """``1 / temperature`` as the fp32 the kernels multiply by: +inf when it overflows fp32, and at least the
-    smallest subnormal (a huge temperature must not scale a -inf logit by 0)."""
-    inverse = 1.0 / temperature if temperature > 1.0 / 3.0e38 else math.inf
-    return max(torch.tensor(inverse, dtype=torch.float32).item(), FLOAT32_TINY)
+    """``1 / temperature`` for the fp32 multiplications of both impls (each rounds it to fp32 the same way): +inf
+    where it exceeds fp32's range, and at least the smallest fp32 subnormal (a huge temperature must not scale a
+    -inf logit by 0). Plain Python arithmetic, so torch.compile traces it."""
+    if temperature * FLOAT32_MAX < 1.0:
+        return math.inf
+    return max(1.0 / temperature, FLOAT32_TINY)
 
 
 def _check_seed_tensor(seed: object, device: torch.device) -> torch.Tensor:

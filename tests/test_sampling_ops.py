@@ -214,3 +214,16 @@ def test_triton_refuses_float64_logits():
         sample_categorical(torch.zeros(2, 5, dtype=torch.float64), impl="triton")
     with use_impl("eager"):
         assert sample_categorical(torch.zeros(2, 5, dtype=torch.float64), temperature=0.0).tolist() == [0, 0]
+
+
+def test_sampling_compiles_with_fullgraph():
+    """The registered op under torch.compile(fullgraph=True): the compiled call draws what the eager call draws
+    for the same seed (the per-row check becomes a device assert inside the graph)."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(10))
+    seed = _seed(21)
+
+    def draw(logits, seed):
+        return sample_categorical(logits, temperature=0.9, top_k=7, top_p=0.8, seed=seed, offset=3)
+
+    compiled = torch.compile(draw, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(logits, seed), draw(logits, seed))
