@@ -25,7 +25,9 @@ TINY = {
 METRIC = {"vae": "test_bits_per_dim", "dcgan": "test_discriminator_loss", "pixelcnn": "test_bits_per_dim",
           "realnvp": "test_bits_per_dim", "glow": "test_bits_per_dim", "ddpm": "test_denoising_mse",
           "gpt": "test_bits_per_char", "wavenet": "test_bits_per_sample"}
-SAMPLE_FILES = {"gpt": ["samples.txt"], "wavenet": [f"sample_{i}.wav" for i in range(4)] + ["spectrogram.png"]}
+SAMPLE_FILES = {"gpt": ["samples.txt"], "wavenet": [f"sample_{i}.wav" for i in range(4)] + ["spectrogram.png"],
+                "vae": ["samples.png", "interpolations.png"], "realnvp": ["samples.png", "temperatures.png"],
+                "glow": ["samples.png", "temperatures.png"]}
 
 
 def run(model, out, *options):

@@ -8,7 +8,12 @@ progress bar (loss, items/s), and writes into ``--out``:
   ``lr`` and ``time`` (seconds of training so far, resumed runs included);
 * ``checkpoint.pt`` (:mod:`~genkernels.models.train.checkpoint`) every ``--checkpoint-every`` steps and at the end;
 * ``metrics.json``: the held-out score in the family's natural unit (bits per dim, per character or per sample);
-* ``samples.png`` (``samples.txt`` for gpt; ``sample_*.wav`` and ``spectrogram.png`` for wavenet) and ``loss.png``.
+* ``samples.png`` (``samples.txt`` for gpt; ``sample_*.wav`` and ``spectrogram.png`` for wavenet) and ``loss.png``;
+  the vae adds ``interpolations.png`` (latent interpolations), realnvp and glow ``temperatures.png`` (one set of
+  latents at several temperatures).
+
+On a CPU device each process runs one thread unless ``--threads`` says otherwise: the models are small, and on a
+machine whose cores other work shares, multi-threaded ops spend most of their time waiting for each other.
 
 Under ``torchrun --nproc-per-node N`` the same command trains data-parallel (:mod:`~genkernels.models.train
 .distributed`). ``--amp`` runs the losses under bf16 autocast on a CUDA device; on a CPU it is an error (bf16
@@ -68,8 +73,8 @@ def build_parser(family: Optional[Family] = None) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per process (default: torch's; 1 is fastest for small models on a busy "
-                             "machine, whose other work otherwise stalls every multi-threaded op)")
+                        help="CPU threads per process (default 1 on a CPU device: these models are small, and on a "
+                             "shared machine multi-threaded ops stall; on CUDA devices torch's default)")
     parser.add_argument("--log-every", type=int, default=None, help="steps per log record (default 10; quick 1)")
     parser.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
                         help="steps between checkpoints (one is always written at the end)")
@@ -130,8 +135,8 @@ class _Run:
         self.log_every = args.log_every if args.log_every is not None else (1 if args.quick else 10)
         self.out = Path(args.out if args.out is not None else Path("runs") / family.name)
         self.settings = RunSettings(args.data, args.quick, self.out, context.device)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
+        if args.threads is not None or context.device.type == "cpu":
+            torch.set_num_threads(args.threads if args.threads is not None else 1)
         _seed_everything(args.seed)
         self.train_data, self.test_data = family.load_data(self.settings, self.config)
         self.order = BatchOrder(len(self.train_data), self.batch_size, args.seed, context.rank, context.world_size)

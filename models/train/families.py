@@ -47,6 +47,8 @@ from .metrics import bits_per_dim, dequantize
 
 LN2 = math.log(2.0)
 SAMPLE_GRID = 64
+INTERPOLATION_ROWS, INTERPOLATION_STEPS = 8, 8
+TEMPERATURES = (0.0, 0.25, 0.5, 0.7, 0.85, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +190,11 @@ class VAEFamily(Family):
     def write_samples(self, model, train, config, settings, generator):
         pictures.save_image_grid(model.sample(SAMPLE_GRID, generator=generator), settings.out / "samples.png",
                                  "VAE samples (likelihood mean)")
+        # Rows: the decoded straight line between the posterior means of two training images (bin centres).
+        pairs = (train.images[:2 * INTERPOLATION_ROWS].to(settings.device).float() + 0.5) / train.levels
+        path = model.interpolate(pairs[0::2], pairs[1::2], steps=INTERPOLATION_STEPS)
+        pictures.save_image_grid(path.transpose(0, 1).flatten(0, 1), settings.out / "interpolations.png",
+                                 "VAE latent interpolations", columns=INTERPOLATION_STEPS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,6 +358,15 @@ class _FlowFamily(Family):
         images = model.sample(SAMPLE_GRID, temperature=0.8, generator=generator) + 0.5
         pictures.save_image_grid(images, settings.out / "samples.png",
                                  f"{self.name} samples (temperature 0.8)")
+        # Rows: the same latents scaled by each temperature (the generator restarts from one state per row).
+        start = generator.get_state()
+        rows = []
+        for temperature in TEMPERATURES:
+            generator.set_state(start)
+            rows.append(model.sample(INTERPOLATION_STEPS, temperature=temperature, generator=generator) + 0.5)
+        pictures.save_image_grid(torch.cat(rows), settings.out / "temperatures.png",
+                                 f"{self.name}: temperatures {', '.join(map(str, TEMPERATURES))} (rows)",
+                                 columns=INTERPOLATION_STEPS)
 
 
 class RealNVPFamily(_FlowFamily):

@@ -37,9 +37,9 @@ def image_grid(images: torch.Tensor, columns: int = 8, padding: int = 1) -> np.n
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: Path, title: str = "") -> None:
-    """Write :func:`image_grid` of ``images`` (values in [0, 1]) to the PNG ``path``."""
-    grid = image_grid(images)
+def save_image_grid(images: torch.Tensor, path: Path, title: str = "", columns: int = 8) -> None:
+    """Write :func:`image_grid` of ``images`` (values in [0, 1]) with ``columns`` tiles a row to the PNG ``path``."""
+    grid = image_grid(images, columns)
     figure = _figure(6, 6 * grid.shape[0] / grid.shape[1] + (0.4 if title else 0))
     axes = figure.add_axes((0, 0, 1, 0.93 if title else 1))
     if grid.shape[2] == 1:
