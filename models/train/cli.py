@@ -171,7 +171,7 @@ class _Run:
                 model.load_state_dict(payload["model"])
             ema = ema_model(model, self.config["ema_decay"]) if family.uses_ema() else None
             objectives = [(name, distributed.wrap(objective, context, self.args.fsdp))
-                          for name, objective in family.objectives(model)]
+                          for name, objective in family.objectives(model, self.train_data)]
             optimizers = {name: family.adam(name, objective.parameters(), self.lr) for name, objective in objectives}
             start_step, elapsed = 0, 0.0
             if payload is not None:

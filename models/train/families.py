@@ -116,7 +116,7 @@ class Family:
         """A freshly initialized model for the resolved options ``config`` and the training data."""
         raise NotImplementedError
 
-    def objectives(self, model: nn.Module) -> list[tuple[str, Objective]]:
+    def objectives(self, model: nn.Module, train) -> list[tuple[str, Objective]]:
         """``(name, objective)`` pairs, each trained by its own optimizer, in the order of a step."""
         raise NotImplementedError
 
@@ -172,13 +172,11 @@ class VAEFamily(Family):
         channels, height, width = train.shape
         if height != width:
             raise train_data.DataError(f"vae needs square images; {train.source} holds {height}x{width}")
-        model = VAE(channels, height, config["latent_dim"], likelihood="gaussian", variance="learned",
-                    sigma=config["sigma"])
-        model.levels = train.levels
-        return model
+        return VAE(channels, height, config["latent_dim"], likelihood="gaussian", variance="learned",
+                   sigma=config["sigma"])
 
-    def objectives(self, model: VAE):
-        return [("model", _VAEObjective(model, model.levels))]
+    def objectives(self, model: VAE, train):
+        return [("model", _VAEObjective(model, train.levels))]
 
     def evaluate(self, model, test, config, settings, generator):
         def elbo_bits(images):
@@ -249,12 +247,10 @@ class DCGANFamily(Family):
         channels, height, width = train.shape
         if height != width:
             raise train_data.DataError(f"dcgan needs square images; {train.source} holds {height}x{width}")
-        model = DCGAN(config["latent_dim"], channels, height, config["base_channels"], loss=config["gan_loss"])
-        model.levels = train.levels
-        return model
+        return DCGAN(config["latent_dim"], channels, height, config["base_channels"], loss=config["gan_loss"])
 
-    def objectives(self, model: DCGAN):
-        return [("discriminator", _DiscriminatorObjective(model, model.levels)),
+    def objectives(self, model: DCGAN, train):
+        return [("discriminator", _DiscriminatorObjective(model, train.levels)),
                 ("generator", _GeneratorObjective(model))]
 
     def adam(self, name, parameters, lr):
@@ -301,13 +297,11 @@ class PixelCNNFamily(Family):
         if train.levels > NUM_CLASSES:
             raise train_data.DataError(f"pixelcnn models at most {NUM_CLASSES} levels; {train.source} has "
                                        f"{train.levels}")
-        model = PixelCNN(channels, config["hidden_channels"], config["num_blocks"], config["output_channels"],
-                         (height, width))
-        model.levels = train.levels
-        return model
+        return PixelCNN(channels, config["hidden_channels"], config["num_blocks"], config["output_channels"],
+                        (height, width))
 
-    def objectives(self, model: PixelCNN):
-        return [("model", _PixelCNNObjective(model, model.levels))]
+    def objectives(self, model: PixelCNN, train):
+        return [("model", _PixelCNNObjective(model, train.levels))]
 
     def evaluate(self, model, test, config, settings, generator):
         with torch.no_grad():
@@ -342,8 +336,8 @@ class _FlowFamily(Family):
     kind = "images"
     batch_size = 64
 
-    def objectives(self, model):
-        return [("model", _FlowObjective(model, model.levels))]
+    def objectives(self, model, train):
+        return [("model", _FlowObjective(model, train.levels))]
 
     def prepare(self, model, first_batch, train, generator):
         with torch.no_grad():  # data-dependent initialization (ActNorm) on the batch every process shares
@@ -376,9 +370,7 @@ class RealNVPFamily(_FlowFamily):
                Option("hidden_channels", 32, "width of the coupling networks"))
 
     def build(self, config, train):
-        model = RealNVP(train.shape, config["num_scales"], config["hidden_channels"])
-        model.levels = train.levels
-        return model
+        return RealNVP(train.shape, config["num_scales"], config["hidden_channels"])
 
 
 class GlowFamily(_FlowFamily):
@@ -389,10 +381,8 @@ class GlowFamily(_FlowFamily):
                Option("hidden_channels", 32, "width of the coupling networks"))
 
     def build(self, config, train):
-        model = Glow(train.shape, config["num_levels"], config["depth"], config["hidden_channels"],
-                     generator=torch.Generator().manual_seed(config["seed"]))
-        model.levels = train.levels
-        return model
+        return Glow(train.shape, config["num_levels"], config["depth"], config["hidden_channels"],
+                    generator=torch.Generator().manual_seed(config["seed"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,12 +416,10 @@ class DDPMFamily(Family):
         unet = UNet(channels, base_channels=base, channel_mult=(1, 2), num_res_blocks=config["num_res_blocks"],
                     attention_resolutions=(height // 2,), dropout=0.0, num_groups=min(8, base),
                     num_head_channels=min(2 * base, 64), image_size=height)
-        model = DDPM(unet)
-        model.levels = train.levels
-        return model
+        return DDPM(unet)
 
-    def objectives(self, model):
-        return [("model", _DDPMObjective(model, model.levels))]
+    def objectives(self, model, train):
+        return [("model", _DDPMObjective(model, train.levels))]
 
     def uses_ema(self):
         return True
@@ -484,7 +472,7 @@ class GPTFamily(Family):
         return GPT(GPTConfig(vocab_size=len(train.alphabet), block_size=config["block_size"],
                              n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"]))
 
-    def objectives(self, model):
+    def objectives(self, model, train):
         return [("model", _GPTObjective(model))]
 
     def evaluate(self, model, test, config, settings, generator):
@@ -543,7 +531,7 @@ class WaveNetFamily(Family):
         return WaveNet(train_data.MU_LAW_CLASSES, width, width, config["skip_channels"],
                        num_stacks=config["num_stacks"], layers_per_stack=config["layers_per_stack"])
 
-    def objectives(self, model):
+    def objectives(self, model, train):
         return [("model", _WaveNetObjective(model))]
 
     def evaluate(self, model, test, config, settings, generator):
