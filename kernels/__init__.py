@@ -6,22 +6,25 @@ default for a block of code or a whole process.
 """
 from importlib.metadata import version as _distribution_version
 
-from .attention import decode_attention, flash_attention
-from .bias_act import ACTIVATIONS, bias_act
-from .causal_conv import causal_conv1d
-from .coupling import affine_coupling
-from .cross_entropy import cross_entropy, linear_cross_entropy
-from .diffusion import NoiseSchedule, ddim_step, ddpm_step
-from .diffusion_loss import diffusion_loss, q_sample
-from .group_norm import group_norm_silu
-from .launch import draw_philox_seed
-from .masked_conv import masked_conv2d
-from .philox import philox_normal
-from .reparameterize import reparameterize_kl
-from .sdpa import AttentionFallbackWarning, scaled_dot_product_attention
-from .runtime import IMPLS, default_impl, interpreter_enabled, use_impl
-from .sampling import sample_categorical
-from .wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
+# Absolute imports: from the repository root this folder is also importable under its bare name (transformers
+# imports a package called "kernels" when it probes for one), and a second copy of the submodules would
+# register the ops again over the real ones; the bare name then only re-exports the installed package.
+from genkernels.kernels.attention import decode_attention, flash_attention
+from genkernels.kernels.bias_act import ACTIVATIONS, bias_act
+from genkernels.kernels.causal_conv import causal_conv1d
+from genkernels.kernels.coupling import affine_coupling
+from genkernels.kernels.cross_entropy import cross_entropy, linear_cross_entropy
+from genkernels.kernels.diffusion import NoiseSchedule, ddim_step, ddpm_step
+from genkernels.kernels.diffusion_loss import diffusion_loss, q_sample
+from genkernels.kernels.group_norm import group_norm_silu
+from genkernels.kernels.launch import draw_philox_seed
+from genkernels.kernels.masked_conv import masked_conv2d
+from genkernels.kernels.philox import philox_normal
+from genkernels.kernels.reparameterize import reparameterize_kl
+from genkernels.kernels.sdpa import AttentionFallbackWarning, scaled_dot_product_attention
+from genkernels.kernels.runtime import IMPLS, default_impl, interpreter_enabled, use_impl
+from genkernels.kernels.sampling import sample_categorical
+from genkernels.kernels.wavenet import WaveNetCache, wavenet_residual_layer, wavenet_step
 
 __version__ = _distribution_version("genkernels")
 
