@@ -178,6 +178,9 @@ def test_resume_refuses_another_model_or_config(capsys, tmp_path):
     expect_error(capsys, ["gpt", "--quick", "--out", str(gpt_out), "--resume", "--steps", "2", *TINY["gpt"]],
                  f"{checkpoint_file} is a checkpoint of model 'vae'")
     expect_error(capsys, ["gpt", "--out", str(tmp_path / "none"), "--resume"], "there is no checkpoint")
+    checkpoint_file.write_bytes(b"not a checkpoint")
+    expect_error(capsys, ["gpt", "--quick", "--out", str(gpt_out), "--resume", "--steps", "2", *TINY["gpt"]],
+                 f"{checkpoint_file} cannot be read as a checkpoint")
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
