@@ -23,6 +23,7 @@ inside the chunk. The gradients are computed in the forward pass, so the backwar
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -57,7 +58,7 @@ _CONTIGUOUS_TILE = 4096
 _STRIDED_CLASSES = 256
 _STRIDED_TILE = 8192
 # Chunk rule of linear_cross_entropy: the chunk's logits (tokens x vocab in the input dtype) stay under this.
-CHUNK_LOGITS_BYTES = 2**28
+CHUNK_LOGITS_BYTES = 2**29
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,7 +66,8 @@ CHUNK_LOGITS_BYTES = 2**28
 # ----------------------------------------------------------------------------------------------------------------
 def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                             label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
-    """Plain ``F.cross_entropy`` on the logits in fp32 (fp64 for fp64 logits), returned in the logits' dtype:
+    """Plain ``F.cross_entropy`` on the logits in fp32 (fp64 for fp64 logits); the reduced loss comes back in
+    that dtype, the per-row losses of "none" in the logits' dtype:
 
         lse_i  = log sum_c exp(x_ic)
         loss_i = lse_i - (1 - eps) x_i,t_i - eps / C sum_c x_ic        (0 where t_i == ignore_index)
@@ -74,7 +76,7 @@ def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, ignore_i
     dtype = compute_dtype(logits.dtype)
     loss = F.cross_entropy(logits.to(dtype), target.long(), ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction=reduction)
-    return loss.to(logits.dtype)
+    return loss.to(logits.dtype) if reduction == "none" else loss
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -103,10 +105,28 @@ def _online_update(x, row_max, row_sum):
 
 @triton.jit
 def _row_gradient(x, cols, lse, target, valid, smoothing, num_classes):
-    """``d loss_i / d x_ic = softmax_ic - (1 - eps) [c == t_i] - eps / C``, 0 on ignored rows."""
+    """For the tile ``x`` at classes ``cols`` (``[1, classes]``): ``d loss_i / d x_ic = softmax_ic - (1 - eps) [c == t_i] - eps / C``, 0 on ignored rows."""
     grad = tl.exp(x - lse[:, None]) - smoothing / num_classes
-    grad -= tl.where(cols[None, :] == target[:, None], 1.0 - smoothing, 0.0)
+    grad -= tl.where(cols == target[:, None], 1.0 - smoothing, 0.0)
     return tl.where(valid[:, None], grad, 0.0)
+
+
+@triton.jit
+def _stats_of_tile(x_ptrs, mask, row_max, row_sum, row_total, SMOOTH: tl.constexpr):
+    """Read one tile of logits (masked lanes -inf) into the running max, exp-sum and (for smoothing) sum."""
+    x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    row_max, row_sum = _online_update(x, row_max, row_sum)
+    if SMOOTH:
+        row_total += tl.sum(tl.where(mask, x, 0.0), axis=1)
+    return row_max, row_sum, row_total
+
+
+@triton.jit
+def _gradient_of_tile(x_ptrs, g_ptrs, c, mask, lse, target, valid, smoothing, num_classes):
+    """Read one tile of logits again and write its gradient (see :func:`_row_gradient`)."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    grad = _row_gradient(x, c, lse, target, valid, smoothing, num_classes)
+    tl.store(g_ptrs, grad.to(g_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["ignore_index", "smoothing"])
@@ -118,11 +138,17 @@ def _cross_entropy_kernel(
     t_so0, t_so1, t_so2, t_sr,
     l_so0, l_so1, l_so2, l_sr,
     WRITE_GRAD: tl.constexpr, SMOOTH: tl.constexpr, SINGLE_TILE: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Rows ``[tile * BLOCK_R, ...)`` of the innermost row dim at one outer position: their losses, and with
     WRITE_GRAD their gradients for a unit upstream gradient (``grad_ptr`` may alias ``logits_ptr``: every element
-    is read before its gradient overwrites it, by the same program)."""
+    is read before its gradient overwrites it, by the same program).
+
+    SINGLE_TILE: the rows' classes fit one tile, read once (the gradient comes from the registers). Otherwise
+    the classes are walked twice, for the online log-sum-exp and for the gradient. ALIGN (one row per program,
+    contiguous classes, the gradient laid out as the logits; a vocabulary of 50,257 starts its rows anywhere):
+    the walk is the row's classes before its first 16-byte boundary, whole 16-byte vectors from there (tiles
+    whose masks are uniform per vector), and the classes after the last one."""
     pid = tl.program_id(0).to(tl.int64)
     outer = pid // row_tiles
     first_row = (pid % row_tiles) * BLOCK_R
@@ -130,47 +156,55 @@ def _cross_entropy_kernel(
     o1 = (outer // outer2) % outer1
     o0 = outer // outer2 // outer1
     # the tile's first row is found in 64 bits; offsets inside the tile are 32-bit unless it spans 2**31 elements
-    x_ptr = logits_ptr + (o0 * x_so0 + o1 * x_so1 + o2 * x_so2 + first_row * x_sr)
-    g_ptr = grad_ptr + (o0 * g_so0 + o1 * g_so1 + o2 * g_so2 + first_row * g_sr)
+    x_offset = o0 * x_so0 + o1 * x_so1 + o2 * x_so2 + first_row * x_sr
+    g_offset = o0 * g_so0 + o1 * g_so1 + o2 * g_so2 + first_row * g_sr
+    x_ptr = logits_ptr + x_offset
+    g_ptr = grad_ptr + g_offset
     t_ptr = target_ptr + (o0 * t_so0 + o1 * t_so1 + o2 * t_so2 + first_row * t_sr)
     l_ptr = loss_ptr + (o0 * l_so0 + o1 * l_so1 + o2 * l_so2 + first_row * l_sr)
     rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
     if WIDE:
         rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
     row_mask = first_row + rows < inner_rows
     target = tl.load(t_ptr + rows * t_sr, mask=row_mask, other=ignore_index).to(tl.int64)
     valid = row_mask & (target != ignore_index)
     # the host checked the targets; clamping only keeps an ignored or unchecked row's gather inside the row
     target = tl.minimum(tl.maximum(target, 0), num_classes - 1)
-    if WIDE:
-        x_rows = rows * x_sr
-        g_rows = rows * g_sr
-    else:
-        x_rows = rows * x_sr.to(tl.int32)
-        g_rows = rows * g_sr.to(tl.int32)
-    target_logit = tl.load(x_ptr + x_rows + target * x_sc, mask=valid, other=0.0).to(tl.float32)
+    x_rows = (rows * x_sr)[:, None]
+    g_rows = (rows * g_sr)[:, None]
+    target_logit = tl.load(x_ptr + rows * x_sr + target * x_sc, mask=valid, other=0.0).to(tl.float32)
     row_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_R,), tl.float32)
     row_total = tl.zeros((BLOCK_R,), tl.float32)
-    cols = tl.arange(0, BLOCK_C)
-    if WIDE:
-        cols = cols.to(tl.int64)
-    if SINGLE_TILE:
+    if ALIGN:
+        VECTOR: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth
+        lanes = tl.arange(0, VECTOR)[None, :]
+        head = tl.minimum(((VECTOR - x_offset % VECTOR) % VECTOR).to(tl.int32), num_classes)
+        body = (num_classes - head) // VECTOR * VECTOR
+        body_x = logits_ptr + tl.multiple_of(x_offset + head, VECTOR)
+        body_g = grad_ptr + tl.multiple_of(g_offset + head, VECTOR)
+        tail = head + body
+        row_max, row_sum, row_total = _stats_of_tile(x_ptr + lanes, lanes < head, row_max, row_sum, row_total,
+                                                     SMOOTH)
+        for start in range(0, body, BLOCK_C):
+            q = tl.multiple_of(start, BLOCK_C) + cols[None, :]
+            row_max, row_sum, row_total = _stats_of_tile(body_x + q, q < body, row_max, row_sum, row_total, SMOOTH)
+        row_max, row_sum, row_total = _stats_of_tile(x_ptr + tail + lanes, tail + lanes < num_classes, row_max,
+                                                     row_sum, row_total, SMOOTH)
+    elif SINGLE_TILE:
         mask = row_mask[:, None] & (cols < num_classes)[None, :]
-        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :] * x_sc, mask=mask,
-                    other=float("-inf")).to(tl.float32)
+        x = tl.load(x_ptr + x_rows + cols[None, :] * x_sc, mask=mask, other=float("-inf")).to(tl.float32)
         row_max, row_sum = _online_update(x, row_max, row_sum)
         if SMOOTH:
             row_total = tl.sum(tl.where(mask, x, 0.0), axis=1)
     else:
         for start in range(0, num_classes, BLOCK_C):
-            c = start + cols
-            mask = row_mask[:, None] & (c < num_classes)[None, :]
-            x = tl.load(x_ptr + x_rows[:, None] + c[None, :] * x_sc, mask=mask,
-                        other=float("-inf")).to(tl.float32)
-            row_max, row_sum = _online_update(x, row_max, row_sum)
-            if SMOOTH:
-                row_total += tl.sum(tl.where(mask, x, 0.0), axis=1)
+            c = (start + cols)[None, :]
+            row_max, row_sum, row_total = _stats_of_tile(x_ptr + x_rows + c * x_sc,
+                                                         row_mask[:, None] & (c < num_classes), row_max, row_sum,
+                                                         row_total, SMOOTH)
     # rows past the end get lse 0 (no log(0), no -inf - -inf in their never-stored lanes)
     lse = tl.where(row_max == float("-inf"), 0.0, row_max) + tl.log(tl.where(row_mask, row_sum, 1.0))
     loss = lse - (1.0 - smoothing) * target_logit
@@ -179,19 +213,24 @@ def _cross_entropy_kernel(
     loss = tl.where(valid, loss, 0.0)
     tl.store(l_ptr + rows * l_sr, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
     if WRITE_GRAD:
-        if SINGLE_TILE:
-            grad = _row_gradient(x, cols, lse, target, valid, smoothing, num_classes)
-            tl.store(g_ptr + g_rows[:, None] + cols[None, :] * g_sc,
-                     grad.to(grad_ptr.dtype.element_ty), mask=mask)
+        if ALIGN:
+            _gradient_of_tile(x_ptr + lanes, g_ptr + lanes, lanes, lanes < head, lse, target, valid, smoothing,
+                              num_classes)
+            for start in range(0, body, BLOCK_C):
+                q = tl.multiple_of(start, BLOCK_C) + cols[None, :]
+                _gradient_of_tile(body_x + q, body_g + q, head + q, q < body, lse, target, valid, smoothing,
+                                  num_classes)
+            _gradient_of_tile(x_ptr + tail + lanes, g_ptr + tail + lanes, tail + lanes,
+                              tail + lanes < num_classes, lse, target, valid, smoothing, num_classes)
+        elif SINGLE_TILE:
+            grad = _row_gradient(x, cols[None, :], lse, target, valid, smoothing, num_classes)
+            tl.store(g_ptr + g_rows + cols[None, :] * g_sc, grad.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
             for start in range(0, num_classes, BLOCK_C):
-                c = start + cols
-                mask = row_mask[:, None] & (c < num_classes)[None, :]
-                x = tl.load(x_ptr + x_rows[:, None] + c[None, :] * x_sc, mask=mask,
-                            other=0.0).to(tl.float32)
-                grad = _row_gradient(x, c, lse, target, valid, smoothing, num_classes)
-                tl.store(g_ptr + g_rows[:, None] + c[None, :] * g_sc,
-                         grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                c = (start + cols)[None, :]
+                _gradient_of_tile(x_ptr + x_rows + c * x_sc, g_ptr + g_rows + c * g_sc, c,
+                                  row_mask[:, None] & (c < num_classes), lse, target, valid, smoothing,
+                                  num_classes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,6 +278,9 @@ def _launch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     (outer0, s0), (outer1, s1), (outer2, s2), (inner_rows, s_in) = dims
     classes_contiguous = logits.stride(1) == 1 or num_classes == 1
     block_r, block_c, num_warps = _tile_config(num_classes, inner_rows, classes_contiguous)
+    # one row per program on contiguous classes: walked in whole 16-byte vectors from the row's first boundary
+    align = (classes_contiguous and block_r == 1 and num_classes > 16 // logits.element_size()
+             and (grad is None or grad.stride() == logits.stride()))
     span = block_r * max(abs(s_in[0]), abs(s_in[1])) + num_classes * max(abs(logits.stride(1)),
                                                                          abs(named[1].stride(1)))
     row_tiles = triton.cdiv(inner_rows, block_r)
@@ -248,22 +290,22 @@ def _launch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_ind
         losses, named[1], logits, target,
         ignore_index, float(label_smoothing), num_classes, inner_rows, row_tiles, outer1, outer2,
         *per_tensor[0], class_strides[0], *per_tensor[1], class_strides[1], *per_tensor[2], *per_tensor[3],
-        WRITE_GRAD=grad is not None, SMOOTH=label_smoothing > 0, SINGLE_TILE=num_classes <= block_c,
-        WIDE=span >= 2**31, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        WRITE_GRAD=grad is not None, SMOOTH=label_smoothing > 0, SINGLE_TILE=num_classes <= block_c and not align,
+        WIDE=span >= 2**31, ALIGN=align, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )
     return losses
 
 
-def _reduce(losses: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.dtype):
-    """The loss from the fp32 row losses, summed in a fixed order (deterministic), and the count of targets that
-    "mean" divides by (an fp32 scalar; an empty tensor for the other reductions)."""
+def _reduce(losses: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str):
+    """The loss from the row losses (fp32 unless "none"), summed in a fixed order (deterministic), and the count
+    of targets that "mean" divides by (an fp32 scalar; an empty tensor for the other reductions)."""
     if reduction == "none":
         return losses, losses.new_empty(0)
     total = losses.sum()
     if reduction == "sum":
-        return total.to(dtype), losses.new_empty(0)
+        return total, losses.new_empty(0)
     count = (target != ignore_index).sum().to(torch.float32)
-    return (total / count).to(dtype), count  # 0 / 0 = NaN when every target is ignored, as in F.cross_entropy
+    return total / count, count  # 0 / 0 = NaN when every target is ignored, as in F.cross_entropy
 
 
 def _launch_forward(logits, target, ignore_index, label_smoothing, reduction, write_grad):
@@ -271,7 +313,7 @@ def _launch_forward(logits, target, ignore_index, label_smoothing, reduction, wr
     loss_dtype = logits.dtype if reduction == "none" else torch.float32
     losses = _launch_cross_entropy(logits, target, ignore_index, label_smoothing, loss_dtype,
                                    grad if write_grad else None)
-    loss, count = _reduce(losses, target, ignore_index, reduction, logits.dtype)
+    loss, count = _reduce(losses, target, ignore_index, reduction)
     return loss, grad, count
 
 
@@ -299,7 +341,7 @@ def _cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
 
 @_cross_entropy_op.register_fake
 def _cross_entropy_fake(logits, target, ignore_index, label_smoothing, reduction, write_grad):
-    loss = logits.new_empty(target.shape if reduction == "none" else ())
+    loss = logits.new_empty(target.shape) if reduction == "none" else logits.new_empty((), dtype=torch.float32)
     grad = torch.empty_like(logits) if write_grad else logits.new_empty(0)
     count = logits.new_empty(() if reduction == "mean" else (0,), dtype=torch.float32)
     return loss, grad, count
@@ -376,8 +418,10 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
         impl: "auto", "triton" or "eager".
 
     Returns:
-        A scalar ("mean", "sum") or the losses of ``target``'s shape ("none"), in the logits' dtype (as
-        ``F.cross_entropy``); differentiable in ``logits``.
+        An fp32 scalar ("mean", "sum"; fp64 for fp64 logits), or the losses of ``target``'s shape in the logits'
+        dtype ("none"); differentiable in ``logits``. Unlike ``F.cross_entropy``, which rounds a reduced loss
+        to the logits' dtype, the reduced loss stays fp32, as every loss of this library (a bf16 mean keeps
+        three digits).
     """
     check_float_tensor(logits, "logits")
     check_min_rank(logits, "logits", 2, "[N, C, d1, ...] with classes on dim 1")
@@ -403,10 +447,12 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
 # ----------------------------------------------------------------------------------------------------------------
 def default_chunk_size(tokens: int, vocab: int, element_size: int) -> int:
     """Tokens per chunk of :func:`linear_cross_entropy`: the largest power of two whose logits
-    (``chunk * vocab`` elements of ``element_size`` bytes) fit ``CHUNK_LOGITS_BYTES`` (256 MiB), at least 1 and
-    at most ``tokens``. GPT-2's 50,257-token vocabulary in bf16 gets 2048 tokens (a 206 MB chunk, whose gradient
-    is written over it), so a batch of 8 x 1024 tokens runs in 4 chunks, each of whose matmuls is large enough
-    to run near the tensor cores' rate."""
+    (``chunk * vocab`` elements of ``element_size`` bytes) fit ``CHUNK_LOGITS_BYTES`` (512 MiB), at least 1 and
+    at most ``tokens``. GPT-2's 50,257-token vocabulary in bf16 gets 4096 tokens (a 412 MB chunk, whose gradient
+    is written over it; the materialized head holds 0.8 GB of bf16 logits, a 1.6 GB fp32 copy and their
+    gradients), so a batch of 8 x 1024 tokens runs in 2 chunks. The bound keeps the chunk's matmuls near the
+    tensor cores' rate and gives the loss kernel (one program per token) over 4 waves of a 132-SM GPU at its 6
+    CTAs per SM; a quarter of it would leave its last wave 60% full."""
     fitting = max(1, CHUNK_LOGITS_BYTES // max(1, vocab * element_size))
     return max(1, min(max(tokens, 1), 1 << (fitting.bit_length() - 1)))
 
@@ -423,8 +469,10 @@ def _linear_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, 
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None
-    # the inputs are already in the dtype autocast would pick (the public function cast them)
-    with torch.autocast(hidden.device.type, enabled=False):
+    # the inputs are already in the dtype autocast would pick (the public function cast them); meta tensors (a
+    # launch capture) have no autocast state
+    device_type = hidden.device.type
+    with torch.autocast(device_type, enabled=False) if device_type in ("cuda", "cpu") else contextlib.nullcontext():
         for start in range(0, tokens, chunk):
             end = min(start + chunk, tokens)
             rows = hidden[start:end]
@@ -468,9 +516,9 @@ def _launch_linear_forward(hidden, weight, bias, target, ignore_index, label_smo
     losses, *grads = _linear_chunks(hidden, weight, bias, target, ignore_index, label_smoothing, chunk, None,
                                     need_hidden and not elementwise, need_weight and not elementwise,
                                     need_bias and not elementwise)
-    loss, count = _reduce(losses, target, ignore_index, reduction, hidden.dtype)
+    loss, count = _reduce(losses.to(hidden.dtype) if elementwise else losses, target, ignore_index, reduction)
     scale = 1.0 / count.clamp(min=1.0) if reduction == "mean" else None
-    return (loss.to(hidden.dtype),) + _finish_gradients(grads, scale, hidden, weight, bias)
+    return (loss,) + _finish_gradients(grads, scale, hidden, weight, bias)
 
 
 @torch.library.custom_op("genkernels::linear_cross_entropy", mutates_args=())
@@ -494,7 +542,7 @@ def _linear_grads_fake(hidden, weight, bias, need_hidden, need_weight, need_bias
 @_linear_cross_entropy_op.register_fake
 def _linear_cross_entropy_fake(hidden, weight, bias, target, ignore_index, label_smoothing, reduction, chunk,
                                need_hidden, need_weight, need_bias):
-    loss = hidden.new_empty(target.shape if reduction == "none" else ())
+    loss = hidden.new_empty(target.shape) if reduction == "none" else hidden.new_empty((), dtype=torch.float32)
     stored = reduction != "none"
     return (loss,) + _linear_grads_fake(hidden, weight, bias, need_hidden and stored, need_weight and stored,
                                         need_bias and stored)
@@ -573,12 +621,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         target: class indices of ``hidden.shape[:-1]``, any integer dtype, in ``[0, V)`` or ``ignore_index``.
         bias: ``[V]`` or None.
         ignore_index, label_smoothing, reduction: as in :func:`cross_entropy`.
-        chunk_size: tokens per chunk; None picks :func:`default_chunk_size` (chunk logits <= 256 MiB).
+        chunk_size: tokens per chunk; None picks :func:`default_chunk_size` (chunk logits <= 512 MiB).
         impl: "auto", "triton" or "eager" (the materialized ``F.linear`` + ``F.cross_entropy``).
 
     Returns:
-        A scalar ("mean", "sum") or ``target``-shaped losses ("none") in ``hidden``'s dtype; differentiable in
-        ``hidden``, ``weight`` and ``bias``.
+        An fp32 scalar ("mean", "sum"; fp64 for fp64 inputs) or ``target``-shaped losses in ``hidden``'s dtype
+        ("none"), as :func:`cross_entropy`; differentiable in ``hidden``, ``weight`` and ``bias``.
     """
     check_float_tensor(hidden, "hidden")
     check_min_rank(hidden, "hidden", 1, "[..., hidden_size]")

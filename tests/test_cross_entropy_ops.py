@@ -105,9 +105,12 @@ def test_strided_logits_and_targets(layout):
     _check_against_torch(logits, target, reduction="none", label_smoothing=0.2)
 
 
-def test_a_gpt2_vocabulary_row_is_tiled_over_the_classes():
-    target = torch.tensor([50256, -100, 0])
-    _check_against_torch(random_tensor((3, 50257), torch.float32, 8, scale=2.0), target)
+@pytest.mark.parametrize("num_classes,dtype", [(50257, torch.float32), (3001, torch.bfloat16)])
+def test_vocabulary_rows_start_anywhere_and_are_read_in_whole_vectors(num_classes, dtype):
+    """One row per program from the 16-byte boundary before it: GPT-2's vocabulary over several class tiles,
+    and a 3001-class row in one tile; rows of odd length start at every alignment."""
+    target = torch.tensor([num_classes - 1, -100, 0])
+    _check_against_torch(random_tensor((3, num_classes), torch.float32, 8, scale=2.0), target, dtype)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
@@ -273,13 +276,13 @@ def test_linear_with_every_token_ignored_and_with_no_tokens():
 
 
 def test_default_chunk_bounds_the_chunk_logits():
-    """The largest power of two whose chunk logits fit 256 MiB: GPT-2's bf16 vocabulary 2**28 / (50257 * 2) =
-    2670 -> 2048 tokens; never more tokens than there are, never fewer than one."""
-    assert default_chunk_size(8192, 50257, 2) == 2048
-    assert default_chunk_size(8192, 50257, 4) == 1024
+    """The largest power of two whose chunk logits fit 512 MiB: GPT-2's bf16 vocabulary 2**29 / (50257 * 2) =
+    5341 -> 4096 tokens; never more tokens than there are, never fewer than one."""
+    assert default_chunk_size(8192, 50257, 2) == 4096
+    assert default_chunk_size(8192, 50257, 4) == 2048
     assert default_chunk_size(10, 37, 4) == 10
     assert default_chunk_size(0, 37, 4) == 1
-    assert default_chunk_size(100, 2**28, 4) == 1
+    assert default_chunk_size(100, 2**29, 4) == 1
 
 
 def test_linear_compiles_with_fullgraph_forward_and_backward():
