@@ -137,14 +137,16 @@ def test_empty_batches(shape, reduction):
     assert logits.grad.shape == logits.shape and not logits.grad.any()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
 def test_special_values_give_torchs_losses_and_gradients():
-    """A -inf logit (a masked class) leaves the row's loss finite; a NaN logit makes its row NaN; rows whose only
-    finite logit is the target have loss 0."""
-    logits = random_tensor((4, 6), torch.float32, 10)
+    """A -inf logit (a masked class) leaves the row's loss finite; a NaN or +inf logit makes its row NaN; rows
+    whose only finite logit is the target have loss 0."""
+    logits = random_tensor((5, 6), torch.float32, 10)
     logits[0, 2] = float("-inf")
     logits[1, 4] = float("nan")
     logits[2, :5] = float("-inf")
-    target = torch.tensor([1, 0, 5, 3])
+    logits[4, 1] = float("inf")
+    target = torch.tensor([1, 0, 5, 3, 2])
     _check_against_torch(logits, target, reduction="none")
 
 
