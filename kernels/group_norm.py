@@ -235,7 +235,8 @@ def plan_launch(batch: int, channels: int, num_groups: int, spatial: int, channe
     ``element_size``: bytes per element of x (the tile holds 32 bytes per thread).
     ``channels_inner``: the channel axis is the contiguous one (channels_last); the tile then spans up to
     ``MAX_CHANNELS_INNER`` channels of ``K`` whole groups, fewer (down to ``MIN_ROW_BYTES``) when more
-    programs are needed. Otherwise (NCHW) a program owns one group and the tile is long along the spatial axis.
+    programs are needed. Otherwise (NCHW) a program owns one group and the tile is long along the spatial axis,
+    or several whole groups when one is smaller than the tile (while the grid stays above the split threshold).
     Each group's spatial extent is cut into chunks when ``batch * ceil(G / K)`` programs fill less than
     ``SPLIT_BELOW`` of a wave; each pass's chunk count then makes its grid whole waves
     (:func:`_whole_wave_chunks`). Chunks are balanced runs of at least one tile, and at most
@@ -269,6 +270,15 @@ def plan_launch(batch: int, channels: int, num_groups: int, spatial: int, channe
         if batch * num_groups < SPLIT_BELOW * wave:  # a split: tiles of all the group's channels, chosen finely
             block_s = min(block_s, max(MIN_SPATIAL_TILE, tile // triton.next_power_of_2(group_channels)))
         block_c = max(1, min(triton.next_power_of_2(group_channels), tile // block_s))
+        if block_c >= group_channels and block_s >= spatial and block_c * block_s < tile:
+            # groups smaller than the tile (a deep U-Net level: 8 channels of 4x4) are contiguous in NCHW too: a
+            # program takes several, as long as the grid stays above the split threshold, so that each thread
+            # still moves 16-byte vectors rather than a few bytes
+            groups_per_block = _floor_power_of_2(min(num_groups, tile // (group_channels * block_s),
+                                                     MAX_GROUPS_PER_BLOCK))
+            while groups_per_block > 1 and batch * triton.cdiv(num_groups, groups_per_block) < SPLIT_BELOW * wave:
+                groups_per_block //= 2
+            block_c = triton.next_power_of_2(groups_per_block * group_channels)
     blocks_per_sample = triton.cdiv(num_groups, groups_per_block)
     tiles = triton.cdiv(spatial, block_s)
     units = max(1, batch * blocks_per_sample)
@@ -285,8 +295,7 @@ def plan_launch(batch: int, channels: int, num_groups: int, spatial: int, channe
         block_channels = groups_per_block * group_channels if num_groups % groups_per_block == 0 else group_channels
         align = min(16, block_channels & -block_channels)
     # whole groups of a power-of-two channel count fill the tile's channel axis: group by reshaping
-    grouped = (channels_inner and block_g > 1 and group_channels & (group_channels - 1) == 0
-               and block_c == block_g * group_channels)
+    grouped = (block_g > 1 and group_channels & (group_channels - 1) == 0 and block_c == block_g * group_channels)
     return LaunchPlan(groups_per_block, blocks_per_sample, chunks, part_chunks, tiles, block_c, block_s, block_g,
                       block_p, num_warps, align, group_channels if grouped else 0)
 

@@ -821,3 +821,18 @@ def test_more_than_2_31_elements_on_gpu():
                                                weight, bias, dy[1:])
     torch.testing.assert_close(y[1:].float(), want.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dx[1:].float(), want_dx.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels, num_groups", [(32, 8), (24, 8), (18, 6)],
+                         ids=["pow2-groups", "3-channel-groups", "a-partial-last-block"])
+def test_nchw_programs_own_several_small_groups(dtype, channels, num_groups, device):
+    """NCHW groups smaller than the tile (a deep U-Net level): a program takes several whole groups (regrouped
+    by reshape for power-of-two group sizes, by membership otherwise), forward and backward."""
+    x = random_tensor((6, channels, 3, 3), dtype, 41, device)
+    weight = random_tensor((channels,), dtype, 42, device)
+    bias = random_tensor((channels,), dtype, 43, device)
+    settings = dict(target_programs=2)  # a grid far above the split threshold: no halving of the groups
+    plan = plan_launch(6, channels, num_groups, 9, False, 2, element_size=x.element_size())
+    assert 1 < plan.groups_per_block <= num_groups and not plan.split
+    _check(x, num_groups, weight, bias, settings=settings)
