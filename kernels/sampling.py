@@ -119,14 +119,33 @@ def sample_categorical_reference(logits: torch.Tensor, seed: Optional[torch.Tens
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_tile(logits_ptr, row_offsets, row_mask, start, num_classes, stride_class, BLOCK: tl.constexpr):
-    """Classes ``start .. start + BLOCK - 1`` of this program's rows: their indices, the in-bounds mask, and the
-    logits in fp32 (-inf out of bounds, ``-0.0`` read as ``+0.0``)."""
-    classes = start + tl.arange(0, BLOCK)
-    mask = row_mask[:, None] & (classes < num_classes)[None, :]
-    pointers = logits_ptr + row_offsets[:, None] + classes.to(tl.int64)[None, :] * stride_class
-    x = tl.load(pointers, mask=mask, other=float("-inf")).to(tl.float32)
-    return classes, mask, tl.where(x == 0.0, 0.0, x)
+def _load_tile(logits_ptr, row_offsets, lead, row_mask, start, num_classes, stride_class, BLOCK: tl.constexpr,
+               VECTOR: tl.constexpr):
+    """Tile ``start`` of this program's rows: the class of its first element per row, the mask of the elements
+    that are classes of their row, and their logits in fp32 (-inf elsewhere, ``-0.0`` read as ``+0.0``).
+
+    ``VECTOR == 0``: the tile is classes ``start .. start + BLOCK - 1`` (any class stride). Otherwise (contiguous
+    classes, a 16-byte-aligned tensor, ``VECTOR`` elements per 16 bytes) it is positions ``start ..`` counted
+    from each row's start rounded down by its ``lead`` (``row offset mod VECTOR``), read as whole 16-byte
+    vectors: a row whose start or end is not on a 16-byte boundary also reads up to ``VECTOR - 1`` elements of
+    its neighbours, or past the tensor's last element within that element's own aligned 16 bytes (no page
+    boundary splits them), and masks those out. Rows of 50257 fp32 classes then load 16 bytes per thread."""
+    position = start + tl.arange(0, BLOCK)
+    if VECTOR == 0:
+        first = tl.zeros_like(row_offsets) + start
+        mask = row_mask[:, None] & (position < num_classes)[None, :]
+        pointers = logits_ptr + row_offsets[:, None] + position.to(tl.int64)[None, :] * stride_class
+        x = tl.load(pointers, mask=mask, other=float("-inf")).to(tl.float32)
+    else:
+        first = start - lead
+        vectors = (position // VECTOR) * VECTOR  # the read mask is constant over each 16-byte vector
+        read = row_mask[:, None] & (vectors[None, :] < (lead + num_classes)[:, None])
+        base = tl.multiple_of(row_offsets - lead, VECTOR)
+        x = tl.load(logits_ptr + base[:, None] + position[None, :], mask=read, other=float("-inf"))
+        classes = position[None, :] - lead[:, None]
+        mask = read & (classes >= 0) & (classes < num_classes)
+        x = tl.where(mask, x.to(tl.float32), float("-inf"))
+    return first, mask, tl.where(x == 0.0, 0.0, x)
 
 
 @triton.jit
@@ -145,8 +164,9 @@ def _scaled(x, row_max, inv_temperature):
 
 
 @triton.jit
-def _radix_threshold(logits_ptr, row_offsets, row_mask, num_classes, stride_class, row_max, inv_temperature,
-                     floor, target, WEIGHTED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _radix_threshold(logits_ptr, row_offsets, lead, row_mask, num_classes, span, stride_class, row_max,
+                     inv_temperature, floor, target, WEIGHTED: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK: tl.constexpr, VECTOR: tl.constexpr):
     """The largest key ``t`` with ``F(t) >= target`` per row, ``F(t)`` the number (``WEIGHTED`` off) or the
     ``exp(z)`` mass (on) of the classes with key ``>= t`` among those with key ``>= floor``. ``F`` does not
     increase with ``t``, so four bits at a time are fixed from the top: each pass evaluates ``F`` at the sixteen
@@ -158,9 +178,9 @@ def _radix_threshold(logits_ptr, row_offsets, row_mask, num_classes, stride_clas
         shift = 28 - 4 * level
         candidates = prefix[:, None] + (digits << shift)[None, :]
         reach = tl.zeros((ROWS, DIGITS), tl.float32)
-        for start in range(0, num_classes, BLOCK):
-            classes, mask, x = _load_tile(logits_ptr, row_offsets, row_mask, start, num_classes, stride_class,
-                                          BLOCK)
+        for start in range(0, span, BLOCK):
+            _, mask, x = _load_tile(logits_ptr, row_offsets, lead, row_mask, start, num_classes, stride_class,
+                                    BLOCK, VECTOR)
             key = _ordered_key(x)
             counted = mask & (key >= floor[:, None])
             if WEIGHTED:
@@ -177,42 +197,47 @@ def _radix_threshold(logits_ptr, row_offsets, row_mask, num_classes, stride_clas
 
 
 @triton.jit(do_not_specialize=["inv_temperature", "top_k", "top_p", "offset_lo", "offset_hi"])
-def _sample_categorical_kernel(out_ptr, logits_ptr, seed_ptr, rows, num_classes, stride_row, stride_class,
+def _sample_categorical_kernel(out_ptr, logits_ptr, seed_ptr, rows, num_classes, span, stride_row, stride_class,
                                inv_temperature, top_k, top_p, offset_lo, offset_hi, GREEDY: tl.constexpr,
                                TOP_K: tl.constexpr, TOP_P: tl.constexpr, ROWS: tl.constexpr,
-                               BLOCK: tl.constexpr):
+                               BLOCK: tl.constexpr, VECTOR: tl.constexpr):
     """One class per row for ``ROWS`` rows, ``BLOCK`` classes at a time (see the eager reference for the math):
     the row maximum (and argmax when ``GREEDY``), the top-k and top-p thresholds by radix search, then the
-    Gumbel-max draw over the kept classes. Writes -1 for a row with a NaN or +inf logit or none above -inf."""
+    Gumbel-max draw over the kept classes. Writes -1 for a row with a NaN or +inf logit or none above -inf.
+    Every pass but the draw walks ``span`` positions in 16-byte vectors when ``VECTOR`` (see _load_tile); the
+    draw walks classes from 0, so that each tile's classes are whole Philox groups."""
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_mask = row < rows
     row_offsets = row.to(tl.int64) * stride_row
+    lead = row_offsets % VECTOR if VECTOR else row_offsets * 0
     row_max = tl.full((ROWS,), float("-inf"), tl.float32)
     bad = tl.zeros((ROWS,), tl.int32)
-    best = tl.zeros((ROWS,), tl.int32)
-    for start in range(0, num_classes, BLOCK):
-        classes, mask, x = _load_tile(logits_ptr, row_offsets, row_mask, start, num_classes, stride_class, BLOCK)
+    best = tl.zeros((ROWS,), tl.int64)
+    for start in range(0, span, BLOCK):
+        first, mask, x = _load_tile(logits_ptr, row_offsets, lead, row_mask, start, num_classes, stride_class,
+                                    BLOCK, VECTOR)
         bad = tl.maximum(bad, tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=1))
         tile_max = tl.max(x, axis=1)
         if GREEDY:  # strictly larger only: among equal maxima the earlier tile's (lower) index stays
-            best = tl.where(tile_max > row_max, start + tl.argmax(x, axis=1, tie_break_left=True), best)
+            best = tl.where(tile_max > row_max, first + tl.argmax(x, axis=1, tie_break_left=True), best)
         row_max = tl.maximum(row_max, tile_max)
     valid = (bad == 0) & (row_max > float("-inf"))
     if not GREEDY:
         threshold = tl.zeros((ROWS,), tl.int64)
         if TOP_K:
             target = tl.full((ROWS,), 0.0, tl.float32) + top_k
-            threshold = _radix_threshold(logits_ptr, row_offsets, row_mask, num_classes, stride_class, row_max,
-                                         inv_temperature, threshold, target, False, ROWS, BLOCK)
+            threshold = _radix_threshold(logits_ptr, row_offsets, lead, row_mask, num_classes, span, stride_class,
+                                         row_max, inv_temperature, threshold, target, False, ROWS, BLOCK, VECTOR)
         if TOP_P:
             total = tl.zeros((ROWS,), tl.float32)
-            for start in range(0, num_classes, BLOCK):
-                classes, mask, x = _load_tile(logits_ptr, row_offsets, row_mask, start, num_classes, stride_class,
-                                              BLOCK)
+            for start in range(0, span, BLOCK):
+                _, mask, x = _load_tile(logits_ptr, row_offsets, lead, row_mask, start, num_classes, stride_class,
+                                        BLOCK, VECTOR)
                 kept = mask & (_ordered_key(x) >= threshold[:, None])
                 total += tl.sum(tl.where(kept, tl.exp(_scaled(x, row_max, inv_temperature)), 0.0), axis=1)
-            nucleus = _radix_threshold(logits_ptr, row_offsets, row_mask, num_classes, stride_class, row_max,
-                                       inv_temperature, threshold, top_p * total, True, ROWS, BLOCK)
+            nucleus = _radix_threshold(logits_ptr, row_offsets, lead, row_mask, num_classes, span, stride_class,
+                                       row_max, inv_temperature, threshold, top_p * total, True, ROWS, BLOCK,
+                                       VECTOR)
             threshold = tl.maximum(threshold, nucleus)
         seed = tl.load(seed_ptr)
         best_score = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -221,7 +246,8 @@ def _sample_categorical_kernel(out_ptr, logits_ptr, seed_ptr, rows, num_classes,
         counter_lo = zero + offset_lo.to(tl.uint32)
         counter_hi = zero + offset_hi.to(tl.uint32)
         for start in range(0, num_classes, BLOCK):
-            classes, mask, x = _load_tile(logits_ptr, row_offsets, row_mask, start, num_classes, stride_class, BLOCK)
+            _, mask, x = _load_tile(logits_ptr, row_offsets, lead, row_mask, start, num_classes, stride_class,
+                                    BLOCK, 0)
             group = zero + (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32)[None, :]
             r0, r1, r2, r3 = tl.philox(seed, group, counter_row, counter_lo, counter_hi)
             words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # class 4g + w takes word w
@@ -269,6 +295,19 @@ def sample_launch_config(rows: int, classes: int, element_size: int, filtered: b
     return packed, block, num_warps
 
 
+def _vector_walk(logits: torch.Tensor) -> tuple[int, int]:
+    """``(VECTOR, span)`` of the kernel: elements per 16-byte vector where the rows can be read as whole vectors
+    (contiguous classes, a 16-byte-aligned tensor; ``meta`` tensors count as aligned, as a GPU allocation is),
+    else 0; and the positions a row's walk covers, its classes plus the lead of a row that starts inside a
+    vector."""
+    rows, classes = logits.shape
+    if logits.stride(1) != 1 and classes > 1 or logits.data_ptr() % 16:
+        return 0, classes
+    vector = 16 // logits.element_size()
+    starts_inside = rows > 1 and logits.stride(0) % vector != 0
+    return vector, classes + (vector - 1 if starts_inside else 0)
+
+
 def _sample_categorical_launch(logits: torch.Tensor, seed: Optional[torch.Tensor], inv_temperature: float,
                                greedy: bool, top_k: int, top_p: float, offset: int) -> torch.Tensor:
     rows, classes = logits.shape
@@ -278,10 +317,11 @@ def _sample_categorical_launch(logits: torch.Tensor, seed: Optional[torch.Tensor
     filtered = not greedy and (top_k > 0 or top_p < 1.0)
     packed, block, num_warps = sample_launch_config(rows, classes, logits.element_size(), filtered, logits.device)
     offset_lo, offset_hi = _offset_words(offset)
+    vector, span = _vector_walk(logits)
     _sample_categorical_kernel[(triton.cdiv(rows, packed),)](
-        out, logits, seed if seed is not None else out, rows, classes, logits.stride(0), logits.stride(1),
+        out, logits, seed if seed is not None else out, rows, classes, span, logits.stride(0), logits.stride(1),
         inv_temperature, top_k, top_p, offset_lo, offset_hi, GREEDY=greedy, TOP_K=top_k > 0, TOP_P=top_p < 1.0,
-        ROWS=packed, BLOCK=block, num_warps=num_warps)
+        ROWS=packed, BLOCK=block, VECTOR=vector, num_warps=num_warps)
     return out
 
 

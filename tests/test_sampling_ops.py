@@ -95,14 +95,27 @@ BOTH_FILTERS = dict(temperature=1.3, top_k=20, top_p=0.5)
 def test_triton_draws_the_eager_reference_samples(dtype, options):
     """Both impls read the same Philox uniforms for a seed and offset: equal samples on every row (random logits,
     so no two scores tie to rounding). Ragged rows and classes, several class tiles per row (a forced tile of 16),
-    and a sliced, transposed view of the logits."""
+    a sliced, transposed view (read class by class) and contiguous rows of 74 classes (read in 16-byte vectors,
+    most rows starting inside one)."""
     generator = torch.Generator().manual_seed(7)
-    logits = (3 * torch.randn(77, 45, generator=generator)).to(dtype).t()[:, 3:]  # [45, 74], strides (1, 45)
-    with force_launch_settings("sample_categorical", block=16):
-        got = sample_categorical(logits, seed=_seed(99), offset=5, impl="triton", **options)
-    expected = sample_categorical(logits, seed=_seed(99), offset=5, impl="eager", **options)
-    assert got.dtype == torch.int64 and got.shape == (45,)
-    assert torch.equal(got, expected)
+    wide = (3 * torch.randn(77, 45, generator=generator)).to(dtype)
+    for logits in (wide.t()[:, 3:], wide.t()[:, 3:].contiguous()):  # [45, 74]
+        with force_launch_settings("sample_categorical", block=16):
+            got = sample_categorical(logits, seed=_seed(99), offset=5, impl="triton", **options)
+        expected = sample_categorical(logits, seed=_seed(99), offset=5, impl="eager", **options)
+        assert got.dtype == torch.int64 and got.shape == (45,)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vector_reads_of_odd_rows_see_only_their_own_classes(dtype):
+    """Rows of 13 classes, each smaller than every class of the next row in memory: the 16-byte vectors that
+    straddle two rows must count for neither (else greedy and top-k would pick a neighbour's class)."""
+    logits = torch.arange(6 * 13, dtype=torch.float32).reshape(6, 13).to(dtype)
+    with force_launch_settings("sample_categorical", block=8):
+        assert sample_categorical(logits, temperature=0.0, impl="triton").tolist() == [12] * 6
+        drawn = sample_categorical(logits, top_k=2, top_p=0.99, seed=_seed(4), impl="triton")
+    assert set(drawn.tolist()) <= {11, 12}
 
 
 @pytest.mark.parametrize("impl", ["triton", "eager"])
