@@ -7,13 +7,18 @@ model's output head without materializing the ``[tokens, vocab]`` logits.
 not the last one, needs no permuted copy). One kernel launch per call walks each row (one position's ``C``
 logits) once for its log-sum-exp by an online max / sum over class tiles (any ``C``), and, when the logits need
 a gradient, walks it a second time to write ``d loss_row / d logits`` for a unit upstream gradient (the
-fused-loss trick of Liger-Kernel): when the whole row fits one tile (``C <= 256`` on strided rows, ``C <= 4096``
-on contiguous ones) it is read once and the gradient comes from the registers. The logits themselves are not
-saved for the backward: the stored gradient is all it needs, so the backward is one scale by the incoming
-gradient (divided by the number of counted targets for "mean"). The gradient buffer has the logits' dtype and
-layout; it holds the unreduced row gradient ``softmax - target distribution`` (entries in [-1, 1]), so fp16 keeps
-its digits (the ``1 / N`` of "mean" would push a vocabulary's probabilities into fp16's subnormals), and the
-backward's scale is applied in fp32 before the one rounding of the result.
+fused-loss trick of Liger-Kernel): when the whole row fits one tile (``C <= 256`` on strided rows, ``C <= 2048``
+on contiguous ones) it is read once and the gradient comes from the registers; longer contiguous rows (a
+vocabulary) are walked in whole 16-byte vectors from their first 16-byte boundary.
+
+The logits themselves are not saved for the backward: the stored gradient is all it needs, so the backward is
+one scale by the incoming gradient (divided by the number of counted targets for "mean"). The gradient buffer
+has the logits' dtype and layout and replaces what plain autograd would save (the logits, or the fp32 copy the
+models made of 16-bit logits); the backward's result is one more buffer of that dtype, and no fp32 copy of the
+logits exists at any point. It holds the unreduced row gradient ``softmax - target distribution`` (entries in
+[-1, 1]), so fp16 keeps its digits (the ``1 / N`` of "mean" would push a vocabulary's probabilities into fp16's
+subnormals), and the backward's scale is applied in fp32 before the one rounding of the result. The reductions
+are deterministic: the kernel writes one loss per row, summed afterwards in a fixed order (no atomics).
 
 ``linear_cross_entropy`` runs the head in chunks of tokens: each chunk's logits (a torch matmul), their loss and
 gradient (the cross-entropy kernel, writing the gradient over the logits) and their share of the gradients of
@@ -105,7 +110,8 @@ def _online_update(x, row_max, row_sum):
 
 @triton.jit
 def _row_gradient(x, cols, lse, target, valid, smoothing, num_classes):
-    """For the tile ``x`` at classes ``cols`` (``[1, classes]``): ``d loss_i / d x_ic = softmax_ic - (1 - eps) [c == t_i] - eps / C``, 0 on ignored rows."""
+    """For the tile ``x`` at classes ``cols`` (``[1, classes]``):
+    ``d loss_i / d x_ic = softmax_ic - (1 - eps) [c == t_i] - eps / C``, 0 on ignored rows."""
     grad = tl.exp(x - lse[:, None]) - smoothing / num_classes
     grad -= tl.where(cols == target[:, None], 1.0 - smoothing, 0.0)
     return tl.where(valid[:, None], grad, 0.0)
@@ -452,7 +458,7 @@ def default_chunk_size(tokens: int, vocab: int, element_size: int) -> int:
     is written over it; the materialized head holds 0.8 GB of bf16 logits, a 1.6 GB fp32 copy and their
     gradients), so a batch of 8 x 1024 tokens runs in 2 chunks. The bound keeps the chunk's matmuls near the
     tensor cores' rate and gives the loss kernel (one program per token) over 4 waves of a 132-SM GPU at its 6
-    CTAs per SM; a quarter of it would leave its last wave 60% full."""
+    CTAs per SM; half of it (2048 tokens) would be 2.6 waves, the last 59% full."""
     fitting = max(1, CHUNK_LOGITS_BYTES // max(1, vocab * element_size))
     return max(1, min(max(tokens, 1), 1 << (fitting.bit_length() - 1)))
 
