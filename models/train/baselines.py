@@ -368,16 +368,16 @@ def ngram_baseline(train_text: str, test_text: str, *, orders: Sequence[int] = t
     return NGramBaseline(model.bits_per_char(test_text, order), order, scores, model)
 
 
-def text_baselines(train_text: str, test_text: str) -> dict:
+def text_baselines(train_text: str, test_text: str, *, ngram_orders: Sequence[int] = tuple(range(1, 13))) -> dict:
     """Held-out bits per character of ``test_text`` as a JSON-ready dict:
 
     * ``lzma_given_train_bits_per_char``: :func:`lzma_bits_per_char` with the training text as context (the fair
       comparison with a trained model); ``lzma_alone_bits_per_char``: the test text compressed on its own;
-    * ``ngram_bits_per_char`` and ``ngram_order``: :func:`ngram_baseline`; ``test_chars_unseen_in_train``: how
+    * ``ngram_bits_per_char`` and ``ngram_order``: :func:`ngram_baseline` over ``ngram_orders``; ``test_chars_unseen_in_train``: how
       many test characters fall outside the training alphabet (scored as the n-gram's unknown symbol)."""
     check_text(train_text, "train_text", min_length=2)
     check_text(test_text, "test_text")
-    ngram = ngram_baseline(train_text, test_text)
+    ngram = ngram_baseline(train_text, test_text, orders=ngram_orders)
     alphabet = set(train_text)
     return {
         "lzma_given_train_bits_per_char": lzma_bits_per_char(test_text, train_text),
@@ -533,18 +533,22 @@ def fit_linear_predictor(train: torch.Tensor, order: int = 16, family: Optional[
     return min(candidates, key=lambda predictor: predictor.bits_per_sample(train))
 
 
-def lpc_baseline(train: torch.Tensor, test: torch.Tensor, order: int = 16) -> tuple[float, LinearPredictor]:
-    """Bits per sample of ``test`` under :func:`fit_linear_predictor` of ``train`` (both mu-law ``[N, T]``)."""
-    predictor = fit_linear_predictor(train, order)
+def lpc_baseline(train: torch.Tensor, test: torch.Tensor, order: int = 16,
+                 memories: Sequence[float] = SCALE_MEMORIES) -> tuple[float, LinearPredictor]:
+    """Bits per sample of ``test`` under :func:`fit_linear_predictor` of ``train`` (both mu-law ``[N, T]``) with
+    the scale memory chosen among ``memories``."""
+    predictor = fit_linear_predictor(train, order, memories=memories)
     return predictor.bits_per_sample(check_mu_law(test, "test")), predictor
 
 
-def audio_baselines(train: torch.Tensor, test: torch.Tensor, *, lpc_order: int = 16) -> dict:
+def audio_baselines(train: torch.Tensor, test: torch.Tensor, *, lpc_order: int = 16,
+                    memories: Sequence[float] = SCALE_MEMORIES) -> dict:
     """Held-out bits per sample of mu-law ``test`` ``[N, T]`` as a JSON-ready dict:
     ``mu_law_unigram_bits_per_sample`` (:func:`mu_law_unigram_baseline`), ``lpc_bits_per_sample`` with
-    ``lpc_order`` and the chosen ``lpc_residual`` family and ``lpc_scale_memory`` (:func:`lpc_baseline`), and
+    ``lpc_order`` and the chosen ``lpc_residual`` family and ``lpc_scale_memory`` among ``memories``
+    (:func:`lpc_baseline`), and
     ``lpc_fixed_scale_bits_per_sample``: the same fit with its residual scale held fixed (memory 1)."""
-    lpc_bits, predictor = lpc_baseline(train, test, lpc_order)
+    lpc_bits, predictor = lpc_baseline(train, test, lpc_order, memories)
     fixed = fit_linear_predictor(train, lpc_order, predictor.family, memories=(1.0,))
     return {
         "mu_law_unigram_bits_per_sample": mu_law_unigram_baseline(train, test),

@@ -7,10 +7,14 @@ progress bar (loss, items/s), and writes into ``--out``:
   over the processes; GANs add ``generator_loss``), ``items_per_s`` (training items of all processes per second),
   ``lr`` and ``time`` (seconds of training so far, resumed runs included);
 * ``checkpoint.pt`` (:mod:`~genkernels.models.train.checkpoint`) every ``--checkpoint-every`` steps and at the end;
-* ``metrics.json``: the held-out score in the family's natural unit (bits per dim, per character or per sample);
+* ``metrics.json``: the held-out score in the family's natural unit (bits per dim, per character or per sample),
+  beside classical baselines fitted and scored on the same split and the quality of image samples
+  (:mod:`~genkernels.models.train.evaluation`);
 * ``samples.png`` (``samples.txt`` for gpt; ``sample_*.wav`` and ``spectrogram.png`` for wavenet) and ``loss.png``;
-  the vae adds ``interpolations.png`` (latent interpolations), realnvp and glow ``temperatures.png`` (one set of
-  latents at several temperatures).
+  the vae adds ``interpolations.png`` (latent interpolations) and ``reconstructions.png``, dcgan
+  ``truncation.png`` (one set of latents at several truncations), realnvp and glow ``temperatures.png`` (one set
+  of latents at several temperatures), pixelcnn ``completions.png`` (held-out top halves completed), ddpm
+  ``guidance.png`` (classifier-free guidance scales by class), ``inpainting.png`` and ``image_to_image.png``.
 
 On a CPU device each process runs one thread unless ``--threads`` says otherwise: the models are small, and on a
 machine whose cores other work shares, multi-threaded ops spend most of their time waiting for each other.
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import random
 import sys
@@ -36,7 +39,7 @@ import torch
 
 from genkernels.kernels.runtime import IMPLS, use_impl
 
-from . import checkpoint, distributed, pictures
+from . import checkpoint, distributed, evaluation, pictures
 from .data import BatchOrder, DataError
 from .families import FAMILIES, Family, RunSettings, ema_model
 
@@ -282,23 +285,14 @@ class _Run:
         model.eval()
         generator = torch.Generator(device).manual_seed(self.args.seed)
         metrics = {"model": family.name, "step": self.steps, "data": self.checkpoint_config["data"]["source"]}
-        metrics.update(family.evaluate(model, self.test_data, self.config, self.settings, generator))
+        own = family.evaluate(model, self.test_data, self.config, self.settings, generator)
+        metrics.update(own)
+        metrics.update(evaluation.evaluate(family, model, self.train_data, self.test_data, self.config,
+                                           self.settings, generator, own))
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        family.write_samples(model, self.train_data, self.config, self.settings, generator)
+        family.write_samples(model, self.train_data, self.test_data, self.config, self.settings, generator)
         pictures.save_loss_plot(self.out / "log.jsonl", self.out / "loss.png")
-        run_evaluation_hook(family.name, model, (self.train_data, self.test_data), self.out)
         return metrics
-
-
-def run_evaluation_hook(family_name: str, model: torch.nn.Module, data, out: Path):
-    """Call ``genkernels.models.train.metrics.evaluate(family_name, model, data, out)`` when that module and
-    function exist (the extended evaluation: sample-quality metrics and baselines); returns its result or None."""
-    if importlib.util.find_spec("genkernels.models.train.metrics") is None:
-        return None
-    from . import metrics
-
-    evaluate = getattr(metrics, "evaluate", None)
-    return None if evaluate is None else evaluate(family_name, model, data, out)
 
 
 def _seed_everything(seed: int) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from genkernels.kernels import sample_categorical
 from genkernels.models.dcgan import DCGAN, discriminator_loss, generator_loss
 from genkernels.models.ddpm import DDPM
 from genkernels.models.glow import Glow
@@ -43,12 +44,16 @@ from genkernels.models.wavenet import WaveNet, mu_law_decode
 
 from . import data as train_data
 from . import pictures
-from .metrics import bits_per_dim, dequantize
+from .metrics import bits_per_dim, dequantize, requantize
 
 LN2 = math.log(2.0)
 SAMPLE_GRID = 64
 INTERPOLATION_ROWS, INTERPOLATION_STEPS = 8, 8
 TEMPERATURES = (0.0, 0.25, 0.5, 0.7, 0.85, 1.0)
+TRUNCATIONS = (8.0, 2.0, 1.0, 0.5, 0.25)  # DCGAN's truncation sweep, rows (|z| > 8 has probability 1e-15)
+GUIDANCE_SCALES = (0.0, 1.0, 2.0, 4.0)  # DDPM's classifier-free guidance sweep, rows
+STRENGTHS = (0.25, 0.5, 0.75, 1.0)  # DDPM's image-to-image strengths, rows
+EXAMPLE_COLUMNS = 8  # held-out images shown in completions, reconstructions, inpainting and image-to-image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +93,16 @@ class Objective(nn.Module):
 def signed_images(levels_batch: torch.Tensor, levels: int) -> torch.Tensor:
     """Levels ``0 .. L-1`` -> floats in [-1, 1]."""
     return levels_batch.float() * (2.0 / (levels - 1)) - 1.0
+
+
+def signed_to_levels(images: torch.Tensor, levels: int) -> torch.Tensor:
+    """The inverse of :func:`signed_images` for generated images: the nearest level of each value (clamped)."""
+    return torch.round((images.float().clamp(-1, 1) + 1) * ((levels - 1) / 2)).long()
+
+
+def held_out_examples(test, device: torch.device) -> torch.Tensor:
+    """The first :data:`EXAMPLE_COLUMNS` held-out images (levels), the ones every example picture shows."""
+    return test.images[:EXAMPLE_COLUMNS].to(device)
 
 
 class Family:
@@ -137,10 +152,17 @@ class Family:
         """The held-out metric(s) of ``model`` (in eval mode) on the test split."""
         raise NotImplementedError
 
-    def write_samples(self, model: nn.Module, train, config: dict, settings: RunSettings,
+    def write_samples(self, model: nn.Module, train, test, config: dict, settings: RunSettings,
                       generator: torch.Generator) -> None:
-        """Draw samples from ``model`` and write them into ``settings.out``."""
+        """Draw samples from ``model`` and write them into ``settings.out`` (``test``: the held-out split, for
+        pictures that start from held-out items)."""
         raise NotImplementedError
+
+    def sample_levels(self, model: nn.Module, count: int, train, config: dict, settings: RunSettings,
+                      generator: torch.Generator) -> torch.Tensor:
+        """Image families: ``count`` samples of ``model`` as integer images of the data's levels ``0 .. L-1``
+        (what the sample-quality metrics read)."""
+        raise NotImplementedError(f"{self.name} does not generate images")
 
 
 def _image_eval(test, device: torch.device, score, batch_size: int = 256) -> float:
@@ -185,9 +207,17 @@ class VAEFamily(Family):
         with torch.no_grad():
             return {"test_bits_per_dim": _image_eval(test, settings.device, elbo_bits)}
 
-    def write_samples(self, model, train, config, settings, generator):
+    def sample_levels(self, model, count, train, config, settings, generator):
+        return requantize(model.sample(count, generator=generator), train.levels)  # means, in y's cells
+
+    def write_samples(self, model, train, test, config, settings, generator):
         pictures.save_image_grid(model.sample(SAMPLE_GRID, generator=generator), settings.out / "samples.png",
                                  "VAE samples (likelihood mean)")
+        # Top row: held-out images (bin centres); bottom row: their reconstructions from the posterior mean.
+        held_out = (held_out_examples(test, settings.device).float() + 0.5) / test.levels
+        pictures.save_image_grid(torch.cat([held_out, model.reconstruct(held_out)]),
+                                 settings.out / "reconstructions.png", "VAE: held-out images (top), reconstructions",
+                                 columns=EXAMPLE_COLUMNS)
         # Rows: the decoded straight line between the posterior means of two training images (bin centres).
         pairs = (train.images[:2 * INTERPOLATION_ROWS].to(settings.device).float() + 0.5) / train.levels
         path = model.interpolate(pairs[0::2], pairs[1::2], steps=INTERPOLATION_STEPS)
@@ -262,10 +292,23 @@ class DCGANFamily(Family):
             return {"test_discriminator_loss": _image_eval(test, settings.device,
                                                           lambda images: objective(images, generator))}
 
-    def write_samples(self, model, train, config, settings, generator):
+    def sample_levels(self, model, count, train, config, settings, generator):
+        model.eval()
+        return signed_to_levels(model.sample(count, truncation=None, generator=generator), train.levels)
+
+    def write_samples(self, model, train, test, config, settings, generator):
         model.eval()
         images = model.sample(SAMPLE_GRID, truncation=None, generator=generator)
         pictures.save_image_grid((images + 1) / 2, settings.out / "samples.png", "DCGAN samples")
+        # Rows: the same uniforms through each truncation's inverse CDF (truncated_normal), so a column keeps its
+        # latent's direction while the threshold shrinks.
+        start, rows = generator.get_state(), []
+        for truncation in TRUNCATIONS:
+            generator.set_state(start)
+            rows.append(model.generator(model.latents(EXAMPLE_COLUMNS, generator, truncation=truncation)))
+        pictures.save_image_grid((torch.cat(rows) + 1) / 2, settings.out / "truncation.png",
+                                 f"DCGAN: truncation {', '.join(map(str, TRUNCATIONS))} (rows)",
+                                 columns=EXAMPLE_COLUMNS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,6 +317,30 @@ class DCGANFamily(Family):
 def pixel_classes(levels_batch: torch.Tensor, levels: int) -> torch.Tensor:
     """Levels ``0 .. L-1`` spread over PixelCNN's 256 classes: ``round(x * 255 / (L - 1))`` (one-to-one)."""
     return torch.round(levels_batch.float() * ((NUM_CLASSES - 1) / (levels - 1))).long()
+
+
+def class_levels(classes: torch.Tensor, levels: int) -> torch.Tensor:
+    """PixelCNN's classes ``0 .. 255`` back to levels ``0 .. L-1``: the inverse of :func:`pixel_classes` on its
+    image, the nearest level elsewhere (a sample may take classes between the data's)."""
+    return torch.round(classes.float() * ((levels - 1) / (NUM_CLASSES - 1))).long()
+
+
+COMPLETIONS = 3  # completions drawn per held-out image
+
+
+@torch.no_grad()
+def complete_bottom_half(model: PixelCNN, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``classes`` ``[N, C, H, W]`` (PixelCNN's 0..255) with the rows from ``H // 2`` on redrawn from
+    ``p(x_i | x_<i)`` in raster order (channels within a pixel), given the kept top rows; the whole network runs
+    once per redrawn sub-pixel, which is cheap at these sizes."""
+    images = classes.clone()
+    _, channels, height, width = images.shape
+    for row in range(height // 2, height):
+        for col in range(width):
+            for channel in range(channels):
+                logits = model(images)[:, :, channel, row, col]
+                images[:, channel, row, col] = sample_categorical(logits, generator=generator)
+    return images
 
 
 class _PixelCNNObjective(Objective):
@@ -308,10 +375,20 @@ class PixelCNNFamily(Family):
             return {"test_bits_per_dim": _image_eval(test, settings.device,
                                                      lambda x: model.loss(pixel_classes(x, test.levels)), 128)}
 
-    def write_samples(self, model, train, config, settings, generator):
+    def sample_levels(self, model, count, train, config, settings, generator):
+        return class_levels(model.sample(count, generator=generator), train.levels)
+
+    def write_samples(self, model, train, test, config, settings, generator):
         count = 16 if settings.quick else SAMPLE_GRID
         images = model.sample(count, generator=generator).float() / (NUM_CLASSES - 1)
         pictures.save_image_grid(images, settings.out / "samples.png", "PixelCNN samples")
+        # Top row: held-out images; below: completions of their top halves, each drawn independently.
+        held_out = pixel_classes(held_out_examples(test, settings.device), test.levels)
+        completions = complete_bottom_half(model, held_out.repeat(COMPLETIONS, 1, 1, 1), generator)
+        pictures.save_image_grid(torch.cat([held_out, completions]).float() / (NUM_CLASSES - 1),
+                                 settings.out / "completions.png",
+                                 "PixelCNN: held-out images (top), completions of their top halves",
+                                 columns=held_out.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,7 +425,10 @@ class _FlowFamily(Family):
             score = lambda images: flow_bits_per_dim(model, images, test.levels, generator).mean()  # noqa: E731
             return {"test_bits_per_dim": _image_eval(test, settings.device, score)}
 
-    def write_samples(self, model, train, config, settings, generator):
+    def sample_levels(self, model, count, train, config, settings, generator):
+        return requantize(model.sample(count, temperature=1.0, generator=generator) + 0.5, train.levels)
+
+    def write_samples(self, model, train, test, config, settings, generator):
         images = model.sample(SAMPLE_GRID, temperature=0.8, generator=generator) + 0.5
         pictures.save_image_grid(images, settings.out / "samples.png",
                                  f"{self.name} samples (temperature 0.8)")
@@ -388,53 +468,139 @@ class GlowFamily(_FlowFamily):
 # ----------------------------------------------------------------------------------------------------------------
 # DDPM
 # ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LabelledImageData(train_data.ImageData):
+    """Labelled images whose batches carry their labels: ``batch(index)`` is ``[B, C*H*W + 1]``, each row the
+    flattened image then its label (:func:`split_labelled`), so that one tensor takes the training loop's path
+    (device transfer, data-parallel sharding) for both."""
+
+    def subset(self, index: torch.Tensor) -> "LabelledImageData":
+        return LabelledImageData(self.images[index], self.levels, self.labels[index], self.source)
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.images[index].flatten(1), self.labels[index, None]], dim=1)
+
+
+def split_labelled(batch: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :class:`LabelledImageData` batch back to images ``[B, C, H, W]`` and labels ``[B]``."""
+    return batch[:, :-1].reshape(batch.shape[0], *shape), batch[:, -1]
+
+
 class _DDPMObjective(Objective):
-    def __init__(self, model: DDPM, levels: int):
+    def __init__(self, model: DDPM, levels: int, shape: tuple[int, int, int]):
         super().__init__()
-        self.model, self.levels = model, levels
+        self.model, self.levels, self.shape = model, levels, shape
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.model.loss(signed_images(batch, self.levels), generator=generator)
+        if self.model.num_classes is None:
+            return self.model.loss(signed_images(batch, self.levels), generator=generator)
+        images, labels = split_labelled(batch, self.shape)  # labels dropped to the null class at class_dropout
+        return self.model.loss(signed_images(images, self.levels), labels, generator=generator)
 
 
 class DDPMFamily(Family):
+    """Class-conditional when the images have labels (the digits do), trained with label dropout so that one
+    network also models the unconditional distribution, for classifier-free guidance (Ho & Salimans 2022)."""
+
     name, kind = "ddpm", "images"
     steps, quick_steps, batch_size, lr = 2000, 20, 64, 1e-3
     options = (Option("base_channels", 32, "width of the U-Net's first level"),
                Option("num_res_blocks", 1, "residual blocks per level"),
                Option("ema_decay", 0.995, "decay of the exponential moving average of the weights"),
+               Option("class_dropout", 0.1, "probability of training an image with the null class in place of "
+                                            "its label (labelled images only)"),
                Option("sample_steps", 50, "DDIM steps when sampling", quick=10, training=False))
     supports_fsdp = False
     fsdp_refusal = ("ddpm keeps an exponential moving average of its whole weights on every process; it trains "
                     "data-parallel with DDP (drop --fsdp)")
+
+    def load_data(self, settings, config):
+        train, test = super().load_data(settings, config)
+        if train.labels is None:
+            return train, test
+        return tuple(LabelledImageData(part.images, part.levels, part.labels, part.source) for part in (train, test))
 
     def build(self, config, train):
         channels, height, width = train.shape
         if height != width:
             raise train_data.DataError(f"ddpm needs square images; {train.source} holds {height}x{width}")
         base = config["base_channels"]
+        num_classes = None if train.labels is None else int(train.labels.max()) + 1
         unet = UNet(channels, base_channels=base, channel_mult=(1, 2), num_res_blocks=config["num_res_blocks"],
                     attention_resolutions=(height // 2,), dropout=0.0, num_groups=min(8, base),
-                    num_head_channels=min(2 * base, 64), image_size=height)
-        return DDPM(unet)
+                    num_head_channels=min(2 * base, 64), image_size=height, num_classes=num_classes)
+        return DDPM(unet, class_dropout_prob=config["class_dropout"])
 
     def objectives(self, model, train):
-        return [("model", _DDPMObjective(model, train.levels))]
+        return [("model", _DDPMObjective(model, train.levels, train.shape))]
 
     def uses_ema(self):
         return True
 
-    def evaluate(self, model, test, config, settings, generator):
-        model.eval()
-        with torch.no_grad():
-            score = lambda images: model.loss(signed_images(images, test.levels), generator=generator)  # noqa: E731
-            return {"test_denoising_mse": _image_eval(test, settings.device, score)}
+    @staticmethod
+    def _labels(model: DDPM, data, index: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
+        return None if model.num_classes is None else data.labels[index].to(device)
 
-    def write_samples(self, model, train, config, settings, generator):
-        images = model.sample(SAMPLE_GRID, config["sample_steps"], sampler="ddim", generator=generator,
-                              progress=False)
+    def evaluate(self, model, test, config, settings, generator):
+        """The denoising loss of the held-out images given their labels (class-conditional models)."""
+        model.eval()
+        values = []
+        with torch.no_grad():
+            for index in train_data.evaluation_batches(len(test), 256):
+                images = signed_images(test.images[index].to(settings.device), test.levels)
+                loss = model.loss(images, self._labels(model, test, index, settings.device), generator=generator)
+                values.append((float(loss), len(index)))
+        return {"test_denoising_mse": train_data.mean_over_batches(values)}
+
+    def sample_levels(self, model, count, train, config, settings, generator):
+        """Class-conditional models sample each image for the label of a training image drawn at random
+        (guidance scale 1: the conditional model itself), so the class mix is the data's."""
+        labels = None
+        if model.num_classes is not None:
+            index = torch.randint(0, len(train), (count,), generator=generator, device=settings.device)
+            labels = self._labels(model, train, index.cpu(), settings.device)
+        images = model.sample(count, config["sample_steps"], sampler="ddim", class_labels=labels,
+                              generator=generator, progress=False)
+        return signed_to_levels(images, train.levels)
+
+    def write_samples(self, model, train, test, config, settings, generator):
+        steps = config["sample_steps"]
+        ddim = dict(sampler="ddim", generator=generator, progress=False)
+        images = model.sample(SAMPLE_GRID, steps, **ddim)
         pictures.save_image_grid((images + 1) / 2, settings.out / "samples.png",
-                                 f"DDPM samples (EMA weights, DDIM {config['sample_steps']} steps)")
+                                 f"DDPM samples (EMA weights, DDIM {steps} steps"
+                                 f"{', unconditional' if model.num_classes is not None else ''})")
+        if model.num_classes is not None:
+            self._write_guidance_sweep(model, steps, settings, generator)
+        # Image-to-image: held-out images noised to each strength's step and denoised (unconditional).
+        held_out = signed_images(held_out_examples(test, settings.device), test.levels)
+        rows = [held_out] + [model.sample(held_out.shape[0], steps, init=held_out, strength=strength, **ddim)
+                             for strength in STRENGTHS]
+        pictures.save_image_grid((torch.cat(rows) + 1) / 2, settings.out / "image_to_image.png",
+                                 f"DDPM image-to-image: held-out images (top), strengths "
+                                 f"{', '.join(map(str, STRENGTHS))} (rows)", columns=held_out.shape[0])
+        # Inpainting: the bottom half (mask 1) regenerated around the kept top half, twice.
+        mask = torch.zeros_like(held_out[:, :1])
+        mask[:, :, held_out.shape[2] // 2:] = 1
+        inpainted = [model.sample(held_out.shape[0], steps, init=held_out, mask=mask, **ddim) for _ in range(2)]
+        pictures.save_image_grid((torch.cat([held_out, held_out * (1 - mask)] + inpainted) + 1) / 2,
+                                 settings.out / "inpainting.png",
+                                 "DDPM inpainting: held-out images, their top halves, two inpaintings (rows)",
+                                 columns=held_out.shape[0])
+
+    @staticmethod
+    def _write_guidance_sweep(model: DDPM, steps: int, settings: RunSettings, generator) -> None:
+        """Rows: guidance scales; columns: classes; one starting noise per column, the same in every row."""
+        classes = torch.arange(model.num_classes, device=settings.device)
+        rows = []
+        start = generator.get_state()
+        for scale in GUIDANCE_SCALES:
+            generator.set_state(start)
+            rows.append(model.sample(classes.shape[0], steps, sampler="ddim", guidance_scale=scale,
+                                     class_labels=classes, generator=generator, progress=False))
+        pictures.save_image_grid((torch.cat(rows) + 1) / 2, settings.out / "guidance.png",
+                                 f"DDPM classifier-free guidance: classes (columns), scales "
+                                 f"{', '.join(map(str, GUIDANCE_SCALES))} (rows)", columns=classes.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -457,7 +623,9 @@ class GPTFamily(Family):
                Option("n_head", 2, "attention heads"),
                Option("n_embd", 64, "width"),
                Option("sample_chars", 1000, "characters to generate for samples.txt", quick=100, training=False),
-               Option("eval_windows", 256, "held-out windows scored", quick=16, training=False))
+               Option("eval_windows", 1024, "at most this many non-overlapping held-out windows scored, from the "
+                                            "start (the default covers the default corpus's held-out text)",
+                      quick=16, training=False))
 
     def load_data(self, settings, config):
         text = train_data.load_text(settings.data)
@@ -475,8 +643,16 @@ class GPTFamily(Family):
     def objectives(self, model, train):
         return [("model", _GPTObjective(model))]
 
+    @staticmethod
+    def scored_windows(test, config: dict) -> torch.Tensor:
+        """The start of every held-out window :meth:`evaluate` scores: consecutive, non-overlapping windows from
+        the start of the test text, at most ``eval_windows`` of them."""
+        return torch.arange(0, len(test), test.window)[:config["eval_windows"]]
+
     def evaluate(self, model, test, config, settings, generator):
-        starts = torch.arange(0, len(test), test.window)[:config["eval_windows"]]
+        """Bits per character of each scored window's last ``block_size`` characters given the ones before them
+        in the window (:meth:`scored_windows`)."""
+        starts = self.scored_windows(test, config)
         values = []
         with torch.no_grad():
             for index in train_data.evaluation_batches(starts.shape[0], 64):
@@ -484,7 +660,7 @@ class GPTFamily(Family):
                 values.append((float(model(windows[:, :-1], windows[:, 1:])[1]), len(index)))
         return {"test_bits_per_char": train_data.mean_over_batches(values) / LN2}
 
-    def write_samples(self, model, train, config, settings, generator):
+    def write_samples(self, model, train, test, config, settings, generator):
         start = train.alphabet.index("\n") if "\n" in train.alphabet else 0
         context = torch.tensor([[start]], device=settings.device)
         text, remaining = [], config["sample_chars"]
@@ -540,7 +716,7 @@ class WaveNetFamily(Family):
                       for index in train_data.evaluation_batches(len(test), 16)]
         return {"test_bits_per_sample": train_data.mean_over_batches(values) / LN2}
 
-    def write_samples(self, model, train, config, settings, generator):
+    def write_samples(self, model, train, test, config, settings, generator):
         samples = round(config["sample_seconds"] * train.sample_rate)
         classes = model.generate(samples, batch_size=4, generator=generator)
         clips = mu_law_decode(classes, train_data.MU_LAW_CLASSES).cpu().numpy()
