@@ -40,12 +40,10 @@ from .philox import MASK32, philox4x32, uint_to_uniform
 from .runtime import choose_impl, compute_dtype, interpreter_enabled
 
 # Uniforms are clamped from below so that every Gumbel draw is finite: the row maximum's score then always beats
-# the -inf of the dropped classes, and a row with one allowed class draws it.
+# the -inf of the dropped classes, and a row with one allowed class draws it (the kernel reads the same constant).
 MIN_UNIFORM = 1.0e-20
-# Candidate thresholds per radix pass (the digit 0 among them: the current prefix itself).
-RADIX_BITS = 4
-KEY_BIAS = 2**31  # int32 keys shifted to [0, 2^32), the range the radix search walks
-INVALID_ROW = -1
+_MIN_UNIFORM = tl.constexpr(MIN_UNIFORM)
+INVALID_ROW = -1  # the result of a row without a distribution
 FLOAT32_TINY = 1.0e-45  # the smallest fp32 subnormal (rounds to 2^-149)
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -150,7 +148,8 @@ def _load_tile(logits_ptr, row_offsets, lead, row_mask, start, num_classes, stri
 
 @triton.jit
 def _ordered_key(x):
-    """int64 keys in [0, 2^32) whose order is the order of the fp32 values ``x`` (no NaN)."""
+    """int64 keys in [0, 2^32) whose order is the order of the fp32 values ``x`` (no NaN): the sign bit flips the
+    other bits of negative values, and the int32 result is shifted by 2^31, the range the radix search walks."""
     bits = x.to(tl.int32, bitcast=True)
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
 
@@ -251,7 +250,7 @@ def _sample_categorical_kernel(out_ptr, logits_ptr, seed_ptr, rows, num_classes,
             group = zero + (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32)[None, :]
             r0, r1, r2, r3 = tl.philox(seed, group, counter_row, counter_lo, counter_hi)
             words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # class 4g + w takes word w
-            uniform = tl.maximum(tl.uint_to_uniform_float(words), 1.0e-20)
+            uniform = tl.maximum(tl.uint_to_uniform_float(words), _MIN_UNIFORM)
             gumbel = -tl.log(-tl.log(uniform))
             kept = mask & (_ordered_key(x) >= threshold[:, None])
             score = tl.where(kept, _scaled(x, row_max, inv_temperature) + gumbel, float("-inf"))

@@ -240,3 +240,17 @@ def test_sampling_compiles_with_fullgraph():
 
     compiled = torch.compile(draw, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(logits, seed), draw(logits, seed))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt2_sized_rows_on_gpu(dtype, device):
+    """[8, 50257] logits on the GPU (rows starting inside a 16-byte vector): the compiled kernel draws the eager
+    reference's classes, plain and filtered, and greedy is torch.argmax."""
+    generator = torch.Generator(device).manual_seed(11)
+    logits = (2 * torch.randn(8, 50257, generator=generator, device=device)).to(dtype)
+    seed = torch.tensor([77], device=device)
+    for options in (dict(), dict(temperature=0.8, top_k=50, top_p=0.9)):
+        got = sample_categorical(logits, seed=seed, offset=2, impl="triton", **options)
+        assert torch.equal(got, sample_categorical(logits, seed=seed, offset=2, impl="eager", **options))
+    assert torch.equal(sample_categorical(logits, temperature=0.0, impl="triton"), logits.argmax(dim=1))
