@@ -304,6 +304,39 @@ def _decode(size: str, cache_len: int):
     return setup
 
 
+def _decode_append(size: str, cache_len: int):
+    """A ragged decoding step: every sequence at its own length (between half the cache and its last free slot)
+    appends the step's key/value inside the decode launch and attends to them with its cached positions."""
+    def setup(device):
+        batch, heads_q, heads_kv, head_dim = DECODE_SHAPE[size]
+        generator = seeded_generator(device, 1)
+        q = torch.randn((batch, heads_q, 1, head_dim), generator=generator, device=device).to(torch.bfloat16)
+        k_cache, v_cache = (torch.randn((batch, heads_kv, cache_len, head_dim), generator=generator, device=device)
+                            .to(torch.bfloat16) for _ in range(2))
+        k_new, v_new = (torch.randn((batch, heads_kv, 1, head_dim), generator=generator, device=device)
+                        .to(torch.bfloat16) for _ in range(2))
+        seqlens = torch.randint(cache_len // 2, cache_len, (batch,), generator=generator, device=device,
+                                dtype=torch.int32)
+        compiled = torch_compile(functools.partial(decode_attention, impl="eager"))
+        calls = {  # the step writes the same slots every call, so repeated calls time the same work
+            "triton": lambda: decode_attention(q, k_cache, v_cache, seqlens, k=k_new, v=v_new, impl="triton"),
+            "eager": lambda: decode_attention(q, k_cache, v_cache, seqlens, k=k_new, v=v_new, impl="eager"),
+            "compile": lambda: compiled(q, k_cache, v_cache, seqlens, k=k_new, v=v_new),
+        }
+
+        def reference():
+            keys, values = k_cache.double(), v_cache.double()
+            rows = torch.arange(batch, device=device)
+            keys[rows, :, seqlens.long()] = k_new[:, :, 0].double()
+            values[rows, :, seqlens.long()] = v_new[:, :, 0].double()
+            return decode_attention_reference(q.double(), keys, values, seqlens + 1)
+        positions = int(seqlens.sum()) + batch if device.type != "meta" else batch * cache_len
+        traffic = (2 * positions * heads_kv * head_dim + 2 * q.numel() + 2 * k_new.numel()) * q.element_size()
+        return Workload(calls, bytes_moved=traffic, reference=reference,
+                        notes="ragged lengths; the step's key/value written into the cache by the same launch")
+    return setup
+
+
 @case_builder
 def attention_cases(size: str):
     shapes = TRAINING_SHAPES[size]
@@ -322,6 +355,8 @@ def attention_cases(size: str):
     for cache_len in DECODE_CACHE_LENGTHS[size]:
         params = {"dtype": "bfloat16", "cache_len": cache_len, "shape": list(DECODE_SHAPE[size])}
         yield Case(f"attention.decode[bf16,cache{cache_len}]", "attention", "op", params, _decode(size, cache_len))
+        yield Case(f"attention.decode_append[bf16,cache{cache_len},ragged]", "attention", "op", params,
+                   _decode_append(size, cache_len))
     for head_dim, seq in SDPA_SHAPES[size]:
         for variant in SDPA_VARIANTS:
             for which in SDPA_PASSES:
