@@ -68,6 +68,7 @@ def philox_class_uniforms(seed: torch.Tensor, offset: int, rows: int, classes: i
 
 
 def _offset_words(offset: int) -> tuple[int, int]:
+    """The two 32-bit counter words of ``offset`` (low, high)."""
     return offset & MASK32, offset >> 32
 
 

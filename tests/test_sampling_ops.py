@@ -160,6 +160,9 @@ def test_draws_depend_on_the_seed_and_offset_only():
     assert not torch.equal(draw(generator=torch.Generator().manual_seed(2)), first)
     assert torch.equal(draw(seed=_seed(3), offset=4), draw(seed=_seed(3), offset=4))
     assert not torch.equal(draw(seed=_seed(3), offset=4), draw(seed=_seed(3), offset=5))
+    large = 2**40 + 2**31 + 7  # both counter words of the offset in use, the low one above 2^31
+    assert torch.equal(draw(seed=_seed(-5), offset=large),
+                       sample_categorical(logits, seed=_seed(-5), offset=large, impl="eager"))
 
 
 def test_uniforms_are_the_philox_grid_at_the_offset():
