@@ -277,13 +277,19 @@ def _sdpa_masked_or_dropout(size: str, head_dim: int, seq: int, variant: str, wh
     return setup
 
 
+def _decode_tensors(size: str, cache_len: int, device, generator):
+    """bf16 ``q [batch, heads_q, 1, d]`` and the caches ``[batch, heads_kv, cache_len, d]`` of a decode case."""
+    batch, heads_q, heads_kv, head_dim = DECODE_SHAPE[size]
+    q = torch.randn((batch, heads_q, 1, head_dim), generator=generator, device=device).to(torch.bfloat16)
+    k_cache, v_cache = (torch.randn((batch, heads_kv, cache_len, head_dim), generator=generator, device=device)
+                        .to(torch.bfloat16) for _ in range(2))
+    return q, k_cache, v_cache
+
+
 def _decode(size: str, cache_len: int):
     def setup(device):
-        batch, heads_q, heads_kv, head_dim = DECODE_SHAPE[size]
-        generator = seeded_generator(device, 0)
-        q = torch.randn((batch, heads_q, 1, head_dim), generator=generator, device=device).to(torch.bfloat16)
-        k_cache, v_cache = (torch.randn((batch, heads_kv, cache_len, head_dim), generator=generator, device=device)
-                            .to(torch.bfloat16) for _ in range(2))
+        batch = DECODE_SHAPE[size][0]
+        q, k_cache, v_cache = _decode_tensors(size, cache_len, device, seeded_generator(device, 0))
         seqlens = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
         compiled = torch_compile(functools.partial(decode_attention, impl="eager"))
         calls = {
@@ -308,11 +314,9 @@ def _decode_append(size: str, cache_len: int):
     """A ragged decoding step: every sequence at its own length (between half the cache and its last free slot)
     appends the step's key/value inside the decode launch and attends to them with its cached positions."""
     def setup(device):
-        batch, heads_q, heads_kv, head_dim = DECODE_SHAPE[size]
+        batch, _, heads_kv, head_dim = DECODE_SHAPE[size]
         generator = seeded_generator(device, 1)
-        q = torch.randn((batch, heads_q, 1, head_dim), generator=generator, device=device).to(torch.bfloat16)
-        k_cache, v_cache = (torch.randn((batch, heads_kv, cache_len, head_dim), generator=generator, device=device)
-                            .to(torch.bfloat16) for _ in range(2))
+        q, k_cache, v_cache = _decode_tensors(size, cache_len, device, generator)
         k_new, v_new = (torch.randn((batch, heads_kv, 1, head_dim), generator=generator, device=device)
                         .to(torch.bfloat16) for _ in range(2))
         seqlens = torch.randint(cache_len // 2, cache_len, (batch,), generator=generator, device=device,
