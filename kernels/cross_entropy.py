@@ -99,39 +99,43 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
 # Triton kernel
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _online_update(x, row_max, row_sum):
-    """Fold the tile ``x`` ``[rows, classes]`` (masked lanes -inf) into the running max and ``sum exp(x - max)``;
-    a max that is still -inf (no finite logit yet) shifts by 0, so ``exp(-inf - shift)`` stays 0, not NaN."""
+def _fold_tile(x, mask, row_max, row_sum, row_total, row_seen, SMOOTH: tl.constexpr):
+    """Fold the tile ``x`` ``[rows, classes]`` (masked lanes -inf) into the running max, ``sum exp(x - shift)``
+    and, for smoothing, ``sum (x - shift)`` over the ``row_seen`` classes so far, ``shift`` being the max (0
+    while no finite logit came: ``exp(-inf - 0)`` stays 0, not NaN). Sums relative to the max keep their digits
+    where the logits are huge (``lse = max + log(sum)`` would round ``log(sum)`` away at 1e38)."""
     new_max = tl.maximum(row_max, tl.max(x, axis=1))
     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-    return new_max, row_sum
-
-
-@triton.jit
-def _row_gradient(x, cols, lse, target, valid, smoothing, num_classes):
-    """For the tile ``x`` at classes ``cols`` (``[1, classes]``):
-    ``d loss_i / d x_ic = softmax_ic - (1 - eps) [c == t_i] - eps / C``, 0 on ignored rows."""
-    grad = tl.exp(x - lse[:, None]) - smoothing / num_classes
-    grad -= tl.where(cols == target[:, None], 1.0 - smoothing, 0.0)
-    return tl.where(valid[:, None], grad, 0.0)
-
-
-@triton.jit
-def _stats_of_tile(x_ptrs, mask, row_max, row_sum, row_total, SMOOTH: tl.constexpr):
-    """Read one tile of logits (masked lanes -inf) into the running max, exp-sum and (for smoothing) sum."""
-    x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
-    row_max, row_sum = _online_update(x, row_max, row_sum)
     if SMOOTH:
-        row_total += tl.sum(tl.where(mask, x, 0.0), axis=1)
-    return row_max, row_sum, row_total
+        previous_shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        row_total += row_seen * (previous_shift - shift) + tl.sum(tl.where(mask, x - shift[:, None], 0.0), axis=1)
+        row_seen += tl.sum(mask.to(tl.float32), axis=1)
+    row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    return new_max, row_sum, row_total, row_seen
 
 
 @triton.jit
-def _gradient_of_tile(x_ptrs, g_ptrs, c, mask, lse, target, valid, smoothing, num_classes):
+def _stats_of_tile(x_ptrs, mask, row_max, row_sum, row_total, row_seen, SMOOTH: tl.constexpr):
+    """Read one tile of logits (masked lanes -inf) and fold it in (:func:`_fold_tile`)."""
+    x = tl.load(x_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    return _fold_tile(x, mask, row_max, row_sum, row_total, row_seen, SMOOTH)
+
+
+@triton.jit
+def _row_gradient(x, cols, shift, log_sum, target, valid, smoothing, num_classes):
+    """For the tile ``x`` at classes ``cols`` (``[1, classes]``), with ``softmax = exp(x - shift - log_sum)``:
+    ``d loss_i / d x_ic = softmax_ic - (1 - eps) [c == t_i] - eps / C``; ``0 * softmax_ic`` on ignored rows,
+    which is 0 unless the row's softmax is NaN (a NaN or +inf logit), as autograd's log-softmax backward gives."""
+    softmax = tl.exp((x - shift[:, None]) - log_sum[:, None])
+    grad = softmax - smoothing / num_classes - tl.where(cols == target[:, None], 1.0 - smoothing, 0.0)
+    return tl.where(valid[:, None], grad, 0.0 * softmax)
+
+
+@triton.jit
+def _gradient_of_tile(x_ptrs, g_ptrs, c, mask, shift, log_sum, target, valid, smoothing, num_classes):
     """Read one tile of logits again and write its gradient (see :func:`_row_gradient`)."""
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    grad = _row_gradient(x, c, lse, target, valid, smoothing, num_classes)
+    grad = _row_gradient(x, c, shift, log_sum, target, valid, smoothing, num_classes)
     tl.store(g_ptrs, grad.to(g_ptrs.dtype.element_ty), mask=mask)
 
 
@@ -184,6 +188,7 @@ def _cross_entropy_kernel(
     row_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_R,), tl.float32)
     row_total = tl.zeros((BLOCK_R,), tl.float32)
+    row_seen = tl.zeros((BLOCK_R,), tl.float32)
     if ALIGN:
         VECTOR: tl.constexpr = 128 // logits_ptr.dtype.element_ty.primitive_bitwidth
         lanes = tl.arange(0, VECTOR)[None, :]
@@ -192,50 +197,52 @@ def _cross_entropy_kernel(
         body_x = logits_ptr + tl.multiple_of(x_offset + head, VECTOR)
         body_g = grad_ptr + tl.multiple_of(g_offset + head, VECTOR)
         tail = head + body
-        row_max, row_sum, row_total = _stats_of_tile(x_ptr + lanes, lanes < head, row_max, row_sum, row_total,
-                                                     SMOOTH)
+        row_max, row_sum, row_total, row_seen = _stats_of_tile(x_ptr + lanes, lanes < head, row_max, row_sum,
+                                                               row_total, row_seen, SMOOTH)
         for start in range(0, body, BLOCK_C):
             q = tl.multiple_of(start, BLOCK_C) + cols[None, :]
-            row_max, row_sum, row_total = _stats_of_tile(body_x + q, q < body, row_max, row_sum, row_total, SMOOTH)
-        row_max, row_sum, row_total = _stats_of_tile(x_ptr + tail + lanes, tail + lanes < num_classes, row_max,
-                                                     row_sum, row_total, SMOOTH)
+            row_max, row_sum, row_total, row_seen = _stats_of_tile(body_x + q, q < body, row_max, row_sum,
+                                                                   row_total, row_seen, SMOOTH)
+        row_max, row_sum, row_total, row_seen = _stats_of_tile(x_ptr + tail + lanes, tail + lanes < num_classes,
+                                                               row_max, row_sum, row_total, row_seen, SMOOTH)
     elif SINGLE_TILE:
         mask = row_mask[:, None] & (cols < num_classes)[None, :]
         x = tl.load(x_ptr + x_rows + cols[None, :] * x_sc, mask=mask, other=float("-inf")).to(tl.float32)
-        row_max, row_sum = _online_update(x, row_max, row_sum)
-        if SMOOTH:
-            row_total = tl.sum(tl.where(mask, x, 0.0), axis=1)
+        row_max, row_sum, row_total, row_seen = _fold_tile(x, mask, row_max, row_sum, row_total, row_seen, SMOOTH)
     else:
         for start in range(0, num_classes, BLOCK_C):
             c = (start + cols)[None, :]
-            row_max, row_sum, row_total = _stats_of_tile(x_ptr + x_rows + c * x_sc,
-                                                         row_mask[:, None] & (c < num_classes), row_max, row_sum,
-                                                         row_total, SMOOTH)
-    # rows past the end get lse 0 (no log(0), no -inf - -inf in their never-stored lanes)
-    lse = tl.where(row_max == float("-inf"), 0.0, row_max) + tl.log(tl.where(row_mask, row_sum, 1.0))
-    loss = lse - (1.0 - smoothing) * target_logit
+            row_max, row_sum, row_total, row_seen = _stats_of_tile(x_ptr + x_rows + c * x_sc,
+                                                                   row_mask[:, None] & (c < num_classes), row_max,
+                                                                   row_sum, row_total, row_seen, SMOOTH)
+    # lse = shift + log_sum; rows past the end get log_sum 0 (no log(0), no -inf - -inf in never-stored lanes)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    log_sum = tl.log(tl.where(row_mask, row_sum, 1.0))
     if SMOOTH:  # only then: the term is NaN for a -inf logit even at eps = 0
-        loss -= smoothing / num_classes * row_total
+        # lse - (1 - eps) x_t - eps / C sum_c x_c, the sum kept relative to the shift
+        loss = (1.0 - smoothing) * (shift - target_logit) + log_sum - smoothing / num_classes * row_total
+    else:
+        loss = (shift - target_logit) + log_sum
     loss = tl.where(valid, loss, 0.0)
     tl.store(l_ptr + rows * l_sr, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
     if WRITE_GRAD:
         if ALIGN:
-            _gradient_of_tile(x_ptr + lanes, g_ptr + lanes, lanes, lanes < head, lse, target, valid, smoothing,
-                              num_classes)
+            _gradient_of_tile(x_ptr + lanes, g_ptr + lanes, lanes, lanes < head, shift, log_sum, target, valid,
+                              smoothing, num_classes)
             for start in range(0, body, BLOCK_C):
                 q = tl.multiple_of(start, BLOCK_C) + cols[None, :]
-                _gradient_of_tile(body_x + q, body_g + q, head + q, q < body, lse, target, valid, smoothing,
+                _gradient_of_tile(body_x + q, body_g + q, head + q, q < body, shift, log_sum, target, valid, smoothing,
                                   num_classes)
             _gradient_of_tile(x_ptr + tail + lanes, g_ptr + tail + lanes, tail + lanes,
-                              tail + lanes < num_classes, lse, target, valid, smoothing, num_classes)
+                              tail + lanes < num_classes, shift, log_sum, target, valid, smoothing, num_classes)
         elif SINGLE_TILE:
-            grad = _row_gradient(x, cols[None, :], lse, target, valid, smoothing, num_classes)
+            grad = _row_gradient(x, cols[None, :], shift, log_sum, target, valid, smoothing, num_classes)
             tl.store(g_ptr + g_rows + cols[None, :] * g_sc, grad.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
             for start in range(0, num_classes, BLOCK_C):
                 c = (start + cols)[None, :]
                 _gradient_of_tile(x_ptr + x_rows + c * x_sc, g_ptr + g_rows + c * g_sc, c,
-                                  row_mask[:, None] & (c < num_classes), lse, target, valid, smoothing,
+                                  row_mask[:, None] & (c < num_classes), shift, log_sum, target, valid, smoothing,
                                   num_classes)
 
 

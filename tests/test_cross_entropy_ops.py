@@ -409,3 +409,60 @@ def test_linear_cross_entropy_refuses_bad_input(kwargs, error, name, no_launch):
     with pytest.raises(error, match=name):
         linear_cross_entropy(arguments.pop("hidden"), arguments.pop("weight"), arguments.pop("target"),
                              impl="triton", **arguments)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# properties (hypothesis): drawn shapes, layouts, dtypes, options and special values
+# ------------------------------------------------------------------------------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from op_properties import assert_fp64_properties, assert_gradients, assert_op_properties  # noqa: E402
+
+from genkernels.bench.correctness import make_input, st_dtypes, st_layouts, st_shapes, st_special_fills  # noqa: E402
+
+
+@st.composite
+def cross_entropy_cases(draw, dtypes=st_dtypes()):
+    """Logits ``[N, C, d...]`` (N and the d's may be 0 or 1; C >= 1) in any layout, targets with some ignored."""
+    batch = draw(st.sampled_from((0, 1, 3)))
+    classes = draw(st.sampled_from((1, 2, 7, 33)))
+    spatial = draw(st_shapes((0, 2), max_side=4, min_side=1))
+    shape = (batch, classes) + spatial
+    logits = make_input(shape, draw(dtypes), draw(st.integers(0, 99)), layout=draw(st_layouts(shape)),
+                        fill=draw(st_special_fills()), scale=draw(st.sampled_from((1.0, 8.0))))
+    ignore_index = draw(st.sampled_from((-100, 0)))
+    target = torch.randint(0, classes, (batch,) + spatial, generator=torch.Generator().manual_seed(draw(
+        st.integers(0, 99))))
+    if target.numel() and draw(st.booleans()):
+        target.view(-1)[::3] = ignore_index
+    options = {"ignore_index": ignore_index, "reduction": draw(st.sampled_from(REDUCTIONS)),
+               "label_smoothing": draw(st.sampled_from((0.0, 0.1, 1.0)))}
+    return {"logits": logits, "target": target}, options
+
+
+def _run(options):
+    return lambda t, impl: cross_entropy(t["logits"], t["target"], impl=impl, **options)
+
+
+def _plain(options):
+    def plain(t):  # F.cross_entropy with fp32 math for 16-bit logits (a reduced loss stays fp32, as ours)
+        logits = t["logits"]
+        wide = logits if logits.dtype == torch.float64 else logits.float()
+        loss = F.cross_entropy(wide, t["target"], **options)
+        return loss.to(logits.dtype) if options["reduction"] == "none" else loss
+    return plain
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on drawn NaN/Inf/huge values
+@given(case=cross_entropy_cases())
+def test_property_triton_matches_the_references_with_gradients(case):
+    inputs, options = case
+    assert_op_properties(_run(options), _plain(options), inputs, f"cross_entropy {options}")
+    assert_gradients(_run(options), _plain(options), inputs, ["logits"], f"cross_entropy {options}")
+
+
+@given(case=cross_entropy_cases(dtypes=st.just(torch.float32)))
+def test_property_fp64_runs_the_reference(case):
+    inputs, options = case
+    assert_fp64_properties(_run(options), _plain(options), inputs, f"cross_entropy {options}")
