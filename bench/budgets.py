@@ -99,7 +99,14 @@ EXEMPTIONS: tuple[Exemption, ...] = (
     Exemption("wide_global_access", "_diffusion_loss_fwd_kernel", "without a stored gradient (16-bit outputs, or "
               "no gradient needed) its only store is one fp32 partial sum per one-warp program (STG 4x1); its loads "
               "are 16-byte"),
+    Exemption("wide_global_access", "_sample_categorical_kernel", "stores one int64 class per row (STG 8 bytes, "
+              "one value per program row); its loads are 16-byte (every pass of rows starting on a 16-byte "
+              "boundary, every pass but the draw otherwise: the draw's tiles start on a Philox group of 4 classes)"),
     # waves: grids the problem fixes
+    Exemption("wave_efficiency", "_sample_categorical_kernel", "one program per row (or block of rows): a sampling "
+              "step has 1-192 rows (0.002-0.05 waves); splitting a row's classes across programs needs "
+              "cross-program combines of its maximum, every radix pass's counts and the argmax, a launch each (3-19 "
+              "per step)"),
     Exemption("wave_efficiency", "_group_norm_*_kernel", "unsplit (FUSED) launches are N*G/K programs fixed by "
               "the problem (1024 at 32x256x64x64: 0.65 of a wave at 12 CTAs/SM; U-Net 2048-8192 programs at 5-32 "
               "CTAs/SM, down to 0.48), and filling the last wave means splitting, a second HBM read of x (3 vs 2 "

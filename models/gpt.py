@@ -217,8 +217,9 @@ class GPT(nn.Module):
         sequences were still generating (bool ``[batch]``).
 
         Each new token is drawn from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely
-        tokens (all when ``top_k`` is None; ``top_k`` above ``vocab_size`` means all), with ``torch.multinomial``
-        and ``generator``. **Greedy decoding** is ``temperature=0`` or ``top_k=1``: the token of largest logit
+        tokens (all when ``top_k`` is None; ``top_k`` above ``vocab_size`` means all), by
+        :func:`~genkernels.kernels.sampling.sample_categorical` (Gumbel-max on Philox draws seeded from
+        ``generator``). **Greedy decoding** is ``temperature=0`` or ``top_k=1``: the token of largest logit
         (the lowest id among equal logits), and no random numbers are drawn.
 
         ``temperature`` is a finite number ``>= 0`` (``ValueError`` for NaN, Inf or a negative value). The

@@ -54,6 +54,12 @@ def _with_timesteps(make):
     return with_timesteps
 
 
+def _with_seed(make):
+    def with_seed(dtype, device, grad):
+        return make(dtype, device, grad) + (torch.tensor([12345], device=device),)
+    return with_seed
+
+
 def _decode_inputs(dtype, device, grad):
     q = _randn(2, 2, 1, 16, dtype=dtype, device=device)
     k_cache, v_cache = (_randn(2, 2, 11, 16, dtype=dtype, device=device, seed=s) for s in (1, 2))
@@ -84,6 +90,9 @@ OP_CASES: dict[str, OpCase] = {
         lambda impl, q, k, v: gk.scaled_dot_product_attention(q, k, v, is_causal=True, impl=impl)),
     "decode_attention": OpCase(_decode_inputs,
                                lambda impl, q, k, v, n: gk.decode_attention(q, k, v, n, impl=impl)),
+    "sample_categorical": OpCase(_with_seed(_tensors((3, 11), grad_count=0)),
+                                 lambda impl, logits, seed: gk.sample_categorical(
+                                     logits, temperature=0.9, top_k=6, top_p=0.8, seed=seed, impl=impl)),
     "causal_conv1d": OpCase(_tensors((2, 3, 9), (4, 3, 2), (4,)),
                             lambda impl, x, w, b: gk.causal_conv1d(x, w, b, dilation=2, impl=impl)),
     "masked_conv2d": OpCase(_tensors((2, 3, 5, 6), (6, 3, 3, 3), (6,)),
@@ -146,9 +155,18 @@ def _half_precision_diffusion_loss(device):
                       impl="triton").backward()
 
 
+def _ragged_decode_step(device):
+    """A ragged decoding step, the sequences at lengths 7 and 3 appending one key/value each: reaches
+    decode_attention_append."""
+    q, k_cache, v_cache, _ = _decode_inputs(torch.float32, device, False)
+    k, v = (_randn(2, 2, 1, 16, device=device, seed=s) for s in (3, 4))
+    gk.decode_attention(q, k_cache, v_cache, torch.tensor([7, 3], device=device), k=k, v=v, impl="triton")
+
+
 # Calls beyond OP_CASES' first-order fp32 ones, for the ops only they reach.
 EXTRA_CALLS = {"bias_act_second_order": _second_order_bias_act,
-               "diffusion_loss_bf16": _half_precision_diffusion_loss}
+               "diffusion_loss_bf16": _half_precision_diffusion_loss,
+               "decode_attention_append": _ragged_decode_step}
 
 
 def _registered_op_names() -> set[str]:

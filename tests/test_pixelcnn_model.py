@@ -193,8 +193,9 @@ def test_triton_matches_eager_outputs_and_gradients(device):
     ("triton", 1, (3, 4), 3, 1),
 ])
 def test_cached_sampling_gives_exactly_the_naive_samples(impl, colors, size, hidden, blocks):
-    """Both samplers read the same uniforms (drawn up front from the generator) and draw each sub-pixel by inverse
-    CDF from its logits, so their images are equal exactly when the logits they draw from are bitwise equal.
+    """Both samplers draw each sub-pixel by Gumbel-max from its logits with the same Philox seed (drawn up front
+    from the generator) and the sub-pixel's index as the offset, so their images are equal exactly when the
+    logits they draw from are bitwise equal.
     They are: the cached sampler evaluates each layer at the pixel being drawn on a crop of the layer's input
     that holds every tap the pixel reads, with the image edges where they are in the full image, so each output
     value is the same sum of the same products in the same order (the Triton kernel fixes that order by
