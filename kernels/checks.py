@@ -26,6 +26,15 @@ def check_tensor(value: object, name: str) -> torch.Tensor:
     return value
 
 
+def check_seed_tensor(seed: object, device: torch.device) -> torch.Tensor:
+    """Require an in-kernel noise key: a one-element int64 tensor on ``device`` (``launch.draw_philox_seed``)."""
+    seed = check_tensor(seed, "seed")
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+        raise ValueError(f"seed must be a one-element int64 tensor on {device} (e.g. from "
+                         f"genkernels.kernels.draw_philox_seed); got {describe(seed)}")
+    return seed
+
+
 def check_float_tensor(value: object, name: str, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
     """Require a floating-point tensor of one of ``dtypes``."""
     tensor = check_tensor(value, name)

@@ -35,8 +35,7 @@ from .checks import (
     check_min_rank,
     check_same_device,
     check_same_shape,
-    check_tensor,
-    describe,
+    check_seed_tensor,
 )
 from .diffusion import (
     PREDICTION_TYPES,
@@ -580,13 +579,6 @@ def _check_schedule(schedule: object, op: str) -> None:
         raise TypeError(f"{op}: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
 
 
-def _check_seed(seed: object, device: torch.device) -> torch.Tensor:
-    seed = check_tensor(seed, "seed")
-    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
-        raise ValueError(f"seed must be a one-element int64 tensor on {device} (e.g. from "
-                         f"genkernels.kernels.launch.draw_philox_seed); got {describe(seed)}")
-    return seed
-
 
 def q_sample(x0: torch.Tensor, timestep, schedule: NoiseSchedule, *, noise: Optional[torch.Tensor] = None,
              generator: Optional[torch.Generator] = None, seed: Optional[torch.Tensor] = None,
@@ -624,7 +616,7 @@ def q_sample(x0: torch.Tensor, timestep, schedule: NoiseSchedule, *, noise: Opti
     if seed is not None:
         if generator is not None:
             raise ValueError("q_sample: pass seed or generator, not both (the seed already fixes the noise)")
-        _check_seed(seed, device)
+        check_seed_tensor(seed, device)
     t = check_timesteps(timestep, "timestep", x0.shape[0], device, schedule.num_train_timesteps,
                         allow_negative=False)
     impl = choose_impl(impl, "q_sample", {"x0": x0, "noise": noise})
@@ -684,7 +676,7 @@ def diffusion_loss(model_output: torch.Tensor, x0: torch.Tensor, timestep, sched
         raise ValueError("diffusion_loss: pass exactly one of noise (the eps q_sample used) and seed (the seed "
                          "q_sample drew it from); got " + ("both" if noise is not None else "neither"))
     if seed is not None:
-        _check_seed(seed, device)
+        check_seed_tensor(seed, device)
     check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
     check_choice(reduction, "reduction", REDUCTIONS)
     batch = model_output.shape[0]

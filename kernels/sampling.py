@@ -34,7 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_float_tensor, check_generator, check_int, check_real, check_tensor, describe
+from .checks import (
+    check_float_tensor,
+    check_generator,
+    check_int,
+    check_real,
+    check_seed_tensor,
+    describe,
+)
 from .launch import capturing, device_limits, draw_philox_seed, launch_setting
 from .philox import MASK32, philox4x32, uint_to_uniform
 from .runtime import choose_impl, compute_dtype, interpreter_enabled
@@ -349,13 +356,6 @@ def _inverse_temperature(temperature: float) -> float:
     return max(1.0 / temperature, FLOAT32_TINY)
 
 
-def _check_seed_tensor(seed: object, device: torch.device) -> torch.Tensor:
-    seed = check_tensor(seed, "seed")
-    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
-        raise ValueError(f"seed must be a one-element int64 tensor on the device of logits ({device}), e.g. from "
-                         f"genkernels.kernels.draw_philox_seed; got {describe(seed)}")
-    return seed
-
 
 def _check_rows_valid(samples: torch.Tensor, logits: torch.Tensor) -> None:
     """Raise for rows the draw marked invalid: ``ValueError`` naming the first one where the result is on the host
@@ -429,7 +429,7 @@ def sample_categorical(logits: torch.Tensor, *, temperature: float = 1.0, top_k:
     device = logits.device
     check_generator(generator, device, "logits")
     if seed is not None:
-        _check_seed_tensor(seed, device)
+        check_seed_tensor(seed, device)
         if generator is not None:
             raise ValueError("pass either seed or generator, not both: the generator only draws a seed")
     greedy = temperature == 0 or top_k == 1
