@@ -26,8 +26,27 @@ METRIC = {"vae": "test_bits_per_dim", "dcgan": "test_discriminator_loss", "pixel
           "realnvp": "test_bits_per_dim", "glow": "test_bits_per_dim", "ddpm": "test_denoising_mse",
           "gpt": "test_bits_per_char", "wavenet": "test_bits_per_sample"}
 SAMPLE_FILES = {"gpt": ["samples.txt"], "wavenet": [f"sample_{i}.wav" for i in range(4)] + ["spectrogram.png"],
-                "vae": ["samples.png", "interpolations.png"], "realnvp": ["samples.png", "temperatures.png"],
-                "glow": ["samples.png", "temperatures.png"]}
+                "vae": ["samples.png", "interpolations.png", "reconstructions.png"],
+                "dcgan": ["samples.png", "truncation.png"], "pixelcnn": ["samples.png", "completions.png"],
+                "realnvp": ["samples.png", "temperatures.png"], "glow": ["samples.png", "temperatures.png"],
+                "ddpm": ["samples.png", "guidance.png", "inpainting.png", "image_to_image.png"]}
+# the baselines each family's metrics.json compares with (lower is better for all)
+COMPARED = {
+    "vae": ["test_bits_per_dim vs kde_bits_per_dim", "test_bits_per_dim vs gmm_bits_per_dim"],
+    "dcgan": [], "ddpm": [],
+    "gpt": ["test_bits_per_char vs lzma_given_train_bits_per_char", "test_bits_per_char vs ngram_bits_per_char"],
+    "wavenet": ["test_bits_per_sample vs mu_law_unigram_bits_per_sample", "test_bits_per_sample vs lpc_bits_per_sample"],
+}
+COMPARED.update({model: COMPARED["vae"] for model in ("pixelcnn", "realnvp", "glow")})
+IMAGE_MODELS = ["vae", "dcgan", "pixelcnn", "realnvp", "glow", "ddpm"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def baseline_cache(tmp_path_factory):
+    """Fitted baselines go to one folder for this module's runs (fitted once, then read), not the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GENKERNELS_CACHE_DIR", str(tmp_path_factory.mktemp("baseline_cache")))
+        yield
 
 
 def run(model, out, *options):
@@ -52,6 +71,7 @@ def test_quick_run_writes_its_files_and_resumes_to_the_same_losses(model, tmp_pa
         assert (stopped / name).stat().st_size > 0, name
     metrics = json.loads((stopped / "metrics.json").read_text())
     assert metrics["model"] == model and math.isfinite(metrics[METRIC[model]])
+    check_evaluation(model, metrics)
     first = log_records(stopped)
     assert [r["step"] for r in first] == [1]
     assert {"step", "loss", "items_per_s", "lr", "time"} <= set(first[0]) and math.isfinite(first[0]["loss"])
@@ -68,6 +88,41 @@ def test_quick_run_writes_its_files_and_resumes_to_the_same_losses(model, tmp_pa
     if reference_state["ema"] is not None:
         for key, value in reference_state["ema"].items():
             assert torch.equal(resumed_state["ema"][key], value), key
+
+
+def finite_numbers(tree):
+    """Every number inside a JSON tree."""
+    if isinstance(tree, dict):
+        return [number for value in tree.values() for number in finite_numbers(value)]
+    if isinstance(tree, list):
+        return [number for value in tree for number in finite_numbers(value)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def check_evaluation(model, metrics):
+    """metrics.json of a quick run: the baselines, the comparisons with them, sample quality for images."""
+    assert metrics["evaluation_settings"]["quick"] is True
+    assert all(math.isfinite(number) for number in finite_numbers(metrics))
+    comparisons = metrics["comparisons"]
+    expected = COMPARED[model] + (["frechet_distance vs kde_samples", "frechet_distance vs gmm_samples"]
+                                  if model in IMAGE_MODELS else [])
+    assert sorted(comparisons) == sorted(expected)
+    for name, comparison in comparisons.items():
+        figure, baseline = name.split(" vs ")
+        found = metrics["baselines"][baseline]
+        assert comparison["baseline"] == (found["frechet_distance"] if isinstance(found, dict) else found), name
+        if figure != "frechet_distance":
+            assert comparison["model"] == metrics[figure], name
+        assert comparison["model_better"] == (comparison["model"] < comparison["baseline"])
+    if model in IMAGE_MODELS:
+        quality = metrics["sample_quality"]
+        assert quality["num_samples"] == 32 and 0 <= quality["class_coverage"] <= 1
+        assert comparisons["frechet_distance vs kde_samples"]["model"] == quality["frechet_distance"]
+        assert 0.5 < metrics["classifier_test_accuracy"] <= 1
+    else:
+        assert "sample_quality" not in metrics
+    if model == "vae":
+        assert metrics["iwae_samples"] == 8 and math.isfinite(metrics["test_iwae_bits_per_dim"])
 
 
 def test_resume_reproduces_several_steps_with_random_noise(tmp_path):

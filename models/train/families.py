@@ -188,14 +188,20 @@ class VAEFamily(Family):
     name, kind = "vae", "images"
     steps, quick_steps, batch_size, lr = 5000, 30, 64, 1e-3
     options = (Option("latent_dim", 16, "size of the latent z"),
+               Option("width", 32, "channels of the encoder's first convolution (doubled by each further one)"),
+               Option("depth", 1, "encoder convolutions, each halving the side (mirrored by the decoder)"),
                Option("sigma", 0.1, "initial standard deviation of the learned Gaussian likelihood"))
 
     def build(self, config: dict, train) -> VAE:
         channels, height, width = train.shape
         if height != width:
             raise train_data.DataError(f"vae needs square images; {train.source} holds {height}x{width}")
-        return VAE(channels, height, config["latent_dim"], likelihood="gaussian", variance="learned",
-                   sigma=config["sigma"])
+        if height % 2 ** config["depth"]:
+            raise train_data.DataError(f"vae --depth {config['depth']} halves the side {height} too often (it must "
+                                       f"be divisible by 2**depth)")
+        widths = tuple(config["width"] * 2 ** i for i in range(config["depth"]))
+        return VAE(channels, height, config["latent_dim"], hidden_channels=widths, likelihood="gaussian",
+                   variance="learned", sigma=config["sigma"])
 
     def objectives(self, model: VAE, train):
         return [("model", _VAEObjective(model, train.levels))]
