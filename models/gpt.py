@@ -152,10 +152,16 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                kv_cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Logits ``[batch, seq, vocab_size]`` for token ids ``idx`` ``[batch, seq]`` and, with ``targets``
-        (token ids of ``idx``'s shape; ``-1`` is ignored), the mean cross-entropy
+                kv_cache: Optional[KVCache] = None,
+                return_logits: Optional[bool] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(logits, loss)``: logits ``[batch, seq, vocab_size]`` for token ids ``idx`` ``[batch, seq]`` and, with
+        ``targets`` (token ids of ``idx``'s shape; ``-1`` is ignored), the mean cross-entropy
         ``-1/N sum_t log softmax(logits_t)[targets_t]`` over the ``N`` non-ignored positions; else ``None``.
+
+        With targets the loss comes from :func:`~genkernels.kernels.linear_cross_entropy` on the final hidden
+        states, chunk by chunk, so the ``[batch, seq, vocab_size]`` logits never exist; they are then not
+        returned (``None``) unless ``return_logits=True`` asks for them (one more head matmul and the logits'
+        memory). ``return_logits`` defaults to returning them exactly when there are no targets.
 
         Token ids have any integer dtype; ``idx`` must lie in ``[0, vocab_size)``, ``targets`` in
         ``[-1, vocab_size)``. Out-of-range ids raise ``ValueError`` for CPU tensors, and fail an asynchronous
@@ -179,7 +185,9 @@ class GPT(nn.Module):
         for layer_idx, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer_idx)
         hidden = self.transformer.ln_f(x)
-        logits = self.lm_head(hidden)
+        if return_logits is None:
+            return_logits = targets is None
+        logits = self.lm_head(hidden) if check_bool(return_logits, "return_logits") else None
         if targets is None:
             return logits, None
         # the loss and its gradients come from the hidden states chunk by chunk: no fp32 logits or logits

@@ -54,6 +54,18 @@ def _with_timesteps(make):
     return with_timesteps
 
 
+def _cross_entropy_inputs(dtype, device, grad):
+    return (_randn(2, 5, 3, dtype=dtype, device=device, grad=grad),
+            torch.tensor([[1, 4, -100], [0, 2, 3]], device=device))
+
+
+def _linear_cross_entropy_inputs(dtype, device, grad):
+    return (_randn(2, 3, 4, dtype=dtype, device=device, grad=grad),
+            _randn(7, 4, dtype=dtype, device=device, grad=grad, seed=1),
+            _randn(7, dtype=dtype, device=device, grad=grad, seed=2),
+            torch.tensor([[1, 6, -100], [0, 2, 3]], device=device))
+
+
 def _with_seed(make):
     def with_seed(dtype, device, grad):
         return make(dtype, device, grad) + (torch.tensor([12345], device=device),)
@@ -90,6 +102,11 @@ OP_CASES: dict[str, OpCase] = {
         lambda impl, q, k, v: gk.scaled_dot_product_attention(q, k, v, is_causal=True, impl=impl)),
     "decode_attention": OpCase(_decode_inputs,
                                lambda impl, q, k, v, n: gk.decode_attention(q, k, v, n, impl=impl)),
+    "cross_entropy": OpCase(_cross_entropy_inputs,
+                            lambda impl, x, t: gk.cross_entropy(x, t, label_smoothing=0.1, impl=impl)),
+    "linear_cross_entropy": OpCase(_linear_cross_entropy_inputs,
+                                   lambda impl, h, w, b, t: gk.linear_cross_entropy(h, w, t, bias=b, chunk_size=4,
+                                                                                    impl=impl)),
     "sample_categorical": OpCase(_with_seed(_tensors((3, 11), grad_count=0)),
                                  lambda impl, logits, seed: gk.sample_categorical(
                                      logits, temperature=0.9, top_k=6, top_p=0.8, seed=seed, impl=impl)),
@@ -163,10 +180,17 @@ def _ragged_decode_step(device):
     gk.decode_attention(q, k_cache, v_cache, torch.tensor([7, 3], device=device), k=k, v=v, impl="triton")
 
 
+def _elementwise_linear_cross_entropy(device):
+    """reduction="none" keeps a gradient per token: reaches linear_cross_entropy_backward."""
+    h, w, b, t = _linear_cross_entropy_inputs(torch.float32, device, True)
+    gk.linear_cross_entropy(h, w, t, bias=b, reduction="none", chunk_size=4, impl="triton").sum().backward()
+
+
 # Calls beyond OP_CASES' first-order fp32 ones, for the ops only they reach.
 EXTRA_CALLS = {"bias_act_second_order": _second_order_bias_act,
                "diffusion_loss_bf16": _half_precision_diffusion_loss,
-               "decode_attention_append": _ragged_decode_step}
+               "decode_attention_append": _ragged_decode_step,
+               "linear_cross_entropy_none": _elementwise_linear_cross_entropy}
 
 
 def _registered_op_names() -> set[str]:

@@ -158,7 +158,7 @@ def test_functional_oracle_matches_the_model_under_eager():
     model = tiny_gpt()
     idx = token_ids((2, 9), seed=8)
     with use_impl("eager"):
-        logits, loss = model(idx, idx)
+        logits, loss = model(idx, idx, return_logits=True)
     expected = functional_gpt(model, idx)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, F.cross_entropy(expected.flatten(0, 1), idx.flatten()))
@@ -176,7 +176,7 @@ def test_gpt_triton_matches_eager_and_float64_reference_logits_loss_and_grads():
     results = {}
     for impl in IMPLS:
         with use_impl(impl):
-            logits, loss = model(idx, targets)
+            logits, loss = model(idx, targets, return_logits=True)
         results[impl] = logits, loss, grads_of(model, loss, torch.tensor(1.0))
     (logits, loss, grads), (eager_logits, eager_loss, eager_grads) = results["triton"], results["eager"]
     assert_close_to_reference(logits, reference_logits, eager_logits, "logits")
@@ -209,9 +209,9 @@ def test_gpt_under_bf16_autocast_follows_the_float64_reference():
 def test_gpt_forward_on_an_empty_batch():
     model = tiny_gpt()
     with use_impl("triton"):
-        logits, loss = model(token_ids((0, 6), seed=0), token_ids((0, 6), seed=0))
+        logits, loss = model(token_ids((0, 6), seed=0), token_ids((0, 6), seed=0), return_logits=True)
     assert logits.shape == (0, 6, TINY["vocab_size"])
-    assert loss is not None
+    assert loss is not None and torch.isnan(loss)  # the mean over no target, as F.cross_entropy gives
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -412,9 +412,10 @@ def test_token_ids_of_any_integer_dtype_give_the_int64_results():
     idx, targets = token_ids((2, 6), seed=1), token_ids((2, 6), seed=2)
     targets[1, :2] = -1
     with use_impl("eager"):
-        expected = model(idx, targets)
+        expected = model(idx, targets, return_logits=True)
         for dtype in (torch.uint8, torch.int16, torch.int32):
-            logits, loss = model(idx.to(dtype), targets.to(torch.int16 if dtype == torch.uint8 else dtype))
+            logits, loss = model(idx.to(dtype), targets.to(torch.int16 if dtype == torch.uint8 else dtype),
+                                 return_logits=True)
             torch.testing.assert_close(logits, expected[0], rtol=0, atol=0)
             torch.testing.assert_close(loss, expected[1], rtol=0, atol=0)
         generated = model.generate(idx.to(torch.uint8), 2, temperature=0.0)
@@ -606,7 +607,7 @@ def hf_logits_loss_grads(model: GPT2LMHeadModel, idx: torch.Tensor):
 def gpt_logits_loss_grads(model: GPT, idx: torch.Tensor):
     """Our logits, loss and gradients for transformers' next-token objective (the last position has no target)."""
     targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
     names, parameters = zip(*model.named_parameters())
     return logits, loss, dict(zip(names, torch.autograd.grad(loss, parameters)))
 
@@ -932,3 +933,22 @@ def test_kv_cache_trim_select_and_ragged_store():
 def test_ragged_generation_rejects_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call(tiny_gpt())
+
+
+def test_training_forward_never_forms_the_logits(monkeypatch):
+    """With targets the loss is the fused linear cross-entropy of the hidden states: the head's matmul does not
+    run and no logits come back, unless return_logits=True asks for them (the same loss)."""
+    model = tiny_gpt(seed=45)
+    idx, targets = token_ids((2, 9), seed=46), token_ids((2, 9), seed=47)
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    with use_impl("triton"):
+        logits, loss = model(idx, targets)
+        assert logits is None and calls == []
+        full_logits, same_loss = model(idx, targets, return_logits=True)
+    assert calls == [(2, 9, TINY["vocab_size"])]
+    torch.testing.assert_close(loss, same_loss, rtol=0, atol=0)
+    torch.testing.assert_close(loss, F.cross_entropy(full_logits.flatten(0, 1), targets.flatten()), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(TypeError, match="return_logits"):
+        model(idx, targets, return_logits=1)
