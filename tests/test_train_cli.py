@@ -35,7 +35,8 @@ COMPARED = {
     "vae": ["test_bits_per_dim vs kde_bits_per_dim", "test_bits_per_dim vs gmm_bits_per_dim"],
     "dcgan": [], "ddpm": [],
     "gpt": ["test_bits_per_char vs lzma_given_train_bits_per_char", "test_bits_per_char vs ngram_bits_per_char"],
-    "wavenet": ["test_bits_per_sample vs mu_law_unigram_bits_per_sample", "test_bits_per_sample vs lpc_bits_per_sample"],
+    "wavenet": ["test_bits_per_sample vs mu_law_unigram_bits_per_sample",
+                "test_bits_per_sample vs lpc_bits_per_sample"],
 }
 COMPARED.update({model: COMPARED["vae"] for model in ("pixelcnn", "realnvp", "glow")})
 IMAGE_MODELS = ["vae", "dcgan", "pixelcnn", "realnvp", "glow", "ddpm"]

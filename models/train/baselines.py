@@ -368,13 +368,15 @@ def ngram_baseline(train_text: str, test_text: str, *, orders: Sequence[int] = t
     return NGramBaseline(model.bits_per_char(test_text, order), order, scores, model)
 
 
-def text_baselines(train_text: str, test_text: str, *, ngram_orders: Sequence[int] = tuple(range(1, 13))) -> dict:
+def text_baselines(train_text: str, test_text: str, *,
+                   ngram_orders: Sequence[int] = tuple(range(1, 13))) -> dict:
     """Held-out bits per character of ``test_text`` as a JSON-ready dict:
 
     * ``lzma_given_train_bits_per_char``: :func:`lzma_bits_per_char` with the training text as context (the fair
       comparison with a trained model); ``lzma_alone_bits_per_char``: the test text compressed on its own;
-    * ``ngram_bits_per_char`` and ``ngram_order``: :func:`ngram_baseline` over ``ngram_orders``; ``test_chars_unseen_in_train``: how
-      many test characters fall outside the training alphabet (scored as the n-gram's unknown symbol)."""
+    * ``ngram_bits_per_char`` and ``ngram_order``: :func:`ngram_baseline` over ``ngram_orders``;
+      ``test_chars_unseen_in_train``: how many test characters fall outside the training alphabet (scored as the
+      n-gram's unknown symbol)."""
     check_text(train_text, "train_text", min_length=2)
     check_text(test_text, "test_text")
     ngram = ngram_baseline(train_text, test_text, orders=ngram_orders)

@@ -12,14 +12,17 @@ pixelcnn    levels spread over the model's 256 classes (``round(x * 255 / (L - 1
 realnvp,    uniform dequantization ``y = (x + u) / L - 1/2`` (the flows' space is centred); loss and held-out
 glow        metric bits per dim ``-(log q(y) - D log L) / (D ln 2)``; ActNorm (Glow) is initialized on the first
             global batch before training
-ddpm        images scaled to [-1, 1], the epsilon-prediction loss; an EMA of the weights samples (DDIM) and is
-            scored; held out: the denoising loss
+ddpm        images scaled to [-1, 1], the epsilon-prediction loss, class-conditional with label dropout when the
+            images have labels (classifier-free guidance); an EMA of the weights samples (DDIM) and is scored;
+            held out: the denoising loss
 gpt         character windows of ``block_size + 1``; held out: bits per character on non-overlapping test windows
 wavenet     mu-law segments; held out: bits per sample
 ==========  ==================================================================================================
 
 A family's training step is a list of :class:`Objective` modules, each with its own optimizer, run in order; each
-module's ``forward(batch, generator)`` returns its loss, so ``DistributedDataParallel`` can wrap it.
+module's ``forward(batch, generator)`` returns its loss, so ``DistributedDataParallel`` can wrap it. Image
+families also turn their samples back into the data's levels (:meth:`Family.sample_levels`), which the
+sample-quality metrics of :mod:`~genkernels.models.train.evaluation` read.
 """
 from __future__ import annotations
 
@@ -415,6 +418,10 @@ def flow_bits_per_dim(model, levels_batch: torch.Tensor, levels: int, generator:
     return bits_per_dim(model.log_prob(y), model.num_dims, levels)
 
 
+FLOW_TEMPERATURE = Option("temperature", 0.8, "the latents' scale in samples.png and the sample-quality metrics "
+                                            "(1: the model's own distribution)", training=False)
+
+
 class _FlowFamily(Family):
     kind = "images"
     batch_size = 64
@@ -432,12 +439,14 @@ class _FlowFamily(Family):
             return {"test_bits_per_dim": _image_eval(test, settings.device, score)}
 
     def sample_levels(self, model, count, train, config, settings, generator):
-        return requantize(model.sample(count, temperature=1.0, generator=generator) + 0.5, train.levels)
+        samples = model.sample(count, temperature=config["temperature"], generator=generator)
+        return requantize(samples + 0.5, train.levels)
 
     def write_samples(self, model, train, test, config, settings, generator):
-        images = model.sample(SAMPLE_GRID, temperature=0.8, generator=generator) + 0.5
+        temperature = config["temperature"]
+        images = model.sample(SAMPLE_GRID, temperature=temperature, generator=generator) + 0.5
         pictures.save_image_grid(images, settings.out / "samples.png",
-                                 f"{self.name} samples (temperature 0.8)")
+                                 f"{self.name} samples (temperature {temperature:g})")
         # Rows: the same latents scaled by each temperature (the generator restarts from one state per row).
         start = generator.get_state()
         rows = []
@@ -453,7 +462,7 @@ class RealNVPFamily(_FlowFamily):
     name = "realnvp"
     steps, quick_steps, lr = 3000, 20, 1e-3
     options = (Option("num_scales", 2, "scales (H and W divisible by 2**(num_scales - 1))"),
-               Option("hidden_channels", 32, "width of the coupling networks"))
+               Option("hidden_channels", 32, "width of the coupling networks"), FLOW_TEMPERATURE)
 
     def build(self, config, train):
         return RealNVP(train.shape, config["num_scales"], config["hidden_channels"])
@@ -464,7 +473,7 @@ class GlowFamily(_FlowFamily):
     steps, quick_steps, lr = 3000, 20, 1e-3
     options = (Option("num_levels", 2, "levels (H and W divisible by 2**num_levels)"),
                Option("depth", 4, "flow steps per level"),
-               Option("hidden_channels", 32, "width of the coupling networks"))
+               Option("hidden_channels", 32, "width of the coupling networks"), FLOW_TEMPERATURE)
 
     def build(self, config, train):
         return Glow(train.shape, config["num_levels"], config["depth"], config["hidden_channels"],
