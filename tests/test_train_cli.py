@@ -11,7 +11,7 @@ from genkernels.models.train import checkpoint, cli
 
 # Tiny models so that each run takes about a second in eager mode (the kernels' interpreter is far slower).
 TINY = {
-    "vae": ["--latent-dim", "4"],
+    "vae": ["--latent-dim", "4", "--width", "8", "--depth", "1"],
     "dcgan": ["--latent-dim", "8", "--base-channels", "8"],
     "pixelcnn": ["--hidden-channels", "6", "--num-blocks", "1", "--output-channels", "12"],
     "realnvp": ["--hidden-channels", "8"],
@@ -214,6 +214,11 @@ def test_batch_size_larger_than_the_data(capsys, tmp_path):
 def test_bad_numbers_are_refused(capsys, tmp_path):
     expect_error(capsys, ["vae", "--steps", "0", "--out", str(tmp_path)], "--steps 0 must be >= 1")
     expect_error(capsys, ["vae", "--lr", "-1", "--out", str(tmp_path)], "--lr -1.0 must be > 0")
+
+
+def test_vae_deeper_than_the_images_allow(capsys, tmp_path):
+    expect_error(capsys, ["vae", "--depth", "4", "--out", str(tmp_path)],
+                 "vae --depth 4 halves the side 8 too often (it must be divisible by 2**depth)")
 
 
 def test_text_file_with_zero_characters(capsys, tmp_path):

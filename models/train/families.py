@@ -190,9 +190,9 @@ class _VAEObjective(Objective):
 class VAEFamily(Family):
     name, kind = "vae", "images"
     steps, quick_steps, batch_size, lr = 5000, 30, 64, 1e-3
-    options = (Option("latent_dim", 16, "size of the latent z"),
-               Option("width", 32, "channels of the encoder's first convolution (doubled by each further one)"),
-               Option("depth", 1, "encoder convolutions, each halving the side (mirrored by the decoder)"),
+    options = (Option("latent_dim", 32, "size of the latent z"),
+               Option("width", 64, "channels of the encoder's first convolution (doubled by each further one)"),
+               Option("depth", 2, "encoder convolutions, each halving the side (mirrored by the decoder)"),
                Option("sigma", 0.1, "initial standard deviation of the learned Gaussian likelihood"))
 
     def build(self, config: dict, train) -> VAE:
