@@ -237,7 +237,10 @@ class WaveNet(nn.Module):
         """Mean next-sample cross entropy in nats: ``-log p(x[t + 1] | x[<= t])`` over ``t < time - 1``; ``x`` is
         range-checked as in :meth:`forward` (it holds the targets too)."""
         logits = self.forward(x, cond)
-        return cross_entropy(logits[:, :, :-1], x[:, 1:])
+        # the whole logits tensor with the last step's target ignored (not the [:, :, :-1] slice, whose rows of
+        # time - 1 break every sample's run of 16-byte vectors): the same mean over the same terms
+        targets = F.pad(x[:, 1:].long(), (0, 1), value=-100)
+        return cross_entropy(logits, targets, ignore_index=-100)
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation
