@@ -396,7 +396,7 @@ class PixelCNNFamily(Family):
         completions = complete_bottom_half(model, held_out.repeat(COMPLETIONS, 1, 1, 1), generator)
         pictures.save_image_grid(torch.cat([held_out, completions]).float() / (NUM_CLASSES - 1),
                                  settings.out / "completions.png",
-                                 "PixelCNN: held-out images (top), completions of their top halves",
+                                 "PixelCNN: held-out (top), completions of the top half",
                                  columns=held_out.shape[0])
 
 
@@ -592,15 +592,15 @@ class DDPMFamily(Family):
         rows = [held_out] + [model.sample(held_out.shape[0], steps, init=held_out, strength=strength, **ddim)
                              for strength in STRENGTHS]
         pictures.save_image_grid((torch.cat(rows) + 1) / 2, settings.out / "image_to_image.png",
-                                 f"DDPM image-to-image: held-out images (top), strengths "
-                                 f"{', '.join(map(str, STRENGTHS))} (rows)", columns=held_out.shape[0])
+                                 f"DDPM image-to-image: held-out (top), strengths {', '.join(map(str, STRENGTHS))}",
+                                 columns=held_out.shape[0])
         # Inpainting: the bottom half (mask 1) regenerated around the kept top half, twice.
         mask = torch.zeros_like(held_out[:, :1])
         mask[:, :, held_out.shape[2] // 2:] = 1
         inpainted = [model.sample(held_out.shape[0], steps, init=held_out, mask=mask, **ddim) for _ in range(2)]
         pictures.save_image_grid((torch.cat([held_out, held_out * (1 - mask)] + inpainted) + 1) / 2,
                                  settings.out / "inpainting.png",
-                                 "DDPM inpainting: held-out images, their top halves, two inpaintings (rows)",
+                                 "DDPM inpainting: held-out, top half kept, two inpaintings",
                                  columns=held_out.shape[0])
 
     @staticmethod
@@ -614,8 +614,8 @@ class DDPMFamily(Family):
             rows.append(model.sample(classes.shape[0], steps, sampler="ddim", guidance_scale=scale,
                                      class_labels=classes, generator=generator, progress=False))
         pictures.save_image_grid((torch.cat(rows) + 1) / 2, settings.out / "guidance.png",
-                                 f"DDPM classifier-free guidance: classes (columns), scales "
-                                 f"{', '.join(map(str, GUIDANCE_SCALES))} (rows)", columns=classes.shape[0])
+                                 f"DDPM guidance {', '.join(map(str, GUIDANCE_SCALES))} (rows) by class",
+                                 columns=classes.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
