@@ -728,17 +728,6 @@ def _decode_cache_partial(q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, 
 
 
 @triton.jit
-def _merge_partials(acc_a, sum_a, max_a, acc_b, sum_b, max_b):
-    """Two online-softmax partials ``(acc, sum, max)`` of the same rows over disjoint keys, as one: each rescaled
-    to the larger maximum (a side that saw no key, max ``-inf``, weighs 0)."""
-    new_max = tl.maximum(max_a, max_b, propagate_nan=tl.PropagateNan.ALL)
-    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    weight_a = tl.exp2(max_a - safe_max)
-    weight_b = tl.exp2(max_b - safe_max)
-    return (acc_a * weight_a[:, None] + acc_b * weight_b[:, None], sum_a * weight_a + sum_b * weight_b, new_max)
-
-
-@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_ptr, v_ptr, seqlens_ptr, max_ptr, sum_ptr, acc_ptr, k_new_ptr, v_new_ptr,
     batch_start, head_dim, group_size, head_chunks, split_size, num_splits, scale_log2,
@@ -750,9 +739,8 @@ def _decode_partial_kernel(
     """Split ``program_id(0)`` of the keys of one sequence, for up to ``BLOCK_H`` query heads sharing one
     key/value head: writes the split's row max, row sum and unnormalized output (fp32).
 
-    ``APPEND``: the split holding position ``n_b = cache_seqlens[b]`` also folds in the step's new key/value
-    (``k_new``/``v_new``, read from there: no program of this launch reads that cache slot) and writes them into
-    the cache at ``n_b``."""
+    ``APPEND``: the split holding position ``n_b = cache_seqlens[b]`` first writes the step's new key/value
+    (``k_new``/``v_new``) into the cache at ``n_b``, then attends to ``n_b + 1`` positions like the others."""
     split = tl.program_id(0)
     kv_head = (tl.program_id(1) // head_chunks).to(tl.int64)
     chunk = tl.program_id(1) % head_chunks
@@ -768,25 +756,23 @@ def _decode_partial_kernel(
     k_base = k_ptr + batch * k_sb + kv_head * k_sh
     v_base = v_ptr + batch * v_sb + kv_head * v_sh
     key_start = split * split_size
+    if APPEND:
+        if (seqlen >= key_start) & (seqlen < key_start + split_size):
+            # The split holding position n_b writes the new key/value there first and then reads it with its
+            # other keys (no other split's range reaches n_b). Every head chunk's program of that split writes
+            # (the same values), so each reads back at least its own write after the barrier.
+            slot = seqlen.to(tl.int64)
+            offsets = dims.to(tl.int64)
+            k_new = tl.load(k_new_ptr + batch * kn_sb + kv_head * kn_sh + offsets * kn_sd, mask=dim_ok)
+            v_new = tl.load(v_new_ptr + batch * vn_sb + kv_head * vn_sh + offsets * vn_sd, mask=dim_ok)
+            tl.store(k_base + slot * k_ss + offsets * k_sd, k_new, mask=dim_ok)
+            tl.store(v_base + slot * v_ss + offsets * v_sd, v_new, mask=dim_ok)
+        tl.debug_barrier()
+        seqlen = seqlen + 1
     key_end = tl.minimum(key_start + split_size, seqlen)
     acc, row_sum, row_max = _decode_cache_partial(q, k_base, v_base, k_ss, k_sd, v_ss, v_sd, key_start, key_end,
                                                   heads, member_ok, dims, dim_ok, scale_log2, UPCAST, NATIVE_DOT,
                                                   IEEE, BLOCK_N)
-    if APPEND:
-        if (seqlen >= key_start) & (seqlen < key_start + split_size):
-            k_new = k_new_ptr + batch * kn_sb + kv_head * kn_sh
-            v_new = v_new_ptr + batch * vn_sb + kv_head * vn_sh
-            new_acc, new_sum, new_max = _exact_values_pass(q, scale_log2, k_new, v_new, 0, kn_sd, 0, vn_sd, 0, 1,
-                                                           heads, member_ok, 0, dims, dim_ok, k_new, 0, 0, k_new, 0,
-                                                           0.0, 1.0, False, 0, False, False, IEEE)
-            acc, row_sum, row_max = _merge_partials(acc, row_sum, row_max, new_acc, new_sum, new_max)
-            if chunk == 0:
-                slot = seqlen.to(tl.int64)
-                offsets = dims.to(tl.int64)
-                tl.store(k_base + slot * k_ss + offsets * k_sd, tl.load(k_new + offsets * kn_sd, mask=dim_ok),
-                         mask=dim_ok)
-                tl.store(v_base + slot * v_ss + offsets * v_sd, tl.load(v_new + offsets * vn_sd, mask=dim_ok),
-                         mask=dim_ok)
     stats = (batch * heads_q + heads) * num_splits + split
     tl.store(max_ptr + stats, row_max, mask=member_ok)
     tl.store(sum_ptr + stats, row_sum, mask=member_ok)
@@ -1041,8 +1027,8 @@ def decode_split_plan(pairs: int, max_seq: int, block_n: int, slots: int) -> tup
 
 
 def _launch_decode(q, k_cache, v_cache, cache_seqlens, scale: float, k_new=None, v_new=None):
-    """Flash-decoding; with ``k_new``/``v_new`` (``[batch, heads_kv, 1, head_dim]``) they are appended to the
-    caches at ``cache_seqlens[b]`` and attended to by the split holding that position."""
+    """Flash-decoding; with ``k_new``/``v_new`` (``[batch, heads_kv, 1, head_dim]``) they are written into the
+    caches at ``cache_seqlens[b]`` by the split holding that position, which then attends to them."""
     batch, heads_q, _, head_dim = q.shape
     heads_kv, max_seq = k_cache.shape[1], k_cache.shape[2]
     append = k_new is not None
