@@ -104,6 +104,9 @@ BENCH_GROUPS = (
         "diffusion.diffusion_loss[fwd+bwd,bfloat16,64x4x128x128]",
         "diffusion.group_norm_silu[fwd+bwd,bfloat16,32x256x64x64]",
         "flows.affine_coupling_fwd_bwd[bfloat16,sigmoid,64x24x64x64]",
+        "cross_entropy.cross_entropy[fwd+bwd,gpt2,bfloat16,8192x50257]",
+        "cross_entropy.linear_cross_entropy[fwd+bwd,gpt2-small,bfloat16,8192x768x50257]",
+        "sampling.categorical[gpt2,filtered,8x50257]",
     )),
     BenchGroup("bench.attention", "attention fwd/bwd, d64/d128, causal, 4k and 16k; decode", 60.0, (
         "attention.forward[bf16,d64,causal,s4096]",
@@ -115,6 +118,9 @@ BENCH_GROUPS = (
         "attention.backward[bf16,d64,causal,s16384]",
         "attention.backward[bf16,d128,causal,s16384]",
         "attention.decode[bf16,cache8192]",
+        "attention.decode_append[bf16,cache8192,ragged]",
+        "attention.sdpa_fwd_bwd[bf16,d64,key_padding,s4096]",
+        "attention.sdpa_fwd_bwd[bf16,d64,dropout0.1,s4096]",
     )),
     BenchGroup("bench.train", "the training step of each model family", 60.0, (
         "gpt.train[gpt2-small,b8,s1024]",
@@ -125,6 +131,8 @@ BENCH_GROUPS = (
         "flows.glow-cifar-k32.train[b64]",
         "pixelcnn.train[c3,h96,b7,32x32,n32]",
         "wavenet.train[1x10,b16,t16000]",
+        "hf.unet_train[ddpm-cifar10-32,b64]",
+        "hf.gpt2_train[gpt2,b8,s1024]",
     )),
     BenchGroup("bench.sample", "the sampling of each model family", 60.0, (
         "gpt.generate[gpt2-small,b8,p128,n128]",
@@ -135,6 +143,8 @@ BENCH_GROUPS = (
         "flows.glow-cifar-k32.sample[b64]",
         "pixelcnn.sample[c1,h32,b5,28x28,n16]",
         "wavenet.sample[rf1024,b16,n2048]",
+        "hf.unet_sample[ddim10,ddpm-cifar10-32,n64]",
+        "hf.gpt2_generate[gpt2,b8,p128,n128]",
     )),
 )
 GROUPS_BY_PART = {group.part: group for group in BENCH_GROUPS}
