@@ -364,9 +364,9 @@ class _PixelCNNObjective(Objective):
 class PixelCNNFamily(Family):
     name, kind = "pixelcnn", "images"
     steps, quick_steps, batch_size, lr = 3000, 20, 32, 1e-3
-    options = (Option("hidden_channels", 24, "h: the residual stream has 2h channels (a multiple of 3 for RGB)"),
-               Option("num_blocks", 4, "residual blocks"),
-               Option("output_channels", 48, "channels of the first output convolution"))
+    options = (Option("hidden_channels", 48, "h: the residual stream has 2h channels (a multiple of 3 for RGB)"),
+               Option("num_blocks", 6, "residual blocks"),
+               Option("output_channels", 96, "channels of the first output convolution"))
 
     def build(self, config: dict, train) -> PixelCNN:
         channels, height, width = train.shape
