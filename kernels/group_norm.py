@@ -85,6 +85,7 @@ MAX_GROUPS_PER_BLOCK = 32
 # Narrowest channels_last tile row when fewer groups per program are needed to fill the GPU (one 32-byte sector),
 # and the shortest NCHW spatial tile a split may ask for.
 MIN_ROW_BYTES = 32
+WARP_VECTOR_BYTES = 32 * 16  # one 16-byte vector for each thread of a warp
 MIN_SPATIAL_TILE = 64
 # Partials of one group merged per step of the merge loop.
 MAX_BLOCK_P = 64
@@ -236,7 +237,8 @@ def plan_launch(batch: int, channels: int, num_groups: int, spatial: int, channe
     ``channels_inner``: the channel axis is the contiguous one (channels_last); the tile then spans up to
     ``MAX_CHANNELS_INNER`` channels of ``K`` whole groups, fewer (down to ``MIN_ROW_BYTES``) when more
     programs are needed. Otherwise (NCHW) a program owns one group and the tile is long along the spatial axis,
-    or several whole groups when one is smaller than the tile (while the grid stays above the split threshold).
+    or several whole groups when one is too small for a warp of 16-byte vectors (while the grid stays above the
+    split threshold).
     Each group's spatial extent is cut into chunks when ``batch * ceil(G / K)`` programs fill less than
     ``SPLIT_BELOW`` of a wave; each pass's chunk count then makes its grid whole waves
     (:func:`_whole_wave_chunks`). Chunks are balanced runs of at least one tile, and at most
@@ -270,12 +272,13 @@ def plan_launch(batch: int, channels: int, num_groups: int, spatial: int, channe
         if batch * num_groups < SPLIT_BELOW * wave:  # a split: tiles of all the group's channels, chosen finely
             block_s = min(block_s, max(MIN_SPATIAL_TILE, tile // triton.next_power_of_2(group_channels)))
         block_c = max(1, min(triton.next_power_of_2(group_channels), tile // block_s))
-        if block_c >= group_channels and block_s >= spatial and block_c * block_s < tile:
-            # groups smaller than the tile (a deep U-Net level: 8 channels of 4x4) are contiguous in NCHW too: a
-            # program takes several, as long as the grid stays above the split threshold, so that each thread
-            # still moves 16-byte vectors rather than a few bytes
-            groups_per_block = _floor_power_of_2(min(num_groups, tile // (group_channels * block_s),
-                                                     MAX_GROUPS_PER_BLOCK))
+        group_bytes = group_channels * block_s * element_size
+        if block_c >= group_channels and block_s >= spatial and group_bytes < WARP_VECTOR_BYTES:
+            # a group too small for one warp of 16-byte vectors (a deep U-Net level: 8 bf16 channels of 4x4) is
+            # contiguous with its neighbours in NCHW too: a program takes just enough of them for one warp's
+            # vectors, as long as the grid stays above the split threshold
+            groups_per_block = min(triton.next_power_of_2(-(-WARP_VECTOR_BYTES // group_bytes)),
+                                   _floor_power_of_2(num_groups), MAX_GROUPS_PER_BLOCK)
             while groups_per_block > 1 and batch * triton.cdiv(num_groups, groups_per_block) < SPLIT_BELOW * wave:
                 groups_per_block //= 2
             block_c = triton.next_power_of_2(groups_per_block * group_channels)
