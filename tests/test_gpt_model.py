@@ -915,6 +915,8 @@ def test_kv_cache_trim_select_and_ragged_store():
     assert cache.lengths == (3, 5) and cache.cache_seqlens.tolist() == [3, 5] and cache.keys[0].shape[0] == 2
     with pytest.raises(ValueError, match="lengths must give each"):
         cache.trim([6, 1])
+    with pytest.raises(ValueError, match="rows must be indices"):
+        cache.select([0, 2])
 
 
 @pytest.mark.parametrize("call, error, match", [
