@@ -275,14 +275,15 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     reasons = _sdpa_kernel_reasons(query, key, value, mask, enable_gqa)
     tensors = {"query": query, "key": key, "value": value, "attn_mask": mask}
     choice = choose_impl(impl, "scaled_dot_product_attention", tensors, reasons)
-    seed = draw_philox_seed(query.device, generator) if dropout_p > 0 else None
-    if choice == "triton":
-        return _sdpa_kernels(query, key, value, mask, dropout_p, seed, is_causal, scale, batch, heads_kv)
     requested = default_impl() if impl == "auto" else impl
     kernels_usable = triton_can_run_on(query.device) and query.dtype in KERNEL_DTYPES
-    if requested != "eager" and reasons and kernels_usable:
-        _warn_fallback_once(reasons)
+    if choice != "triton" and requested != "eager" and reasons and kernels_usable:
+        _warn_fallback_once(reasons)  # torch's SDPA draws its own dropout mask
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                                 dropout_p=dropout_p, is_causal=is_causal,
                                                                 scale=scale, enable_gqa=enable_gqa)
+    # the kernels and the eager reference draw the same mask from this seed
+    seed = draw_philox_seed(query.device, generator) if dropout_p > 0 else None
+    if choice == "triton":
+        return _sdpa_kernels(query, key, value, mask, dropout_p, seed, is_causal, scale, batch, heads_kv)
     return sdpa_reference(query, key, value, mask, dropout_p, is_causal, scale, enable_gqa, seed)

@@ -262,11 +262,11 @@ class GPT(nn.Module):
             capacity = max(prompts.shape[1], max(ends[b] + budgets[b] - 1 for b in alive))
             cache = self.new_kv_cache(len(alive), capacity, device=device)
         step_input = prompts[alive]
+        rows = torch.tensor(alive, device=device)  # on the device: the alive sequences and their last positions
+        last = torch.tensor([ends[b] - 1 for b in alive], device=device)
         for step in range(steps):
             if not alive:
                 break
-            rows = torch.tensor(alive, device=device)
-            last = torch.tensor([ends[b] - 1 for b in alive], device=device)
             if cache is None:
                 logits = self(tokens[rows, :max(ends[b] for b in alive)])[0]
             else:
@@ -275,7 +275,8 @@ class GPT(nn.Module):
                     cache.trim([ends[b] for b in alive])  # right-padded prompts: forget the padding
             logits = logits[torch.arange(len(alive), device=device), last] if logits.shape[1] > 1 else logits[:, -1]
             new_tokens = _pick_token(logits.float(), greedy, temperature, top_k, generator).to(prompts.dtype)
-            tokens[rows, last + 1] = new_tokens[:, 0]
+            last = last + 1
+            tokens[rows, last] = new_tokens[:, 0]
             if callback is not None:
                 callback(step, rows, new_tokens[:, 0].long())
             new_ids = new_tokens[:, 0].tolist() if stops else None
@@ -288,6 +289,7 @@ class GPT(nn.Module):
             if len(keep) < len(alive):  # drop the finished sequences from the batch (and the cache)
                 alive = [alive[i] for i in keep]
                 new_tokens = new_tokens[keep]
+                rows, last = rows[keep], last[keep]
                 if cache is not None and keep:
                     cache.select(keep)
             step_input = new_tokens
