@@ -8,8 +8,9 @@ Architecture, for ``channels``-channel images of side ``image_size`` (1 or 3 cha
 * Encoder: ``L`` convs 4x4 stride 2 padding 1, each halving the map, with bias + LeakyReLU(0.2); flatten; a linear
   layer to ``2 * latent_dim`` numbers, split into the posterior mean ``mu`` and log-variance ``logvar``.
 * Decoder: linear ``latent_dim -> hidden[-1] * s * s`` + bias + ReLU, reshape to ``s x s``, then ``L`` transposed
-  convs 4x4 stride 2 (each doubling the map; ReLU after all but the last), ending in ``channels`` maps of the
-  likelihood's parameter (Bernoulli logits, or the Gaussian mean).
+  convs 4x4 stride 2 (each doubling the map; ReLU after all but the last), ending in the likelihood's parameter
+  maps: ``channels`` maps of Bernoulli logits or of the Gaussian mean, or ``2 * channels`` maps (the means, then
+  the log-scales) of the discretized logistic.
 * ``L`` and the widths: by default the map is halved while its side is even and at least 8, so 28 -> 7 (L=2),
   32 -> 4 (L=3), 64 -> 4 (L=4), with widths 32, 64, 128, 256. Given ``hidden_channels``, ``L`` is its length and
   ``image_size`` must be divisible by ``2**L``.
@@ -23,6 +24,13 @@ Loss (per image, then averaged over the batch): the negative ELBO
 * ``"gaussian"``: ``-log p(x | z) = (x - mean)^2 / (2 sigma^2) + log(sigma) + log(2 pi) / 2`` with
   ``variance="fixed"`` (``sigma`` given) or ``"learned"`` (one log-sigma per channel, a parameter trained with the
   rest, initialized at ``log(sigma)``: the calibrated decoder of Rybkin et al. 2021).
+* ``"discretized_logistic"``: a discrete likelihood over ``levels`` grey levels, for images on the grid
+  ``x = k / (levels - 1)``, ``k = 0 .. levels-1`` (Kingma et al. 2016; Salimans et al. 2017 with one component):
+  a logistic of per-pixel mean ``m`` and log-scale ``log s`` (both decoder outputs) integrated over the pixel's
+  bin, ``P(x) = F(x + h) - F(x - h)`` with ``F(t) = sigmoid((t - m) / s)`` and ``h = 1 / (2 (levels - 1))``; the
+  first bin extends to ``-inf`` and the last to ``+inf``, so ``P`` sums to 1 over the levels. ``-log p(x | z)``
+  is then a number of nats of the discrete image, and the ELBO bounds the discrete log-likelihood: no
+  dequantization. See :func:`discretized_logistic_nll`.
 """
 from __future__ import annotations
 
@@ -34,15 +42,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genkernels.kernels.checks import check_choice, check_in_range, check_int, check_real, check_tensor, describe
+from genkernels.kernels.checks import (
+    check_choice,
+    check_in_range,
+    check_int,
+    check_real,
+    check_tensor,
+    check_values,
+    describe,
+)
 from genkernels.kernels.reparameterize import reparameterize_kl
 
 from .dcgan import check_images, check_latents
 from .layers import Conv2dBiasAct, ConvTranspose2dBiasAct, LinearBiasAct
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "gaussian", "discretized_logistic")
 VARIANCES = ("fixed", "learned")
 DEFAULT_WIDTHS = (32, 64, 128, 256)
+MIN_LOG_SCALE = -7.0  # the discretized logistic's log-scales are clamped here (s >= 9e-4: a bin of 256 levels)
+GRID_TOLERANCE = 1e-4  # how far (in levels) a discretized-logistic target may sit from the grid k / (levels - 1)
+
+
+def discretized_logistic_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
+                             levels: int) -> torch.Tensor:
+    """``-log P(x)`` elementwise (fp32) for the discretized logistic of the module doc: ``x`` on the grid
+    ``k / (levels - 1)``, ``mean`` and ``log_scale`` of ``x``'s shape (``log_scale`` clamped below at
+    :data:`MIN_LOG_SCALE`).
+
+    With ``a = (x + h - m) / s``, ``b = (x - h - m) / s`` and the bin's width ``w = a - b = 2h / s``: the first
+    level gets ``-log sigmoid(a)``, the last ``-log sigmoid(-b)``, the others ``-log(sigmoid(a) - sigmoid(b))``,
+    written without a difference of nearly equal numbers through the identity
+    ``sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(-w))``: ``log sigmoid(a) + log sigmoid(-b) +
+    log(-expm1(-w))``, each term accurate in fp32 however far the bin lies in a tail and however narrow it is
+    against the scale."""
+    x, mean = x.float(), mean.float()
+    log_scale = log_scale.float().clamp(min=MIN_LOG_SCALE)
+    half_bin = 0.5 / (levels - 1)
+    inverse_scale = torch.exp(-log_scale)
+    centred = x - mean
+    log_below_upper = F.logsigmoid((centred + half_bin) * inverse_scale)  # log F(x + h)
+    log_above_lower = F.logsigmoid(-(centred - half_bin) * inverse_scale)  # log (1 - F(x - h))
+    width = (2 * half_bin) * inverse_scale
+    log_interior = log_below_upper + log_above_lower + torch.log(-torch.expm1(-width))
+    first, last = x < half_bin, x > 1 - half_bin
+    log_mass = torch.where(first, log_below_upper, torch.where(last, log_above_lower, log_interior))
+    return -log_mass
 
 
 @dataclasses.dataclass
@@ -76,15 +120,17 @@ class VAE(nn.Module):
         image_size: image side (square images).
         latent_dim: size of z.
         hidden_channels: encoder widths (decoder mirrors them); default from :func:`default_hidden_channels`.
-        likelihood: ``"bernoulli"`` (decoder outputs logits) or ``"gaussian"`` (decoder outputs the mean).
+        likelihood: ``"bernoulli"`` (decoder outputs logits), ``"gaussian"`` (decoder outputs the mean) or
+            ``"discretized_logistic"`` (decoder outputs the means and log-scales of ``levels`` grey levels).
         beta: weight of the KL term.
         variance: Gaussian likelihood only: ``"fixed"`` or ``"learned"``.
         sigma: Gaussian likelihood only: the fixed standard deviation, or the learned one's initial value.
+        levels: discretized logistic only: the grey levels ``L >= 2`` of the images, read as ``k / (L - 1)``.
     """
 
     def __init__(self, channels: int = 1, image_size: int = 28, latent_dim: int = 16,
                  hidden_channels: Optional[Sequence[int]] = None, likelihood: str = "bernoulli", beta: float = 1.0,
-                 variance: str = "fixed", sigma: float = 1.0):
+                 variance: str = "fixed", sigma: float = 1.0, levels: int = 256):
         super().__init__()
         for name, value in (("channels", channels), ("image_size", image_size), ("latent_dim", latent_dim)):
             check_int(value, name, low=1)
@@ -93,6 +139,7 @@ class VAE(nn.Module):
         self.variance = check_choice(variance, "variance", VARIANCES)
         self.beta = check_real(beta, "beta", low=0.0)
         sigma = check_real(sigma, "sigma", low=0.0, low_inclusive=False)
+        self.levels = check_int(levels, "levels", low=2)
         widths = self._widths(hidden_channels)
         side = image_size // 2 ** len(widths)
         self.map_shape = (widths[-1], side, side)  # the encoder's last feature map
@@ -107,7 +154,8 @@ class VAE(nn.Module):
         decoder: list[nn.Module] = []
         for wide, narrow in zip(widths[::-1][:-1], widths[::-1][1:]):
             decoder.append(ConvTranspose2dBiasAct(wide, narrow, 4, 2, 1, act="relu", gain=1.0))
-        decoder.append(ConvTranspose2dBiasAct(widths[0], channels, 4, 2, 1))
+        maps = 2 * channels if self.likelihood == "discretized_logistic" else channels
+        decoder.append(ConvTranspose2dBiasAct(widths[0], maps, 4, 2, 1))
         self.decoder = nn.Sequential(*decoder)
 
         log_sigma = torch.full((channels,), math.log(sigma))
@@ -148,14 +196,26 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood's parameter for latents ``z [batch, latent_dim]``: Bernoulli logits or the Gaussian
-        mean, ``[batch, channels, image_size, image_size]``."""
+        mean, ``[batch, channels, image_size, image_size]``; for the discretized logistic the means then the
+        log-scales, ``[batch, 2 * channels, image_size, image_size]``."""
         check_latents(z, self.latent_dim)
         hidden = self.from_latent(z).reshape((z.shape[0],) + self.map_shape)
         return self.decoder(hidden)
 
     def mean_image(self, params: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean from its parameter: ``sigmoid(logits)`` (Bernoulli) or the mean itself."""
-        return torch.sigmoid(params) if self.likelihood == "bernoulli" else params
+        """The likelihood's mean from its parameter: ``sigmoid(logits)`` (Bernoulli), the mean itself (Gaussian),
+        or the discretized logistic's expectation ``E[x] = 1/(L-1) * sum_{k=1}^{L-1} P(x >= k/(L-1))
+        = 1/(L-1) * sum_k sigmoid((m - (k - 1/2)/(L-1)) / s)`` (in [0, 1])."""
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(params)
+        if self.likelihood == "gaussian":
+            return params
+        mean, log_scale = params.float().chunk(2, dim=1)
+        inverse_scale = torch.exp(-log_scale.clamp(min=MIN_LOG_SCALE))
+        expectation = torch.zeros_like(mean)
+        for k in range(1, self.levels):  # one map at a time: [..., levels] at once would not fit for 256 levels
+            expectation += torch.sigmoid((mean - (k - 0.5) / (self.levels - 1)) * inverse_scale)
+        return expectation / (self.levels - 1)
 
     def _posterior_sample(self, x, noise, generator):
         mu, logvar = self.encode(x)
@@ -170,18 +230,29 @@ class VAE(nn.Module):
         return self.decode(z), mu, logvar
 
     def _check_targets(self, x: torch.Tensor, name: str = "x") -> None:
-        """Bernoulli targets are probabilities: every value in [0, 1] (a host ``ValueError`` for CPU tensors, an
-        asynchronous device assert on a GPU)."""
+        """Bernoulli targets are probabilities: every value in [0, 1]; discretized-logistic targets lie on the grid
+        ``k / (levels - 1)`` (within :data:`GRID_TOLERANCE` of a level). A host ``ValueError`` for CPU tensors, an
+        asynchronous device assert on a GPU."""
         if self.likelihood == "bernoulli":
             check_in_range(x, name, 0.0, 1.0, high_inclusive=True)
+        elif self.likelihood == "discretized_logistic":
+            scaled = x.float() * (self.levels - 1)
+            on_grid = ((scaled - scaled.round()).abs() <= GRID_TOLERANCE) & (scaled > -0.5) & (
+                scaled < self.levels - 0.5)
+            check_values(x, name, on_grid, f"lie on the grid k / {self.levels - 1} for k = 0 .. {self.levels - 1} "
+                                           f"(the discretized logistic's levels)")
 
     def reconstruction_nll(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``-log p(x | z)`` per image ``[batch]`` for the decoder's output ``params`` (see the module doc), in fp32
         whatever the decoder's dtype (e.g. under autocast). Bernoulli targets ``x`` must lie in [0, 1]."""
         params = check_tensor(params, "params")
         self._check_images(x)
-        if params.shape != x.shape:
-            raise ValueError(f"params must have the shape of x {list(x.shape)}; got {describe(params)}")
+        expected = list(x.shape)
+        if self.likelihood == "discretized_logistic":
+            expected[1] *= 2  # the means, then the log-scales
+        if list(params.shape) != expected:
+            raise ValueError(f"params must have shape {expected} (the decoder's output for x {list(x.shape)}); got "
+                             f"{describe(params)}")
         self._check_targets(x)
         return self._nll(params, x)
 
@@ -189,6 +260,9 @@ class VAE(nn.Module):
         params, x = params.float(), x.float()
         if self.likelihood == "bernoulli":
             nll = F.binary_cross_entropy_with_logits(params, x, reduction="none")
+        elif self.likelihood == "discretized_logistic":
+            mean, log_scale = params.chunk(2, dim=1)
+            nll = discretized_logistic_nll(x, mean, log_scale, self.levels)
         else:
             log_sigma = self.log_sigma.reshape(1, -1, 1, 1)
             nll = 0.5 * (x - params).square() * torch.exp(-2 * log_sigma) + log_sigma + 0.5 * math.log(2 * math.pi)
@@ -198,7 +272,8 @@ class VAE(nn.Module):
              generator: Optional[torch.Generator] = None) -> VAELoss:
         """The beta-weighted negative ELBO of the batch ``x`` and its two terms (batch means), with one posterior
         sample per image (``noise`` = its standard-normal draw, drawn when not given). With the Bernoulli likelihood
-        the pixels of ``x`` must lie in [0, 1] (``ValueError`` for CPU tensors, a device assert on a GPU)."""
+        the pixels of ``x`` must lie in [0, 1], with the discretized logistic on its grid (``ValueError`` for CPU
+        tensors, a device assert on a GPU)."""
         if self._check_images(x).shape[0] == 0:
             raise ValueError(f"x must hold at least one image to average a loss over; got {describe(x)}")
         self._check_targets(x)

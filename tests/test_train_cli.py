@@ -105,14 +105,15 @@ def check_evaluation(model, metrics):
     assert metrics["evaluation_settings"]["quick"] is True
     assert all(math.isfinite(number) for number in finite_numbers(metrics))
     comparisons = metrics["comparisons"]
-    expected = COMPARED[model] + (["frechet_distance vs kde_samples", "frechet_distance vs gmm_samples"]
-                                  if model in IMAGE_MODELS else [])
+    variants = [""] + ([" (standard_normal_prior)"] if model == "vae" else [])
+    expected = COMPARED[model] + ([f"frechet_distance{variant} vs {name}_samples" for variant in variants
+                                   for name in ("kde", "gmm")] if model in IMAGE_MODELS else [])
     assert sorted(comparisons) == sorted(expected)
     for name, comparison in comparisons.items():
         figure, baseline = name.split(" vs ")
         found = metrics["baselines"][baseline]
         assert comparison["baseline"] == (found["frechet_distance"] if isinstance(found, dict) else found), name
-        if figure != "frechet_distance":
+        if not figure.startswith("frechet_distance"):
             assert comparison["model"] == metrics[figure], name
         assert comparison["model_better"] == (comparison["model"] < comparison["baseline"])
     if model in IMAGE_MODELS:
@@ -124,6 +125,10 @@ def check_evaluation(model, metrics):
         assert "sample_quality" not in metrics
     if model == "vae":
         assert metrics["iwae_samples"] == 8 and math.isfinite(metrics["test_iwae_bits_per_dim"])
+        standard = metrics["sample_quality_standard_normal_prior"]
+        assert standard["num_samples"] == 32
+        assert comparisons["frechet_distance (standard_normal_prior) vs kde_samples"]["model"] == \
+            standard["frechet_distance"]
 
 
 def test_resume_reproduces_several_steps_with_random_noise(tmp_path):

@@ -7,9 +7,10 @@ import torch
 from torch.distributions import Normal
 
 from genkernels.kernels import use_impl
+from genkernels.models.gpt import GPT, GPTConfig
 from genkernels.models.pixelcnn import PixelCNN
 from genkernels.models.train import evaluation, families
-from genkernels.models.train.data import ImageData
+from genkernels.models.train.data import ImageData, TextData
 from genkernels.models.train.metrics import requantize
 from genkernels.models.vae import VAE
 
@@ -123,6 +124,51 @@ def test_sample_conversions_invert_the_training_transforms():
     assert torch.equal(families.signed_to_levels(torch.tensor([-3.0, 3.0]), 17), torch.tensor([0, 16]))
 
 
+def test_discrete_vae_bits_are_the_discrete_bound_and_its_inputs_the_grid():
+    torch.manual_seed(0)
+    model = VAE(1, 8, latent_dim=3, hidden_channels=(4,), likelihood="discretized_logistic", levels=17).eval()
+    images = torch.randint(0, 17, (10, 1, 8, 8), generator=torch.Generator().manual_seed(6))
+    grid = families.vae_inputs(model, images, 17, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(grid, images.float() / 16)  # no dequantization noise: a discrete likelihood
+    assert torch.equal(families.vae_levels(model, grid, 17), images)
+    bits = evaluation.importance_weighted_bits_per_dim(model, images, 17, 4, torch.Generator().manual_seed(7),
+                                                       batch_size=3)
+    generator, total = torch.Generator().manual_seed(7), 0.0
+    for start in range(0, 10, 3):
+        log_p = evaluation.importance_weighted_log_likelihood(model, grid[start:start + 3], 4, generator).double()
+        total += float((-log_p / (64 * math.log(2))).sum())  # nats of the discrete image, no log L correction
+    assert bits == pytest.approx(total / 10, rel=1e-9)
+
+
+def test_latent_mixture_samples_have_the_mixture_moments():
+    weights = torch.tensor([0.25, 0.75])
+    means = torch.tensor([[4.0, 0.0], [-1.0, 2.0]])
+    covariances = torch.tensor([[[1.0, 0.5], [0.5, 2.0]], [[0.3, 0.0], [0.0, 0.1]]])
+    mixture = families.LatentMixture(weights, means, torch.linalg.cholesky(covariances))
+    z = mixture.sample(200_000, torch.Generator().manual_seed(3)).double()
+    # moments of a mixture: E z = sum_k w_k m_k, Cov z = sum_k w_k (S_k + m_k m_k^T) - E z E z^T
+    mean = (weights[:, None] * means).sum(0).double()
+    second = (weights[:, None, None] * (covariances + means[:, :, None] * means[:, None, :])).sum(0).double()
+    torch.testing.assert_close(z.mean(0), mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(torch.cov(z.T), second - torch.outer(mean, mean), atol=0.05, rtol=0)
+    assert float((z[:, 0] > 1.5).double().mean()) == pytest.approx(0.25, abs=0.01)  # the first component's share
+
+
+def test_latent_mixture_is_fitted_to_the_posterior_means():
+    torch.manual_seed(0)
+    model = VAE(1, 8, latent_dim=2, hidden_channels=(4,), likelihood="discretized_logistic", levels=17).eval()
+    images = torch.randint(0, 17, (60, 1, 8, 8), generator=torch.Generator().manual_seed(4))
+    mixture = families.fit_latent_mixture(model, images, 17, components=1, seed=0)
+    with torch.no_grad():
+        mu = model.encode(images.float() / 16)[0].double()
+    # one full-covariance component: the maximum-likelihood Gaussian (biased covariance) of the means
+    torch.testing.assert_close(mixture.means[0].double(), mu.mean(0), atol=1e-5, rtol=0)
+    covariance = mixture.scale_tril[0].double() @ mixture.scale_tril[0].double().T
+    torch.testing.assert_close(covariance, torch.cov(mu.T, correction=0), atol=1e-4, rtol=1e-3)
+    with pytest.raises(families.train_data.DataError, match="--prior-components 61 exceeds the 60 training"):
+        families.fit_latent_mixture(model, images, 17, components=61, seed=0)
+
+
 def test_labelled_batches_carry_the_labels():
     images = torch.randint(0, 17, (6, 1, 8, 8), generator=torch.Generator().manual_seed(9))
     data = families.LabelledImageData(images, 17, torch.tensor([3, 1, 4, 1, 5, 9]), "test")
@@ -143,3 +189,51 @@ def test_pixelcnn_completion_keeps_the_top_half():
     assert not torch.equal(completed[:, :, 4:], classes[:, :, 4:])
     again = families.complete_bottom_half(model, classes, torch.Generator().manual_seed(11))
     assert torch.equal(again, completed)
+
+
+def small_gpt_and_text(length=50, block_size=8):
+    """A tiny GPT and a random held-out text of ``length`` ids with windows of ``block_size + 1``."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=5, block_size=block_size, n_layer=1, n_head=1, n_embd=16)).eval()
+    ids = torch.randint(0, 5, (length,), generator=torch.Generator().manual_seed(1))
+    return model, TextData(ids, "abcde", "test").with_window(block_size + 1)
+
+
+@pytest.mark.parametrize("eval_windows", [1024, 3])
+def test_gpt_scores_each_held_out_character_once_given_half_a_block_or_more(eval_windows, tmp_path):
+    model, test = small_gpt_and_text()
+    config = {"block_size": 8, "eval_windows": eval_windows}
+    run = families.RunSettings(None, True, tmp_path, torch.device("cpu"))
+    found = families.FAMILIES["gpt"].evaluate(model, test, config, run, None)["test_bits_per_char"]
+    begin, end = families.FAMILIES["gpt"].scored_span(test, config)
+    assert begin == 1 and end == (50 if eval_windows == 1024 else 1 + 8 + 2 * 4)
+    # independently: character t is predicted from the 8 characters before it, or from all of them for t <= 8,
+    # except that a window only starts every 4 characters: its context is t - (the last start before t - 4)
+    bits = []
+    with torch.no_grad():
+        for t in range(begin, end):
+            start = 0 if t <= 8 else min((t - 5) // 4 * 4, 50 - 9)
+            logits = model(test.ids[None, start:t])[0][0, -1].double()
+            bits.append(-float(torch.log_softmax(logits, -1)[test.ids[t]]) / math.log(2))
+            assert t - start >= 5 or t <= 8
+    assert found == pytest.approx(sum(bits) / len(bits), rel=1e-5)
+
+
+def test_text_baselines_score_the_characters_the_model_scores(tmp_path, monkeypatch):
+    model, test = small_gpt_and_text()
+    train = TextData(torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(2)), "abcde",
+                     "test").with_window(9)
+    seen = {}
+
+    def text_baselines(train_text, test_text, *, test_history, ngram_orders):
+        seen.update(train=train_text, test=test_text, history=test_history)
+        return {"lzma_given_train_bits_per_char": 1.0, "ngram_bits_per_char": 2.0}
+
+    monkeypatch.setattr(evaluation.baselines, "text_baselines", text_baselines)
+    config = {"block_size": 8, "eval_windows": 3}
+    run = families.RunSettings(None, True, tmp_path, torch.device("cpu"))
+    evaluation.evaluate(families.FAMILIES["gpt"], model, train, test, config, run, None, {"test_bits_per_char": 1.5})
+    begin, end = families.FAMILIES["gpt"].scored_span(test, config)
+    assert seen["train"] == train.decode(train.ids.tolist())
+    assert seen["history"] == test.decode(test.ids[:begin].tolist())
+    assert seen["test"] == test.decode(test.ids[begin:end].tolist()) and len(seen["test"]) == end - begin == 16

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from genkernels.kernels import use_impl
-from genkernels.models.vae import VAE, default_hidden_channels
+from genkernels.models.vae import VAE, default_hidden_channels, discretized_logistic_nll
 from reference_checks import assert_close_to_reference
 
 IMPLS = ("triton", "eager")
@@ -147,6 +147,71 @@ def test_gaussian_likelihood_is_the_normal_log_density(variance):
     assert (model.log_sigma.grad is not None) == (variance == "learned")
 
 
+def _logistic_bin_masses_fp64(mean, log_scale, levels):
+    """Reference: P(k) for k = 0 .. L-1 [..., L] in fp64 as differences of the logistic CDF at the bin edges
+    (k +- 1/2) / (L - 1), the outer edges at -inf and +inf."""
+    mean, scale = mean.double()[..., None], log_scale.double().clamp(min=-7.0).exp()[..., None]
+    edges = (torch.arange(levels - 1, dtype=torch.float64) + 0.5) / (levels - 1)
+    cdf = torch.sigmoid((edges - mean) / scale)
+    zeros, ones = torch.zeros_like(cdf[..., :1]), torch.ones_like(cdf[..., :1])
+    return torch.cat([cdf, ones], dim=-1) - torch.cat([zeros, cdf], dim=-1)
+
+
+def test_discretized_logistic_nll_is_minus_the_log_of_the_bin_mass():
+    generator = torch.Generator().manual_seed(7)
+    levels = 17
+    k = torch.randint(0, levels, (4000,), generator=generator)
+    mean = torch.randn(4000, generator=generator) * 0.7 + 0.5
+    log_scale = torch.randn(4000, generator=generator) * 2 - 2
+    masses = _logistic_bin_masses_fp64(mean, log_scale, levels)
+    expected = -masses.gather(-1, k[:, None])[:, 0].log()
+    got = discretized_logistic_nll(k.float() / (levels - 1), mean, log_scale, levels)
+    assert got.dtype == torch.float32
+    conditioned = expected < 20  # the fp64 differences of CDFs near 1 lose all digits beyond that
+    assert conditioned.float().mean() > 0.8
+    torch.testing.assert_close(got[conditioned].double(), expected[conditioned], rtol=1e-5, atol=1e-5)
+    # Far tails: the reflection x -> 1 - x, m -> 1 - m maps the distribution onto itself, so upper-tail bins
+    # (computed after the reflection) must equal their mirrored lower-tail bins (computed without it).
+    mirrored = discretized_logistic_nll(1 - k.float() / (levels - 1), 1 - mean, log_scale, levels)
+    torch.testing.assert_close(got, mirrored, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(got).all() and (got >= 0).all()
+
+
+def test_discretized_logistic_masses_sum_to_one_and_gradients_stay_finite_at_extremes():
+    levels = 5
+    grid = torch.arange(levels).float() / (levels - 1)
+    for mean, log_scale in ((0.3, -1.5), (-4.0, -7.0), (5.0, 3.0), (0.5, 12.0), (0.51, -9.0)):
+        nll = discretized_logistic_nll(grid, torch.full((levels,), mean), torch.full((levels,), log_scale), levels)
+        torch.testing.assert_close(torch.exp(-nll.double()).sum(), torch.tensor(1.0, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+    mean = torch.tensor([-30.0, 0.5, 30.0, 0.25]).requires_grad_()
+    log_scale = torch.tensor([-7.0, 15.0, -7.0, 0.0]).requires_grad_()
+    discretized_logistic_nll(grid[1:], mean, log_scale, levels).sum().backward()
+    assert torch.isfinite(mean.grad).all() and torch.isfinite(log_scale.grad).all()
+
+
+def test_discretized_logistic_vae_reads_the_grid_and_its_mean_is_the_expectation():
+    levels = 17
+    model = _tiny_vae(likelihood="discretized_logistic", levels=levels)
+    x = torch.randint(0, levels, (2, 1, 16, 16), generator=torch.Generator().manual_seed(8)).float() / (levels - 1)
+    with use_impl("eager"):
+        params = model(x, noise=_noise(2))[0]
+        terms = model.loss(x, noise=_noise(2))
+    assert params.shape == (2, 2, 16, 16)
+    mean, log_scale = params.detach().chunk(2, dim=1)
+    masses = _logistic_bin_masses_fp64(mean, log_scale, levels)
+    k = torch.round(x * (levels - 1)).long()
+    expected = -masses.gather(-1, k[..., None])[..., 0].log().sum(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(terms.reconstruction.double(), expected, rtol=1e-5, atol=1e-4)
+    values = torch.arange(levels, dtype=torch.float64) / (levels - 1)
+    torch.testing.assert_close(model.mean_image(params.detach()).double(), (masses * values).sum(-1),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"x must lie on the grid k / 16 for k = 0 \.\. 16"):
+        model.loss(x + 0.01, noise=_noise(2))
+    with pytest.raises(ValueError, match=r"params must have shape \[2, 2, 16, 16\]"):
+        model.reconstruction_nll(mean, x)
+
+
 def test_bf16_autocast_runs_under_both_impls():
     x, noise = _images(), _noise().bfloat16()
     losses = {}
@@ -233,7 +298,7 @@ BAD_INPUT = [
     (lambda model: model.reconstruction_nll(torch.zeros(2, 1, 16, 16), torch.full((2, 1, 16, 16), 1.5)), ValueError,
      r"x must lie in \[0.0, 1.0\]"),
     (lambda model: model.reconstruction_nll(torch.zeros(2, 1, 16, 8), _images(2)), ValueError,
-     r"params must have the shape of x \[2, 1, 16, 16\]"),
+     r"params must have shape \[2, 1, 16, 16\] \(the decoder's output for x \[2, 1, 16, 16\]\)"),
     (lambda model: model.sample(2.0), TypeError, "n must be an int"),
     (lambda model: VAE(likelihood="poisson"), ValueError, "likelihood='poisson'"),
     (lambda model: VAE(variance="diagonal"), ValueError, "variance='diagonal'"),

@@ -86,7 +86,7 @@ def build_parser(family: Optional[Family] = None) -> argparse.ArgumentParser:
         for option in family.options:
             quick = f", --quick {option.quick}" if option.quick is not None else ""
             group.add_argument(_flag(option.name), type=type(option.default), default=None,
-                               help=f"{option.help} (default {option.default}{quick})")
+                               choices=option.choices or None, help=f"{option.help} (default {option.default}{quick})")
     return parser
 
 

@@ -3,8 +3,13 @@
 Every family turns the shared data (:mod:`genkernels.models.train.data`) into what its model reads:
 
 ==========  ==================================================================================================
-vae         dequantized images ``y = (x + u) / L`` in [0, 1]; Gaussian likelihood with a learned variance; loss the
-            negative ELBO; held out: ELBO bits per dim ``-(ELBO - D log L) / (D ln 2)``
+vae         the images' levels as ``x / (L - 1)`` and a discretized logistic likelihood over those L levels (or, with
+            ``--likelihood gaussian``, dequantized images ``y = (x + u) / L`` and a Gaussian likelihood with a learned
+            variance); loss the negative ELBO; held out: ELBO bits per dim, ``-ELBO / (D ln 2)`` of the discrete
+            images (Gaussian: ``-(ELBO - D log L) / (D ln 2)``, a bound through the dequantization); samples decode
+            latents of a Gaussian mixture fitted after training to the training images' posterior means (ex-post
+            density estimation, Ghosh et al. 2020), or of the N(0, I) prior with ``--prior standard_normal``;
+            both are scored
 dcgan       images scaled to [-1, 1]; one discriminator then one generator update per step (non-saturating or
             hinge loss); held out: the discriminator loss on test images against fresh samples
 pixelcnn    levels spread over the model's 256 classes (``round(x * 255 / (L - 1))``, a bijection, so the
@@ -15,7 +20,8 @@ glow        metric bits per dim ``-(log q(y) - D log L) / (D ln 2)``; ActNorm (G
 ddpm        images scaled to [-1, 1], the epsilon-prediction loss, class-conditional with label dropout when the
             images have labels (classifier-free guidance); an EMA of the weights samples (DDIM) and is scored;
             held out: the denoising loss
-gpt         character windows of ``block_size + 1``; held out: bits per character on non-overlapping test windows
+gpt         character windows of ``block_size + 1``; held out: bits per character of every held-out character after
+            the first, by windows half a block apart (each character given at least half a block of context)
 wavenet     mu-law segments; held out: bits per sample
 ==========  ==================================================================================================
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,7 +45,7 @@ from genkernels.kernels import sample_categorical
 from genkernels.models.dcgan import DCGAN, discriminator_loss, generator_loss
 from genkernels.models.ddpm import DDPM
 from genkernels.models.glow import Glow
-from genkernels.models.gpt import GPT, GPTConfig
+from genkernels.models.gpt import GPT, IGNORE_INDEX, GPTConfig
 from genkernels.models.pixelcnn import NUM_CLASSES, PixelCNN
 from genkernels.models.realnvp import RealNVP
 from genkernels.models.unet import UNet
@@ -69,6 +76,7 @@ class Option:
     help: str
     quick: Any = None
     training: bool = True
+    choices: tuple = ()  # the values allowed, when the option is one of a few names
 
     def value(self, quick: bool) -> Any:
         """The default of a run (``quick``: of a ``--quick`` run)."""
@@ -117,6 +125,8 @@ class Family:
     quick_steps: int
     batch_size: int
     lr: float
+    lr_schedule: str = "constant"  # the default --lr-schedule
+    warmup_steps: int = 0  # the default --warmup-steps (not in --quick runs)
     options: tuple[Option, ...] = ()
     supports_fsdp: bool = True
     fsdp_refusal: str = ""
@@ -144,6 +154,11 @@ class Family:
 
     def prepare(self, model: nn.Module, first_batch: torch.Tensor, train, generator: torch.Generator) -> None:
         """Anything the model needs before its first step (the same on every process)."""
+
+    def sample_variants(self, config: dict) -> list[tuple[str, dict]]:
+        """``(name, config)`` of every way of sampling whose quality is scored: the run's own (name ``""``) first,
+        then any alternatives a user of the family would compare it with."""
+        return [("", config)]
 
     def uses_ema(self) -> bool:
         """Whether an exponential moving average of the weights (option ``ema_decay``) is kept, sampled and
@@ -184,16 +199,115 @@ class _VAEObjective(Objective):
         self.model, self.levels = model, levels
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.model.loss(dequantize(batch, self.levels, generator), generator=generator).loss
+        return self.model.loss(vae_inputs(self.model, batch, self.levels, generator), generator=generator).loss
+
+
+def vae_inputs(model: VAE, levels_batch: torch.Tensor, levels: int,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """What ``model`` reads for integer images of ``levels`` levels: the grid ``x / (L - 1)`` for a discretized
+    logistic likelihood; for the others a uniform dequantization ``(x + u) / L`` drawn from ``generator``, or the
+    cells' centres ``(x + 1/2) / L`` when ``generator`` is None (the pictures' deterministic inputs)."""
+    if model.likelihood == "discretized_logistic":
+        return levels_batch.float() / (levels - 1)
+    if generator is None:
+        return (levels_batch.float() + 0.5) / levels
+    return dequantize(levels_batch, levels, generator)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentMixture:
+    """A Gaussian mixture over a VAE's latents: component ``weights [K]``, ``means [K, Z]`` and the lower
+    Cholesky factors ``scale_tril [K, Z, Z]`` of the covariances."""
+
+    weights: torch.Tensor
+    means: torch.Tensor
+    scale_tril: torch.Tensor
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` latents ``[count, Z]``: a component ``k ~ weights``, then ``means[k] + scale_tril[k] @ e``
+        with ``e ~ N(0, I)``, every draw from ``generator``."""
+        component = torch.multinomial(self.weights, count, replacement=True, generator=generator)
+        noise = torch.randn(count, self.means.shape[1], 1, generator=generator, device=self.means.device)
+        return self.means[component] + (self.scale_tril[component] @ noise)[..., 0]
+
+
+def fit_latent_mixture(model: VAE, images: torch.Tensor, levels: int, components: int, seed: int) -> LatentMixture:
+    """scikit-learn's full-covariance ``GaussianMixture`` of ``components`` components (``random_state=seed``)
+    fitted to the posterior means ``mu(x)`` of ``images`` (integer levels): ex-post density estimation of the
+    aggregate posterior (Ghosh et al. 2020), whose samples avoid the regions of ``N(0, I)`` that no training image
+    encodes to."""
+    from sklearn.mixture import GaussianMixture  # the train extra
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        means = torch.cat([model.encode(vae_inputs(model, images[index].to(device), levels))[0].cpu()
+                           for index in train_data.evaluation_batches(images.shape[0], 256)])
+    if means.shape[0] < components:
+        raise train_data.DataError(f"vae --prior-components {components} exceeds the {means.shape[0]} training "
+                                   f"images the mixture is fitted to")
+    mixture = GaussianMixture(components, covariance_type="full", random_state=seed).fit(means.double().numpy())
+    covariances = torch.from_numpy(mixture.covariances_)
+    return LatentMixture(torch.from_numpy(mixture.weights_).float().to(device),
+                         torch.from_numpy(mixture.means_).float().to(device),
+                         torch.linalg.cholesky(covariances).float().to(device))
+
+
+def vae_levels(model: VAE, values: torch.Tensor, levels: int) -> torch.Tensor:
+    """The inverse of :func:`vae_inputs` for generated values: the nearest grid level ``round(v (L - 1))`` for the
+    discretized logistic, the dequantization cell (:func:`~genkernels.models.train.metrics.requantize`) otherwise;
+    clamped to ``0 .. L-1``."""
+    if model.likelihood == "discretized_logistic":
+        return torch.round(values.float() * (levels - 1)).clamp(0, levels - 1).long()
+    return requantize(values, levels)
+
+
+def vae_bits_per_dim(model: VAE, log_likelihood: torch.Tensor, num_dims: int, levels: int) -> torch.Tensor:
+    """Bits per dim of the discrete images from ``log_likelihood`` (nats per image) of what ``model`` read
+    (:func:`vae_inputs`): ``-log p / (D ln 2)`` for the discretized logistic, the dequantized bound
+    ``-(log p - D log L) / (D ln 2)`` (:func:`~genkernels.models.train.metrics.bits_per_dim`) otherwise."""
+    if model.likelihood == "discretized_logistic":
+        return -log_likelihood / (num_dims * LN2)
+    return bits_per_dim(log_likelihood, num_dims, levels)
 
 
 class VAEFamily(Family):
     name, kind = "vae", "images"
     steps, quick_steps, batch_size, lr = 5000, 30, 64, 1e-3
-    options = (Option("latent_dim", 32, "size of the latent z"),
+    options = (Option("latent_dim", 16, "size of the latent z"),
                Option("width", 64, "channels of the encoder's first convolution (doubled by each further one)"),
                Option("depth", 2, "encoder convolutions, each halving the side (mirrored by the decoder)"),
-               Option("sigma", 0.1, "initial standard deviation of the learned Gaussian likelihood"))
+               Option("likelihood", "discretized_logistic", "p(x | z): a discretized logistic over the images' "
+                      "levels, or a Gaussian of dequantized images", choices=("discretized_logistic", "gaussian")),
+               Option("sigma", 0.1, "gaussian likelihood: initial standard deviation of the learned Gaussian"),
+               Option("prior", "mixture", "latents of the samples: a Gaussian mixture fitted to the training images' "
+                      "posterior means after training, or the model's N(0, I) prior",
+                      choices=("mixture", "standard_normal"), training=False),
+               Option("prior_components", 10, "mixture prior: full-covariance components", quick=2,
+                      training=False))
+
+    def __init__(self):
+        self._mixtures = weakref.WeakKeyDictionary()  # model -> (components, seed, LatentMixture), fitted once
+
+    def latents(self, model: VAE, count: int, train, config: dict, generator: torch.Generator) -> torch.Tensor:
+        """``count`` latents of the sampling prior that ``config["prior"]`` names (see the module doc)."""
+        if config["prior"] == "standard_normal":
+            device = next(model.parameters()).device
+            return torch.randn(count, model.latent_dim, generator=generator, device=device)
+        key = (config["prior_components"], config["seed"])
+        if self._mixtures.get(model, (None,))[:2] != key:
+            mixture = fit_latent_mixture(model, train.images, train.levels, *key)
+            self._mixtures[model] = key + (mixture,)
+        return self._mixtures[model][2].sample(count, generator)
+
+    def sample_images(self, model: VAE, count: int, train, config: dict, generator: torch.Generator) -> torch.Tensor:
+        """``count`` samples in [0, 1]: the likelihood's means at latents of the sampling prior."""
+        with torch.no_grad():
+            return model.mean_image(model.decode(self.latents(model, count, train, config, generator)))
+
+    def sample_variants(self, config):
+        if config["prior"] == "mixture":
+            return [("", config), ("standard_normal_prior", {**config, "prior": "standard_normal"})]
+        return [("", config)]
 
     def build(self, config: dict, train) -> VAE:
         channels, height, width = train.shape
@@ -203,32 +317,33 @@ class VAEFamily(Family):
             raise train_data.DataError(f"vae --depth {config['depth']} halves the side {height} too often (it must "
                                        f"be divisible by 2**depth)")
         widths = tuple(config["width"] * 2 ** i for i in range(config["depth"]))
-        return VAE(channels, height, config["latent_dim"], hidden_channels=widths, likelihood="gaussian",
-                   variance="learned", sigma=config["sigma"])
+        return VAE(channels, height, config["latent_dim"], hidden_channels=widths, likelihood=config["likelihood"],
+                   variance="learned", sigma=config["sigma"], levels=train.levels)
 
     def objectives(self, model: VAE, train):
         return [("model", _VAEObjective(model, train.levels))]
 
     def evaluate(self, model, test, config, settings, generator):
         def elbo_bits(images):
-            return bits_per_dim(model.loss(dequantize(images, test.levels, generator), generator=generator).elbo,
-                                math.prod(test.shape), test.levels)
+            elbo = model.loss(vae_inputs(model, images, test.levels, generator), generator=generator).elbo
+            return vae_bits_per_dim(model, elbo, math.prod(test.shape), test.levels)
         with torch.no_grad():
             return {"test_bits_per_dim": _image_eval(test, settings.device, elbo_bits)}
 
     def sample_levels(self, model, count, train, config, settings, generator):
-        return requantize(model.sample(count, generator=generator), train.levels)  # means, in y's cells
+        return vae_levels(model, self.sample_images(model, count, train, config, generator), train.levels)
 
     def write_samples(self, model, train, test, config, settings, generator):
-        pictures.save_image_grid(model.sample(SAMPLE_GRID, generator=generator), settings.out / "samples.png",
-                                 "VAE samples (likelihood mean)")
-        # Top row: held-out images (bin centres); bottom row: their reconstructions from the posterior mean.
-        held_out = (held_out_examples(test, settings.device).float() + 0.5) / test.levels
+        prior = "mixture prior" if config["prior"] == "mixture" else "N(0, I) prior"
+        pictures.save_image_grid(self.sample_images(model, SAMPLE_GRID, train, config, generator),
+                                 settings.out / "samples.png", f"VAE samples (likelihood means, {prior})")
+        # Top row: held-out images; bottom row: their reconstructions from the posterior mean.
+        held_out = vae_inputs(model, held_out_examples(test, settings.device), test.levels)
         pictures.save_image_grid(torch.cat([held_out, model.reconstruct(held_out)]),
                                  settings.out / "reconstructions.png", "VAE: held-out images (top), reconstructions",
                                  columns=EXAMPLE_COLUMNS)
-        # Rows: the decoded straight line between the posterior means of two training images (bin centres).
-        pairs = (train.images[:2 * INTERPOLATION_ROWS].to(settings.device).float() + 0.5) / train.levels
+        # Rows: the decoded straight line between the posterior means of two training images.
+        pairs = vae_inputs(model, train.images[:2 * INTERPOLATION_ROWS].to(settings.device), train.levels)
         path = model.interpolate(pairs[0::2], pairs[1::2], steps=INTERPOLATION_STEPS)
         pictures.save_image_grid(path.transpose(0, 1).flatten(0, 1), settings.out / "interpolations.png",
                                  "VAE latent interpolations", columns=INTERPOLATION_STEPS)
