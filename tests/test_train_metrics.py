@@ -58,6 +58,12 @@ def test_requantize_sends_values_outside_the_unit_interval_to_the_end_levels():
     assert metrics.requantize(values, 2).tolist() == [0, 0, 0, 1, 1, 1, 1]
 
 
+def test_requantize_marks_images_with_a_nan_as_failed_and_clamps_infinities():
+    values = torch.tensor([[[0.1, 0.9]], [[float("nan"), 0.5]], [[float("inf"), -float("inf")]]])
+    assert metrics.requantize(values, 4).tolist() == [[[0, 3]], [[-1, -1]], [[3, 0]]]
+    assert metrics.FAILED_SAMPLE == -1
+
+
 def test_bits_per_dim_of_the_uniform_density_is_log2_levels():
     # q = 1 on [0, 1)^D is the uniform distribution over L^D images: exactly log2(L) bits per dimension
     for levels in (2, 17, 256):
@@ -182,6 +188,21 @@ def test_real_held_out_images_score_as_real(digits, classifier):
     assert collapsed["class_coverage"] == pytest.approx(0.1)
     assert collapsed["class_entropy_bits"] < 0.2
     assert collapsed["frechet_distance"] > 5 * collapsed["frechet_floor_train_vs_test"]
+
+
+def test_failed_samples_are_counted_and_scored_as_blank_images(digits, classifier):
+    train_images, _, test_images, _ = digits
+    samples = test_images[:50].clone()
+    samples[[3, 17]] = metrics.FAILED_SAMPLE
+    quality = metrics.image_sample_quality(samples, classifier, train_images, test_images)
+    blank = samples.clamp(min=0)
+    expected = metrics.image_sample_quality(blank, classifier, train_images, test_images)
+    assert quality["failed_samples"] == 2 and expected["failed_samples"] == 0
+    assert quality["frechet_distance"] == expected["frechet_distance"]
+    assert quality["class_histogram"] == expected["class_histogram"]
+    samples[5, 0, 0, 0] = metrics.FAILED_SAMPLE  # a failed value in an otherwise generated image is a bad level
+    with pytest.raises(ValueError, match=r"samples must lie in \[0, 17\)"):
+        metrics.image_sample_quality(samples, classifier, train_images, test_images)
 
 
 def test_sample_quality_rejects_bad_samples(digits, classifier):

@@ -54,7 +54,7 @@ from genkernels.models.wavenet import WaveNet, mu_law_decode
 
 from . import data as train_data
 from . import pictures
-from .metrics import bits_per_dim, dequantize, requantize
+from .metrics import bits_per_dim, dequantize, mark_failed_samples, requantize
 
 LN2 = math.log(2.0)
 SAMPLE_GRID = 64
@@ -107,8 +107,9 @@ def signed_images(levels_batch: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 def signed_to_levels(images: torch.Tensor, levels: int) -> torch.Tensor:
-    """The inverse of :func:`signed_images` for generated images: the nearest level of each value (clamped)."""
-    return torch.round((images.float().clamp(-1, 1) + 1) * ((levels - 1) / 2)).long()
+    """The inverse of :func:`signed_images` for generated images: the nearest level of each value (clamped; an
+    image with a NaN becomes :data:`~genkernels.models.train.metrics.FAILED_SAMPLE`)."""
+    return mark_failed_samples(torch.round((images.float().clamp(-1, 1) + 1) * ((levels - 1) / 2)), images)
 
 
 def held_out_examples(test, device: torch.device) -> torch.Tensor:
@@ -255,9 +256,9 @@ def fit_latent_mixture(model: VAE, images: torch.Tensor, levels: int, components
 def vae_levels(model: VAE, values: torch.Tensor, levels: int) -> torch.Tensor:
     """The inverse of :func:`vae_inputs` for generated values: the nearest grid level ``round(v (L - 1))`` for the
     discretized logistic, the dequantization cell (:func:`~genkernels.models.train.metrics.requantize`) otherwise;
-    clamped to ``0 .. L-1``."""
+    clamped to ``0 .. L-1`` (an image with a NaN: :data:`~genkernels.models.train.metrics.FAILED_SAMPLE`)."""
     if model.likelihood == "discretized_logistic":
-        return torch.round(values.float() * (levels - 1)).clamp(0, levels - 1).long()
+        return mark_failed_samples(torch.round(values.float() * (levels - 1)).clamp(0, levels - 1), values)
     return requantize(values, levels)
 
 

@@ -39,6 +39,7 @@ from genkernels.kernels.checks import (
 )
 
 ArrayLike = Union[float, np.ndarray, torch.Tensor]
+FAILED_SAMPLE = -1  # every level of a generated image that has no levels (a non-finite sample, see requantize)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,12 +105,21 @@ def dequantize(images: torch.Tensor, levels: int, generator: torch.Generator | N
 def requantize(values: torch.Tensor, levels: int) -> torch.Tensor:
     """Continuous images back to levels: ``x = clamp(floor(L y), 0, L - 1)`` as int64, the cell of ``y`` under
     :func:`dequantize` (values outside ``[0, 1)``, such as samples of a density on all of ``R^D``, go to the nearest
-    end level). ``values``: a floating-point tensor; ``levels``: ``L >= 2``."""
+    end level, infinities included). ``values``: a floating-point tensor ``[N, ...]`` of ``N`` images; ``levels``:
+    ``L >= 2``. An image with a NaN value has no levels: all its values become :data:`FAILED_SAMPLE`, which
+    :func:`image_sample_quality` counts (an invertible flow's inverse can overflow for a latent far in its tail)."""
     levels = check_int(levels, "levels", low=2)
     values = check_tensor(values, "values")
     if not values.dtype.is_floating_point:
         raise TypeError(f"values must be a floating-point tensor; got {describe(values)}")
-    return torch.floor(values * levels).clamp(0, levels - 1).to(torch.int64)
+    return mark_failed_samples(torch.floor(values.nan_to_num(nan=0.0) * levels).clamp(0, levels - 1), values)
+
+
+def mark_failed_samples(quantized: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``quantized`` (levels computed from the generated ``values`` ``[N, ...]``) as int64, with every level of
+    each image whose ``values`` hold a NaN set to :data:`FAILED_SAMPLE`."""
+    failed = torch.isnan(values).reshape(values.shape[0], -1).any(dim=1) if values.dim() else torch.isnan(values)
+    return quantized.to(torch.int64).masked_fill(failed.reshape((-1,) + (1,) * (values.dim() - 1)), FAILED_SAMPLE)
 
 
 def bits_per_dim(log_density: ArrayLike, num_dims: int, levels: int) -> ArrayLike:
@@ -293,12 +303,19 @@ def image_sample_quality(samples: torch.Tensor, classifier: ImageClassifier, tra
       without replacement (seeded by ``seed``) in place of the samples: what a perfect model's samples would score
       with as many images (the distance is biased by the set sizes, so the floor uses the samples' count);
     * ``mean_max_confidence``, ``class_coverage``, ``class_entropy_bits``, ``class_histogram`` of the samples
-      (:func:`class_histogram_statistics`), and ``num_samples``.
+      (:func:`class_histogram_statistics`), and ``num_samples``;
+    * ``failed_samples``: how many samples are all :data:`FAILED_SAMPLE` (non-finite model outputs, see
+      :func:`requantize`); they stay in every figure above as blank images (every level 0), so a model that fails
+      to produce an image is scored for it rather than spared.
     """
     if not isinstance(classifier, ImageClassifier):
         raise TypeError(f"classifier must be an ImageClassifier (fit_image_classifier); got "
                         f"{type(classifier).__name__}")
     check_int(seed, "seed", low=0)
+    samples = check_integer_tensor(samples, "samples")
+    failed = (samples == FAILED_SAMPLE).reshape(samples.shape[0], -1).all(dim=1) if samples.dim() == 4 else None
+    if failed is not None:
+        samples = samples.masked_fill(failed.reshape(-1, 1, 1, 1), 0)
     samples = classifier.check_images(samples, "samples")
     if samples.shape[0] < 2:
         raise ValueError(f"samples must hold at least 2 images (a feature covariance); got {describe(samples)}")
@@ -313,4 +330,5 @@ def image_sample_quality(samples: torch.Tensor, classifier: ImageClassifier, tra
         "frechet_floor_train_vs_test": floor,
         **class_histogram_statistics(classifier.probabilities(samples), coverage_fraction),
         "num_samples": int(samples.shape[0]),
+        "failed_samples": int(failed.sum()),
     }
