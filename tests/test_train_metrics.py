@@ -205,6 +205,21 @@ def test_failed_samples_are_counted_and_scored_as_blank_images(digits, classifie
         metrics.image_sample_quality(samples, classifier, train_images, test_images)
 
 
+def test_nearest_neighbour_distance_against_a_loop():
+    images = torch.randint(0, 5, (7, 1, 3, 3), generator=torch.Generator().manual_seed(1))
+    references = torch.randint(0, 5, (11, 1, 3, 3), generator=torch.Generator().manual_seed(2))
+    expected = np.mean([min(float(((a.double() - b.double()) / 4).square().sum().sqrt()) for b in references)
+                        for a in images])
+    assert metrics.nearest_neighbour_distance(images, references, 5, batch_size=3) == pytest.approx(expected)
+    assert metrics.nearest_neighbour_distance(references[:4], references, 5) == 0.0
+
+
+def test_copies_of_training_images_sit_closer_to_them_than_held_out_images(digits, classifier):
+    train_images, _, test_images, _ = digits
+    quality = metrics.image_sample_quality(train_images[:100], classifier, train_images, test_images)
+    assert quality["nearest_train_distance"] == 0.0 < quality["nearest_train_distance_held_out"]
+
+
 def test_sample_quality_rejects_bad_samples(digits, classifier):
     train_images, _, test_images, _ = digits
     with pytest.raises(ValueError, match="samples"):

@@ -304,6 +304,10 @@ def image_sample_quality(samples: torch.Tensor, classifier: ImageClassifier, tra
       with as many images (the distance is biased by the set sizes, so the floor uses the samples' count);
     * ``mean_max_confidence``, ``class_coverage``, ``class_entropy_bits``, ``class_histogram`` of the samples
       (:func:`class_histogram_statistics`), and ``num_samples``;
+    * ``nearest_train_distance``: the mean over samples of the Euclidean distance (pixels scaled to ``x / (L-1)``)
+      to the nearest training image, beside ``nearest_train_distance_held_out``, the same for the held-out
+      images: samples much closer to the training images than new real images are copy them (a kernel density
+      with a small bandwidth does; the Frechet distance alone rewards that);
     * ``failed_samples``: how many samples are all :data:`FAILED_SAMPLE` (non-finite model outputs, see
       :func:`requantize`); they stay in every figure above as blank images (every level 0), so a model that fails
       to produce an image is scored for it rather than spared.
@@ -329,6 +333,19 @@ def image_sample_quality(samples: torch.Tensor, classifier: ImageClassifier, tra
         "frechet_distance": frechet_distance(sample_features, test_features),
         "frechet_floor_train_vs_test": floor,
         **class_histogram_statistics(classifier.probabilities(samples), coverage_fraction),
+        "nearest_train_distance": nearest_neighbour_distance(samples, train_images, classifier.levels),
+        "nearest_train_distance_held_out": nearest_neighbour_distance(test_images, train_images, classifier.levels),
         "num_samples": int(samples.shape[0]),
         "failed_samples": int(failed.sum()),
     }
+
+
+def nearest_neighbour_distance(images: torch.Tensor, references: torch.Tensor, levels: int,
+                               batch_size: int = 1024) -> float:
+    """The mean over ``images`` of ``min_j |x / (L - 1) - r_j / (L - 1)|_2``: the Euclidean distance of each
+    integer image to its nearest image among ``references`` (integer images of the same shape), in fp64."""
+    flat_references = references.reshape(references.shape[0], -1).double() / (levels - 1)
+    total = 0.0
+    for chunk in images.reshape(images.shape[0], -1).split(batch_size):
+        total += float(torch.cdist(chunk.double() / (levels - 1), flat_references).min(dim=1).values.sum())
+    return total / images.shape[0]
