@@ -188,6 +188,16 @@ def test_ngram_bits_per_char_scores_each_character_given_its_history():
     assert model.bits_per_char(TEST_TEXT, 4) == pytest.approx(expected, rel=1e-12)
 
 
+def test_ngram_bits_per_char_with_a_history_scores_only_the_text():
+    model = baselines.CharNGram(TRAIN_TEXT, 4)
+    history, text = TEST_TEXT[:10], TEST_TEXT[10:]
+    whole = history + text
+    expected = -math.fsum(math.log2(model.probability(whole[max(0, t - 3):t], whole[t], 4))
+                          for t in range(len(history), len(whole))) / len(text)
+    assert model.bits_per_char(text, 4, history) == pytest.approx(expected, rel=1e-12)
+    assert model.bits_per_char(text, 4, history) != model.bits_per_char(text, 4)
+
+
 def test_ngram_baseline_picks_a_long_order_for_a_periodic_text():
     periodic = "abcd" * 200
     result = baselines.ngram_baseline(periodic, "abcd" * 10, orders=(1, 2, 3))
@@ -204,6 +214,17 @@ def test_text_baselines_report_every_figure():
     assert 0 < result["ngram_bits_per_char"] < math.log2(len(set(TRAIN_TEXT)) + 1)
 
 
+def test_text_baselines_score_only_the_text_after_its_history():
+    history, text = TEST_TEXT[:7], TEST_TEXT[7:]
+    result = baselines.text_baselines(TRAIN_TEXT, text, test_history=history, ngram_orders=(1, 2, 3))
+    assert result["lzma_given_train_bits_per_char"] == baselines.lzma_bits_per_char(text, TRAIN_TEXT + history)
+    assert result["lzma_alone_bits_per_char"] == baselines.lzma_bits_per_char(text, history)
+    ngram = baselines.ngram_baseline(TRAIN_TEXT, text, orders=(1, 2, 3))
+    assert result["ngram_order"] == ngram.order
+    assert result["ngram_bits_per_char"] == ngram.model.bits_per_char(text, ngram.order, history)
+    assert result["test_chars"] == len(text) and result["test_chars_unseen_in_train"] == 2
+
+
 def test_text_baselines_reject_bad_input():
     with pytest.raises(TypeError, match="train_text"):
         baselines.text_baselines(b"bytes are not text", TEST_TEXT)
@@ -211,6 +232,10 @@ def test_text_baselines_reject_bad_input():
         baselines.text_baselines(TRAIN_TEXT, "")
     with pytest.raises(ValueError, match="order"):
         baselines.CharNGram(TRAIN_TEXT, 2).distribution("ab", 3)
+    with pytest.raises(TypeError, match="test_history"):
+        baselines.text_baselines(TRAIN_TEXT, TEST_TEXT, test_history=b"bytes")
+    with pytest.raises(TypeError, match="history"):
+        baselines.CharNGram(TRAIN_TEXT, 2).bits_per_char(TEST_TEXT, 2, history=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

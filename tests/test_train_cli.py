@@ -221,6 +221,40 @@ def test_bad_numbers_are_refused(capsys, tmp_path):
     expect_error(capsys, ["vae", "--lr", "-1", "--out", str(tmp_path)], "--lr -1.0 must be > 0")
 
 
+def test_negative_warmup_is_refused(capsys, tmp_path):
+    expect_error(capsys, ["gpt", "--warmup-steps", "-1", "--out", str(tmp_path)], "--warmup-steps -1 must be >= 0")
+
+
+def test_learning_rate_schedules():
+    lr = 0.5
+    assert [cli.learning_rate(step, 10, lr, "constant", 0) for step in range(10)] == [lr] * 10
+    assert [cli.learning_rate(step, 10, lr, "constant", 4) for step in range(6)] == [0.125, 0.25, 0.375, lr, lr, lr]
+    cosine = [cli.learning_rate(step, 12, lr, "cosine", 2) for step in range(12)]
+    assert cosine[:4] == [0.25, lr, lr, lr * (0.1 + 0.9 * (1 + math.cos(math.pi / 10)) / 2)]
+    assert cosine[7] == pytest.approx(lr * 0.55)  # half way through the decay
+    assert all(later < earlier for earlier, later in zip(cosine[2:], cosine[3:])) and cosine[-1] > 0.1 * lr
+
+
+def test_log_records_the_scheduled_learning_rate(tmp_path):
+    assert run("gpt", tmp_path, "--steps", "5", "--lr", "0.01", "--warmup-steps", "2", "--lr-schedule", "cosine") == 0
+    assert [record["lr"] for record in log_records(tmp_path)] == [
+        cli.learning_rate(step, 5, 0.01, "cosine", 2) for step in range(5)]
+
+
+def test_resume_follows_the_learning_rate_schedule(tmp_path):
+    """The warmup and the cosine decay are functions of the step: 2 steps (inside the warmup) + resume to 6
+    reproduce 6 steps straight."""
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    options = ["--warmup-steps", "3", "--lr-schedule", "cosine", "--lr", "0.01"]
+    assert run("gpt", stopped, "--steps", "2", *options) == 0
+    assert run("gpt", stopped, "--steps", "6", "--resume", *options) == 0
+    assert run("gpt", straight, "--steps", "6", *options) == 0
+    resumed, reference = log_records(stopped), log_records(straight)
+    assert [(r["step"], r["loss"], r["lr"]) for r in resumed] == [(r["step"], r["loss"], r["lr"]) for r in reference]
+    for key, value in saved_state(straight)["model"].items():
+        assert torch.equal(saved_state(stopped)["model"][key], value), key
+
+
 def test_vae_deeper_than_the_images_allow(capsys, tmp_path):
     expect_error(capsys, ["vae", "--depth", "4", "--out", str(tmp_path)],
                  "vae --depth 4 halves the side 8 too often (it must be divisible by 2**depth)")

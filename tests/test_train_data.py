@@ -149,6 +149,39 @@ def test_text_shorter_than_a_window(tmp_path):
         data.load_text(tmp_path / "short.txt").with_window(8)
 
 
+@pytest.mark.parametrize("length, block_size", [(5, 4), (9, 4), (10, 4), (11, 3), (40, 8), (41, 8), (12, 1)])
+def test_sliding_windows_score_every_character_after_the_first_once(length, block_size):
+    starts, first = data.sliding_windows(length, block_size)
+    stride = max(1, block_size // 2)
+    scored = []
+    for window, (start, skip) in enumerate(zip(starts.tolist(), first.tolist())):
+        assert 0 <= start <= length - block_size - 1  # the window's ids lie inside the text
+        assert start == min(window * stride, length - block_size - 1)
+        # target j of the window is the id at start + 1 + j, predicted from the j + 1 ids before it
+        scored += [(start + 1 + j, j + 1) for j in range(skip, block_size)]
+    assert [position for position, _ in scored] == list(range(1, length))
+    assert first[0] == 0
+    assert all(context >= block_size - stride + 1 for position, context in scored if position > block_size)
+
+
+def test_sliding_windows_limit_keeps_the_first_windows():
+    starts, first = data.sliding_windows(40, 8)
+    kept_starts, kept_first = data.sliding_windows(40, 8, limit=3)
+    assert kept_starts.tolist() == starts[:3].tolist() == [0, 4, 8]
+    assert kept_first.tolist() == first[:3].tolist() == [0, 4, 4]
+
+
+def test_sliding_windows_reject_bad_input():
+    with pytest.raises(ValueError, match="length"):
+        data.sliding_windows(4, 4)  # no room for one window of block_size + 1 ids
+    with pytest.raises(ValueError, match="block_size"):
+        data.sliding_windows(10, 0)
+    with pytest.raises(TypeError, match="limit"):
+        data.sliding_windows(10, 4, limit=2.0)
+    with pytest.raises(ValueError, match="limit"):
+        data.sliding_windows(10, 4, limit=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Audio
 # ----------------------------------------------------------------------------------------------------------------

@@ -328,11 +328,14 @@ class CharNGram:
         check_text(history, "history", min_length=0)
         return {char: self.probability(history, char, order) for char in self.alphabet}
 
-    def bits_per_char(self, text: str, order: int) -> float:
-        """``-1/T sum_t log2 P_order(text[t] | text[:t])`` over the ``T`` characters of ``text``."""
+    def bits_per_char(self, text: str, order: int, history: str = "") -> float:
+        """``-1/T sum_t log2 P_order(text[t] | history + text[:t])`` over the ``T`` characters of ``text``
+        (``history``: the characters before ``text``, context only)."""
         order = self._check_order(order)
         check_text(text, "text")
-        return -math.fsum(math.log2(self.probability(text[max(0, t - order + 1):t], char, order))
+        check_text(history, "history", min_length=0)
+        whole, offset = history + text, len(history)
+        return -math.fsum(math.log2(self.probability(whole[max(0, offset + t - order + 1):offset + t], char, order))
                           for t, char in enumerate(text)) / len(text)
 
 
@@ -348,10 +351,11 @@ class NGramBaseline:
 
 
 def ngram_baseline(train_text: str, test_text: str, *, orders: Sequence[int] = tuple(range(1, 13)),
-                   validation_fraction: float = 0.1) -> NGramBaseline:
-    """:class:`CharNGram` bits per character of ``test_text``, with the order chosen among ``orders`` on a
-    validation slice (the last ``validation_fraction`` of ``train_text``, scored by a model of the rest), then
-    refitted on the whole ``train_text``."""
+                   validation_fraction: float = 0.1, test_history: str = "") -> NGramBaseline:
+    """:class:`CharNGram` bits per character of ``test_text`` given ``test_history`` (the held-out characters
+    before it, context only), with the order chosen among ``orders`` on a validation slice (the last
+    ``validation_fraction`` of ``train_text``, scored by a model of the rest), then refitted on the whole
+    ``train_text``."""
     check_text(train_text, "train_text", min_length=2)
     check_text(test_text, "test_text")
     validation_fraction = check_real(validation_fraction, "validation_fraction", low=0.0, high=1.0,
@@ -365,25 +369,29 @@ def ngram_baseline(train_text: str, test_text: str, *, orders: Sequence[int] = t
     scores = {order: selector.bits_per_char(validation, order) for order in orders}
     order = min(scores, key=scores.get)
     model = CharNGram(train_text, order)
-    return NGramBaseline(model.bits_per_char(test_text, order), order, scores, model)
+    return NGramBaseline(model.bits_per_char(test_text, order, test_history), order, scores, model)
 
 
-def text_baselines(train_text: str, test_text: str, *,
+def text_baselines(train_text: str, test_text: str, *, test_history: str = "",
                    ngram_orders: Sequence[int] = tuple(range(1, 13))) -> dict:
-    """Held-out bits per character of ``test_text`` as a JSON-ready dict:
+    """Held-out bits per character of ``test_text``, each character given everything before it, as a JSON-ready
+    dict; ``test_history`` is the held-out text before ``test_text`` (context only, never scored), so the
+    baselines can score exactly the characters a model scores, with at least the model's context:
 
-    * ``lzma_given_train_bits_per_char``: :func:`lzma_bits_per_char` with the training text as context (the fair
-      comparison with a trained model); ``lzma_alone_bits_per_char``: the test text compressed on its own;
+    * ``lzma_given_train_bits_per_char``: :func:`lzma_bits_per_char` with the training text and ``test_history``
+      as context (the fair comparison with a trained model); ``lzma_alone_bits_per_char``: with ``test_history``
+      alone as context (the held-out text on its own);
     * ``ngram_bits_per_char`` and ``ngram_order``: :func:`ngram_baseline` over ``ngram_orders``;
       ``test_chars_unseen_in_train``: how many test characters fall outside the training alphabet (scored as the
       n-gram's unknown symbol)."""
     check_text(train_text, "train_text", min_length=2)
     check_text(test_text, "test_text")
-    ngram = ngram_baseline(train_text, test_text, orders=ngram_orders)
+    check_text(test_history, "test_history", min_length=0)
+    ngram = ngram_baseline(train_text, test_text, orders=ngram_orders, test_history=test_history)
     alphabet = set(train_text)
     return {
-        "lzma_given_train_bits_per_char": lzma_bits_per_char(test_text, train_text),
-        "lzma_alone_bits_per_char": lzma_bits_per_char(test_text),
+        "lzma_given_train_bits_per_char": lzma_bits_per_char(test_text, train_text + test_history),
+        "lzma_alone_bits_per_char": lzma_bits_per_char(test_text, test_history),
         "ngram_bits_per_char": ngram.bits_per_char,
         "ngram_order": ngram.order,
         "test_chars_unseen_in_train": sum(1 for char in test_text if char not in alphabet),

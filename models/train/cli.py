@@ -1,11 +1,13 @@
 """``genkernels-train MODEL`` / ``python -m genkernels.models.train MODEL``: train one family end to end.
 
-A run reads its data (:mod:`~genkernels.models.train.data`; nothing is downloaded), trains with Adam, shows a
-progress bar (loss, items/s), and writes into ``--out``:
+A run reads its data (:mod:`~genkernels.models.train.data`; nothing is downloaded), trains with Adam (the
+family's variant) at a learning rate that follows ``--warmup-steps`` and ``--lr-schedule`` (:func:`learning_rate`;
+by default constant for every family but gpt), shows a progress bar (loss, items/s), and writes into ``--out``:
 
 * ``log.jsonl``: one JSON object per logging step: ``step``, ``loss`` (the mean since the previous record, averaged
   over the processes; GANs add ``generator_loss``), ``items_per_s`` (training items of all processes per second),
-  ``lr`` and ``time`` (seconds of training so far, resumed runs included);
+  ``lr`` (the learning rate of the record's last step, :func:`learning_rate`) and ``time`` (seconds of training so
+  far, resumed runs included);
 * ``checkpoint.pt`` (:mod:`~genkernels.models.train.checkpoint`) every ``--checkpoint-every`` steps and at the end;
 * ``metrics.json``: the held-out score in the family's natural unit (bits per dim, per character or per sample),
   beside classical baselines fitted and scored on the same split and the quality of image samples
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import random
 import sys
 import time
@@ -45,10 +48,27 @@ from .families import FAMILIES, Family, RunSettings, ema_model
 
 QUICK_BATCH_SIZE = 16
 DEFAULT_CHECKPOINT_EVERY = 500
+LR_SCHEDULES = ("constant", "cosine")
+FINAL_LR_FRACTION = 0.1  # where the cosine schedule ends, as a fraction of --lr
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def learning_rate(step: int, steps: int, lr: float, schedule: str, warmup: int) -> float:
+    """The learning rate of training step ``step`` (0-based) of ``steps``: the linear warmup ``lr (step + 1) /
+    warmup`` over the first ``warmup`` steps, then ``lr`` (``schedule="constant"``) or the cosine decay
+    ``lr (f + (1 - f) (1 + cos(pi p)) / 2)`` with ``p = (step - warmup) / (steps - warmup)`` (``"cosine"``:
+    from ``lr`` at the end of the warmup towards ``f lr`` at the end, ``f`` = :data:`FINAL_LR_FRACTION`). A
+    function of its arguments alone, so a resumed run with the same ``--steps`` follows the schedule of the run
+    that never stopped."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * (1 + math.cos(math.pi * progress)) / 2)
 
 
 def build_parser(family: Optional[Family] = None) -> argparse.ArgumentParser:
@@ -66,6 +86,13 @@ def build_parser(family: Optional[Family] = None) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"global batch size, over all processes (default {batch})")
     parser.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {lr})")
+    schedule, warmup = ((family.lr_schedule, f"{family.warmup_steps}; --quick 0") if family is not None
+                        else ("the family's",) * 2)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                        help=f"constant: --lr throughout; cosine: from --lr down to {FINAL_LR_FRACTION:g} of it at "
+                             f"the last step (default {schedule})")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help=f"steps of linear learning-rate warmup from 0 before the schedule (default {warmup})")
     parser.add_argument("--out", default=None, help="output folder (default: runs/MODEL)")
     parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     parser.add_argument("--impl", choices=IMPLS, default="auto", help="genkernels' op implementation")
@@ -135,6 +162,9 @@ class _Run:
         default_batch = min(family.batch_size, QUICK_BATCH_SIZE) if args.quick else family.batch_size
         self.batch_size = args.batch_size if args.batch_size is not None else default_batch
         self.lr = args.lr if args.lr is not None else family.lr
+        self.lr_schedule = args.lr_schedule if args.lr_schedule is not None else family.lr_schedule
+        default_warmup = 0 if args.quick else family.warmup_steps
+        self.warmup_steps = args.warmup_steps if args.warmup_steps is not None else default_warmup
         self.log_every = args.log_every if args.log_every is not None else (1 if args.quick else 10)
         self.out = Path(args.out if args.out is not None else Path("runs") / family.name)
         self.settings = RunSettings(args.data, args.quick, self.out, context.device)
@@ -155,6 +185,8 @@ class _Run:
                 raise ValueError(f"{_flag(name)} {value} must be >= 1")
         if args.lr is not None and not args.lr > 0:
             raise ValueError(f"--lr {args.lr} must be > 0")
+        if args.warmup_steps is not None and args.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps {args.warmup_steps} must be >= 0")
         if args.amp and self.context.device.type != "cuda":
             raise ValueError(f"--amp (bf16 autocast) needs a CUDA device; this run is on {self.context.device}")
         if args.fsdp and not family.supports_fsdp:
@@ -239,8 +271,11 @@ class _Run:
         model.train()
         for step in range(start_step, self.steps):
             batch = self.train_data.batch(self.order.indices(step)).to(device)
+            lr = learning_rate(step, self.steps, self.lr, self.lr_schedule, self.warmup_steps)
             for name, objective in objectives:
                 optimizer = optimizers[name]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 with autocast:
                     loss = objective(batch, generator)
@@ -254,7 +289,7 @@ class _Run:
             if done % self.log_every == 0 or done == self.steps:
                 now = time.perf_counter()
                 elapsed += now - clock
-                record = self._log_record(sums, since, done, now - clock, elapsed)
+                record = self._log_record(sums, since, done, now - clock, elapsed, lr)
                 if context.is_main:
                     with open(log_path, "a", encoding="utf-8") as log:
                         log.write(json.dumps(record) + "\n")
@@ -267,12 +302,12 @@ class _Run:
             bar.update(1)
         bar.close()
 
-    def _log_record(self, sums: dict, since: int, step: int, seconds: float, elapsed: float) -> dict:
+    def _log_record(self, sums: dict, since: int, step: int, seconds: float, elapsed: float, lr: float) -> dict:
         names = list(sums)
         means = distributed.average({name: float(sums[name]) / since for name in names}, self.context)
         record = {"step": step, "loss": means[names[0]]}
         record.update({f"{name}_loss": means[name] for name in names[1:]})
-        record.update({"items_per_s": self.batch_size * since / max(seconds, 1e-9), "lr": self.lr,
+        record.update({"items_per_s": self.batch_size * since / max(seconds, 1e-9), "lr": lr,
                        "time": elapsed})
         return record
 

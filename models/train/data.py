@@ -252,6 +252,31 @@ def split_text(data: TextData, test_fraction: float = TEST_FRACTION) -> tuple[Te
     return (dataclasses.replace(data, ids=data.ids[:cut]), dataclasses.replace(data, ids=data.ids[cut:]))
 
 
+def sliding_windows(length: int, block_size: int, limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows that score a text of ``length`` ids with a model of context ``B = block_size``:
+    ``(starts, first)``, int64 ``[W]``.
+
+    Window ``w`` holds the ``B + 1`` ids at positions ``starts[w] .. starts[w] + B``: ``B`` inputs, each predicting
+    the next id, so its targets sit at positions ``starts[w] + 1 + j`` for ``j = 0 .. B - 1``, and it scores the
+    targets with ``j >= first[w]``. Windows advance by the stride ``S = max(1, B // 2)``: ``starts[w] = min(w S,
+    length - B - 1)`` (the last window ends at the text's last id). The first window scores all its targets
+    (``first[0] = 0``); every later one scores just those the previous window did not reach, ``first[w] =
+    starts[w-1] + B - starts[w] >= B - S``, so every one of them is predicted from at least ``B - S + 1`` ids of
+    context. Every id after the first (which is context only) is scored exactly once, in order: positions
+    ``1 .. starts[-1] + B``. ``limit``: at most this many windows, from the start (the scored text then ends
+    with the last window kept)."""
+    block_size = check_int(block_size, "block_size", low=1)
+    length = check_int(length, "length", low=block_size + 1)
+    if limit is not None:
+        check_int(limit, "limit", low=1)
+    stride = max(1, block_size // 2)
+    count = 1 + math.ceil((length - 1 - block_size) / stride)
+    starts = (torch.arange(count) * stride).clamp(max=length - block_size - 1)
+    first = torch.zeros(count, dtype=torch.int64)
+    first[1:] = starts[:-1] + block_size - starts[1:]
+    return starts[:limit], first[:limit]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Audio
 # ----------------------------------------------------------------------------------------------------------------

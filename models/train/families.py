@@ -738,6 +738,9 @@ class DDPMFamily(Family):
 # GPT
 # ----------------------------------------------------------------------------------------------------------------
 class _GPTObjective(Objective):
+    """The next-character cross-entropy ``-1/(B T) sum_{b,t} log p(w_{b,t+1} | w_{b,<=t})`` (nats) of a batch of
+    windows ``w`` ``[B, T + 1]``."""
+
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
@@ -749,13 +752,16 @@ class _GPTObjective(Objective):
 class GPTFamily(Family):
     name, kind = "gpt", "text"
     steps, quick_steps, batch_size, lr = 3000, 20, 32, 1e-3
+    lr_schedule, warmup_steps = "cosine", 100
+    weight_decay = 0.1  # AdamW's, of the weight matrices and embeddings (:meth:`adam`)
     options = (Option("block_size", 64, "context length in characters", quick=32),
                Option("n_layer", 2, "Transformer blocks"),
                Option("n_head", 2, "attention heads"),
                Option("n_embd", 64, "width"),
                Option("sample_chars", 1000, "characters to generate for samples.txt", quick=100, training=False),
-               Option("eval_windows", 1024, "at most this many non-overlapping held-out windows scored, from the "
-                                            "start (the default covers the default corpus's held-out text)",
+               Option("eval_windows", 1024, "at most this many held-out windows scored, from the start, each "
+                                            "half a block after the one before (the default covers the default "
+                                            "corpus's held-out text)",
                       quick=16, training=False))
 
     def load_data(self, settings, config):
@@ -774,21 +780,42 @@ class GPTFamily(Family):
     def objectives(self, model, train):
         return [("model", _GPTObjective(model))]
 
+    def adam(self, name, parameters, lr):
+        """AdamW (decoupled weight decay, Loshchilov & Hutter 2019) with betas (0.9, 0.99): each step also
+        shrinks every weight matrix and embedding by ``lr * weight_decay``; biases and LayerNorm gains (the
+        parameters of fewer than 2 dims) are not decayed."""
+        parameters = list(parameters)
+        groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": self.weight_decay},
+                  {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+
     @staticmethod
-    def scored_windows(test, config: dict) -> torch.Tensor:
-        """The start of every held-out window :meth:`evaluate` scores: consecutive, non-overlapping windows from
-        the start of the test text, at most ``eval_windows`` of them."""
-        return torch.arange(0, len(test), test.window)[:config["eval_windows"]]
+    def scored_windows(test, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(starts, first)``: the held-out windows :meth:`evaluate` scores, at most ``eval_windows`` of them,
+        from :func:`~genkernels.models.train.data.sliding_windows`: a stride of half a block, each held-out
+        character after the first scored once, given at least half a block of the characters before it."""
+        return train_data.sliding_windows(test.ids.shape[0], config["block_size"], config["eval_windows"])
+
+    @classmethod
+    def scored_span(cls, test, config: dict) -> tuple[int, int]:
+        """``(begin, end)``: :meth:`evaluate` scores exactly the held-out characters ``test.ids[begin:end]``,
+        each once, each given (some of) the characters before it; the baselines score the same ones."""
+        starts, first = cls.scored_windows(test, config)
+        return int(starts[0] + first[0]) + 1, int(starts[-1]) + config["block_size"] + 1
 
     def evaluate(self, model, test, config, settings, generator):
-        """Bits per character of each scored window's last ``block_size`` characters given the ones before them
-        in the window (:meth:`scored_windows`)."""
-        starts = self.scored_windows(test, config)
+        """Bits per character ``-1/N sum_t log2 p(c_t | context)`` over the held-out characters of
+        :meth:`scored_span`: each window of :meth:`scored_windows` runs the model on its ``block_size`` inputs,
+        and its targets before ``first`` (scored by the previous window) are ignored."""
+        starts, first = self.scored_windows(test, config)
+        offsets = torch.arange(config["block_size"])
         values = []
         with torch.no_grad():
             for index in train_data.evaluation_batches(starts.shape[0], 64):
-                windows = test.batch(starts[index]).to(settings.device)
-                values.append((float(model(windows[:, :-1], windows[:, 1:])[1]), len(index)))
+                windows = test.batch(starts[index])
+                targets = windows[:, 1:].masked_fill(offsets < first[index, None], IGNORE_INDEX)
+                loss = model(windows[:, :-1].to(settings.device), targets.to(settings.device))[1]
+                values.append((float(loss), int((targets != IGNORE_INDEX).sum())))
         return {"test_bits_per_char": train_data.mean_over_batches(values) / LN2}
 
     def write_samples(self, model, train, test, config, settings, generator):
