@@ -192,7 +192,7 @@ def test_help_lists_the_family_options(capsys):
         cli.main(["glow", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "--num-levels" in text and "--depth" in text and "default 3000; --quick 20" in text
+    assert "--num-levels" in text and "--depth" in text and "default 12000; --quick 20" in text
 
 
 def expect_error(capsys, argv, pattern):

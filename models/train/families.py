@@ -576,7 +576,7 @@ class _FlowFamily(Family):
 
 class RealNVPFamily(_FlowFamily):
     name = "realnvp"
-    steps, quick_steps, lr = 3000, 20, 1e-3
+    steps, quick_steps, lr = 12000, 20, 1e-3
     options = (Option("num_scales", 2, "scales (H and W divisible by 2**(num_scales - 1))"),
                Option("hidden_channels", 32, "width of the coupling networks"), FLOW_TEMPERATURE)
 
@@ -586,7 +586,7 @@ class RealNVPFamily(_FlowFamily):
 
 class GlowFamily(_FlowFamily):
     name = "glow"
-    steps, quick_steps, lr = 3000, 20, 1e-3
+    steps, quick_steps, lr = 12000, 20, 1e-3
     options = (Option("num_levels", 2, "levels (H and W divisible by 2**num_levels)"),
                Option("depth", 4, "flow steps per level"),
                Option("hidden_channels", 32, "width of the coupling networks"), FLOW_TEMPERATURE)
