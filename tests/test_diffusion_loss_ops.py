@@ -378,9 +378,12 @@ def test_fp16_gradient_under_loss_scaling_is_as_accurate_as_pytorch(reduction, u
     kwargs, noise64 = _noise_source(path, shape, device)
     if path == "seed":
         # the noise exactly as the kernels draw it (philox_normal may differ from it by an ulp of log/cos/sin,
-        # which the small differences below would magnify): q_sample's x_t = sqrt(1 - a_T) eps at x0 = 0
-        x_t = q_sample(torch.zeros(shape, device=device), T - 1, SCHEDULE, **kwargs, impl="triton")
-        noise64 = x_t.double() / SCHEDULE.kernel_table(torch.device(device))[1, T - 1].sqrt().item()
+        # which the small differences below would magnify). x_t / sqrt(1 - a_T) from q_sample is not exact either
+        # (the fp32 product's rounding): the fp32 gradient of the summed loss at a zero output is -2 eps, exactly
+        zero = torch.zeros(shape, device=device, requires_grad=True)
+        summed = diffusion_loss(zero, torch.zeros(shape, device=device), 300, SCHEDULE, **kwargs, reduction="sum",
+                                impl="triton")
+        noise64 = torch.autograd.grad(summed, zero)[0].double() / -2
     mo = (noise64 + 0.01 * random_tensor(shape, torch.float64, 3, device)).half()
     x0 = random_tensor(shape, torch.float16, 1, device)
     upstream = torch.tensor(upstream_scale, device=device)
