@@ -75,6 +75,13 @@ def discretized_logistic_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: tor
     ``sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(-w))``: ``log sigmoid(a) + log sigmoid(-b) +
     log(-expm1(-w))``, each term accurate in fp32 however far the bin lies in a tail and however narrow it is
     against the scale."""
+    levels = check_int(levels, "levels", low=2)
+    for name, tensor in (("x", x), ("mean", mean), ("log_scale", log_scale)):
+        if not check_tensor(tensor, name).dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor; got {describe(tensor)}")
+    for name, tensor in (("mean", mean), ("log_scale", log_scale)):
+        if tensor.shape != x.shape:
+            raise ValueError(f"{name} must have the shape of x {list(x.shape)}; got {describe(tensor)}")
     x, mean = x.float(), mean.float()
     log_scale = log_scale.float().clamp(min=MIN_LOG_SCALE)
     half_bin = 0.5 / (levels - 1)

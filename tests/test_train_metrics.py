@@ -212,6 +212,14 @@ def test_nearest_neighbour_distance_against_a_loop():
                         for a in images])
     assert metrics.nearest_neighbour_distance(images, references, 5, batch_size=3) == pytest.approx(expected)
     assert metrics.nearest_neighbour_distance(references[:4], references, 5) == 0.0
+    with pytest.raises(ValueError, match=r"references must be images of the shape of images' \[1, 3, 3\]"):
+        metrics.nearest_neighbour_distance(images, references[:, :, :2], 5)
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 3\)"):
+        metrics.nearest_neighbour_distance(images, references, 3)
+    with pytest.raises(TypeError, match="images"):
+        metrics.nearest_neighbour_distance(images.float(), references, 5)
+    with pytest.raises(ValueError, match=r"quantized must have the shape of values \[2, 3\]"):
+        metrics.mark_failed_samples(torch.zeros(2, 2), torch.zeros(2, 3))
 
 
 def test_copies_of_training_images_sit_closer_to_them_than_held_out_images(digits, classifier):

@@ -188,6 +188,12 @@ def test_discretized_logistic_masses_sum_to_one_and_gradients_stay_finite_at_ext
     log_scale = torch.tensor([-7.0, 15.0, -7.0, 0.0]).requires_grad_()
     discretized_logistic_nll(grid[1:], mean, log_scale, levels).sum().backward()
     assert torch.isfinite(mean.grad).all() and torch.isfinite(log_scale.grad).all()
+    with pytest.raises(ValueError, match=r"mean must have the shape of x \[5\]"):
+        discretized_logistic_nll(grid, torch.zeros(4), torch.zeros(5), levels)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        discretized_logistic_nll(torch.arange(5), torch.zeros(5), torch.zeros(5), levels)
+    with pytest.raises(ValueError, match="levels"):
+        discretized_logistic_nll(grid, torch.zeros(5), torch.zeros(5), 1)
 
 
 def test_discretized_logistic_vae_reads_the_grid_and_its_mean_is_the_expectation():

@@ -118,6 +118,9 @@ def requantize(values: torch.Tensor, levels: int) -> torch.Tensor:
 def mark_failed_samples(quantized: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``quantized`` (levels computed from the generated ``values`` ``[N, ...]``) as int64, with every level of
     each image whose ``values`` hold a NaN set to :data:`FAILED_SAMPLE`."""
+    quantized, values = check_tensor(quantized, "quantized"), check_tensor(values, "values")
+    if quantized.shape != values.shape:
+        raise ValueError(f"quantized must have the shape of values {list(values.shape)}; got {describe(quantized)}")
     failed = torch.isnan(values).reshape(values.shape[0], -1).any(dim=1) if values.dim() else torch.isnan(values)
     return quantized.to(torch.int64).masked_fill(failed.reshape((-1,) + (1,) * (values.dim() - 1)), FAILED_SAMPLE)
 
@@ -344,6 +347,13 @@ def nearest_neighbour_distance(images: torch.Tensor, references: torch.Tensor, l
                                batch_size: int = 1024) -> float:
     """The mean over ``images`` of ``min_j |x / (L - 1) - r_j / (L - 1)|_2``: the Euclidean distance of each
     integer image to its nearest image among ``references`` (integer images of the same shape), in fp64."""
+    levels = check_int(levels, "levels", low=2)
+    images = check_level_images(images, "images", levels)
+    references = check_level_images(references, "references", levels)
+    if images.shape[1:] != references.shape[1:]:
+        raise ValueError(f"references must be images of the shape of images' {list(images.shape[1:])}; got "
+                         f"{describe(references)}")
+    check_int(batch_size, "batch_size", low=1)
     flat_references = references.reshape(references.shape[0], -1).double() / (levels - 1)
     total = 0.0
     for chunk in images.reshape(images.shape[0], -1).split(batch_size):
