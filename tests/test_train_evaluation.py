@@ -227,12 +227,17 @@ def test_text_baselines_score_the_characters_the_model_scores(tmp_path, monkeypa
 
     def text_baselines(train_text, test_text, *, test_history, ngram_orders):
         seen.update(train=train_text, test=test_text, history=test_history)
-        return {"lzma_given_train_bits_per_char": 1.0, "ngram_bits_per_char": 2.0}
+        return {"lzma_given_train_bits_per_char": 1.0, "lzma_alone_bits_per_char": 3.0, "ngram_bits_per_char": 2.0}
 
     monkeypatch.setattr(evaluation.baselines, "text_baselines", text_baselines)
     config = {"block_size": 8, "eval_windows": 3}
     run = families.RunSettings(None, True, tmp_path, torch.device("cpu"))
-    evaluation.evaluate(families.FAMILIES["gpt"], model, train, test, config, run, None, {"test_bits_per_char": 1.5})
+    result = evaluation.evaluate(families.FAMILIES["gpt"], model, train, test, config, run, None,
+                                 {"test_bits_per_char": 1.5})
+    assert {name: entry["model_better"] for name, entry in result["comparisons"].items()} == {
+        "test_bits_per_char vs lzma_given_train_bits_per_char": False,
+        "test_bits_per_char vs lzma_alone_bits_per_char": True,
+        "test_bits_per_char vs ngram_bits_per_char": True}
     begin, end = families.FAMILIES["gpt"].scored_span(test, config)
     assert seen["train"] == train.decode(train.ids.tolist())
     assert seen["history"] == test.decode(test.ids[:begin].tolist())

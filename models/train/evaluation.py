@@ -249,7 +249,8 @@ def _evaluate_text(family, model, train, test, config, own: dict, settings: dict
                              lambda: baselines.text_baselines(train_text, scored, test_history=history,
                                                               ngram_orders=settings["ngram_orders"]))
     comparisons = {f"test_bits_per_char vs {name}": _comparison(own["test_bits_per_char"], found[name])
-                   for name in ("lzma_given_train_bits_per_char", "ngram_bits_per_char")}
+                   for name in ("lzma_given_train_bits_per_char", "lzma_alone_bits_per_char",
+                                "ngram_bits_per_char")}
     return {"baselines": found, "comparisons": comparisons, "baseline_cache_hit": hit}
 
 

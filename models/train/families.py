@@ -751,17 +751,17 @@ class _GPTObjective(Objective):
 
 class GPTFamily(Family):
     name, kind = "gpt", "text"
-    steps, quick_steps, batch_size, lr = 3000, 20, 32, 1e-3
+    steps, quick_steps, batch_size, lr = 1600, 20, 32, 6e-3
     lr_schedule, warmup_steps = "cosine", 100
     weight_decay = 0.1  # AdamW's, of the weight matrices and embeddings (:meth:`adam`)
-    options = (Option("block_size", 64, "context length in characters", quick=32),
-               Option("n_layer", 2, "Transformer blocks"),
-               Option("n_head", 2, "attention heads"),
-               Option("n_embd", 64, "width"),
+    options = (Option("block_size", 128, "context length in characters", quick=32),
+               Option("n_layer", 3, "Transformer blocks"),
+               Option("n_head", 3, "attention heads"),
+               Option("n_embd", 96, "width"),
                Option("sample_chars", 1000, "characters to generate for samples.txt", quick=100, training=False),
-               Option("eval_windows", 1024, "at most this many held-out windows scored, from the start, each "
+               Option("eval_windows", 4096, "at most this many held-out windows scored, from the start, each "
                                             "half a block after the one before (the default covers the default "
-                                            "corpus's held-out text)",
+                                            "corpus's held-out text at every --block-size from 24 up)",
                       quick=16, training=False))
 
     def load_data(self, settings, config):
