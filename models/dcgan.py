@@ -7,7 +7,11 @@ Architecture for an ``image_size = 4 * 2**U`` image (U = 3 for 32x32, 4 for 64x6
   (doubles the map, halves the channels) -> batch norm -> ReLU; last, a transposed conv 4x4 stride 2 to
   ``channels`` -> bias -> tanh. Each batch norm's shift (beta) + ReLU is one :func:`bias_act` call.
 * Discriminator: ``U`` strided convs 4x4 stride 2 (``base_channels``, doubling) each followed by bias + LeakyReLU(0.2)
-  in one :func:`bias_act` call, then a 4x4 valid conv to one logit. The paper's discriminator batch norm is left
+  in one :func:`bias_act` call, then a 4x4 valid conv to one logit.
+* ``extra_layers = k`` (the reference DCGAN code's ``n_extra_layers``) adds depth without changing the
+  resolutions, which small images need (at 8x8, U = 1 leaves each network one hidden layer): k 3x3 stride-1 convs
+  -> batch norm -> ReLU at the generator's last hidden resolution (before the output layer), and k 3x3 stride-1
+  convs -> bias + LeakyReLU at the discriminator's first (after its first conv). The paper's discriminator batch norm is left
   out: it couples the samples of a batch, so the R1 penalty would no longer be a per-sample input gradient (the
   R1-regularized GANs of Mescheder et al. 2018 and StyleGAN2 have no batch norm in the discriminator either).
 
@@ -61,10 +65,12 @@ def _upsamplings(image_size: int) -> int:
 class DCGANGenerator(nn.Module):
     """``z [N, latent_dim]`` -> images ``[N, channels, image_size, image_size]`` in [-1, 1] (see the module doc)."""
 
-    def __init__(self, latent_dim: int = 100, channels: int = 3, image_size: int = 64, base_channels: int = 64):
+    def __init__(self, latent_dim: int = 100, channels: int = 3, image_size: int = 64, base_channels: int = 64,
+                 extra_layers: int = 0):
         super().__init__()
         for name, value in (("latent_dim", latent_dim), ("channels", channels), ("base_channels", base_channels)):
             check_int(value, name, low=1)
+        check_int(extra_layers, "extra_layers", low=0)
         upsamplings = _upsamplings(image_size)
         self.latent_dim, self.channels, self.image_size = latent_dim, channels, image_size
         widths = [base_channels * 2 ** (upsamplings - 1 - i) for i in range(upsamplings)]
@@ -73,6 +79,9 @@ class DCGANGenerator(nn.Module):
         for wide, narrow in zip(widths[:-1], widths[1:]):
             layers += [nn.ConvTranspose2d(wide, narrow, 4, 2, 1, bias=False),
                        BatchNormAct2d(narrow, act="relu", gain=1.0)]
+        for _ in range(extra_layers):
+            layers += [nn.Conv2d(widths[-1], widths[-1], 3, 1, 1, bias=False),
+                       BatchNormAct2d(widths[-1], act="relu", gain=1.0)]
         layers.append(ConvTranspose2dBiasAct(widths[-1], channels, 4, 2, 1, act="tanh"))
         self.net = nn.Sequential(*layers)
 
@@ -84,17 +93,22 @@ class DCGANGenerator(nn.Module):
 class DCGANDiscriminator(nn.Module):
     """Images ``[N, channels, image_size, image_size]`` -> logits ``[N]`` (see the module doc)."""
 
-    def __init__(self, channels: int = 3, image_size: int = 64, base_channels: int = 64, alpha: float = 0.2):
+    def __init__(self, channels: int = 3, image_size: int = 64, base_channels: int = 64, alpha: float = 0.2,
+                 extra_layers: int = 0):
         super().__init__()
         for name, value in (("channels", channels), ("base_channels", base_channels)):
             check_int(value, name, low=1)
+        check_int(extra_layers, "extra_layers", low=0)
         alpha = check_real(alpha, "alpha")
         downsamplings = _upsamplings(image_size)
         self.channels, self.image_size = channels, image_size
         widths = [base_channels * 2 ** i for i in range(downsamplings)]
         layers: list[nn.Module] = []
-        for narrow, wide in zip([channels] + widths[:-1], widths):
+        for index, (narrow, wide) in enumerate(zip([channels] + widths[:-1], widths)):
             layers.append(Conv2dBiasAct(narrow, wide, 4, 2, 1, act="lrelu", alpha=alpha, gain=1.0))
+            if index == 0:
+                layers += [Conv2dBiasAct(wide, wide, 3, 1, 1, act="lrelu", alpha=alpha, gain=1.0)
+                           for _ in range(extra_layers)]
         layers.append(Conv2dBiasAct(widths[-1], 1, 4, 1, 0))
         self.net = nn.Sequential(*layers)
 
@@ -197,6 +211,7 @@ class DCGAN(nn.Module):
         latent_dim, channels, image_size: ``z`` size, image channels, and image side (32 or 64; any power of two
             >= 8 works).
         base_channels: width of the generator's last hidden layer and the discriminator's first (the paper's 64).
+        extra_layers: 3x3 stride-1 layers added to each network (see the module doc; 0 is the paper's).
         loss: ``"non_saturating"`` or ``"hinge"``.
         r1_gamma: R1 weight gamma (0 turns it off).
         r1_every: apply R1 on every ``r1_every``-th discriminator step (1 = every step).
@@ -205,7 +220,8 @@ class DCGAN(nn.Module):
     """
 
     def __init__(self, latent_dim: int = 100, channels: int = 3, image_size: int = 64, base_channels: int = 64,
-                 loss: str = "non_saturating", r1_gamma: float = 0.0, r1_every: int = 1, lazy_r1: bool = True):
+                 loss: str = "non_saturating", r1_gamma: float = 0.0, r1_every: int = 1, lazy_r1: bool = True,
+                 extra_layers: int = 0):
         super().__init__()
         for name, value in (("latent_dim", latent_dim), ("channels", channels), ("base_channels", base_channels),
                             ("r1_every", r1_every)):
@@ -214,8 +230,8 @@ class DCGAN(nn.Module):
         self.r1_gamma = check_real(r1_gamma, "r1_gamma", low=0.0)
         self.r1_every = r1_every
         self.lazy_r1 = check_bool(lazy_r1, "lazy_r1")
-        self.generator = DCGANGenerator(latent_dim, channels, image_size, base_channels)
-        self.discriminator = DCGANDiscriminator(channels, image_size, base_channels)
+        self.generator = DCGANGenerator(latent_dim, channels, image_size, base_channels, extra_layers)
+        self.discriminator = DCGANDiscriminator(channels, image_size, base_channels, extra_layers=extra_layers)
         self.latent_dim, self.channels, self.image_size = latent_dim, channels, image_size
         self.steps = 0  # discriminator updates so far (a Python int: no device sync to schedule R1)
         self.apply(_dcgan_init)

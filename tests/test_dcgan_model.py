@@ -107,9 +107,24 @@ def test_paper_image_sizes_build_the_paper_architecture(image_size, widths):
         assert model.discriminator(images).shape == (2,)
 
 
+def test_extra_layers_add_3x3_layers_at_the_first_and_last_hidden_resolutions():
+    model = _tiny_gan(image_size=16, channels=1, base_channels=4, extra_layers=2)
+    generator_convs = [m for m in model.generator.net if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert [(type(m), m.out_channels, m.kernel_size, m.stride) for m in generator_convs] == [
+        (nn.ConvTranspose2d, 8, (4, 4), (1, 1)), (nn.ConvTranspose2d, 4, (4, 4), (2, 2)),
+        (nn.Conv2d, 4, (3, 3), (1, 1)), (nn.Conv2d, 4, (3, 3), (1, 1)), (ConvTranspose2dBiasAct, 1, (4, 4), (2, 2))]
+    assert sum(isinstance(m, BatchNormAct2d) for m in model.generator.net) == 4
+    assert [(m.out_channels, m.kernel_size, m.stride, m.act) for m in model.discriminator.net] == [
+        (4, (4, 4), (2, 2), "lrelu"), (4, (3, 3), (1, 1), "lrelu"), (4, (3, 3), (1, 1), "lrelu"),
+        (8, (4, 4), (2, 2), "lrelu"), (1, (4, 4), (1, 1), "linear")]
+    with use_impl("eager"):
+        assert model.discriminator(model.generator(_latents(2))).shape == (2,)
+
+
+@pytest.mark.parametrize("extra_layers", [0, 1])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_outputs_and_parameter_gradients_match_torch_layers_in_fp64(impl):
-    model = _tiny_gan()
+def test_outputs_and_parameter_gradients_match_torch_layers_in_fp64(impl, extra_layers):
+    model = _tiny_gan(extra_layers=extra_layers)
     z, real = _latents(), _images()
     ref_outputs = _torch_gan_pass(model, z, real)
     ref_grads, names = _parameter_grads(ref_outputs[3], ref_outputs[:3])
@@ -332,6 +347,8 @@ BAD_INPUT = [
      "real must hold at least one image"),
     (lambda model: model.train_step(torch.zeros(2, 3, 8, 8), *_sgd(model)), ValueError, r"real must have shape"),
     (lambda model: _tiny_gan(latent_dim=0), ValueError, "latent_dim=0"),
+    (lambda model: _tiny_gan(extra_layers=-1), ValueError, "extra_layers=-1"),
+    (lambda model: DCGANDiscriminator(image_size=16, extra_layers=1.5), TypeError, "extra_layers"),
     (lambda model: _tiny_gan(base_channels=-8), ValueError, "base_channels=-8"),
     (lambda model: _tiny_gan(channels=3.0), TypeError, "channels must be an int"),
     (lambda model: _tiny_gan(r1_gamma=float("nan")), ValueError, "r1_gamma=nan"),

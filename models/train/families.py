@@ -390,10 +390,12 @@ class _GeneratorObjective(Objective):
 
 class DCGANFamily(Family):
     name, kind = "dcgan", "images"
-    steps, quick_steps, batch_size, lr = 12000, 30, 64, 2e-4
+    steps, quick_steps, batch_size, lr = 24000, 30, 64, 2e-4
     options = (Option("latent_dim", 32, "size of the latent z"),
                Option("base_channels", 32, "width of the generator's last and the discriminator's first layer"),
-               Option("gan_loss", "non_saturating", "non_saturating or hinge"))
+               Option("gan_loss", "non_saturating", "non_saturating or hinge"),
+               Option("extra_layers", 1, "3x3 stride-1 layers added to each network (at the generator's last and the "
+                                            "discriminator's first hidden resolution)"))
     supports_fsdp = False
     fsdp_refusal = ("dcgan trains two networks with alternating optimizers on one batch; it trains data-parallel "
                     "with DDP (drop --fsdp)")
@@ -402,7 +404,8 @@ class DCGANFamily(Family):
         channels, height, width = train.shape
         if height != width:
             raise train_data.DataError(f"dcgan needs square images; {train.source} holds {height}x{width}")
-        return DCGAN(config["latent_dim"], channels, height, config["base_channels"], loss=config["gan_loss"])
+        return DCGAN(config["latent_dim"], channels, height, config["base_channels"], loss=config["gan_loss"],
+                     extra_layers=config["extra_layers"])
 
     def objectives(self, model: DCGAN, train):
         return [("discriminator", _DiscriminatorObjective(model, train.levels)),
@@ -480,6 +483,7 @@ class _PixelCNNObjective(Objective):
 class PixelCNNFamily(Family):
     name, kind = "pixelcnn", "images"
     steps, quick_steps, batch_size, lr = 3000, 20, 32, 1e-3
+    lr_schedule = "cosine"
     options = (Option("hidden_channels", 48, "h: the residual stream has 2h channels (a multiple of 3 for RGB)"),
                Option("num_blocks", 6, "residual blocks"),
                Option("output_channels", 96, "channels of the first output convolution"))
