@@ -11,7 +11,8 @@ from genkernels.models.train import checkpoint, cli
 
 # A deterministic loss (no noise draws), so two processes and one see exactly the same batches and losses.
 GPT_RUN = ["gpt", "--quick", "--impl", "eager", "--steps", "3", "--batch-size", "8", "--log-every", "1",
-           "--block-size", "16", "--n-embd", "32", "--n-layer", "1", "--sample-chars", "8", "--eval-windows", "2"]
+           "--block-size", "16", "--n-embd", "32", "--n-head", "2", "--n-layer", "1", "--sample-chars", "8",
+           "--eval-windows", "2"]
 
 
 def free_port() -> int:
