@@ -7,13 +7,13 @@ Architecture for an ``image_size = 4 * 2**U`` image (U = 3 for 32x32, 4 for 64x6
   (doubles the map, halves the channels) -> batch norm -> ReLU; last, a transposed conv 4x4 stride 2 to
   ``channels`` -> bias -> tanh. Each batch norm's shift (beta) + ReLU is one :func:`bias_act` call.
 * Discriminator: ``U`` strided convs 4x4 stride 2 (``base_channels``, doubling) each followed by bias + LeakyReLU(0.2)
-  in one :func:`bias_act` call, then a 4x4 valid conv to one logit.
+  in one :func:`bias_act` call, then a 4x4 valid conv to one logit. The paper's discriminator batch norm is left
+  out: it couples the samples of a batch, so the R1 penalty would no longer be a per-sample input gradient (the
+  R1-regularized GANs of Mescheder et al. 2018 and StyleGAN2 have no batch norm in the discriminator either).
 * ``extra_layers = k`` (the reference DCGAN code's ``n_extra_layers``) adds depth without changing the
   resolutions, which small images need (at 8x8, U = 1 leaves each network one hidden layer): k 3x3 stride-1 convs
   -> batch norm -> ReLU at the generator's last hidden resolution (before the output layer), and k 3x3 stride-1
-  convs -> bias + LeakyReLU at the discriminator's first (after its first conv). The paper's discriminator batch norm is left
-  out: it couples the samples of a batch, so the R1 penalty would no longer be a per-sample input gradient (the
-  R1-regularized GANs of Mescheder et al. 2018 and StyleGAN2 have no batch norm in the discriminator either).
+  convs -> bias + LeakyReLU at the discriminator's first (after its first conv).
 
 Activations keep the paper's scale (``gain=1``), not StyleGAN2's sqrt(2) default gain. The layers are subclasses
 of the torch layers they replace (same parameters, same ``state_dict`` keys), so the weights load into a plain
@@ -103,12 +103,11 @@ class DCGANDiscriminator(nn.Module):
         downsamplings = _upsamplings(image_size)
         self.channels, self.image_size = channels, image_size
         widths = [base_channels * 2 ** i for i in range(downsamplings)]
-        layers: list[nn.Module] = []
-        for index, (narrow, wide) in enumerate(zip([channels] + widths[:-1], widths)):
+        layers: list[nn.Module] = [Conv2dBiasAct(channels, widths[0], 4, 2, 1, act="lrelu", alpha=alpha, gain=1.0)]
+        layers += [Conv2dBiasAct(widths[0], widths[0], 3, 1, 1, act="lrelu", alpha=alpha, gain=1.0)
+                   for _ in range(extra_layers)]
+        for narrow, wide in zip(widths[:-1], widths[1:]):
             layers.append(Conv2dBiasAct(narrow, wide, 4, 2, 1, act="lrelu", alpha=alpha, gain=1.0))
-            if index == 0:
-                layers += [Conv2dBiasAct(wide, wide, 3, 1, 1, act="lrelu", alpha=alpha, gain=1.0)
-                           for _ in range(extra_layers)]
         layers.append(Conv2dBiasAct(widths[-1], 1, 4, 1, 0))
         self.net = nn.Sequential(*layers)
 
