@@ -5,7 +5,7 @@ dtype, device or value) and what was expected. Wrong types raise ``TypeError``, 
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -162,6 +162,31 @@ def check_in_range(tensor: torch.Tensor, name: str, low: float, high: float, *, 
     upper = wide <= high if high_inclusive else wide < high
     check_values(tensor, name, (wide >= low) & upper,
                  f"lie in [{low}, {high}{']' if high_inclusive else ')'}")
+
+
+def check_class_indices(value: object, name: str, batch: int, device: torch.device, num_values: int) -> torch.Tensor:
+    """Require an integer tensor ``[batch]`` on ``device`` of indices in ``[0, num_values)`` (class labels),
+    values checked as :func:`check_in_range`."""
+    tensor = check_integer_tensor(value, name)
+    if tensor.shape != (batch,):
+        raise ValueError(f"{name} must have shape [batch] = [{batch}]; got {describe(tensor)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on the model's device ({device}); got {describe(tensor)}")
+    check_in_range(tensor, name, 0, num_values)
+    return tensor
+
+
+def check_conditioning_labels(labels: object, num_classes: Optional[int], batch: int, device: torch.device) -> None:
+    """The ``labels`` argument of a model that is class-conditional when ``num_classes`` is an int: ``None`` for an
+    unconditional model, required there and checked by :func:`check_class_indices` otherwise."""
+    if num_classes is None:
+        if labels is not None:
+            raise ValueError("labels were given to an unconditional model (num_classes=None)")
+        return
+    if labels is None:
+        raise ValueError(f"this model is class-conditional (num_classes={num_classes}): labels [{batch}] are "
+                         f"required")
+    check_class_indices(labels, "labels", batch, device, num_classes)
 
 
 def check_generator(generator: object, device: torch.device, owner: str) -> None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from genkernels.kernels.checks import (
     check_bool,
     check_choice,
+    check_conditioning_labels,
     check_generator,
     check_int,
     check_real,
@@ -369,32 +370,44 @@ class Split(nn.Module):
 class LearnedPrior(nn.Module):
     """The top-level prior ``N(mean, exp(log_std)^2)`` with a learned mean and log-std per element (Glow's
     ``learn_top``), applied as the standardizing bijection ``eps = (z - mean) * exp(-log_std)``; zero-initialized
-    (a standard normal)."""
+    (a standard normal).
 
-    def __init__(self, shape: Sequence[int]):
+    With ``num_classes = K`` the prior is class-conditional (Glow's ``y_cond``): a mean and a log-std per class,
+    ``p(z | y) = N(mean[y], exp(log_std[y])^2)``, and ``forward``/``inverse`` take ``labels`` ``[batch]`` (int64
+    in ``0 .. K-1``).
+    """
+
+    def __init__(self, shape: Sequence[int], num_classes: Optional[int] = None):
         super().__init__()
         if isinstance(shape, (str, bytes, torch.Tensor)) or not isinstance(shape, Sequence) or not shape:
             raise TypeError(f"shape must be a non-empty sequence of ints (one sample's shape, e.g. (C, H, W)); got "
                             f"{type(shape).__name__} {shape!r}")
         for i, size in enumerate(shape):
             check_int(size, f"shape[{i}]", low=1)
+        if num_classes is not None:
+            check_int(num_classes, "num_classes", low=1)
         self.shape = tuple(shape)
-        self.mean = nn.Parameter(torch.zeros(self.shape))
-        self.log_std = nn.Parameter(torch.zeros(self.shape))
+        self.num_classes = num_classes
+        table = self.shape if num_classes is None else (num_classes,) + self.shape
+        self.mean = nn.Parameter(torch.zeros(table))
+        self.log_std = nn.Parameter(torch.zeros(table))
 
-    def _expanded(self, z: object, name: str):
+    def _expanded(self, z: object, name: str, labels: Optional[torch.Tensor]):
         z = check_tensor(z, name)
         if tuple(z.shape[1:]) != self.shape or z.dim() != len(self.shape) + 1:
             raise ValueError(f"{name} must have shape [batch, {', '.join(map(str, self.shape))}]; got {describe(z)}")
         if not z.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got {describe(z)}")
-        return z, self.log_std.expand_as(z), self.mean.expand_as(z)
+        check_conditioning_labels(labels, self.num_classes, z.shape[0], z.device)
+        if self.num_classes is None:
+            return z, self.log_std.expand_as(z), self.mean.expand_as(z)
+        return z, self.log_std[labels], self.mean[labels]
 
-    def forward(self, z: torch.Tensor):
-        return affine_coupling(*self._expanded(z, "z"), scale_fn="exp", reverse=True)
+    def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        return affine_coupling(*self._expanded(z, "z", labels), scale_fn="exp", reverse=True)
 
-    def inverse(self, eps: torch.Tensor) -> torch.Tensor:
-        return affine_coupling(*self._expanded(eps, "eps"), scale_fn="exp", reverse=False)[0]
+    def inverse(self, eps: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return affine_coupling(*self._expanded(eps, "eps", labels), scale_fn="exp", reverse=False)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,6 +420,8 @@ class MultiScaleFlow(nn.Module):
     order followed by the final level's (each flattened), all standard normal under the model;
     ``log p(x) = log N(z; 0, I) + logdet`` (the change of variables, Dinh et al. 2017 eq. 3).
     ``x`` lives in the model's continuous space, ``[-1/2, 1/2]`` for 8-bit images (see :meth:`bits_per_dim`).
+    A class-conditional top prior (a :class:`LearnedPrior` with ``num_classes``) makes the flow ``p(x | y)``:
+    ``forward``, ``inverse``, ``log_prob``, ``bits_per_dim`` and ``sample`` then take ``labels`` ``[batch]``.
     """
 
     def __init__(self, image_shape: Sequence[int], layers: Sequence[nn.Module],
@@ -419,6 +434,7 @@ class MultiScaleFlow(nn.Module):
             raise TypeError(f"top_prior must be an nn.Module or None; got {type(top_prior).__name__}")
         self.layers = nn.ModuleList(layers)
         self.top_prior = top_prior
+        self.num_classes = getattr(top_prior, "num_classes", None)
         self.latent_shapes = self._latent_shapes()
 
     def _latent_shapes(self) -> list[tuple[int, ...]]:
@@ -438,7 +454,7 @@ class MultiScaleFlow(nn.Module):
         """Dimensions ``D = C * H * W`` of one image."""
         return math.prod(self.image_shape)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None):
         x = check_tensor(x, "x")
         if tuple(x.shape[1:]) != self.image_shape or x.dim() != 4:
             raise ValueError(f"x must have shape [batch, {', '.join(map(str, self.image_shape))}]; "
@@ -446,6 +462,7 @@ class MultiScaleFlow(nn.Module):
         _check_image(x, "x", self.image_shape[0],
                      hint=": x lives in the model's continuous space; turn 8-bit images (integers 0..255) into it "
                           "with dequantize(images), or score them directly with bits_per_dim(images)")
+        check_conditioning_labels(labels, self.num_classes, x.shape[0], x.device)
         logdet = x.new_zeros(x.shape[0], dtype=compute_dtype(x.dtype))
         latents = []
         h = x
@@ -457,31 +474,33 @@ class MultiScaleFlow(nn.Module):
                 h, layer_logdet = layer(h)
             logdet = logdet + layer_logdet
         if self.top_prior is not None:
-            h, layer_logdet = self.top_prior(h)
+            h, layer_logdet = self.top_prior(h, labels) if self.num_classes is not None else self.top_prior(h)
             logdet = logdet + layer_logdet
         latents.append(h)
         return torch.cat([latent.reshape(x.shape[0], -1) for latent in latents], dim=1), logdet
 
-    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+    def inverse(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The image whose latent is ``z`` (``[batch, C*H*W]``), the exact inverse of :meth:`forward`."""
         z = check_tensor(z, "z")
         if z.dim() != 2 or z.shape[1] != self.num_dims:
             raise ValueError(f"z must have shape [batch, {self.num_dims}]; got {describe(z)}")
         if not z.is_floating_point():
             raise TypeError(f"z must be a floating-point tensor; got {describe(z)}")
+        check_conditioning_labels(labels, self.num_classes, z.shape[0], z.device)
         sizes = [math.prod(shape) for shape in self.latent_shapes]
         latents = [chunk.reshape((z.shape[0],) + shape)
                    for chunk, shape in zip(torch.split(z, sizes, dim=1), self.latent_shapes)]
         h = latents.pop()
         if self.top_prior is not None:
-            h = self.top_prior.inverse(h)
+            h = self.top_prior.inverse(h, labels) if self.num_classes is not None else self.top_prior.inverse(h)
         for layer in reversed(self.layers):
             h = layer.inverse(h, latents.pop()) if isinstance(layer, Split) else layer.inverse(h)
         return h
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log p(x)`` per sample (nats), for ``x`` in the model's continuous space."""
-        z, logdet = self(x)
+    def log_prob(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``log p(x)`` (``log p(x | y)`` given ``labels``) per sample (nats), for ``x`` in the model's continuous
+        space."""
+        z, logdet = self(x, labels)
         log_normal = -0.5 * (z.to(logdet.dtype).square() + math.log(2 * math.pi)).sum(dim=1)
         return log_normal + logdet
 
@@ -496,28 +515,32 @@ class MultiScaleFlow(nn.Module):
         noise = torch.rand(images.shape, generator=generator, device=images.device, dtype=dtype)
         return (images.to(dtype) + noise) / NUM_BINS - 0.5
 
-    def bits_per_dim(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def bits_per_dim(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
+                     labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-sample bits per dimension of 8-bit ``images`` under uniform dequantization:
 
             bpd = -(log p(x) - D log 256) / (D log 2),   x = dequantize(images)
 
         (``- D log 256`` is the log-determinant of mapping ``[0, 256)^D`` to the model's unit cube). Its mean
         over the data upper-bounds the discrete model's negative log-likelihood in bits. ``images`` as in
-        :meth:`dequantize`: integer values in [0, 255].
+        :meth:`dequantize`: integer values in [0, 255]; ``labels`` those of a class-conditional flow.
         """
-        log_density = self.log_prob(self.dequantize(images, generator)) - self.num_dims * math.log(NUM_BINS)
+        log_density = self.log_prob(self.dequantize(images, generator), labels) - self.num_dims * math.log(NUM_BINS)
         return -log_density / (self.num_dims * math.log(2))
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+               labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``n`` images in the model's space: ``x = inverse(temperature * eps)``, ``eps ~ N(0, I)``; a temperature
-        below 1 samples the typical set more tightly (Glow, section 5.2)."""
+        below 1 samples the typical set more tightly (Glow, section 5.2). A class-conditional flow draws image
+        ``j`` for class ``labels[j]`` (``labels`` ``[n]``, required there)."""
         check_int(n, "n", low=0)
         check_real(temperature, "temperature", low=0.0)
-        check_generator(generator, next(self.parameters()).device, "the model")
         parameter = next(self.parameters())
+        check_generator(generator, parameter.device, "the model")
+        check_conditioning_labels(labels, self.num_classes, n, parameter.device)
         eps = torch.randn((n, self.num_dims), generator=generator, device=parameter.device, dtype=parameter.dtype)
-        return self.inverse(eps * temperature)
+        return self.inverse(eps * temperature, labels)
 
     def _check_pixels(self, images: object) -> None:
         images = check_tensor(images, "images")

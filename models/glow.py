@@ -2,7 +2,9 @@
 
 ``num_levels`` levels; each: a squeeze, ``depth`` flow steps (ActNorm -> invertible 1x1 convolution (LU) ->
 affine coupling with ``s = sigmoid(raw + 2)``), and, on every level but the last, a split whose factored-out half
-gets a Gaussian prior conditioned on the kept half. The top latent has a learned Gaussian prior (``learn_top``).
+gets a Gaussian prior conditioned on the kept half. The top latent has a learned Gaussian prior (``learn_top``),
+one per class with ``num_classes`` (the paper's class-conditional model, ``y_cond``, without its auxiliary
+classifier).
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ from .flows import (
 
 class Glow(MultiScaleFlow):
     """Glow on ``image_shape = (C, H, W)`` images (H and W divisible by ``2 ** num_levels``). ``generator`` seeds
-    the random rotations that initialize the 1x1 convolutions. See
+    the random rotations that initialize the 1x1 convolutions; ``num_classes`` makes the model class-conditional,
+    ``p(x | y)`` (a top prior per class). See
     :class:`~genkernels.models.flows.MultiScaleFlow` for ``forward``, ``inverse``, ``log_prob``, ``bits_per_dim``
     and ``sample``."""
 
     def __init__(self, image_shape: Sequence[int] = (3, 32, 32), num_levels: int = 3, depth: int = 8,
-                 hidden_channels: int = 128, generator: Optional[torch.Generator] = None):
+                 hidden_channels: int = 128, generator: Optional[torch.Generator] = None,
+                 num_classes: Optional[int] = None):
         channels, height, width = check_image_shape(image_shape)
         for name, value in (("num_levels", num_levels), ("depth", depth), ("hidden_channels", hidden_channels)):
             check_int(value, name, low=1)
@@ -51,4 +55,4 @@ class Glow(MultiScaleFlow):
                 split = Split(channels, learned_prior=True)
                 layers.append(split)
                 channels = split.kept_channels
-        super().__init__(image_shape, layers, LearnedPrior((channels, height, width)))
+        super().__init__(image_shape, layers, LearnedPrior((channels, height, width), num_classes))

@@ -7,6 +7,11 @@ and two 1x1 output convolutions into a 256-way softmax per sub-pixel:
 
     p(x) = prod_{i over pixels in raster order} p(x_i,R | x_<i) p(x_i,G | x_<i, x_i,R) p(x_i,B | x_<i, x_i,R, x_i,G)
 
+With ``num_classes`` the model is class-conditional, ``p(x | y)`` (the conditional PixelCNN of van den Oord et
+al. 2016, "Conditional Image Generation with PixelCNN Decoders"): a learned per-class bias is added to the residual
+stream after the input convolution and to every block's hidden layer, the same at every position, so the masks'
+ordering is untouched.
+
 Sampling draws one sub-pixel at a time. The naive sampler runs the whole network per sub-pixel. The cached sampler
 keeps, for every convolution wider than 1x1, its full input map, and per sub-pixel computes each layer at the one
 pixel being drawn, from a crop of that layer's cached input to the window the mask lets the pixel see (rows
@@ -23,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genkernels.kernels.checks import check_bool, check_generator, check_in_range, check_int, describe
+from genkernels.kernels.checks import (
+    check_bool,
+    check_conditioning_labels,
+    check_generator,
+    check_in_range,
+    check_int,
+    describe,
+)
 from genkernels.kernels.cross_entropy import cross_entropy
 from genkernels.kernels.launch import draw_philox_seed
 from genkernels.kernels.masked_conv import check_masked_conv2d_config, masked_conv2d
@@ -109,15 +121,29 @@ class ResidualBlock(nn.Module):
     """``x + conv1x1(relu(conv3x3(relu(conv1x1(relu(x))))))`` with mask-B convolutions, ``2h -> h -> h -> 2h``
     channels (van den Oord et al. 2016, Figure 5)."""
 
-    def __init__(self, channels: int, color_channels: int):
+    def __init__(self, channels: int, color_channels: int, num_classes: Optional[int] = None):
         super().__init__()
         self.reduce = MaskedConv2d(2 * channels, channels, 1, color_channels=color_channels)
         self.spatial = MaskedConv2d(channels, channels, 3, color_channels=color_channels)
         self.expand = MaskedConv2d(channels, 2 * channels, 1, color_channels=color_channels)
+        # class-conditional: a per-class bias on the hidden layer (zero at the start: the unconditional block)
+        self.class_bias = None if num_classes is None else _zero_embedding(num_classes, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.relu(self.reduce(F.relu(x)))
-        return x + self.expand(F.relu(self.spatial(hidden)))
+    def hidden(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The 3x3 convolution's input ``relu(conv1x1(relu(x)) + b[y])`` (``b[y]`` only when class-conditional)."""
+        hidden = self.reduce(F.relu(x))
+        if self.class_bias is not None:
+            hidden = hidden + self.class_bias(labels)[:, :, None, None]
+        return F.relu(hidden)
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return x + self.expand(F.relu(self.spatial(self.hidden(x, labels))))
+
+
+def _zero_embedding(num_classes: int, channels: int) -> nn.Embedding:
+    embedding = nn.Embedding(num_classes, channels)
+    nn.init.zeros_(embedding.weight)
+    return embedding
 
 
 class PixelCNN(nn.Module):
@@ -129,14 +155,17 @@ class PixelCNN(nn.Module):
         num_blocks: residual blocks after the 7x7 mask-A input convolution.
         output_channels: channels of the first 1x1 output convolution (divisible by 3 for RGB).
         image_size: ``(height, width)`` (or one int) that :meth:`sample` draws; ``forward`` takes any size.
+        num_classes: ``None`` (unconditional) or the number of classes ``K`` of a class-conditional model, whose
+            ``forward``, ``loss`` and ``sample`` then take ``labels`` (int64 ``[batch]`` in ``0 .. K-1``).
 
     Every argument is an int (``TypeError`` otherwise) in range (``ValueError`` naming it): ``hidden_channels`` and
     ``output_channels`` >= 1 (multiples of 3 for RGB, so R, G, B get equal thirds), ``num_blocks`` >= 0, each side
-    of ``image_size`` >= 1. One set of weights runs under every implementation (``genkernels.kernels.use_impl``).
+    of ``image_size`` >= 1, ``num_classes`` >= 1. One set of weights runs under every implementation
+    (``genkernels.kernels.use_impl``).
     """
 
     def __init__(self, in_channels: int = 1, hidden_channels: int = 64, num_blocks: int = 7,
-                 output_channels: int = 256, image_size=28):
+                 output_channels: int = 256, image_size=28, num_classes: Optional[int] = None):
         super().__init__()
         in_channels = check_int(in_channels, "in_channels")
         if in_channels not in (1, 3):
@@ -151,11 +180,15 @@ class PixelCNN(nn.Module):
                 raise ValueError("in_channels=3 splits every layer's channels into R, G, B thirds: "
                                  + "; ".join(reasons))
         height, width = _image_size(image_size)
+        if num_classes is not None:
+            check_int(num_classes, "num_classes", low=1)
         self.in_channels = in_channels
         self.image_size = (height, width)
+        self.num_classes = num_classes
         colors = in_channels
         self.input_conv = MaskedConv2d(in_channels, 2 * hidden_channels, 7, mask_type="A", color_channels=colors)
-        self.blocks = nn.ModuleList(ResidualBlock(hidden_channels, colors) for _ in range(num_blocks))
+        self.class_bias = None if num_classes is None else _zero_embedding(num_classes, 2 * hidden_channels)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden_channels, colors, num_classes) for _ in range(num_blocks))
         self.output_hidden = MaskedConv2d(2 * hidden_channels, output_channels, 1, color_channels=colors)
         self.output_logits = MaskedConv2d(output_channels, NUM_CLASSES * in_channels, 1, color_channels=colors)
 
@@ -173,6 +206,12 @@ class PixelCNN(nn.Module):
             raise ValueError(f"x must have shape [batch, {self.in_channels}, height, width]; got {describe(x)}")
         check_in_range(x, "x (pixel values)", 0, NUM_CLASSES - 1, high_inclusive=True)
 
+    def _with_class_bias(self, stream: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """The input convolution's output plus the class bias ``b[y]`` of a class-conditional model."""
+        if self.class_bias is None:
+            return stream
+        return stream + self.class_bias(labels)[:, :, None, None]
+
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         """Pixel values 0..255 -> [-1, 1] in the parameters' dtype."""
         return x.to(self.input_conv.weight.dtype) / 127.5 - 1.0
@@ -183,23 +222,33 @@ class PixelCNN(nn.Module):
         n, _, height, width = logits.shape
         return logits.view(n, self.in_channels, NUM_CLASSES, height, width).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[batch, 256, channels, H, W]`` of ``p(x[:, c, h, w] | earlier sub-pixels)``.
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[batch, 256, channels, H, W]`` of ``p(x[:, c, h, w] | earlier sub-pixels[, y])``.
 
         ``x``: integer pixel values in [0, 255], ``[batch, channels, H, W]`` (a float tensor raises
         ``TypeError``; a value outside [0, 255] raises ``ValueError`` for a CPU tensor and trips an asynchronous
-        device assert on a GPU, never a silent rescale). The class dimension comes second, as
-        ``F.cross_entropy(logits, x.long())`` expects.
+        device assert on a GPU, never a silent rescale). ``labels``: the classes ``y`` ``[batch]`` of a
+        class-conditional model, ``None`` otherwise (either mismatch raises ``ValueError``). The class dimension
+        comes second, as ``F.cross_entropy(logits, x.long())`` expects.
         """
         self._check_images(x)
-        stream = self.input_conv(self._scale(x))
+        check_conditioning_labels(labels, self.num_classes, x.shape[0], x.device)
+        labels = None if labels is None else labels.long()
+        stream = self._with_class_bias(self.input_conv(self._scale(x)), labels)
         for block in self.blocks:
-            stream = block(stream)
+            stream = block(stream, labels)
         return self._head(stream)
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood in bits per sub-pixel: ``mean(-log2 p(x_i | x_<i))`` over every dimension."""
-        return cross_entropy(self(x), x) / math.log(2.0)
+    def loss(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Negative log-likelihood in bits per sub-pixel: ``mean(-log2 p(x_i | x_<i[, y]))`` over every
+        dimension."""
+        return cross_entropy(self(x, labels), x) / math.log(2.0)
+
+    def log_likelihood(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-image ``log p(x[, | y]) = sum_i log p(x_i | x_<i[, y])`` in nats, ``[batch]`` (exact: the model
+        is discrete)."""
+        nats = cross_entropy(self(x, labels), x, reduction="none")
+        return -nats.flatten(1).sum(1)
 
     # ------------------------------------------------------------------------------------------------------------
     # Sampling
@@ -211,8 +260,10 @@ class PixelCNN(nn.Module):
         return sample_categorical(logits, seed=seed, offset=step)
 
     @torch.no_grad()
-    def sample(self, n: int, use_cache: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Draw ``n`` images ``[n, channels, H, W]`` (int64 values 0..255) of ``image_size``.
+    def sample(self, n: int, use_cache: bool = True, generator: Optional[torch.Generator] = None,
+               labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Draw ``n`` images ``[n, channels, H, W]`` (int64 values 0..255) of ``image_size``, image ``j`` of class
+        ``labels[j]`` for a class-conditional model (``labels`` ``[n]``, required there, refused otherwise).
 
         Sub-pixels are drawn in raster order, R, G, B within a pixel, by
         :func:`~genkernels.kernels.sampling.sample_categorical` (Gumbel-max on Philox uniforms); one seed is drawn
@@ -226,25 +277,27 @@ class PixelCNN(nn.Module):
         height, width = self.image_size
         device = self.input_conv.weight.device
         check_generator(generator, device, "the model")
+        check_conditioning_labels(labels, self.num_classes, n, device)
+        labels = None if labels is None else labels.long()
         seed = draw_philox_seed(device, generator)
         images = torch.zeros((n, self.in_channels, height, width), dtype=torch.int64, device=device)
         if n == 0:
             return images
         if use_cache:
-            self._sample_cached(images, seed)
+            self._sample_cached(images, seed, labels)
         else:
-            self._sample_naive(images, seed)
+            self._sample_naive(images, seed, labels)
         return images
 
-    def _sample_naive(self, images: torch.Tensor, seed: torch.Tensor) -> None:
+    def _sample_naive(self, images: torch.Tensor, seed: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
         height, width = self.image_size
         for row in range(height):
             for col in range(width):
                 for channel in range(self.in_channels):
-                    logits = self(images)[:, :, channel, row, col]
+                    logits = self(images, labels)[:, :, channel, row, col]
                     images[:, channel, row, col] = self._draw(logits, seed, row, col, channel)
 
-    def _sample_cached(self, images: torch.Tensor, seed: torch.Tensor) -> None:
+    def _sample_cached(self, images: torch.Tensor, seed: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
         height, width = self.image_size
         scaled = self._scale(images)
         block_caches = [scaled.new_zeros((images.shape[0], block.spatial.in_channels, height, width))
@@ -252,17 +305,18 @@ class PixelCNN(nn.Module):
         for row in range(height):
             for col in range(width):
                 for channel in range(self.in_channels):
-                    logits = self._logits_at(scaled, block_caches, row, col)[:, :, channel, 0, 0]
+                    logits = self._logits_at(scaled, block_caches, row, col, labels)[:, :, channel, 0, 0]
                     value = self._draw(logits, seed, row, col, channel)
                     images[:, channel, row, col] = value
                     scaled[:, channel, row, col] = self._scale(value)
 
-    def _logits_at(self, scaled: torch.Tensor, block_caches: list[torch.Tensor], row: int, col: int):
+    def _logits_at(self, scaled: torch.Tensor, block_caches: list[torch.Tensor], row: int, col: int,
+                   labels: Optional[torch.Tensor]):
         """Logits ``[n, 256, C, 1, 1]`` at pixel ``(row, col)``, writing each block's 3x3 input there into its
         cache: the network of :meth:`forward`, evaluated at one pixel."""
-        stream = _masked_conv_at(self.input_conv, scaled, row, col)
+        stream = self._with_class_bias(_masked_conv_at(self.input_conv, scaled, row, col), labels)
         for block, cache in zip(self.blocks, block_caches):
-            cache[:, :, row:row + 1, col:col + 1] = F.relu(block.reduce(F.relu(stream)))
+            cache[:, :, row:row + 1, col:col + 1] = block.hidden(stream, labels)
             stream = stream + block.expand(F.relu(_masked_conv_at(block.spatial, cache, row, col)))
         return self._head(stream)
 

@@ -35,11 +35,10 @@ from torch import nn
 from genkernels.kernels.attention import flash_attention
 from genkernels.kernels.checks import (
     check_bool,
+    check_class_indices,
     check_float_tensor,
     check_int,
-    check_integer_tensor,
     check_real,
-    check_values,
     describe,
 )
 
@@ -227,14 +226,8 @@ def check_class_labels(class_labels: Optional[torch.Tensor], batch: int, num_cla
         return torch.full((batch,), num_classes, dtype=torch.long, device=device)
     if num_classes is None:
         raise ValueError("class_labels were given but the network is unconditional (num_classes=None)")
-    check_integer_tensor(class_labels, "class_labels")
-    if class_labels.shape != (batch,):
-        raise ValueError(f"class_labels must have shape [batch] = [{batch}]; got {describe(class_labels)}")
-    if class_labels.device != device:
-        raise ValueError(f"class_labels must be on x's device ({device}); got {describe(class_labels)}")
-    check_values(class_labels, "class_labels", (class_labels >= 0) & (class_labels <= num_classes),
-                 f"lie in [0, num_classes={num_classes}] (num_classes is the null class)")
-    return class_labels
+    # num_classes itself is the null class
+    return check_class_indices(class_labels, "class_labels", batch, device, num_classes + 1)
 
 
 class UNet(nn.Module):

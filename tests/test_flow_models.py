@@ -461,3 +461,135 @@ def test_checkerboard_coupling_ignores_nan_and_inf_in_the_pixels_it_changes():
             torch.testing.assert_close(y[others], clean[others])
             torch.testing.assert_close(logdet, clean_logdet)
             assert y[changed].isnan() if value != value else y[changed].isinf()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class-conditional flows (a top prior per class)
+# ---------------------------------------------------------------------------------------------------------------
+NUM_CLASSES = 3
+CONDITIONAL_MODELS = {
+    "realnvp": lambda num_classes: RealNVP(IMAGE_SHAPE, num_scales=2, hidden_channels=8, num_classes=num_classes),
+    "glow": lambda num_classes: Glow(IMAGE_SHAPE, num_levels=2, depth=2, hidden_channels=8,
+                                     generator=torch.Generator().manual_seed(0), num_classes=num_classes),
+}
+LABELS = torch.tensor([2, 0, 1])
+
+
+def _conditional_model(name, seed=0):
+    torch.manual_seed(seed)
+    model = _perturb(CONDITIONAL_MODELS[name](NUM_CLASSES), seed=seed + 1, scale=0.05)
+    with use_impl("eager"):
+        model(_images((4,) + IMAGE_SHAPE, seed=seed + 2), torch.tensor([0, 1, 2, 0]))  # ActNorm initialization
+    return model
+
+
+def test_conditional_learned_prior_is_the_gaussian_of_each_label():
+    prior = _perturb(LearnedPrior((2, 3, 3), num_classes=NUM_CLASSES), seed=4, scale=0.5)
+    z = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(5))
+    with use_impl("eager"):
+        eps, logdet = prior(z, LABELS)
+        back = prior.inverse(eps, LABELS)
+    mean, std = prior.mean[LABELS], prior.log_std[LABELS].exp()
+    expected = torch.distributions.Normal(mean, std).log_prob(z).flatten(1).sum(1)
+    standard = torch.distributions.Normal(0.0, 1.0).log_prob(eps).flatten(1).sum(1)
+    torch.testing.assert_close(standard + logdet, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back, z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CONDITIONAL_MODELS)
+def test_conditional_flow_is_the_unconditional_flow_with_a_gaussian_per_class_on_the_top_latent(name):
+    """log p(x | y) of the class-conditional flow = the unconditional flow with the same bijections (and a
+    standard normal top prior), its top latent rescored under N(mean[y], std[y]) (torch.distributions)."""
+    model = _conditional_model(name)
+    twin = CONDITIONAL_MODELS[name](None)
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith("top_prior.")}
+    missing = twin.load_state_dict(state, strict=False).missing_keys
+    assert all(key.startswith("top_prior.") for key in missing)
+    x = _images((3,) + IMAGE_SHAPE, seed=13)
+    with use_impl("eager"):
+        log_p = model.log_prob(x, LABELS)
+        z, logdet = twin(x)  # twin's top prior (if any) is zero-initialized: the identity
+    top = math.prod(model.top_prior.shape)
+    rest, top_latent = z[:, :-top], z[:, -top:]
+    top_prior = torch.distributions.Normal(model.top_prior.mean[LABELS].flatten(1),
+                                           model.top_prior.log_std[LABELS].exp().flatten(1))
+    expected = (torch.distributions.Normal(0.0, 1.0).log_prob(rest).sum(1) + top_prior.log_prob(top_latent).sum(1)
+                + logdet)
+    torch.testing.assert_close(log_p, expected.detach(), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(model.log_prob(x, LABELS), model.log_prob(x, LABELS.roll(1)))
+
+
+@pytest.mark.parametrize("name", CONDITIONAL_MODELS)
+def test_conditional_flow_inverse_is_exact_and_samples_follow_the_labels(name):
+    model = _conditional_model(name)
+    x = _images((3,) + IMAGE_SHAPE, seed=9)
+    with use_impl("eager"):
+        z, _ = model(x, LABELS)
+        torch.testing.assert_close(model.inverse(z, LABELS), x, rtol=1e-5, atol=2e-6)
+        # temperature 0: each class's prior mean, pushed through the inverse
+        modes = model.sample(3, temperature=0.0, labels=LABELS)
+        expected = model.inverse(torch.zeros(3, DIMS), LABELS)
+    torch.testing.assert_close(modes, expected)
+    assert not torch.allclose(modes[0], modes[1])
+
+
+@pytest.mark.parametrize("name", CONDITIONAL_MODELS)
+def test_conditional_flow_logdet_equals_log_det_of_autograd_jacobian(name):
+    model = _conditional_model(name).double()
+    x = _images((2,) + IMAGE_SHAPE, seed=11).double()
+    labels = LABELS[:2]
+    expected = _log_abs_det_jacobians(lambda v: model(v, labels)[0], x)
+    torch.testing.assert_close(model(x, labels)[1], expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", CONDITIONAL_MODELS)
+def test_conditional_flow_triton_matches_eager_for_the_same_weights(name):
+    """Outputs and every parameter gradient (the class tables' too) against the eager model in fp64."""
+    model = _conditional_model(name)
+    x = _images((3,) + IMAGE_SHAPE, seed=12)
+
+    def outputs_and_grads(flow, inputs, impl):
+        with use_impl(impl):
+            log_p = flow.log_prob(inputs, LABELS)
+        return log_p.detach(), torch.autograd.grad(-log_p.mean(), list(flow.parameters()))
+
+    triton_log_p, triton_grads = outputs_and_grads(model, x, "triton")
+    eager_log_p, eager_grads = outputs_and_grads(model, x, "eager")
+    reference_log_p, reference_grads = outputs_and_grads(_conditional_model(name).double(), x.double(), "eager")
+    assert_close_to_reference(triton_log_p, reference_log_p, eager_log_p, "log p(x | y)")
+    for (label, _), kernel, eager, reference in zip(model.named_parameters(), triton_grads, eager_grads,
+                                                    reference_grads):
+        assert_close_to_reference(kernel, reference, eager, f"grad {label}")
+    assert reference_grads[-1].abs().sum() > 0  # the top prior's tables learn
+
+
+BAD_LABELS = [
+    (lambda model: model(_images((3,) + IMAGE_SHAPE, 0)), ValueError,
+     r"class-conditional \(num_classes=3\): labels \[3\] are required"),
+    (lambda model: model.log_prob(_images((3,) + IMAGE_SHAPE, 0), LABELS.float()), TypeError,
+     "labels must have an integer dtype"),
+    (lambda model: model.log_prob(_images((3,) + IMAGE_SHAPE, 0), LABELS[:2]), ValueError,
+     r"labels must have shape \[batch\] = \[3\]"),
+    (lambda model: model.log_prob(_images((3,) + IMAGE_SHAPE, 0), torch.tensor([0, 3, 1])), ValueError,
+     r"labels must lie in \[0, 3\); got a value 3"),
+    (lambda model: model.inverse(torch.zeros(3, DIMS), torch.tensor([0, -1, 1])), ValueError,
+     "labels must lie in .*got a value -1"),
+    (lambda model: model.sample(2), ValueError, r"labels \[2\] are required"),
+    (lambda model: model.bits_per_dim(torch.zeros(3, *IMAGE_SHAPE, dtype=torch.int64)), ValueError,
+     "labels .* are required"),
+]
+
+
+@pytest.mark.parametrize("name", CONDITIONAL_MODELS)
+@pytest.mark.parametrize("call, error, message", BAD_LABELS, ids=[str(i) for i in range(len(BAD_LABELS))])
+def test_conditional_flows_reject_bad_labels_up_front(call, error, message, name):
+    with pytest.raises(error, match=message):
+        call(CONDITIONAL_MODELS[name](NUM_CLASSES))
+
+
+@pytest.mark.parametrize("name", CONDITIONAL_MODELS)
+def test_unconditional_flows_refuse_labels(name):
+    with pytest.raises(ValueError, match=r"labels were given to an unconditional model \(num_classes=None\)"):
+        CONDITIONAL_MODELS[name](None).log_prob(_images((3,) + IMAGE_SHAPE, 0), LABELS)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        CONDITIONAL_MODELS[name](0)

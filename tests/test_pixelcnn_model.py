@@ -12,10 +12,16 @@ from genkernels.kernels.masked_conv import masked_conv2d_mask
 from genkernels.models.pixelcnn import MaskedConv2d, PixelCNN
 
 
-def _model(colors, hidden=3, blocks=1, image_size=(4, 4), seed=0, device="cpu"):
+def _model(colors, hidden=3, blocks=1, image_size=(4, 4), seed=0, device="cpu", num_classes=None):
     torch.manual_seed(seed)
-    return PixelCNN(colors, hidden_channels=hidden, num_blocks=blocks, output_channels=3 * hidden,
-                    image_size=image_size).to(device)
+    model = PixelCNN(colors, hidden_channels=hidden, num_blocks=blocks, output_channels=3 * hidden,
+                     image_size=image_size, num_classes=num_classes)
+    if num_classes is not None:  # class biases off their zero initialization
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "class_bias" in name:
+                    parameter.normal_(0.0, 0.5)
+    return model.to(device)
 
 
 def _images(shape, seed, device="cpu"):
@@ -254,3 +260,109 @@ def test_cached_sampling_on_gpu_matches_naive_at_28x28(device):
         naive = model.sample(4, use_cache=False, generator=torch.Generator(device).manual_seed(0))
         cached = model.sample(4, use_cache=True, generator=torch.Generator(device).manual_seed(0))
     assert torch.equal(cached, naive)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class-conditional PixelCNN
+# ---------------------------------------------------------------------------------------------------------------
+LABELS = torch.tensor([2, 0])
+
+
+def test_class_conditional_model_is_the_unconditional_network_with_the_class_biases_added():
+    """For label y, p(x | y) is the unconditional network with b_in[y] added to the input convolution's bias and
+    each block's b[y] to its first 1x1 convolution's bias."""
+    model = _model(3, hidden=6, blocks=2, image_size=(5, 4), num_classes=3)
+    x = _images((2, 3, 5, 4), 1)
+    with use_impl("eager"):
+        logits = model(x, LABELS)
+        for row, label in enumerate(LABELS.tolist()):
+            twin = _model(3, hidden=6, blocks=2, image_size=(5, 4))
+            state = {key: value for key, value in model.state_dict().items() if "class_bias" not in key}
+            twin.load_state_dict(state)
+            with torch.no_grad():
+                twin.input_conv.bias += model.class_bias.weight[label]
+                for block, twin_block in zip(model.blocks, twin.blocks):
+                    twin_block.reduce.bias += block.class_bias.weight[label]
+            torch.testing.assert_close(logits[row:row + 1], twin(x[row:row + 1]), rtol=1e-5, atol=1e-5)
+        # the label reaches the first sub-pixel too, which sees no pixel
+        assert not torch.allclose(model(x, LABELS.flip(0))[:, :, 0, 0, 0], logits[:, :, 0, 0, 0])
+
+
+def test_class_conditional_likelihood_is_the_sum_of_the_sub_pixel_log_probabilities():
+    model = _model(1, hidden=6, blocks=1, image_size=(4, 4), num_classes=3)
+    x = _images((2, 1, 4, 4), 3)
+    with use_impl("eager"):
+        log_likelihood = model.log_likelihood(x, LABELS)
+        loss = model.loss(x, LABELS)
+        log_probs = torch.log_softmax(model(x, LABELS).double(), dim=1).gather(1, x[:, None])
+    torch.testing.assert_close(log_likelihood.double(), log_probs.flatten(1).sum(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss.double(), -log_probs.mean() / math.log(2), rtol=1e-5, atol=1e-6)
+
+
+def test_class_conditional_logits_never_see_later_sub_pixels():
+    model = _model(1, hidden=6, blocks=2, image_size=(5, 5), num_classes=3)
+    x = _images((2, 1, 5, 5), 2)
+    with use_impl("eager"):
+        base = model(x, LABELS)
+        changed = x.clone()
+        changed[:, 0, 2, 3] = (changed[:, 0, 2, 3] + 128) % 256
+        differs = (model(changed, LABELS) != base).any(dim=1).any(dim=0)[0]  # [H, W]
+    order = torch.arange(25).view(5, 5)
+    assert not differs[order <= 2 * 5 + 3].any() and differs[order > 2 * 5 + 3].any()
+
+
+def test_class_conditional_triton_matches_eager_outputs_and_gradients():
+    model = _model(3, hidden=3, blocks=1, num_classes=3)
+    x = _images((2, 3, 4, 3), 3)
+
+    def outputs_and_grads(network, impl):
+        with use_impl(impl):
+            loss = network.loss(x, LABELS)
+            return [network(x, LABELS), loss] + list(torch.autograd.grad(loss, list(network.parameters())))
+
+    kernel, eager = outputs_and_grads(model, "triton"), outputs_and_grads(model, "eager")
+    reference = outputs_and_grads(_model(3, hidden=3, blocks=1, num_classes=3).double(), "eager")
+    names = ["logits", "loss"] + [name for name, _ in model.named_parameters()]
+    assert "class_bias.weight" in names
+    for name, got, eager_value, expected in zip(names, kernel, eager, reference):
+        assert_close_to_reference(got, expected, eager_value, name)
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_class_conditional_cached_sampling_gives_exactly_the_naive_samples(impl):
+    model = _model(1, hidden=3, blocks=2, image_size=(4, 4), num_classes=3)
+    with torch.no_grad():  # class biases large enough to move a near-uniform untrained softmax's draws
+        model.class_bias.weight.mul_(20.0)
+    with use_impl(impl):
+        naive = model.sample(2, use_cache=False, generator=torch.Generator().manual_seed(5), labels=LABELS)
+        cached = model.sample(2, use_cache=True, generator=torch.Generator().manual_seed(5), labels=LABELS)
+        other = model.sample(2, use_cache=True, generator=torch.Generator().manual_seed(5), labels=LABELS.flip(0))
+    assert torch.equal(cached, naive)
+    assert not torch.equal(other, naive)  # same uniforms, other classes: other images
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda model: model(_images((2, 1, 4, 4), 0)), ValueError,
+     r"class-conditional \(num_classes=3\): labels \[2\] are required"),
+    (lambda model: model.loss(_images((2, 1, 4, 4), 0), LABELS.float()), TypeError,
+     "labels must have an integer dtype"),
+    (lambda model: model(_images((2, 1, 4, 4), 0), LABELS[:1]), ValueError, r"labels must have shape \[batch\] = \[2\]"),
+    (lambda model: model(_images((2, 1, 4, 4), 0), torch.tensor([3, 0])), ValueError,
+     r"labels must lie in \[0, 3\); got a value 3"),
+    (lambda model: model.sample(2), ValueError, r"labels \[2\] are required"),
+    (lambda model: model.sample(2, labels=torch.tensor([0, -1])), ValueError, "labels must lie in .*got a value -1"),
+    (lambda model: model.log_likelihood(_images((2, 1, 4, 4), 0), [0, 1]), TypeError,
+     "labels must be a torch.Tensor"),
+])
+def test_class_conditional_model_rejects_bad_labels(call, error, message):
+    with pytest.raises(error, match=message):
+        call(_model(1, num_classes=3))
+
+
+def test_unconditional_model_refuses_labels():
+    with pytest.raises(ValueError, match=r"labels were given to an unconditional model \(num_classes=None\)"):
+        _model(1)(_images((2, 1, 4, 4), 0), LABELS)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        PixelCNN(1, num_classes=0)
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        PixelCNN(1, num_classes=2.0)

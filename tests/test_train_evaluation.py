@@ -7,6 +7,7 @@ import torch
 from torch.distributions import Normal
 
 from genkernels.kernels import use_impl
+from genkernels.models.glow import Glow
 from genkernels.models.gpt import GPT, GPTConfig
 from genkernels.models.pixelcnn import PixelCNN
 from genkernels.models.train import evaluation, families
@@ -191,6 +192,61 @@ def test_pixelcnn_completion_keeps_the_top_half():
     assert torch.equal(again, completed)
 
 
+def labelled_digits_like(count: int, seed: int, labels: list[int]) -> families.LabelledImageData:
+    images = torch.randint(0, 17, (count, 1, 4, 4), generator=torch.Generator().manual_seed(seed))
+    return families.LabelledImageData(images, 17, torch.tensor(labels), "test")
+
+
+def test_class_conditional_pixelcnn_scores_the_exact_marginal_likelihood(tmp_path):
+    """bits = -log2 sum_y p(y) p(x | y) / D, with p(y) the training labels' frequencies, against the per-class
+    softmax log-probabilities summed by hand."""
+    torch.manual_seed(0)
+    model = PixelCNN(1, 6, 1, 12, (4, 4), num_classes=3).eval()
+    with torch.no_grad():
+        model.class_bias.weight.normal_(0.0, 1.0)
+    train = labelled_digits_like(6, 1, [0, 0, 0, 1, 2, 2])  # p(y) = 1/2, 1/6, 1/3
+    test = labelled_digits_like(5, 2, [1, 2, 0, 0, 1])
+    run = families.RunSettings(None, True, tmp_path, torch.device("cpu"))
+    found = families.FAMILIES["pixelcnn"].evaluate(model, train, test, {}, run, None)["test_bits_per_dim"]
+    classes = families.pixel_classes(test.images, 17)
+    with torch.no_grad():
+        joint = []
+        for label, prior in enumerate([1 / 2, 1 / 6, 1 / 3]):
+            logits = model(classes, torch.full((5,), label))
+            log_p = torch.log_softmax(logits.double(), 1).gather(1, classes[:, None]).flatten(1).sum(1)
+            joint.append(log_p + math.log(prior))
+    expected = -torch.logsumexp(torch.stack(joint), 0) / (16 * math.log(2))
+    assert found == pytest.approx(float(expected.mean()), rel=1e-6)
+
+
+def test_class_conditional_flow_scores_the_marginal_of_one_dequantization(tmp_path):
+    torch.manual_seed(0)
+    model = Glow((1, 4, 4), num_levels=1, depth=1, hidden_channels=4, num_classes=2).eval()
+    with torch.no_grad():
+        model.top_prior.mean.normal_(0.0, 1.0)
+    train = labelled_digits_like(4, 1, [0, 1, 1, 1])  # p(y) = 1/4, 3/4
+    test = labelled_digits_like(3, 2, [1, 0, 1])
+    run = families.RunSettings(None, True, tmp_path, torch.device("cpu"))
+    found = families.FAMILIES["glow"].evaluate(model, train, test, {}, run,
+                                              torch.Generator().manual_seed(7))["test_bits_per_dim"]
+    # the same uniform noise for every class: one dequantization per image
+    y = (test.images.double() + torch.rand(test.images.shape, generator=torch.Generator().manual_seed(7),
+                                            dtype=torch.float32).double()) / 17 - 0.5
+    with torch.no_grad():
+        joint = torch.stack([model.log_prob(y.float(), torch.full((3,), label)).double() + math.log(prior)
+                             for label, prior in enumerate([1 / 4, 3 / 4])])
+    # bits of the discrete images: each level is a cell of width 1/17, so log P(x) ~ log q(y) - 16 log 17
+    expected = -(torch.logsumexp(joint, 0) - 16 * math.log(17)) / (16 * math.log(2))
+    assert found == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_class_conditional_samples_take_the_training_labels_mix():
+    train = labelled_digits_like(4, 1, [3, 3, 3, 5])
+    labels = families.training_labels(train, 4000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert set(labels.tolist()) == {3, 5}
+    assert float((labels == 3).double().mean()) == pytest.approx(0.75, abs=0.03)
+
+
 def small_gpt_and_text(length=50, block_size=8):
     """A tiny GPT and a random held-out text of ``length`` ids with windows of ``block_size + 1``."""
     torch.manual_seed(0)
@@ -204,7 +260,7 @@ def test_gpt_scores_each_held_out_character_once_given_half_a_block_or_more(eval
     model, test = small_gpt_and_text()
     config = {"block_size": 8, "eval_windows": eval_windows}
     run = families.RunSettings(None, True, tmp_path, torch.device("cpu"))
-    found = families.FAMILIES["gpt"].evaluate(model, test, config, run, None)["test_bits_per_char"]
+    found = families.FAMILIES["gpt"].evaluate(model, None, test, config, run, None)["test_bits_per_char"]
     begin, end = families.FAMILIES["gpt"].scored_span(test, config)
     assert begin == 1 and end == (50 if eval_windows == 1024 else 1 + 8 + 2 * 4)
     # independently: character t is predicted from the 8 characters before it, or from all of them for t <= 8,

@@ -321,7 +321,7 @@ class _Run:
         generator = torch.Generator(device).manual_seed(self.args.seed)
         metrics = {"model": family.name, "step": self.steps, "data": self.checkpoint_config["data"]["source"],
                    "options": self.config}
-        own = family.evaluate(model, self.test_data, self.config, self.settings, generator)
+        own = family.evaluate(model, self.train_data, self.test_data, self.config, self.settings, generator)
         metrics.update(own)
         metrics.update(evaluation.evaluate(family, model, self.train_data, self.test_data, self.config,
                                            self.settings, generator, own))

@@ -117,6 +117,43 @@ def held_out_examples(test, device: torch.device) -> torch.Tensor:
     return test.images[:EXAMPLE_COLUMNS].to(device)
 
 
+@dataclasses.dataclass
+class LabelledImageData(train_data.ImageData):
+    """Labelled images whose batches carry their labels: ``batch(index)`` is ``[B, C*H*W + 1]``, each row the
+    flattened image then its label (:func:`split_labelled`), so that one tensor takes the training loop's path
+    (device transfer, data-parallel sharding) for both."""
+
+    def subset(self, index: torch.Tensor) -> "LabelledImageData":
+        return LabelledImageData(self.images[index], self.levels, self.labels[index], self.source)
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.images[index].flatten(1), self.labels[index, None]], dim=1)
+
+
+def split_labelled(batch: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :class:`LabelledImageData` batch back to images ``[B, C, H, W]`` and labels ``[B]``."""
+    return batch[:, :-1].reshape(batch.shape[0], *shape), batch[:, -1]
+
+
+def labelled_splits(train, test) -> tuple[Any, Any]:
+    """``(train, test)`` as :class:`LabelledImageData` when the images have labels, else unchanged."""
+    if train.labels is None:
+        return train, test
+    return tuple(LabelledImageData(part.images, part.levels, part.labels, part.source) for part in (train, test))
+
+
+def num_labels(train) -> Optional[int]:
+    """The classes ``K`` of labelled training images (labels ``0 .. K-1``), ``None`` without labels."""
+    return None if train.labels is None else int(train.labels.max()) + 1
+
+
+def training_labels(train, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The labels of ``count`` training images drawn at random: what class-conditional samples are drawn for, so
+    that their class mix is the data's."""
+    index = torch.randint(0, len(train), (count,), generator=generator, device=generator.device)
+    return train.labels[index.cpu()].to(device)
+
+
 class Family:
     """The interface every family implements (see the module doc for what each one does)."""
 
@@ -166,9 +203,10 @@ class Family:
         scored in place of the last weights."""
         return False
 
-    def evaluate(self, model: nn.Module, test, config: dict, settings: RunSettings,
+    def evaluate(self, model: nn.Module, train, test, config: dict, settings: RunSettings,
                  generator: torch.Generator) -> dict[str, float]:
-        """The held-out metric(s) of ``model`` (in eval mode) on the test split."""
+        """The held-out metric(s) of ``model`` (in eval mode) on the test split (``train``: the training split,
+        for what a metric reads from it, such as a class prior)."""
         raise NotImplementedError
 
     def write_samples(self, model: nn.Module, train, test, config: dict, settings: RunSettings,
@@ -324,7 +362,7 @@ class VAEFamily(Family):
     def objectives(self, model: VAE, train):
         return [("model", _VAEObjective(model, train.levels))]
 
-    def evaluate(self, model, test, config, settings, generator):
+    def evaluate(self, model, train, test, config, settings, generator):
         def elbo_bits(images):
             elbo = model.loss(vae_inputs(model, images, test.levels, generator), generator=generator).elbo
             return vae_bits_per_dim(model, elbo, math.prod(test.shape), test.levels)
@@ -414,7 +452,7 @@ class DCGANFamily(Family):
     def adam(self, name, parameters, lr):
         return torch.optim.Adam(parameters, lr=lr, betas=(0.5, 0.999))  # the DCGAN paper's
 
-    def evaluate(self, model, test, config, settings, generator):
+    def evaluate(self, model, train, test, config, settings, generator):
         objective = _DiscriminatorObjective(model, test.levels)
         with torch.no_grad():
             return {"test_discriminator_loss": _image_eval(test, settings.device,
@@ -440,6 +478,71 @@ class DCGANFamily(Family):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Class-conditional likelihood models (pixelcnn, realnvp, glow)
+# ----------------------------------------------------------------------------------------------------------------
+CONDITIONING = Option("conditioning", "class",
+                      "class: model p(x | y) on the images' labels (labelled images only; the held-out bits are of "
+                      "the exact marginal p(x) = sum_y p(y) p(x | y)); none: model p(x)", choices=("class", "none"))
+
+
+def label_log_prior(train, device: torch.device) -> torch.Tensor:
+    """``log p(y)`` ``[K]`` (float64): the training labels' frequencies."""
+    counts = torch.bincount(train.labels, minlength=num_labels(train)).double()
+    return (counts / counts.sum()).log().to(device)
+
+
+def marginal_log_likelihood(log_likelihood_given, batch: int, log_prior: torch.Tensor) -> torch.Tensor:
+    """``log p(x) = log sum_y p(y) p(x | y)`` ``[batch]`` (float64) from ``log_likelihood_given(labels)``, the
+    ``[batch]`` values of ``log p(x | y)`` for one label per image: one call per class, summed in log space."""
+    per_class = [log_likelihood_given(torch.full((batch,), label, device=log_prior.device))
+                 for label in range(log_prior.shape[0])]
+    return torch.logsumexp(torch.stack(per_class, 1).double() + log_prior, dim=1)
+
+
+class _ConditionalImageFamily(Family):
+    """An image family whose model is class-conditional, ``p(x | y)``, when the images have labels (the digits do)
+    and ``--conditioning class`` (the default). Its batches then carry the labels (:class:`LabelledImageData`),
+    its samples are drawn for the labels of random training images (so the class mix is the data's), and its
+    held-out bits per dim are of the exact marginal ``p(x) = sum_y p(y) p(x | y)`` with ``p(y)`` the training
+    labels' frequencies, which compare with the unconditional baselines."""
+
+    kind = "images"
+
+    def load_data(self, settings, config):
+        train, test = super().load_data(settings, config)
+        return labelled_splits(train, test) if config["conditioning"] == "class" else (train, test)
+
+    @staticmethod
+    def num_classes(config: dict, train) -> Optional[int]:
+        """The model's ``num_classes``: the labels' classes, or ``None`` for an unconditional model."""
+        return num_labels(train) if config["conditioning"] == "class" else None
+
+    @staticmethod
+    def split_batch(model, batch: torch.Tensor, shape: tuple[int, int, int]):
+        """A training batch as ``(images, labels)``; labels ``None`` for an unconditional model."""
+        return (batch, None) if model.num_classes is None else split_labelled(batch, shape)
+
+    @staticmethod
+    def sample_labels(model, count: int, train, generator: torch.Generator,
+                      device: torch.device) -> Optional[torch.Tensor]:
+        """Labels to draw ``count`` scored samples for: random training images' (``None`` if unconditional)."""
+        return None if model.num_classes is None else training_labels(train, count, generator, device)
+
+    @staticmethod
+    def grid_labels(model, count: int, columns: int, device: torch.device) -> tuple[int, Optional[torch.Tensor]]:
+        """``(samples, labels)`` of a picture with ``columns`` per row: ``count`` unlabelled samples of an
+        unconditional model, else one row per class (row ``r`` class ``r``)."""
+        if model.num_classes is None:
+            return count, None
+        return model.num_classes * columns, torch.arange(model.num_classes, device=device).repeat_interleave(columns)
+
+    @staticmethod
+    def held_out_labels(model, test, count: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The labels of :func:`held_out_examples` (``None`` if unconditional)."""
+        return None if model.num_classes is None else test.labels[:count].to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # PixelCNN
 # ----------------------------------------------------------------------------------------------------------------
 def pixel_classes(levels_batch: torch.Tensor, levels: int) -> torch.Tensor:
@@ -457,36 +560,42 @@ COMPLETIONS = 3  # completions drawn per held-out image
 
 
 @torch.no_grad()
-def complete_bottom_half(model: PixelCNN, classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def complete_bottom_half(model: PixelCNN, classes: torch.Tensor, generator: torch.Generator,
+                         labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``classes`` ``[N, C, H, W]`` (PixelCNN's 0..255) with the rows from ``H // 2`` on redrawn from
-    ``p(x_i | x_<i)`` in raster order (channels within a pixel), given the kept top rows; the whole network runs
-    once per redrawn sub-pixel, which is cheap at these sizes."""
+    ``p(x_i | x_<i[, y])`` in raster order (channels within a pixel), given the kept top rows (and the images'
+    labels for a class-conditional model); the whole network runs once per redrawn sub-pixel, which is cheap at
+    these sizes."""
     images = classes.clone()
     _, channels, height, width = images.shape
     for row in range(height // 2, height):
         for col in range(width):
             for channel in range(channels):
-                logits = model(images)[:, :, channel, row, col]
+                logits = model(images, labels)[:, :, channel, row, col]
                 images[:, channel, row, col] = sample_categorical(logits, generator=generator)
     return images
 
 
 class _PixelCNNObjective(Objective):
-    def __init__(self, model: PixelCNN, levels: int):
+    def __init__(self, model: PixelCNN, levels: int, shape: tuple[int, int, int]):
         super().__init__()
-        self.model, self.levels = model, levels
+        self.model, self.levels, self.shape = model, levels, shape
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.model.loss(pixel_classes(batch, self.levels))
+        images, labels = _ConditionalImageFamily.split_batch(self.model, batch, self.shape)
+        return self.model.loss(pixel_classes(images, self.levels), labels)
 
 
-class PixelCNNFamily(Family):
-    name, kind = "pixelcnn", "images"
+class PixelCNNFamily(_ConditionalImageFamily):
+    """Class-conditional by default on labelled images (:class:`_ConditionalImageFamily`); the held-out bits
+    are exact."""
+
+    name = "pixelcnn"
     steps, quick_steps, batch_size, lr = 3000, 20, 32, 1e-3
     lr_schedule = "cosine"
     options = (Option("hidden_channels", 48, "h: the residual stream has 2h channels (a multiple of 3 for RGB)"),
                Option("num_blocks", 6, "residual blocks"),
-               Option("output_channels", 96, "channels of the first output convolution"))
+               Option("output_channels", 96, "channels of the first output convolution"), CONDITIONING)
 
     def build(self, config: dict, train) -> PixelCNN:
         channels, height, width = train.shape
@@ -494,29 +603,44 @@ class PixelCNNFamily(Family):
             raise train_data.DataError(f"pixelcnn models at most {NUM_CLASSES} levels; {train.source} has "
                                        f"{train.levels}")
         return PixelCNN(channels, config["hidden_channels"], config["num_blocks"], config["output_channels"],
-                        (height, width))
+                        (height, width), num_classes=self.num_classes(config, train))
 
     def objectives(self, model: PixelCNN, train):
-        return [("model", _PixelCNNObjective(model, train.levels))]
+        return [("model", _PixelCNNObjective(model, train.levels, train.shape))]
 
-    def evaluate(self, model, test, config, settings, generator):
+    def evaluate(self, model, train, test, config, settings, generator):
+        if model.num_classes is None:
+            score = lambda x: model.loss(pixel_classes(x, test.levels))  # noqa: E731
+        else:
+            log_prior = label_log_prior(train, settings.device)
+
+            def score(images):
+                classes = pixel_classes(images, test.levels)
+                log_p = marginal_log_likelihood(lambda labels: model.log_likelihood(classes, labels),
+                                                classes.shape[0], log_prior)
+                return (-log_p / (classes[0].numel() * math.log(2.0))).mean()
         with torch.no_grad():
-            return {"test_bits_per_dim": _image_eval(test, settings.device,
-                                                     lambda x: model.loss(pixel_classes(x, test.levels)), 128)}
+            return {"test_bits_per_dim": _image_eval(test, settings.device, score, 128)}
 
     def sample_levels(self, model, count, train, config, settings, generator):
-        return class_levels(model.sample(count, generator=generator), train.levels)
+        labels = self.sample_labels(model, count, train, generator, settings.device)
+        return class_levels(model.sample(count, generator=generator, labels=labels), train.levels)
 
     def write_samples(self, model, train, test, config, settings, generator):
-        count = 16 if settings.quick else SAMPLE_GRID
-        images = model.sample(count, generator=generator).float() / (NUM_CLASSES - 1)
-        pictures.save_image_grid(images, settings.out / "samples.png", "PixelCNN samples")
-        # Top row: held-out images; below: completions of their top halves, each drawn independently.
+        count, labels = self.grid_labels(model, 16 if settings.quick else SAMPLE_GRID, 8, settings.device)
+        images = model.sample(count, generator=generator, labels=labels).float() / (NUM_CLASSES - 1)
+        pictures.save_image_grid(images, settings.out / "samples.png",
+                                 "PixelCNN samples" + (" (row r: class r)" if labels is not None else ""))
+        # Top row: held-out images; below: completions of their top halves (given their labels when the model is
+        # class-conditional), each drawn independently.
         held_out = pixel_classes(held_out_examples(test, settings.device), test.levels)
-        completions = complete_bottom_half(model, held_out.repeat(COMPLETIONS, 1, 1, 1), generator)
+        labels = self.held_out_labels(model, test, held_out.shape[0], settings.device)
+        completions = complete_bottom_half(model, held_out.repeat(COMPLETIONS, 1, 1, 1), generator,
+                                           None if labels is None else labels.repeat(COMPLETIONS))
         pictures.save_image_grid(torch.cat([held_out, completions]).float() / (NUM_CLASSES - 1),
                                  settings.out / "completions.png",
-                                 "PixelCNN: held-out (top), completions of the top half",
+                                 "PixelCNN: held-out (top), completions of the top half"
+                                 + (" given its label" if labels is not None else ""),
                                  columns=held_out.shape[0])
 
 
@@ -524,68 +648,93 @@ class PixelCNNFamily(Family):
 # Flows
 # ----------------------------------------------------------------------------------------------------------------
 class _FlowObjective(Objective):
-    def __init__(self, model, levels: int):
+    def __init__(self, model, levels: int, shape: tuple[int, int, int]):
         super().__init__()
-        self.model, self.levels = model, levels
+        self.model, self.levels, self.shape = model, levels, shape
 
     def forward(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return flow_bits_per_dim(self.model, batch, self.levels, generator).mean()
+        images, labels = _ConditionalImageFamily.split_batch(self.model, batch, self.shape)
+        return flow_bits_per_dim(self.model, images, self.levels, generator, labels).mean()
 
 
-def flow_bits_per_dim(model, levels_batch: torch.Tensor, levels: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-image bits per dim of L-level images under ``model`` with uniform dequantization (module doc)."""
-    y = dequantize(levels_batch, levels, generator) - 0.5  # the flows' space is centred
-    return bits_per_dim(model.log_prob(y), model.num_dims, levels)
+def flow_space(levels_batch: torch.Tensor, levels: int, generator: torch.Generator) -> torch.Tensor:
+    """L-level images uniformly dequantized into the flows' centred space, ``(x + u) / L - 1/2``."""
+    return dequantize(levels_batch, levels, generator) - 0.5
+
+
+def flow_bits_per_dim(model, levels_batch: torch.Tensor, levels: int, generator: torch.Generator,
+                      labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-image bits per dim of L-level images under ``model`` (given ``labels`` if it is class-conditional)
+    with uniform dequantization (module doc)."""
+    return bits_per_dim(model.log_prob(flow_space(levels_batch, levels, generator), labels), model.num_dims, levels)
 
 
 FLOW_TEMPERATURE = Option("temperature", 0.8, "the latents' scale in samples.png (the sample-quality metrics read "
                                             "the model's own distribution, temperature 1)", training=False)
 
 
-class _FlowFamily(Family):
-    kind = "images"
+class _FlowFamily(_ConditionalImageFamily):
+    """Class-conditional by default on labelled images (:class:`_ConditionalImageFamily`: a top prior per class);
+    the held-out bits are of the marginal over the labels of one dequantization of each image."""
+
     batch_size = 64
 
     def objectives(self, model, train):
-        return [("model", _FlowObjective(model, train.levels))]
+        return [("model", _FlowObjective(model, train.levels, train.shape))]
 
     def prepare(self, model, first_batch, train, generator):
+        images, labels = self.split_batch(model, first_batch, train.shape)
         with torch.no_grad():  # data-dependent initialization (ActNorm) on the batch every process shares
-            model.log_prob(dequantize(first_batch, train.levels, generator) - 0.5)
+            model.log_prob(flow_space(images, train.levels, generator), labels)
 
-    def evaluate(self, model, test, config, settings, generator):
-        with torch.no_grad():
+    def evaluate(self, model, train, test, config, settings, generator):
+        if model.num_classes is None:
             score = lambda images: flow_bits_per_dim(model, images, test.levels, generator).mean()  # noqa: E731
+        else:
+            log_prior = label_log_prior(train, settings.device)
+
+            def score(images):
+                y = flow_space(images, test.levels, generator)
+                log_p = marginal_log_likelihood(lambda labels: model.log_prob(y, labels), y.shape[0], log_prior)
+                return bits_per_dim(log_p, model.num_dims, test.levels).mean()
+        with torch.no_grad():
             return {"test_bits_per_dim": _image_eval(test, settings.device, score)}
 
     def sample_levels(self, model, count, train, config, settings, generator):
         # the model's own distribution: lower temperatures scored worse Frechet distances on the digits
-        return requantize(model.sample(count, temperature=1.0, generator=generator) + 0.5, train.levels)
+        labels = self.sample_labels(model, count, train, generator, settings.device)
+        return requantize(model.sample(count, temperature=1.0, generator=generator, labels=labels) + 0.5,
+                          train.levels)
 
     def write_samples(self, model, train, test, config, settings, generator):
         temperature = config["temperature"]
-        images = model.sample(SAMPLE_GRID, temperature=temperature, generator=generator) + 0.5
+        count, labels = self.grid_labels(model, SAMPLE_GRID, 8, settings.device)
+        images = model.sample(count, temperature=temperature, generator=generator, labels=labels) + 0.5
         pictures.save_image_grid(images, settings.out / "samples.png",
-                                 f"{self.name} samples (temperature {temperature:g})")
-        # Rows: the same latents scaled by each temperature (the generator restarts from one state per row).
+                                 f"{self.name} samples (temperature {temperature:g}"
+                                 + ("; row r: class r)" if labels is not None else ")"))
+        # Rows: the same latents scaled by each temperature (the generator restarts from one state per row);
+        # column c of a class-conditional model shows class c.
+        count, labels = self.grid_labels(model, INTERPOLATION_STEPS, 1, settings.device)
         start = generator.get_state()
         rows = []
         for temperature in TEMPERATURES:
             generator.set_state(start)
-            rows.append(model.sample(INTERPOLATION_STEPS, temperature=temperature, generator=generator) + 0.5)
+            rows.append(model.sample(count, temperature=temperature, generator=generator, labels=labels) + 0.5)
         pictures.save_image_grid(torch.cat(rows), settings.out / "temperatures.png",
-                                 f"{self.name}: temperatures {', '.join(map(str, TEMPERATURES))} (rows)",
-                                 columns=INTERPOLATION_STEPS)
+                                 f"{self.name}: temperatures {', '.join(map(str, TEMPERATURES))} (rows)"
+                                 + ("; column c: class c" if labels is not None else ""), columns=count)
 
 
 class RealNVPFamily(_FlowFamily):
     name = "realnvp"
     steps, quick_steps, lr = 12000, 20, 1e-3
     options = (Option("num_scales", 2, "scales (H and W divisible by 2**(num_scales - 1))"),
-               Option("hidden_channels", 32, "width of the coupling networks"), FLOW_TEMPERATURE)
+               Option("hidden_channels", 32, "width of the coupling networks"), FLOW_TEMPERATURE, CONDITIONING)
 
     def build(self, config, train):
-        return RealNVP(train.shape, config["num_scales"], config["hidden_channels"])
+        return RealNVP(train.shape, config["num_scales"], config["hidden_channels"],
+                       num_classes=self.num_classes(config, train))
 
 
 class GlowFamily(_FlowFamily):
@@ -593,34 +742,17 @@ class GlowFamily(_FlowFamily):
     steps, quick_steps, lr = 12000, 20, 1e-3
     options = (Option("num_levels", 2, "levels (H and W divisible by 2**num_levels)"),
                Option("depth", 4, "flow steps per level"),
-               Option("hidden_channels", 32, "width of the coupling networks"), FLOW_TEMPERATURE)
+               Option("hidden_channels", 32, "width of the coupling networks"), FLOW_TEMPERATURE, CONDITIONING)
 
     def build(self, config, train):
         return Glow(train.shape, config["num_levels"], config["depth"], config["hidden_channels"],
-                    generator=torch.Generator().manual_seed(config["seed"]))
+                    generator=torch.Generator().manual_seed(config["seed"]),
+                    num_classes=self.num_classes(config, train))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # DDPM
 # ----------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class LabelledImageData(train_data.ImageData):
-    """Labelled images whose batches carry their labels: ``batch(index)`` is ``[B, C*H*W + 1]``, each row the
-    flattened image then its label (:func:`split_labelled`), so that one tensor takes the training loop's path
-    (device transfer, data-parallel sharding) for both."""
-
-    def subset(self, index: torch.Tensor) -> "LabelledImageData":
-        return LabelledImageData(self.images[index], self.levels, self.labels[index], self.source)
-
-    def batch(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.images[index].flatten(1), self.labels[index, None]], dim=1)
-
-
-def split_labelled(batch: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A :class:`LabelledImageData` batch back to images ``[B, C, H, W]`` and labels ``[B]``."""
-    return batch[:, :-1].reshape(batch.shape[0], *shape), batch[:, -1]
-
-
 class _DDPMObjective(Objective):
     def __init__(self, model: DDPM, levels: int, shape: tuple[int, int, int]):
         super().__init__()
@@ -650,17 +782,14 @@ class DDPMFamily(Family):
                     "data-parallel with DDP (drop --fsdp)")
 
     def load_data(self, settings, config):
-        train, test = super().load_data(settings, config)
-        if train.labels is None:
-            return train, test
-        return tuple(LabelledImageData(part.images, part.levels, part.labels, part.source) for part in (train, test))
+        return labelled_splits(*super().load_data(settings, config))
 
     def build(self, config, train):
         channels, height, width = train.shape
         if height != width:
             raise train_data.DataError(f"ddpm needs square images; {train.source} holds {height}x{width}")
         base = config["base_channels"]
-        num_classes = None if train.labels is None else int(train.labels.max()) + 1
+        num_classes = num_labels(train)
         unet = UNet(channels, base_channels=base, channel_mult=(1, 2), num_res_blocks=config["num_res_blocks"],
                     attention_resolutions=(height // 2,), dropout=0.0, num_groups=min(8, base),
                     num_head_channels=min(2 * base, 64), image_size=height, num_classes=num_classes)
@@ -676,7 +805,7 @@ class DDPMFamily(Family):
     def _labels(model: DDPM, data, index: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
         return None if model.num_classes is None else data.labels[index].to(device)
 
-    def evaluate(self, model, test, config, settings, generator):
+    def evaluate(self, model, train, test, config, settings, generator):
         """The denoising loss of the held-out images given their labels (class-conditional models)."""
         model.eval()
         values = []
@@ -692,8 +821,7 @@ class DDPMFamily(Family):
         (guidance scale 1: the conditional model itself), so the class mix is the data's."""
         labels = None
         if model.num_classes is not None:
-            index = torch.randint(0, len(train), (count,), generator=generator, device=settings.device)
-            labels = self._labels(model, train, index.cpu(), settings.device)
+            labels = training_labels(train, count, generator, settings.device)
         images = model.sample(count, config["sample_steps"], sampler="ddim", class_labels=labels,
                               generator=generator, progress=False)
         return signed_to_levels(images, train.levels)
@@ -807,7 +935,7 @@ class GPTFamily(Family):
         starts, first = cls.scored_windows(test, config)
         return int(starts[0] + first[0]) + 1, int(starts[-1]) + config["block_size"] + 1
 
-    def evaluate(self, model, test, config, settings, generator):
+    def evaluate(self, model, train, test, config, settings, generator):
         """Bits per character ``-1/N sum_t log2 p(c_t | context)`` over the held-out characters of
         :meth:`scored_span`: each window of :meth:`scored_windows` runs the model on its ``block_size`` inputs,
         and its targets before ``first`` (scored by the previous window) are ignored."""
@@ -872,7 +1000,7 @@ class WaveNetFamily(Family):
     def objectives(self, model, train):
         return [("model", _WaveNetObjective(model))]
 
-    def evaluate(self, model, test, config, settings, generator):
+    def evaluate(self, model, train, test, config, settings, generator):
         with torch.no_grad():
             values = [(float(model.loss(test.segments[index].to(settings.device))), len(index))
                       for index in train_data.evaluation_batches(len(test), 16)]
