@@ -164,15 +164,16 @@ def check_in_range(tensor: torch.Tensor, name: str, low: float, high: float, *, 
                  f"lie in [{low}, {high}{']' if high_inclusive else ')'}")
 
 
-def check_class_indices(value: object, name: str, batch: int, device: torch.device, num_values: int) -> torch.Tensor:
+def check_class_indices(value: object, name: str, batch: int, device: torch.device, num_values: int,
+                        expected: Optional[str] = None) -> torch.Tensor:
     """Require an integer tensor ``[batch]`` on ``device`` of indices in ``[0, num_values)`` (class labels),
-    values checked as :func:`check_in_range`."""
+    values checked as :func:`check_values` (``expected``: what the error says the values must do)."""
     tensor = check_integer_tensor(value, name)
     if tensor.shape != (batch,):
         raise ValueError(f"{name} must have shape [batch] = [{batch}]; got {describe(tensor)}")
     if tensor.device != device:
         raise ValueError(f"{name} must be on the model's device ({device}); got {describe(tensor)}")
-    check_in_range(tensor, name, 0, num_values)
+    check_values(tensor, name, (tensor >= 0) & (tensor < num_values), expected or f"lie in [0, {num_values})")
     return tensor
 
 

@@ -226,8 +226,8 @@ def check_class_labels(class_labels: Optional[torch.Tensor], batch: int, num_cla
         return torch.full((batch,), num_classes, dtype=torch.long, device=device)
     if num_classes is None:
         raise ValueError("class_labels were given but the network is unconditional (num_classes=None)")
-    # num_classes itself is the null class
-    return check_class_indices(class_labels, "class_labels", batch, device, num_classes + 1)
+    return check_class_indices(class_labels, "class_labels", batch, device, num_classes + 1,
+                               f"lie in [0, num_classes={num_classes}] (num_classes is the null class)")
 
 
 class UNet(nn.Module):

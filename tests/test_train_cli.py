@@ -180,6 +180,22 @@ def test_training_on_user_data(model, tmp_path):
         assert state["config"]["data"]["items"] == 11
 
 
+@pytest.mark.parametrize("model, class_tables", [("pixelcnn", "class_bias.weight"), ("glow", "top_prior.mean")])
+def test_conditioning_option_chooses_p_x_given_y_or_p_x(model, class_tables, tmp_path):
+    """The digits have labels: by default the model is class-conditional (a table per class, 10 classes);
+    --conditioning none trains the unconditional model."""
+    assert run(model, tmp_path / "class", "--steps", "1") == 0
+    assert run(model, tmp_path / "none", "--steps", "1", "--conditioning", "none") == 0
+    conditional, unconditional = (saved_state(tmp_path / name)["model"] for name in ("class", "none"))
+    assert conditional[class_tables].shape[0] == 10
+    if model == "pixelcnn":
+        assert not any("class_bias" in key for key in unconditional)
+    else:
+        assert unconditional[class_tables].shape == conditional[class_tables].shape[1:]
+    for name in ("class", "none"):
+        assert math.isfinite(json.loads((tmp_path / name / "metrics.json").read_text())["test_bits_per_dim"])
+
+
 def test_unknown_model_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["transformer"])

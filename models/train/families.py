@@ -481,8 +481,9 @@ class DCGANFamily(Family):
 # Class-conditional likelihood models (pixelcnn, realnvp, glow)
 # ----------------------------------------------------------------------------------------------------------------
 CONDITIONING = Option("conditioning", "class",
-                      "class: model p(x | y) on the images' labels (labelled images only; the held-out bits are of "
-                      "the exact marginal p(x) = sum_y p(y) p(x | y)); none: model p(x)", choices=("class", "none"))
+                      "class: model p(x | y) on the images' labels (the held-out bits are of the exact marginal "
+                      "p(x) = sum_y p(y) p(x | y); images without labels train p(x)); none: model p(x)",
+                      choices=("class", "none"))
 
 
 def label_log_prior(train, device: torch.device) -> torch.Tensor:
@@ -591,7 +592,7 @@ class PixelCNNFamily(_ConditionalImageFamily):
     are exact."""
 
     name = "pixelcnn"
-    steps, quick_steps, batch_size, lr = 3000, 20, 32, 1e-3
+    steps, quick_steps, batch_size, lr = 4500, 20, 32, 1e-3
     lr_schedule = "cosine"
     options = (Option("hidden_channels", 48, "h: the residual stream has 2h channels (a multiple of 3 for RGB)"),
                Option("num_blocks", 6, "residual blocks"),
@@ -722,8 +723,8 @@ class _FlowFamily(_ConditionalImageFamily):
             generator.set_state(start)
             rows.append(model.sample(count, temperature=temperature, generator=generator, labels=labels) + 0.5)
         pictures.save_image_grid(torch.cat(rows), settings.out / "temperatures.png",
-                                 f"{self.name}: temperatures {', '.join(map(str, TEMPERATURES))} (rows)"
-                                 + ("; column c: class c" if labels is not None else ""), columns=count)
+                                 f"{self.name}: temperatures {', '.join(f'{t:g}' for t in TEMPERATURES)} by row"
+                                 + (", classes by column" if labels is not None else ""), columns=count)
 
 
 class RealNVPFamily(_FlowFamily):
